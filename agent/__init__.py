@@ -1,0 +1,1 @@
+"""EdgeLoop agent (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""EdgeLoop cloud (see docs/architecture.md)."""

@@ -1,0 +1,236 @@
+"""Execute a compiled library on its target ISA: natively, under qemu-user, or not at all.
+
+``plan_execution`` is pure (table-tested): given a profile and facts about this machine it
+says how the artifact can run here, or why it cannot. ``run_library`` carries the plan out
+through the runner protocol of ``compiler/runner_main.py`` in a child process, so that the
+artifact is loaded exactly as a device loads it (TVM runtime-only mode) and a crash in
+native code cannot take the compiler down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from compiler.errors import BuildFailedError
+from compiler.profiles import HardwareProfile
+
+RUNNER_SCRIPT = Path(__file__).with_name("runner_main.py")
+Mode = Literal["native", "qemu-python", "qemu-armv7-runner", "none"]
+_TIMEOUT_NATIVE_S = 600
+_TIMEOUT_EMULATED_S = 1200
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What this machine can run."""
+
+    isa: str
+    cpu_features: frozenset[str]
+    has_cuda_gpu: bool = False
+    aarch64_sysroot: Path | None = None
+    armv7_runner: Path | None = None
+
+
+@dataclass(frozen=True)
+class ExecutionPlan:
+    """How (and whether) an artifact is executed for the accuracy gate."""
+
+    mode: Mode
+    where: str
+    reason: str | None = None
+
+    @property
+    def emulated(self) -> bool:
+        """Whether latencies would be measured under emulation (not representative)."""
+        return self.mode.startswith("qemu")
+
+
+def normalize_isa(machine: str) -> str:
+    """Map ``uname -m`` spellings to profile ISA names."""
+    return {"amd64": "x86_64", "arm64": "aarch64", "armv7l": "armv7", "armv8l": "armv7"}.get(
+        machine.lower(), machine.lower()
+    )
+
+
+def _feature_aliases(feature: str, isa: str) -> set[str]:
+    # Profiles use /proc/cpuinfo spellings; aarch64 kernels call NEON "asimd".
+    if isa == "aarch64" and feature == "neon":
+        return {"neon", "asimd"}
+    return {feature}
+
+
+def plan_execution(profile: HardwareProfile, host: HostFacts) -> ExecutionPlan:
+    """Decide how to execute an artifact of ``profile`` on ``host`` (pure)."""
+    if profile.has_gpu:
+        if not host.has_cuda_gpu:
+            return ExecutionPlan("none", "cuda", f"not executed on cuda {profile.tvm.get('arch')}: "
+                                 "no CUDA GPU on this machine")
+        return ExecutionPlan("none", "cuda", f"not executed on cuda {profile.tvm.get('arch')}: "
+                             "GPU execution of artifacts is not implemented in this version")
+    if profile.isa == host.isa:
+        missing = [
+            f for f in profile.cpu_features
+            if not _feature_aliases(f, host.isa) & host.cpu_features
+        ]
+        if missing:
+            return ExecutionPlan("none", f"native {host.isa}", f"not executed on {profile.isa}: "
+                                 f"this CPU lacks {', '.join(missing)}")
+        return ExecutionPlan("native", f"native {host.isa}")
+    if profile.isa == "aarch64":
+        if host.aarch64_sysroot is None:
+            return ExecutionPlan("none", "qemu-aarch64", "not executed on aarch64: no aarch64 "
+                                 "Python sysroot for qemu (run scripts/build-arm-sysroot.sh)")
+        return ExecutionPlan("qemu-python", "qemu-aarch64 (emulated Cortex-A, user mode)")
+    if profile.isa == "armv7":
+        if host.armv7_runner is None:
+            return ExecutionPlan("none", "qemu-arm", "not executed on armv7: PyPI has no armv7 TVM "
+                                 "runtime and the edgeloop armv7 runner is not built "
+                                 "(run scripts/build-armv7-runtime.sh)")
+        return ExecutionPlan("qemu-armv7-runner", "qemu-arm (emulated ARMv7 hard-float, user mode)")
+    return ExecutionPlan("none", profile.isa, f"not executed on {profile.isa}: no way to run it here")
+
+
+def read_cpu_features(cpuinfo: str) -> frozenset[str]:
+    """CPU feature flags from /proc/cpuinfo text (x86 'flags', ARM 'Features')."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def detect_host(*, cache_dir: Path | None = None) -> HostFacts:
+    """Facts about this machine (reads /proc/cpuinfo and looks for emulators)."""
+    from compiler import emulation
+
+    try:
+        features = read_cpu_features(Path("/proc/cpuinfo").read_text(encoding="utf-8"))
+    except OSError:
+        features = frozenset()
+    has_gpu = Path("/dev/nvidia0").exists() or Path("/dev/nvhost-ctrl-gpu").exists()
+    sysroot = None
+    runner = None
+    if shutil.which("qemu-aarch64-static") or shutil.which("qemu-aarch64"):
+        sysroot = emulation.find_sysroot("aarch64", cache_dir)
+    if shutil.which("qemu-arm-static") or shutil.which("qemu-arm"):
+        runner = find_armv7_runner(cache_dir or emulation.default_cache_dir())
+    return HostFacts(
+        isa=normalize_isa(platform.machine()),
+        cpu_features=features,
+        has_cuda_gpu=has_gpu,
+        aarch64_sysroot=sysroot,
+        armv7_runner=runner,
+    )
+
+
+ARMV7_SYSROOT = Path("/usr/arm-linux-gnueabihf")
+
+
+def find_armv7_runner(cache_dir: Path) -> Path | None:
+    """The armv7 C++ runner built by scripts/build-armv7-runtime.sh, if complete."""
+    runner = cache_dir / "armv7-runtime" / "edgeloop-armv7-runner"
+    stamp = cache_dir / "armv7-runtime" / "STAMP"
+    if runner.is_file() and stamp.is_file() and ARMV7_SYSROOT.is_dir():
+        return runner
+    return None
+
+
+def armv7_runner_command(runner: Path, workdir: Path) -> tuple[list[str], dict[str, str]]:
+    """argv and env to run the armv7 runner under qemu-arm with the cross toolchain's libc."""
+    qemu = shutil.which("qemu-arm-static") or shutil.which("qemu-arm") or "qemu-arm-static"
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "QEMU_LD_PREFIX": str(ARMV7_SYSROOT)}
+    return [qemu, "-L", str(ARMV7_SYSROOT), str(runner), str(workdir)], env
+
+
+@dataclass
+class ExecutionResult:
+    """Outputs and timings of one execution."""
+
+    outputs: list[list[npt.NDArray[Any]]]
+    latency_ms: list[float]
+    machine: str
+    runtime: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def run_library(
+    library: Path,
+    samples: Sequence[Sequence[npt.NDArray[Any]]],
+    plan: ExecutionPlan,
+    host: HostFacts,
+    *,
+    warmup: int,
+    repeat: int,
+) -> ExecutionResult:
+    """Run ``library`` on every sample as planned; time ``repeat`` runs of sample 0.
+
+    Raises:
+        BuildFailedError: the runner failed (load error, crash, timeout).
+    """
+    from compiler import emulation
+
+    if plan.mode == "none":
+        raise ValueError(f"cannot run with plan {plan}")
+    with tempfile.TemporaryDirectory(prefix="edgeloop-run-") as tmp:
+        work = Path(tmp)
+        lib_copy = work / library.name
+        shutil.copyfile(library, lib_copy)
+        request = {
+            "lib": str(lib_copy),
+            "num_samples": len(samples),
+            "num_inputs": len(samples[0]),
+            "warmup": warmup,
+            "repeat": repeat,
+        }
+        (work / "request.json").write_text(json.dumps(request), encoding="utf-8")
+        for k, sample in enumerate(samples):
+            for i, arr in enumerate(sample):
+                np.save(work / f"s{k}_in{i}.npy", np.ascontiguousarray(arr))
+        env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1"}
+        if plan.mode == "native":
+            argv = [sys.executable, str(RUNNER_SCRIPT), str(work)]
+            timeout = _TIMEOUT_NATIVE_S
+        elif plan.mode == "qemu-python":
+            assert host.aarch64_sysroot is not None
+            argv, extra_env = emulation.emulated_python_command(
+                "aarch64", host.aarch64_sysroot, RUNNER_SCRIPT, [str(work)]
+            )
+            env = extra_env
+            timeout = _TIMEOUT_EMULATED_S
+        else:
+            assert host.armv7_runner is not None
+            argv, env = armv7_runner_command(host.armv7_runner, work)
+            timeout = _TIMEOUT_EMULATED_S
+        try:
+            proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as err:
+            raise BuildFailedError(f"executing the artifact ({plan.where}) timed out after {timeout} s") from err
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
+            raise BuildFailedError(
+                f"executing the artifact ({plan.where}) failed with exit code {proc.returncode}:\n{tail}"
+            )
+        result = json.loads((work / "result.json").read_text(encoding="utf-8"))
+        outputs = [
+            [np.load(work / f"s{k}_out{j}.npy") for j in range(result["num_outputs"])]
+            for k in range(len(samples))
+        ]
+    return ExecutionResult(
+        outputs=outputs,
+        latency_ms=[float(x) for x in result["latency_ms"]],
+        machine=str(result.get("machine", "")),
+        runtime=str(result.get("runtime", "")),
+    )

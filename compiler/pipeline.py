@@ -1,0 +1,348 @@
+"""``edgeloop compile`` as a library call: load, check, build, verify on the target ISA, sign.
+
+The steps, each failing with its own exception (and CLI exit code):
+
+1. resolve the profile and the runtime choice (UsageError, exit 2);
+2. load the signing key before any slow work (InvalidInputError, exit 3);
+3. load the model, pin static input shapes, run the operator-coverage pre-check (exit 3);
+4. build the TVM library (tuning with the persistent database) into a staging directory;
+5. execute it on the target ISA against the reference runtime (AccuracyGateError, exit 4);
+6. measure ONNX Runtime beside TVM where both can run, pick the runtime to ship;
+7. write report.json, seal and sign the bundle, move it into place atomically.
+
+Nothing is left at the output path unless every step succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shutil
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+import edgeloop
+from compiler import bundle, execution
+from compiler.accuracy import OutputAccuracy, compare_output, make_inputs
+from compiler.errors import (
+    AccuracyGateError,
+    InvalidInputError,
+    MissingDependencyError,
+    UsageError,
+)
+from compiler.frontends import SourceModel, load_model
+from compiler.manifest import REPORT_FILE, ArtifactManifest, TensorSpec
+from compiler.profiles import HardwareProfile, ProfileRegistry
+from compiler.settings import CompilerSettings
+from compiler.signing import KeyPaths, load_private_key
+from compiler.tvm_builder import TuningProgress, TuningStats, build_library
+
+log = logging.getLogger(__name__)
+RuntimeChoice = Literal["auto", "tvm", "onnxruntime"]
+RUNTIME_CHOICES: tuple[str, ...] = ("auto", "tvm", "onnxruntime")
+LIBRARY_FILE = "model.so"
+ONNX_FILE = "model.onnx"
+
+
+@dataclass
+class CompileRequest:
+    """Everything ``edgeloop compile`` was asked to do."""
+
+    model: Path
+    profile: str
+    output: Path
+    model_name: str | None = None
+    model_version: str = "1"
+    trials: int | None = None
+    tuning_db: Path | None = None
+    runtime: str = "auto"
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    calibration_data: Path | None = None
+    samples: int | None = None
+    signing_key: Path | None = None
+    force: bool = False
+    seed: int = 0
+    latency_repeat: int = 30
+
+
+@dataclass
+class CompileResult:
+    """What a successful compile produced."""
+
+    output: Path
+    manifest: ArtifactManifest
+    artifact_id: str
+    report: dict[str, Any]
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _load_samples(req: CompileRequest, model: SourceModel, count: int) -> list[list[npt.NDArray[Any]]]:
+    if req.calibration_data is None:
+        specs = [(t.name, t.shape, t.dtype) for t in model.inputs]
+        return make_inputs(specs, samples=count, seed=req.seed)
+    try:
+        data = np.load(req.calibration_data)
+    except (OSError, ValueError) as err:
+        raise InvalidInputError(
+            f"--calibration-data {str(req.calibration_data)!r} is not a readable .npz file: {err}"
+        ) from err
+    missing = [t.name for t in model.inputs if t.name not in data.files]
+    if missing:
+        raise InvalidInputError(
+            f"--calibration-data lacks input(s) {', '.join(missing)}; it has: "
+            f"{', '.join(data.files) or 'nothing'} (one array per input, samples on axis 0)"
+        )
+    arrays = {t.name: np.asarray(data[t.name]) for t in model.inputs}
+    n = min(len(a) for a in arrays.values())
+    samples = []
+    for k in range(min(n, count)):
+        sample = []
+        for t in model.inputs:
+            arr = arrays[t.name][k].astype(t.dtype)
+            if list(arr.shape) != t.shape:
+                raise InvalidInputError(
+                    f"--calibration-data input {t.name!r} sample {k} has shape "
+                    f"{'x'.join(map(str, arr.shape))}; the model needs {'x'.join(map(str, t.shape))}"
+                )
+            sample.append(arr)
+        samples.append(sample)
+    if not samples:
+        raise InvalidInputError(f"--calibration-data {str(req.calibration_data)!r} holds no samples")
+    return samples
+
+
+def _ort_latency(model: SourceModel, sample: list[npt.NDArray[Any]], repeat: int) -> list[float]:
+    from compiler.frontends import require
+
+    ort = require("onnxruntime", "compiler")
+    session = ort.InferenceSession(model.path.read_bytes(), providers=["CPUExecutionProvider"])
+    feeds = {t.name: a for t, a in zip(model.inputs, sample, strict=True)}
+    for _ in range(3):
+        session.run(None, feeds)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return times
+
+
+def _latency_summary(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return {
+        "median_ms": round(statistics.median(ordered), 4),
+        "p95_ms": round(ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], 4),
+        "min_ms": round(ordered[0], 4),
+        "runs": len(ordered),
+    }
+
+
+def resolve_profile(registry: ProfileRegistry, name: str, runtime: str) -> HardwareProfile:
+    """Load the profile and check the runtime option against it (UsageError otherwise)."""
+    profile = registry.get(name)
+    if runtime not in RUNTIME_CHOICES:
+        raise UsageError(f"--runtime {runtime!r} is not valid; choose from: {', '.join(RUNTIME_CHOICES)}")
+    if runtime != "auto" and runtime not in profile.runtimes:
+        raise UsageError(
+            f"--runtime {runtime!r} is not available on {profile.name}; "
+            f"its runtimes are: {', '.join(profile.runtimes)}"
+        )
+    return profile
+
+
+def compile_model(
+    req: CompileRequest,
+    *,
+    settings: CompilerSettings,
+    registry: ProfileRegistry | None = None,
+    host: execution.HostFacts | None = None,
+    tuning_progress: TuningProgress | None = None,
+    step: Callable[[str], None] | None = None,
+) -> CompileResult:
+    """Compile, verify and sign one model for one profile (see module docstring).
+
+    Raises:
+        CompilerError: a subclass naming what failed; nothing is written to ``req.output``.
+    """
+    say = step or (lambda _msg: None)
+    registry = registry or ProfileRegistry(settings.profile_roots())
+    profile = resolve_profile(registry, req.profile, req.runtime)
+    if req.trials is not None and req.trials < 0:
+        raise UsageError(f"--trials {req.trials} is negative; give 0 (no tuning) or more")
+    if profile.cross_compiler and shutil.which(profile.cross_compiler) is None:
+        package = {"aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu",
+                   "arm-linux-gnueabihf-gcc": "gcc-arm-linux-gnueabihf"}.get(profile.cross_compiler, "")
+        raise MissingDependencyError(
+            profile.cross_compiler,
+            hint=f"install the Debian package {package or 'providing it'} (apt-get install {package})",
+        )
+    key_path = req.signing_key or KeyPaths.in_dir(settings.keys_dir).private
+    private_key = load_private_key(key_path)
+    trials = profile.tuning.default_trials if req.trials is None else req.trials
+
+    say(f"loading {req.model.name}")
+    model = load_model(req.model, input_shapes=req.input_shapes)
+    model.check_coverage()
+    if req.runtime == "onnxruntime" and model.onnx_bytes() is None:
+        raise UsageError(f"--runtime onnxruntime needs an ONNX model; {req.model.name} is {model.format}")
+    sample_count = req.samples or profile.accuracy.samples
+    samples = _load_samples(req, model, sample_count)
+    say(f"reference outputs of {len(samples)} sample(s) with the {model.format} runtime")
+    references = [model.reference(s) for s in samples]
+    output_names = model.output_names or [f"output_{j}" for j in range(len(references[0]))]
+    outputs = [
+        TensorSpec(name=n, shape=list(r.shape), dtype=str(r.dtype))
+        for n, r in zip(output_names, references[0], strict=True)
+    ]
+
+    host = host or execution.detect_host(cache_dir=settings.cache_dir)
+    plan = execution.plan_execution(profile, host)
+    report: dict[str, Any] = {
+        "schema_version": 1,
+        "profile": profile.name,
+        "model": {"file": req.model.name, "format": model.format, "sha256": model.sha256},
+        "host": {"machine": platform.machine(), "python": platform.python_version()},
+        "verification": {"executed": plan.mode != "none", "where": plan.where,
+                         "reason": plan.reason, "emulated": plan.emulated,
+                         "samples": len(samples),
+                         "inputs": "calibration data" if req.calibration_data else f"random (seed {req.seed})"},
+        "latency": {},
+    }
+    tuning = TuningStats()
+    with bundle.staging_dir(req.output, overwrite=req.force) as staging:
+        build_tvm = req.runtime != "onnxruntime"
+        if build_tvm:
+            say(f"building with TVM for {profile.name} ({trials} tuning trials)")
+            relax_mod = model.to_relax()
+            tuning = build_library(
+                relax_mod, profile, out_path=staging / LIBRARY_FILE, trials=trials,
+                tuning_db=req.tuning_db or settings.tuning_db_dir, progress=tuning_progress,
+            )
+            report["tuning"] = tuning.to_dict()
+        tvm_latency: list[float] = []
+        if build_tvm and plan.mode != "none":
+            say(f"executing on {plan.where}")
+            repeat = 3 if plan.emulated else req.latency_repeat
+            result = execution.run_library(
+                staging / LIBRARY_FILE, samples, plan, host, warmup=1 if plan.emulated else 3, repeat=repeat
+            )
+            accuracy = _gate(profile, output_names, result.outputs, references)
+            report["accuracy"] = {a.name: a.to_dict() for a in accuracy}
+            report["verification"]["machine"] = result.machine
+            report["verification"]["runtime"] = result.runtime
+            tvm_latency = result.latency_ms
+            report["latency"]["tvm"] = {**(_latency_summary(tvm_latency) or {}), "emulated": plan.emulated}
+        elif build_tvm:
+            report["accuracy"] = None
+            log.warning("%s", plan.reason)
+
+        runtime, reason = _choose_runtime(req, profile, model, plan, samples, tvm_latency, report)
+        report["runtime"] = {"chosen": runtime, "reason": reason}
+        if runtime == "onnxruntime":
+            (staging / LIBRARY_FILE).unlink(missing_ok=True)
+            (staging / ONNX_FILE).write_bytes(req.model.read_bytes())
+        (staging / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True), encoding="utf-8")
+
+        fields = {
+            "model": {"name": req.model_name or req.model.stem, "version": req.model_version},
+            "profile": profile.name,
+            "isa": profile.isa,
+            "target": profile.tvm,
+            "runtime": runtime,
+            "runtime_reason": reason,
+            "entry": ONNX_FILE if runtime == "onnxruntime" else LIBRARY_FILE,
+            "inputs": [t.model_dump() for t in model.inputs],
+            "outputs": [t.model_dump() for t in outputs],
+            "toolchain": {
+                "edgeloop": edgeloop.__version__,
+                "tvm": _version("apache-tvm"),
+                "tvm_ffi": _version("apache-tvm-ffi"),
+                "onnxruntime": _version("onnxruntime") if runtime == "onnxruntime" else None,
+                "cross_compiler": profile.cross_compiler,
+            },
+            "tuning": {"database_digest": tuning.database_digest,
+                       "records_applied": tuning.records_applied, "new_trials": tuning.new_trials},
+            "source_model": {"format": model.format, "filename": req.model.name, "sha256": model.sha256},
+            "created_at": datetime.now(UTC).replace(microsecond=0),
+        }
+        say("signing and writing the bundle")
+        manifest = bundle.seal_bundle(staging, req.output, manifest_fields=fields, private_key=private_key)
+    return CompileResult(req.output, manifest, manifest.artifact_id, report)
+
+
+def _gate(
+    profile: HardwareProfile,
+    names: list[str],
+    actual: list[list[npt.NDArray[Any]]],
+    reference: list[list[npt.NDArray[Any]]],
+) -> list[OutputAccuracy]:
+    if len(actual[0]) != len(reference[0]):
+        raise AccuracyGateError(
+            f"the artifact returned {len(actual[0])} output(s); the reference has {len(reference[0])}"
+        )
+    results = []
+    for j, name in enumerate(names):
+        try:
+            results.append(compare_output(name, [a[j] for a in actual], [r[j] for r in reference]))
+        except ValueError as err:
+            raise AccuracyGateError(str(err)) from err
+    problems = [p for r in results for p in r.violations(profile.accuracy)]
+    if problems:
+        raise AccuracyGateError(
+            f"accuracy gate failed for {profile.name}; no artifact written:\n  " + "\n  ".join(problems)
+        )
+    return results
+
+
+def _choose_runtime(
+    req: CompileRequest,
+    profile: HardwareProfile,
+    model: SourceModel,
+    plan: execution.ExecutionPlan,
+    samples: list[list[npt.NDArray[Any]]],
+    tvm_latency: list[float],
+    report: dict[str, Any],
+) -> tuple[str, str]:
+    ort_possible = "onnxruntime" in profile.runtimes and model.onnx_bytes() is not None
+    can_time_ort = ort_possible and plan.mode == "native"
+    if can_time_ort:
+        try:
+            ort_latency = _ort_latency(model, samples[0], req.latency_repeat)
+            report["latency"]["onnxruntime"] = {**(_latency_summary(ort_latency) or {}), "emulated": False}
+        except MissingDependencyError:
+            can_time_ort = False
+    if req.runtime == "tvm":
+        return "tvm", "requested with --runtime tvm"
+    if req.runtime == "onnxruntime":
+        return "onnxruntime", "requested with --runtime onnxruntime"
+    if not ort_possible:
+        why = ("the profile has no ONNX Runtime" if "onnxruntime" not in profile.runtimes
+               else f"the source model is {model.format}, not ONNX")
+        return "tvm", f"auto: TVM is the only candidate ({why})"
+    if not can_time_ort or not tvm_latency:
+        return "tvm", (f"auto: TVM, since latencies cannot be compared on this machine "
+                       f"({plan.reason or 'emulated execution is not representative'})")
+    tvm_ms = statistics.median(tvm_latency)
+    ort_ms = report["latency"]["onnxruntime"]["median_ms"]
+    if tvm_ms <= ort_ms:
+        return "tvm", f"auto: TVM median {tvm_ms:.4f} ms <= ONNX Runtime {ort_ms:.4f} ms"
+    return "onnxruntime", f"auto: ONNX Runtime median {ort_ms:.4f} ms < TVM {tvm_ms:.4f} ms"
+

@@ -1,0 +1,93 @@
+"""Run a compiled TVM artifact on saved inputs: the target-side half of the accuracy gate.
+
+This file is executed as a script on the target ISA (natively, or under qemu-user with a
+foreign Python sysroot), so it imports only the standard library, numpy and the TVM
+*runtime* (``TVM_USE_RUNTIME_LIB=1``): no compiler library, no edgeloop package.
+
+Runner protocol (shared with the C++ armv7 runner, see docs/artifact-format.md):
+
+``WORKDIR/request.json``
+    ``{"lib": "<path to .so>", "num_samples": K, "num_inputs": I, "warmup": W, "repeat": R}``
+``WORKDIR/s{k}_in{i}.npy``
+    input ``i`` (in the model's input order) of sample ``k``.
+
+The runner writes ``WORKDIR/s{k}_out{j}.npy`` for every output ``j`` of every sample and
+``WORKDIR/result.json``: ``{"num_outputs": J, "latency_ms": [...], "machine": "...",
+"runtime": "tvm <version>"}``; latencies are measured on sample 0 after ``W`` warm-up runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+
+os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
+
+import numpy as np  # noqa: E402
+
+
+def _flatten(result: object) -> list[np.ndarray]:
+    if hasattr(result, "numpy"):
+        return [np.asarray(result.numpy())]
+    try:
+        items = list(result)  # type: ignore[call-overload]
+    except TypeError:
+        return [np.asarray(result)]
+    flat: list[np.ndarray] = []
+    for item in items:
+        flat.extend(_flatten(item))
+    return flat
+
+
+def main(workdir: str) -> int:
+    import tvm
+    from tvm import runtime
+    from tvm.runtime.vm import VirtualMachine
+
+    with open(os.path.join(workdir, "request.json"), encoding="utf-8") as fh:
+        request = json.load(fh)
+    dev = tvm.cpu(0)
+    vm = VirtualMachine(runtime.load_module(request["lib"]), dev)
+    entry = vm[request.get("entry", "main")]
+
+    def load(k: int) -> list[object]:
+        return [
+            runtime.tensor(np.load(os.path.join(workdir, f"s{k}_in{i}.npy")), dev)
+            for i in range(request["num_inputs"])
+        ]
+
+    num_outputs = 0
+    for k in range(request["num_samples"]):
+        outputs = _flatten(entry(*load(k)))
+        num_outputs = len(outputs)
+        for j, out in enumerate(outputs):
+            np.save(os.path.join(workdir, f"s{k}_out{j}.npy"), out)
+
+    args = load(0)
+    for _ in range(request.get("warmup", 1)):
+        entry(*args)
+    latencies = []
+    for _ in range(request.get("repeat", 0)):
+        start = time.perf_counter()
+        entry(*args)
+        latencies.append((time.perf_counter() - start) * 1000.0)
+
+    result = {
+        "num_outputs": num_outputs,
+        "latency_ms": latencies,
+        "machine": platform.machine(),
+        "runtime": f"tvm {tvm.__version__}",
+    }
+    with open(os.path.join(workdir, "result.json"), "w", encoding="utf-8") as fh:
+        json.dump(result, fh)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        print("usage: runner_main.py WORKDIR", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,276 @@
+"""The TVM adapter: Relax module -> tuned, (cross-)compiled shared library.
+
+The only module of the compiler that drives TVM's compiler (``tvm.relax``, MetaSchedule,
+``export_library``). Everything it decides on (target dicts, budgets) comes in as data.
+
+Tuning database layout (persistent, shared by every model and run)::
+
+    <tuning-db>/<target-key>/target.json                  the TVM target dict (for people)
+    <tuning-db>/<target-key>/database_workload.json       MetaSchedule JSONDatabase
+    <tuning-db>/<target-key>/database_tuning_record.json
+    <tuning-db>/.lock                                     flock held while tuning
+
+Records are keyed by workload (structural hash, inside the database) and by target (the
+directory), so a second compile of the same model tunes nothing and another model that
+shares a layer with it reuses that layer's record.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compiler import _fast_inspect
+from compiler.errors import BuildFailedError, UsageError
+from compiler.manifest import canonical_json
+from compiler.profiles import HardwareProfile
+
+log = logging.getLogger(__name__)
+# Called with (trials finished, trials planned) while tuning.
+TuningProgress = Callable[[int, int], None]
+BUILDER_TIMEOUT_S = 180
+RUNNER_TIMEOUT_S = 60
+
+
+@dataclass
+class TuningStats:
+    """What tuning did for one build."""
+
+    tasks_total: int = 0
+    tasks_reused: int = 0
+    tasks_tuned: int = 0
+    new_trials: int = 0
+    records_applied: int = 0
+    database_digest: str | None = None
+    wall_time_s: float = 0.0
+    target_key: str | None = None
+    untuned_tasks: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+def target_key(target: dict[str, Any]) -> str:
+    """Directory name of a target in the tuning database (16 hex digits)."""
+    return hashlib.sha256(canonical_json(target)).hexdigest()[:16]
+
+
+@contextmanager
+def _locked(db_root: Path) -> Iterator[None]:
+    db_root.mkdir(parents=True, exist_ok=True)
+    with (db_root / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _prepare(mod: Any, target: Any, *, gpu: bool) -> Any:
+    import tvm
+    from tvm import relax
+
+    with target:
+        mod = tvm.transform.Sequential(
+            [
+                relax.transform.DecomposeOpsForInference(),
+                relax.transform.CanonicalizeBindings(),
+                relax.get_pipeline("zero"),
+            ]
+        )(mod)
+        if gpu:
+            from tvm.s_tir import dlight as dl
+
+            mod = dl.ApplyDefaultSchedule(
+                dl.gpu.Matmul(),
+                dl.gpu.GEMV(),
+                dl.gpu.Reduction(),
+                dl.gpu.GeneralReduction(),
+                dl.gpu.Fallback(),
+            )(mod)
+    return mod
+
+
+def _progress_callback(progress: TuningProgress, planned: int) -> Any:
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+    from tvm.s_tir.meta_schedule.utils import derived_object
+
+    @derived_object
+    class _Progress(PyMeasureCallback):
+        def __init__(self) -> None:
+            self.done = 0
+
+        def apply(self, task_scheduler: Any, task_id: int, measure_candidates: Any,
+                  builder_results: Any, runner_results: Any) -> None:
+            self.done += len(measure_candidates)
+            progress(min(self.done, planned), planned)
+
+    return _Progress()
+
+
+def _tune(
+    mod: Any,
+    target: Any,
+    *,
+    db_dir: Path,
+    trials: int,
+    max_trials_per_task: int,
+    progress: TuningProgress | None,
+    stats: TuningStats,
+) -> None:
+    from tvm.s_tir import meta_schedule as ms
+
+    database = ms.database.JSONDatabase(work_dir=str(db_dir))
+    tasks = ms.relax_integration.extract_tasks(mod, target)
+    stats.tasks_total = len(tasks)
+    missing = [
+        t for t in tasks
+        if database.query_tuning_record(t.dispatched[0], target, t.task_name) is None
+    ]
+    stats.tasks_reused = stats.tasks_total - len(missing)
+    if trials <= 0 or not missing:
+        stats.untuned_tasks = [t.task_name for t in missing]
+        return
+    per_task = max(1, min(max_trials_per_task, trials // len(missing)))
+    if trials < len(missing):
+        log.warning(
+            "--trials %d is below the %d tasks that need tuning; giving each 1 trial", trials, len(missing)
+        )
+    before = len(database)
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        missing, work_dir=str(db_dir), num_threads="physical"
+    )
+    callbacks = ms.measure_callback.MeasureCallback.create("default")
+    planned = per_task * len(missing)
+    if progress is not None:
+        callbacks = [*callbacks, _progress_callback(progress, planned)]
+        progress(0, planned)
+    builder = ms.builder.LocalBuilder(
+        timeout_sec=BUILDER_TIMEOUT_S, initializer=_fast_inspect.install
+    )
+    runner = ms.runner.LocalRunner(timeout_sec=RUNNER_TIMEOUT_S)
+    try:
+        ms.tune.tune_tasks(
+            tasks=contexts,
+            task_weights=weights,
+            work_dir=str(db_dir),
+            max_trials_global=planned,
+            max_trials_per_task=per_task,
+            # A task given fewer trials per iteration than it is budgeted may stay untuned.
+            num_trials_per_iter=min(64, per_task),
+            builder=builder,
+            runner=runner,
+            database=database,
+            measure_callbacks=callbacks,
+        )
+    except Exception as err:
+        raise BuildFailedError(f"MetaSchedule tuning failed: {err}") from err
+    stats.tasks_tuned = len(missing)
+    stats.new_trials = len(database) - before
+    stats.untuned_tasks = [
+        t.task_name for t in missing
+        if database.query_tuning_record(t.dispatched[0], target, t.task_name) is None
+    ]
+
+
+def _apply_database(mod: Any, target: Any, db_dir: Path, stats: TuningStats) -> Any:
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    database = ms.database.JSONDatabase(work_dir=str(db_dir))
+    records = []
+    for task in ms.relax_integration.extract_tasks(mod, target):
+        record = database.query_tuning_record(task.dispatched[0], target, task.task_name)
+        if record is not None:
+            records.append(json.dumps(_json_ready(record.as_json()), sort_keys=True))
+    stats.records_applied = len(records)
+    if records:
+        stats.database_digest = hashlib.sha256("\n".join(sorted(records)).encode()).hexdigest()
+    with target, database:
+        return relax.transform.MetaScheduleApplyDatabase(str(db_dir))(mod)
+
+
+def _json_ready(value: Any) -> Any:
+    # TuningRecord.as_json() returns TVM containers; json.dumps needs plain Python.
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "items"):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    try:
+        return [_json_ready(v) for v in value]
+    except TypeError:
+        return str(value)
+
+
+def build_library(
+    relax_mod: Any,
+    profile: HardwareProfile,
+    *,
+    out_path: Path,
+    trials: int,
+    tuning_db: Path | None,
+    progress: TuningProgress | None = None,
+) -> TuningStats:
+    """Compile ``relax_mod`` for ``profile`` into the shared library ``out_path``.
+
+    Tunes missing tasks with MetaSchedule when ``trials > 0`` and always applies records
+    already in ``tuning_db`` for this target.
+
+    Raises:
+        UsageError: tuning asked for a CUDA target (needs a GPU to measure on).
+        BuildFailedError: TVM compilation, tuning or (cross-)linking failed.
+    """
+    import tvm
+
+    stats = TuningStats()
+    start = time.monotonic()
+    target = tvm.target.Target(profile.tvm)
+    gpu = profile.has_gpu
+    if gpu and trials > 0:
+        raise UsageError(
+            f"--trials {trials} for {profile.name}: tuning a CUDA target needs a GPU to measure "
+            "on; compile with --trials 0 (default GPU schedules) on this machine"
+        )
+    with _fast_inspect.installed():
+        try:
+            mod = _prepare(relax_mod, target, gpu=gpu)
+        except Exception as err:
+            raise BuildFailedError(f"TVM could not lower the model for {profile.name}: {err}") from err
+        if tuning_db is not None and not gpu:
+            key = target_key(profile.tvm)
+            stats.target_key = key
+            db_dir = tuning_db / key
+            with _locked(tuning_db):
+                db_dir.mkdir(parents=True, exist_ok=True)
+                (db_dir / "target.json").write_text(json.dumps(profile.tvm, indent=2, sort_keys=True))
+                _tune(
+                    mod, target, db_dir=db_dir, trials=trials,
+                    max_trials_per_task=profile.tuning.max_trials_per_task,
+                    progress=progress, stats=stats,
+                )
+                mod = _apply_database(mod, target, db_dir, stats)
+        try:
+            executable = tvm.compile(mod, target=target)
+        except Exception as err:
+            raise BuildFailedError(f"TVM compilation for {profile.name} failed: {err}") from err
+    try:
+        if profile.cross_compiler:
+            executable.export_library(str(out_path), cc=profile.cross_compiler)
+        else:
+            executable.export_library(str(out_path))
+    except Exception as err:
+        raise BuildFailedError(
+            f"linking the {profile.isa} library with {profile.cross_compiler or 'the host compiler'} "
+            f"failed: {str(err).strip().splitlines()[-1] if str(err).strip() else err}"
+        ) from err
+    stats.wall_time_s = round(time.monotonic() - start, 3)
+    return stats

@@ -1,0 +1,1 @@
+"""EdgeLoop fleet (see docs/architecture.md)."""
