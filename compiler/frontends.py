@@ -168,7 +168,7 @@ def _resolve_shape(name: str, dims: Sequence[int | str | None], override: list[i
         return list(override)
     if all(isinstance(d, int) and d > 0 for d in dims):
         return [int(d) for d in dims]  # type: ignore[arg-type]
-    shown = "x".join(str(d) if d not in (None, "", 0) else "?" for d in dims)
+    shown = "x".join(str(d) if isinstance(d, int) and d > 0 else "?" for d in dims)
     raise ModelError(
         f"input {name!r} has a dynamic shape {shown}; give a static one with "
         f"--input-shape {name}:{'x'.join(str(d) if isinstance(d, int) and d > 0 else '1' for d in dims)}"
@@ -305,6 +305,24 @@ def from_exported_program(
     )
 
 
+def save_torch_module(module: Any, example_inputs: tuple[Any, ...], path: Path) -> Path:
+    """Export an ``nn.Module`` with example inputs via ``torch.export`` and save it as .pt2.
+
+    The result is what ``edgeloop compile`` takes for PyTorch models; static shapes come from
+    the example inputs.
+
+    Raises:
+        ModelError: torch.export cannot capture the module.
+    """
+    torch = require("torch", "torch")
+    try:
+        program = torch.export.export(module.eval(), example_inputs)
+    except Exception as err:
+        raise ModelError(f"torch.export could not capture {type(module).__name__}: {err}") from err
+    torch.export.save(program, str(path))
+    return path
+
+
 def _torch_unsupported(program: Any) -> list[tuple[str, str]]:
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
@@ -319,96 +337,185 @@ def _torch_unsupported(program: Any) -> list[tuple[str, str]]:
 # ---------------------------------------------------------------- TFLite
 
 
+# TensorType names (lower-cased) that TVM's TFLite frontend accepts as graph inputs and that
+# numpy can hold; FLOAT64, STRING, COMPLEX* and the resource types are not among them.
+_TFLITE_INPUT_DTYPES = frozenset(
+    {"float32", "float16", "int8", "uint8", "int16", "int32", "uint32", "int64", "uint64", "bool"}
+)
+
+
+def _tflite_tensor_name(subgraph: Any, index: int) -> str:
+    """Tensor name as TVM's ``get_tensor_name`` spells it (its shape_dict keys)."""
+    name = subgraph.Tensors(index).Name()
+    return name.decode("utf-8") if name is not None else f"tvmgen_tensor_{index}"
+
+
+def _tflite_indices(table: Any, field: str) -> list[int]:
+    """An int vector of a flatbuffer table (``*AsNumpy`` returns 0, not [], when it is empty)."""
+    return [int(getattr(table, field)(i)) for i in range(getattr(table, f"{field}Length")())]
+
+
+def _tflite_check_structure(model: Any) -> Any:
+    """Walk subgraph 0 so a truncated or corrupt flatbuffer fails here, not deep inside TVM."""
+    if model.SubgraphsLength() < 1:
+        raise ValueError("the model has no subgraph")
+    subgraph = model.Subgraphs(0)
+    n_tensors, n_codes = subgraph.TensorsLength(), model.OperatorCodesLength()
+    for kind in ("Inputs", "Outputs"):
+        for t in _tflite_indices(subgraph, kind):
+            if not 0 <= t < n_tensors:
+                raise ValueError(f"graph {kind.lower()} refer to tensor {t} of {n_tensors}")
+    for index in range(subgraph.OperatorsLength()):
+        op = subgraph.Operators(index)
+        if not 0 <= op.OpcodeIndex() < n_codes:
+            raise ValueError(f"operator {index} has opcode index {op.OpcodeIndex()} of {n_codes}")
+        for t in _tflite_indices(op, "Inputs") + _tflite_indices(op, "Outputs"):
+            if t >= n_tensors:  # -1 marks an omitted optional input
+                raise ValueError(f"operator {index} refers to tensor {t} of {n_tensors}")
+    for t in range(n_tensors):
+        _tflite_tensor_name(subgraph, t)
+    return subgraph
+
+
 def _load_tflite(path: Path, digest: str, shapes: dict[str, list[int]]) -> SourceModel:
     tflite = require("tflite", "tflite")
     buf = path.read_bytes()
     try:
+        if len(buf) < 8 or not tflite.Model.ModelBufferHasIdentifier(buf, 0):
+            raise ValueError("no TFL3 file identifier")
         model = tflite.Model.GetRootAsModel(buf, 0)
-        subgraph = model.Subgraphs(0)
-        if subgraph is None:
-            raise ValueError("model has no subgraph")
-    except Exception as err:
+        subgraph = _tflite_check_structure(model)
+    except Exception as err:  # flatbuffers raises IndexError, struct.error, UnicodeDecodeError...
         raise ModelError(f"{str(path)!r} is not a readable TFLite model: {err}") from err
     type_names = {v: k.lower() for k, v in vars(tflite.TensorType).items() if not k.startswith("_")}
+    input_indices = _tflite_indices(subgraph, "Inputs")
+    names = [_tflite_tensor_name(subgraph, i) for i in input_indices]
+    _check_names(shapes, names)
     specs = []
-    for i in range(subgraph.InputsLength()):
-        tensor = subgraph.Tensors(subgraph.Inputs(i))
-        name = tensor.Name().decode()
-        dims: list[int | str | None] = [int(d) for d in tensor.ShapeAsNumpy()]
-        if tensor.ShapeSignatureLength():
-            dims = [int(d) if d > 0 else None for d in tensor.ShapeSignatureAsNumpy()]
-        dtype = {"float32": "float32", "int8": "int8", "uint8": "uint8", "int32": "int32",
-                 "int64": "int64", "float16": "float16"}.get(type_names.get(tensor.Type(), ""), "")
-        if not dtype:
-            raise ModelError(f"TFLite input {name!r} has unsupported tensor type {tensor.Type()}")
-        specs.append(TensorSpec(name=name, shape=_resolve_shape(name, dims, shapes.get(name)), dtype=dtype))
-    _check_names(shapes, [s.name for s in specs])
+    for index, name in zip(input_indices, names, strict=True):
+        tensor = subgraph.Tensors(index)
+        dims: list[int | str | None] = [int(d) for d in _tflite_indices(tensor, "Shape")]
+        signature = _tflite_indices(tensor, "ShapeSignature")
+        if signature:  # -1 marks a dynamic dimension
+            dims = [d if d > 0 else None for d in signature]
+        dtype = type_names.get(tensor.Type(), f"type {tensor.Type()}")
+        if dtype not in _TFLITE_INPUT_DTYPES:
+            choices = ", ".join(sorted(t.upper() for t in _TFLITE_INPUT_DTYPES))
+            raise ModelError(
+                f"TFLite input {name!r} has tensor type {dtype.upper()}; TVM's TFLite frontend "
+                f"takes inputs of type: {choices}"
+            )
+        shape = _resolve_shape(name, dims, shapes.get(name))
+        specs.append(TensorSpec(name=name, shape=shape, dtype=dtype))
+    output_indices = _tflite_indices(subgraph, "Outputs")
     interpreter_holder: dict[str, Any] = {}
 
     def reference(inputs: Arrays) -> Arrays:
         if "i" not in interpreter_holder:
-            interpreter_holder["i"] = _tflite_interpreter(path)
+            interpreter_holder["i"] = _tflite_interpreter(path, specs)
         interp = interpreter_holder["i"]
-        for detail, arr in zip(interp.get_input_details(), inputs, strict=True):
-            interp.set_tensor(detail["index"], arr)
+        # The interpreter's tensor indices are the model's, so match by index, not by order.
+        by_index = dict(zip(input_indices, inputs, strict=True))
+        for detail in interp.get_input_details():
+            interp.set_tensor(detail["index"], np.ascontiguousarray(by_index[detail["index"]],
+                                                                    dtype=detail["dtype"]))
         interp.invoke()
-        return [np.array(interp.get_tensor(d["index"])) for d in interp.get_output_details()]
+        return [np.array(interp.get_tensor(i)) for i in output_indices]
 
     return SourceModel(
-        format="tflite", path=path, sha256=digest, inputs=specs, _handle=model, _reference=reference
+        format="tflite",
+        path=path,
+        sha256=digest,
+        inputs=specs,
+        _handle=model,
+        _reference=reference,
+        output_names=[_tflite_tensor_name(subgraph, i) for i in output_indices],
     )
 
 
-def _tflite_interpreter(path: Path) -> Any:
-    for module, attr in (("ai_edge_litert.interpreter", "Interpreter"),
-                         ("tflite_runtime.interpreter", "Interpreter")):
+def _tflite_interpreter(path: Path, specs: Sequence[TensorSpec]) -> Any:
+    """A TFLite interpreter (LiteRT, else tflite-runtime) with inputs resized to ``specs``."""
+    for module in ("ai_edge_litert.interpreter", "tflite_runtime.interpreter"):
         try:
-            interp = getattr(importlib.import_module(module), attr)(model_path=str(path))
+            interpreter_cls = importlib.import_module(module).Interpreter
         except ImportError:
             continue
-        interp.allocate_tensors()
+        try:
+            interp = interpreter_cls(model_path=str(path))
+            # Pin dynamic (or overridden) input shapes to the static ones TVM compiles for.
+            for detail, spec in zip(interp.get_input_details(), specs, strict=True):
+                if list(detail["shape"]) != spec.shape:
+                    interp.resize_tensor_input(detail["index"], spec.shape, strict=False)
+            interp.allocate_tensors()
+        except (ValueError, RuntimeError) as err:
+            raise ModelError(f"the TFLite interpreter cannot load {path.name}: {err}") from err
         return interp
     raise MissingDependencyError("ai_edge_litert", "tflite")
 
 
-def _tflite_unsupported(model: Any) -> list[tuple[str, str]]:
+def _tflite_op_label(model: Any, op: Any) -> str:
+    """Operator name for messages: the builtin name, ``CUSTOM:<code>`` or ``BUILTIN_<n>``."""
     tflite = require("tflite", "tflite")
-    from tvm.relax.frontend.tflite.tflite_frontend import OperatorConverter
-
+    code = model.OperatorCodes(op.OpcodeIndex())
+    builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
+    if builtin == tflite.BuiltinOperator.CUSTOM:
+        custom = code.CustomCode()
+        return f"CUSTOM:{custom.decode('utf-8', 'replace') if custom else '?'}"
     names = {v: k for k, v in vars(tflite.BuiltinOperator).items() if not k.startswith("_")}
-    supported = set(OperatorConverter.__new__(OperatorConverter).__dict__.get("convert_map", {}))
-    if not supported:
-        supported = _tflite_convert_map_keys()
-    pairs = []
-    subgraph = model.Subgraphs(0)
-    for index in range(subgraph.OperatorsLength()):
-        op = subgraph.Operators(index)
-        code = model.OperatorCodes(op.OpcodeIndex())
-        builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
-        op_name = names.get(builtin, f"BUILTIN_{builtin}")
-        if op_name == "CUSTOM":
-            op_name = f"CUSTOM:{code.CustomCode().decode()}"
-        if op_name not in supported:
-            out = subgraph.Tensors(op.Outputs(0)).Name().decode() if op.OutputsLength() else ""
-            pairs.append((op_name, out or f"op_{index}"))
-    return pairs
+    return str(names.get(builtin, f"BUILTIN_{builtin}"))
 
 
-def _tflite_convert_map_keys() -> set[str]:
-    """Keys of the TFLite OperatorConverter's convert_map, read without a model.
+def _tflite_unsupported(model: Any) -> list[tuple[str, str]]:
+    """Operators of subgraph 0 that TVM's TFLite frontend would reject, with output tensor names.
 
-    The converter builds its map in ``__init__`` from a model; we instantiate it with
-    placeholders because TVM exposes no static list.
+    Uses the OperatorConverter that ``from_tflite`` builds, with the same tests as its
+    ``check_unsupported_ops``: not in ``convert_map``, quantized but not in the quantized
+    set, or dynamic-range quantized (float activations, quantized weights). Operators inside
+    control-flow bodies (other subgraphs) are checked by TVM during conversion.
     """
     from tvm.relax.frontend.tflite.tflite_frontend import OperatorConverter
 
-    class _Stub:
-        def __getattr__(self, _name: str) -> Any:
-            return lambda *a, **k: 0
-
-    converter = OperatorConverter.__new__(OperatorConverter)
+    converter = _tflite_operator_converter(model)
+    subgraph = model.Subgraphs(0)
+    pairs: list[tuple[str, str]] = []
     try:
-        OperatorConverter.__init__(converter, _Stub(), _Stub(), None, None)
-    except Exception:  # the constructor may touch the model; the map is set before that
-        pass
-    return set(getattr(converter, "convert_map", {}))
+        for index in range(subgraph.OperatorsLength()):
+            op = subgraph.Operators(index)
+            outputs = _tflite_indices(op, "Outputs")
+            has_output = bool(outputs) and outputs[0] >= 0
+            node = _tflite_tensor_name(subgraph, outputs[0]) if has_output else f"op_{index}"
+            try:
+                op_name = converter.get_op_code_str(op)
+            except NotImplementedError:  # custom operators and codes newer than its schema
+                pairs.append((_tflite_op_label(model, op), node))
+                continue
+            if op_name not in converter.convert_map:
+                pairs.append((op_name, node))
+                continue
+            ins = converter.get_input_tensors(op)
+            quantized_in = any(t.qnn_params is not None for t in ins[:1])
+            quantized_weights = any(t.qnn_params is not None for t in ins[1:])
+            quantized_out = any(t.qnn_params is not None for t in converter.get_output_tensors(op))
+            if quantized_weights and not (quantized_in or quantized_out):
+                pairs.append((f"{op_name} (dynamic-range quantized)", node))
+            elif (quantized_in or quantized_weights or quantized_out) and (
+                op_name not in OperatorConverter._SUPPORTED_QUANTIZED_OPS
+            ):
+                pairs.append((f"{op_name} (quantized)", node))
+    except (UnsupportedOperatorsError, MissingDependencyError):
+        raise
+    except Exception as err:  # a malformed operator or quantization table
+        raise ModelError(f"TVM's TFLite frontend cannot read the model's operators: {err}") from err
+    return pairs
+
+
+def _tflite_operator_converter(model: Any) -> Any:
+    """The OperatorConverter that ``from_tflite`` builds for subgraph 0 (its ``convert_map``).
+
+    Built the way ``from_tflite`` builds it (model, subgraph, ExprTable, BlockBuilder); the
+    constructor only indexes the schema's enums, so nothing is converted here.
+    """
+    from tvm import relax
+    from tvm.relax.frontend.tflite.tflite_frontend import ExprTable, OperatorConverter
+
+    return OperatorConverter(model, model.Subgraphs(0), ExprTable(), relax.BlockBuilder())

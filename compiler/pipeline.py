@@ -34,8 +34,10 @@ import numpy.typing as npt
 import edgeloop
 from compiler import bundle, execution
 from compiler.accuracy import OutputAccuracy, compare_output, make_inputs
+from compiler.elfcheck import check_elf, read_elf
 from compiler.errors import (
     AccuracyGateError,
+    BuildFailedError,
     InvalidInputError,
     MissingDependencyError,
     UsageError,
@@ -226,6 +228,12 @@ def compile_model(
                          "inputs": "calibration data" if req.calibration_data else f"random (seed {req.seed})"},
         "latency": {},
     }
+    if trials > 0 and plan.mode != "native":
+        raise UsageError(
+            f"--trials {trials} for {profile.name}: tuning measures candidates on the target, and "
+            f"{profile.isa} code cannot be timed on this machine ({plan.reason or plan.where}); "
+            "compile with --trials 0 here, or tune on a machine of that kind"
+        )
     tuning = TuningStats()
     with bundle.staging_dir(req.output, overwrite=req.force) as staging:
         build_tvm = req.runtime != "onnxruntime"
@@ -237,6 +245,7 @@ def compile_model(
                 tuning_db=req.tuning_db or settings.tuning_db_dir, progress=tuning_progress,
             )
             report["tuning"] = tuning.to_dict()
+            report["static_checks"] = _static_checks(staging / LIBRARY_FILE, profile)
         tvm_latency: list[float] = []
         if build_tvm and plan.mode != "none":
             say(f"executing on {plan.where}")
@@ -286,6 +295,14 @@ def compile_model(
         say("signing and writing the bundle")
         manifest = bundle.seal_bundle(staging, req.output, manifest_fields=fields, private_key=private_key)
     return CompileResult(req.output, manifest, manifest.artifact_id, report)
+
+
+def _static_checks(library: Path, profile: HardwareProfile) -> dict[str, Any]:
+    facts = read_elf(library)
+    problems = check_elf(facts, profile.isa)
+    if problems:
+        raise BuildFailedError(f"the {profile.isa} library for {profile.name} is wrong: " + "; ".join(problems))
+    return {**facts.to_dict(), "passed": True}
 
 
 def _gate(

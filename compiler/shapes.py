@@ -7,11 +7,11 @@ from collections.abc import Iterable
 
 from compiler.errors import UsageError
 
-_SHAPE_RE = re.compile(r"^(?P<name>[^:]+):(?P<dims>\d+(?:x\d+)*)$")
+_SHAPE_RE = re.compile(r"^(?P<name>.+):(?P<dims>\d+(?:x\d+)*)$")
 
 
 def parse_input_shape(text: str) -> tuple[str, list[int]]:
-    """Parse one ``NAME:D0xD1x...`` option.
+    """Parse one ``NAME:D0xD1x...`` option (the name may contain colons, e.g. ``x:0``).
 
     Raises:
         UsageError: malformed text or a zero dimension.

@@ -64,6 +64,20 @@ def target_key(target: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(target)).hexdigest()[:16]
 
 
+def effective_target(profile: HardwareProfile) -> dict[str, Any]:
+    """The profile's target dict, with ``num-cores`` filled in for CPU targets.
+
+    MetaSchedule needs ``num-cores`` for CPU targets; profiles of real boards name it, and
+    for generic host profiles it is the number of physical cores of this machine.
+    """
+    import psutil
+
+    target = dict(profile.tvm)
+    if target["kind"] == "llvm" and "num-cores" not in target:
+        target["num-cores"] = psutil.cpu_count(logical=False) or 1
+    return target
+
+
 @contextmanager
 def _locked(db_root: Path) -> Iterator[None]:
     db_root.mkdir(parents=True, exist_ok=True)
@@ -102,7 +116,7 @@ def _prepare(mod: Any, target: Any, *, gpu: bool) -> Any:
 
 def _progress_callback(progress: TuningProgress, planned: int) -> Any:
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
-    from tvm.s_tir.meta_schedule.utils import derived_object
+    from tvm.ir.utils import derived_object
 
     @derived_object
     class _Progress(PyMeasureCallback):
@@ -145,6 +159,11 @@ def _tune(
         log.warning(
             "--trials %d is below the %d tasks that need tuning; giving each 1 trial", trials, len(missing)
         )
+    # MetaSchedule's console handler writes to *stdout* at its logger's level, which would
+    # corrupt --json output; keep it quiet unless edgeloop itself was asked to be verbose.
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(
+        logging.INFO if log.getEffectiveLevel() <= logging.INFO else logging.ERROR
+    )
     before = len(database)
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         missing, work_dir=str(db_dir), num_threads="physical"
@@ -233,7 +252,8 @@ def build_library(
 
     stats = TuningStats()
     start = time.monotonic()
-    target = tvm.target.Target(profile.tvm)
+    target_dict = effective_target(profile)
+    target = tvm.target.Target(target_dict)
     gpu = profile.has_gpu
     if gpu and trials > 0:
         raise UsageError(
@@ -246,12 +266,12 @@ def build_library(
         except Exception as err:
             raise BuildFailedError(f"TVM could not lower the model for {profile.name}: {err}") from err
         if tuning_db is not None and not gpu:
-            key = target_key(profile.tvm)
+            key = target_key(target_dict)
             stats.target_key = key
             db_dir = tuning_db / key
             with _locked(tuning_db):
                 db_dir.mkdir(parents=True, exist_ok=True)
-                (db_dir / "target.json").write_text(json.dumps(profile.tvm, indent=2, sort_keys=True))
+                (db_dir / "target.json").write_text(json.dumps(target_dict, indent=2, sort_keys=True))
                 _tune(
                     mod, target, db_dir=db_dir, trials=trials,
                     max_trials_per_task=profile.tuning.max_trials_per_task,

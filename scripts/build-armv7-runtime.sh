@@ -2,7 +2,8 @@
 # Cross-build the armv7 (armhf) TVM runtime and edgeloop's C++ runner (runtime/armv7/).
 #
 # Output: ${EDGELOOP_CACHE_DIR:-$HOME/.cache/edgeloop}/armv7-runtime/
-#   edgeloop-armv7-runner   armhf executable (TVM runtime + tvm-ffi linked in; needs glibc, libgcc_s)
+#   edgeloop-armv7-runner   armhf executable, stripped (TVM runtime + tvm-ffi + libstdc++ linked in;
+#                           needs only glibc and libgcc_s on the target)
 #   build/                  CMake build tree, kept for incremental rebuilds
 #   STAMP                   written last; records the TVM / tvm-ffi versions and a hash of the sources
 #
@@ -24,7 +25,7 @@ build_dir="$out_dir/build"
 python="${PYTHON:-python3}"
 jobs="${EDGELOOP_BUILD_JOBS:-$(nproc)}"
 
-for tool in arm-linux-gnueabihf-gcc arm-linux-gnueabihf-g++ cmake "$python"; do
+for tool in arm-linux-gnueabihf-gcc arm-linux-gnueabihf-g++ arm-linux-gnueabihf-strip cmake "$python"; do
   command -v "$tool" >/dev/null 2>&1 \
     || die "'$tool' not found (apt-get install g++-arm-linux-gnueabihf cmake; pip install 'edgeloop[compiler]')"
 done
@@ -76,7 +77,10 @@ cmake -S "$src_dir" -B "$build_dir" "${generator[@]}" \
   -DEDGELOOP_TVM_VERSION="$tvm_version" >&2
 cmake --build "$build_dir" --parallel "$jobs" >&2
 
-install -m 0755 "$build_dir/edgeloop-armv7-runner" "$out_dir/edgeloop-armv7-runner.tmp"
+# Strip with the cross binutils (the host strip does not know ARM); .dynsym stays, and with it the
+# TVM symbols that artifacts resolve against the runner.
+arm-linux-gnueabihf-strip -o "$out_dir/edgeloop-armv7-runner.tmp" "$build_dir/edgeloop-armv7-runner"
+chmod 0755 "$out_dir/edgeloop-armv7-runner.tmp"
 mv -f "$out_dir/edgeloop-armv7-runner.tmp" "$out_dir/edgeloop-armv7-runner"
 printf '%s' "$expected_stamp" >"$out_dir/STAMP.tmp"
 mv -f "$out_dir/STAMP.tmp" "$out_dir/STAMP"

@@ -1,0 +1,331 @@
+"""``edgeloop compile`` end to end with real models, real TVM, real cross compilers and qemu."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner, Result
+
+from compiler import emulation
+from compiler.bundle import verify_bundle
+from compiler.pipeline import CompileRequest, compile_model
+from compiler.settings import CompilerSettings
+from compiler.signing import load_public_key
+from edgeloop.cli import cli
+from tests.compiler import models
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("models")
+    models.export_onnx("cnn", d / "cnn.onnx")
+    models.export_onnx("mlp", d / "mlp.onnx")
+    models.export_onnx("mlp", d / "mlp_dynamic.onnx", dynamic_batch=True)
+    models.export_program("cnn", d / "cnn.pt2")
+    return d
+
+
+@pytest.fixture(scope="session")
+def aarch64_sysroot() -> Path:
+    """The qemu sysroot (built by scripts/bootstrap.sh; built here if missing)."""
+    return emulation.ensure_sysroot("aarch64")
+
+
+def _compile(*args: str) -> Result:
+    return CliRunner().invoke(cli, ["compile", *args])
+
+
+def _verify(out: Path, key: Path) -> Any:
+    return verify_bundle(out, load_public_key(key.with_suffix(".pub")))
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("kind", ["cnn", "mlp"])
+@pytest.mark.parametrize("profile", ["generic/x86_64", "raspberry-pi/4b-aarch64", "raspberry-pi/3b-armv7"])
+def test_compile_verify_on_target_isa(
+    kind: str, profile: str, model_dir: Path, signing_key: Path, tmp_path: Path, aarch64_sysroot: Path
+) -> None:
+    out = tmp_path / "artifact"
+    result = _compile(str(model_dir / f"{kind}.onnx"), "--profile", profile, "-o", str(out),
+                      "--trials", "0", "--json")
+    assert result.exit_code == 0, result.stderr
+    printed = json.loads(result.stdout)
+    verified = _verify(out, signing_key)
+    assert verified.artifact_id == printed["artifact_id"]
+    manifest, report = verified.manifest, verified.report()
+    assert manifest.profile == profile
+    assert [t.model_dump() for t in manifest.inputs] == [
+        {"name": "input", "shape": list(models.EXAMPLE_INPUTS[kind]), "dtype": "float32"}]
+    assert manifest.outputs[0].shape == [1, 10]
+    checks = report["static_checks"]
+    isa = manifest.isa
+    if isa == "armv7":
+        assert manifest.runtime == "tvm" and manifest.entry == "model.so"
+        assert checks["machine"] == "EM_ARM" and checks["float_abi"] == "hard"
+        # Independent check with binutils' readelf, as a device engineer would.
+        header = subprocess.run(["readelf", "-h", "-A", str(out / "model.so")], capture_output=True,
+                                text=True, check=True).stdout
+        assert "ARM" in header and "ELF32" in header and "VFP registers" in header
+        ver = report["verification"]
+        if ver["executed"]:
+            assert ver["machine"] == "armv7l"
+            assert report["accuracy"]["logits"]["max_abs_error"] <= 1e-4
+        else:
+            assert "not executed on armv7" in ver["reason"]
+            assert report["accuracy"] is None
+        return
+    assert report["verification"]["executed"] is True
+    assert report["verification"]["machine"] == isa
+    assert report["verification"]["emulated"] is (isa == "aarch64")
+    accuracy = report["accuracy"]["logits"]
+    assert accuracy["max_abs_error"] <= 1e-4 and accuracy["top1_agreement"] == 1.0
+    assert checks["machine"] == {"x86_64": "EM_X86_64", "aarch64": "EM_AARCH64"}[isa]
+    if isa == "aarch64":
+        assert manifest.runtime == "tvm" and "not representative" in manifest.runtime_reason
+
+
+@pytest.mark.parametrize(("profile", "arch"), [("nvidia/h100", "sm_90"), ("nvidia/jetson-orin-nano", "sm_87")])
+def test_cuda_profiles_build_without_gpu(profile: str, arch: str, model_dir: Path, signing_key: Path,
+                                         tmp_path: Path) -> None:
+    out = tmp_path / "artifact"
+    result = _compile(str(model_dir / "cnn.onnx"), "--profile", profile, "-o", str(out))
+    assert result.exit_code == 0, result.stderr
+    verified = _verify(out, signing_key)
+    report = verified.report()
+    assert verified.manifest.target["arch"] == arch
+    assert report["verification"]["executed"] is False
+    assert f"not executed on cuda {arch}" in report["verification"]["reason"]
+    assert b"__global__" in (out / "model.so").read_bytes() or b"cuda" in (out / "model.so").read_bytes()
+    assert "NO: not executed" in CliRunner().invoke(cli, ["artifact", "inspect", str(out)]).output
+
+
+def test_unsupported_operator_is_named(tmp_path: Path, signing_key: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"], name="relu_0"),
+        helper.make_node("Celu", ["a"], ["b"], name="celu_first", alpha=1.0),
+        helper.make_node("Celu", ["b"], ["c"], name="celu_second", alpha=1.0),
+        helper.make_node("CumProd", ["c", "axis"], ["y"], name="running_product"),
+    ]
+    graph = helper.make_graph(
+        nodes, "unsupported",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor("axis", TensorProto.INT64, [], [1])],
+    )
+    path = tmp_path / "unsupported.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 26)]), str(path))
+    out = tmp_path / "never"
+    result = _compile(str(path), "--profile", "generic/x86_64", "-o", str(out))
+    assert result.exit_code == 3
+    assert "cannot import 2 operator(s)" in result.stderr
+    assert "Celu: 2 node(s): celu_first, celu_second" in result.stderr
+    assert "CumProd: 1 node(s): running_product" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.tuning
+def test_tuning_database_is_reused(model_dir: Path, signing_key: Path, tmp_path: Path) -> None:
+    settings = CompilerSettings()
+    db = tmp_path / "tuning-db"
+    progress: list[tuple[int, int]] = []
+
+    def run(name: str, model: Path, trials: int) -> dict[str, Any]:
+        result = compile_model(
+            CompileRequest(model=model, profile="generic/x86_64", output=tmp_path / name,
+                           trials=trials, tuning_db=db),
+            settings=settings, tuning_progress=lambda done, total: progress.append((done, total)),
+        )
+        return dict(result.report["tuning"])
+
+    first = run("first", model_dir / "mlp.onnx", 24)
+    assert first["new_trials"] > 0 and first["tasks_tuned"] == first["tasks_total"] > 0
+    assert first["records_applied"] == first["tasks_total"]
+    assert progress and progress[-1][0] == progress[-1][1]
+    second = run("second", model_dir / "mlp.onnx", 24)
+    assert second["new_trials"] == 0 and second["tasks_tuned"] == 0
+    assert second["tasks_reused"] == second["tasks_total"]
+    assert second["database_digest"] == first["database_digest"]
+    # The dynamic-batch export pinned to batch 1 is a different file with the same layers.
+    third = compile_model(
+        CompileRequest(model=model_dir / "mlp_dynamic.onnx", profile="generic/x86_64",
+                       output=tmp_path / "third", trials=0, tuning_db=db,
+                       input_shapes={"input": [1, 32]}),
+        settings=settings,
+    ).report["tuning"]
+    assert third["tasks_reused"] >= 1 and third["new_trials"] == 0
+    manifest = json.loads((tmp_path / "second" / "manifest.json").read_text())
+    assert manifest["tuning"]["database_digest"] == first["database_digest"]
+    assert len(list((db).glob("*/database_tuning_record.json"))) == 1
+
+
+def _strict_profiles(tmp_path: Path) -> Path:
+    data = yaml.safe_load((ROOT / "hw-profiles/generic/x86_64.yaml").read_text())
+    data["name"] = "test/x86-strict"
+    data["accuracy"]["max_abs_error"] = 1e-30
+    data["accuracy"]["max_rel_error"] = 1e-30
+    (tmp_path / "profiles" / "test").mkdir(parents=True)
+    (tmp_path / "profiles" / "test" / "x86-strict.yaml").write_text(yaml.safe_dump(data))
+    return tmp_path / "profiles"
+
+
+def test_accuracy_gate_failure_writes_nothing(model_dir: Path, signing_key: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGELOOP_PROFILES_DIR", str(_strict_profiles(tmp_path)))
+    out = tmp_path / "artifact"
+    result = _compile(str(model_dir / "cnn.onnx"), "--profile", "test/x86-strict", "-o", str(out))
+    assert result.exit_code == 4
+    assert "accuracy gate failed for test/x86-strict; no artifact written" in result.stderr
+    assert "max abs error" in result.stderr
+    assert not out.exists()
+    # An existing artifact survives a failed --force recompile, byte for byte.
+    good = _compile(str(model_dir / "cnn.onnx"), "--profile", "generic/x86_64", "-o", str(out))
+    assert good.exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    again = _compile(str(model_dir / "cnn.onnx"), "--profile", "test/x86-strict", "-o", str(out), "--force")
+    assert again.exit_code == 4
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if ".staging-" in p.name] == []
+
+
+def test_torch_export_program_and_module(model_dir: Path, signing_key: Path, tmp_path: Path) -> None:
+    import torch
+
+    from compiler.frontends import save_torch_module
+
+    out = tmp_path / "from-pt2"
+    result = _compile(str(model_dir / "cnn.pt2"), "--profile", "generic/x86_64", "-o", str(out), "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)["report"]
+    assert report["model"]["format"] == "torch"
+    assert report["verification"]["executed"] is True
+    assert next(iter(report["accuracy"].values()))["max_abs_error"] <= 1e-4
+    assert report["runtime"]["chosen"] == "tvm" and "not ONNX" in report["runtime"]["reason"]
+    # An nn.Module with an example input goes through the same path.
+    pt2 = save_torch_module(models.build("mlp"), (torch.randn(1, 32),), tmp_path / "mlp.pt2")
+    module_out = tmp_path / "from-module"
+    assert _compile(str(pt2), "--profile", "generic/x86_64", "-o", str(module_out)).exit_code == 0
+    assert _verify(module_out, signing_key).manifest.inputs[0].shape == [1, 32]
+
+
+def test_runtime_choices(model_dir: Path, signing_key: Path, tmp_path: Path) -> None:
+    ort_out, tvm_out, auto_out = tmp_path / "ort", tmp_path / "tvm", tmp_path / "auto"
+    model = str(model_dir / "mlp.onnx")
+    assert _compile(model, "--profile", "generic/x86_64", "-o", str(ort_out), "--runtime", "onnxruntime").exit_code == 0
+    assert _compile(model, "--profile", "generic/x86_64", "-o", str(tvm_out), "--runtime", "tvm").exit_code == 0
+    assert _compile(model, "--profile", "generic/x86_64", "-o", str(auto_out)).exit_code == 0
+    ort, tvm_, auto = (_verify(p, signing_key) for p in (ort_out, tvm_out, auto_out))
+    assert ort.manifest.entry == "model.onnx" and not (ort_out / "model.so").exists()
+    assert ort.manifest.toolchain.onnxruntime
+    assert tvm_.manifest.entry == "model.so" and not (tvm_out / "model.onnx").exists()
+    report = auto.report()
+    assert set(report["latency"]) == {"tvm", "onnxruntime"}
+    faster = min(report["latency"], key=lambda r: report["latency"][r]["median_ms"])
+    assert auto.manifest.runtime == faster
+    assert "median" in auto.manifest.runtime_reason
+
+
+def test_calibration_data(model_dir: Path, signing_key: Path, tmp_path: Path) -> None:
+    data = tmp_path / "calib.npz"
+    np.savez(data, input=np.random.default_rng(3).standard_normal((5, 1, 32)).astype(np.float32))
+    out = tmp_path / "artifact"
+    result = _compile(str(model_dir / "mlp.onnx"), "--profile", "generic/x86_64", "-o", str(out),
+                      "--calibration-data", str(data), "--samples", "16")
+    assert result.exit_code == 0, result.stderr
+    ver = _verify(out, signing_key).report()["verification"]
+    assert ver["samples"] == 5 and ver["inputs"] == "calibration data"
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, other=np.zeros((2, 1, 32), dtype=np.float32))
+    bad = _compile(str(model_dir / "mlp.onnx"), "--profile", "generic/x86_64", "-o", str(tmp_path / "x"),
+                   "--calibration-data", str(wrong))
+    assert bad.exit_code == 3 and "lacks input(s) input; it has: other" in bad.stderr
+    shaped = tmp_path / "shaped.npz"
+    np.savez(shaped, input=np.zeros((2, 1, 31), dtype=np.float32))
+    bad = _compile(str(model_dir / "mlp.onnx"), "--profile", "generic/x86_64", "-o", str(tmp_path / "x"),
+                   "--calibration-data", str(shaped))
+    assert bad.exit_code == 3 and "shape 1x31; the model needs 1x32" in bad.stderr
+
+
+def test_dynamic_shape_needs_input_shape(model_dir: Path, signing_key: Path, tmp_path: Path) -> None:
+    model = str(model_dir / "mlp_dynamic.onnx")
+    out = tmp_path / "artifact"
+    missing = _compile(model, "--profile", "generic/x86_64", "-o", str(out))
+    assert missing.exit_code == 3
+    assert "input 'input' has a dynamic shape ?x32" in missing.stderr
+    assert "--input-shape input:1x32" in missing.stderr
+    ok = _compile(model, "--profile", "generic/x86_64", "-o", str(out), "--input-shape", "input:1x32")
+    assert ok.exit_code == 0, ok.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--profile", "rpi4"], 2, "unknown hardware profile 'rpi4'; choose from:"),
+        (["--profile", "generic/x86_64", "--runtime", "tensorrt"], 2, "--runtime 'tensorrt' is not valid"),
+        (["--profile", "raspberry-pi/3b-armv7", "--runtime", "onnxruntime"], 2,
+         "is not available on raspberry-pi/3b-armv7; its runtimes are: tvm, tflite"),
+        (["--profile", "generic/x86_64", "--trials", "-1"], 2, "--trials -1 is negative"),
+        (["--profile", "raspberry-pi/4b-aarch64", "--trials", "8"], 2, "cannot be timed on this machine"),
+        (["--profile", "generic/x86_64", "--input-shape", "input:1x2x3"], 2, "has rank 3"),
+        (["--profile", "generic/x86_64", "--input-shape", "image:1x32"], 2, "unknown input(s) 'image'"),
+        (["--profile", "generic/x86_64", "--input-shape", "input:2x32"], 2, "contradicts the model's static shape"),
+        (["--profile", "generic/x86_64", "--signing-key", "/nonexistent/key.pem"], 3, "does not exist"),
+    ],
+)
+def test_bad_options(args: list[str], code: int, message: str, model_dir: Path, signing_key: Path,
+                     tmp_path: Path) -> None:
+    out = tmp_path / "artifact"
+    result = _compile(str(model_dir / "mlp.onnx"), "-o", str(out), *args)
+    assert result.exit_code == code, result.stderr
+    assert message in result.stderr
+    assert not out.exists()
+
+
+def test_bad_model_files(tmp_path: Path, signing_key: Path) -> None:
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00not protobuf at all\xff" * 10)
+    for path, code, message in [
+        (tmp_path / "missing.onnx", 3, "does not exist"),
+        (garbage, 3, "not a readable ONNX model"),
+        (tmp_path / "model.pb", 2, "supported: .onnx, .pt2, .tflite"),
+    ]:
+        if path.suffix == ".pb":
+            path.write_bytes(b"x")
+        result = _compile(str(path), "--profile", "generic/x86_64", "-o", str(tmp_path / "out"))
+        assert result.exit_code == code, (path, result.stderr)
+        assert message in result.stderr
+
+
+def test_no_signing_key_and_existing_output(model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "artifact"
+    result = _compile(str(model_dir / "mlp.onnx"), "--profile", "generic/x86_64", "-o", str(out))
+    assert result.exit_code == 3 and "edgeloop keys generate" in result.stderr
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    CliRunner().invoke(cli, ["keys", "generate"])
+    exists = _compile(str(model_dir / "mlp.onnx"), "--profile", "generic/x86_64", "-o", str(out))
+    assert exists.exit_code == 2 and "--force" in exists.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_missing_cross_compiler(model_dir: Path, signing_key: Path, tmp_path: Path,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if "aarch64" in name else real_which(name))
+    result = _compile(str(model_dir / "mlp.onnx"), "--profile", "raspberry-pi/4b-aarch64",
+                      "-o", str(tmp_path / "out"))
+    assert result.exit_code == 5
+    assert "apt-get install gcc-aarch64-linux-gnu" in result.stderr
