@@ -30,7 +30,11 @@ def fast_stack(context: int = 1) -> list[inspect.FrameInfo]:
         line = linecache.getline(filename, lineno, frame.f_globals) if context > 0 else ""
         infos.append(
             inspect.FrameInfo(
-                frame, filename, lineno, frame.f_code.co_name, [line] if line else None,
+                frame,
+                filename,
+                lineno,
+                frame.f_code.co_name,
+                [line] if line else None,
                 0 if line else None,
             )
         )

@@ -77,7 +77,11 @@ def compare_output(
     norm = float(np.linalg.norm(a_all) * np.linalg.norm(r_all))
     cosine = float(np.dot(a_all, r_all) / norm) if norm > 0 else (1.0 if max_abs == 0 else 0.0)
     top1: float | None = None
-    if actual[0].ndim >= 1 and actual[0].shape[-1] > 1 and np.issubdtype(actual[0].dtype, np.floating):
+    if (
+        actual[0].ndim >= 1
+        and actual[0].shape[-1] > 1
+        and np.issubdtype(actual[0].dtype, np.floating)
+    ):
         hits = [
             np.mean(np.argmax(a, axis=-1) == np.argmax(r, axis=-1))
             for a, r in zip(actual, reference, strict=True)

@@ -140,7 +140,9 @@ def read_manifest(root: Path) -> tuple[ArtifactManifest, bytes]:
     try:
         data = (root / MANIFEST_FILE).read_bytes()
     except FileNotFoundError:
-        raise ArtifactError(f"{str(root)!r} has no {MANIFEST_FILE}; not an artifact bundle") from None
+        raise ArtifactError(
+            f"{str(root)!r} has no {MANIFEST_FILE}; not an artifact bundle"
+        ) from None
     try:
         return ArtifactManifest.model_validate_json(data), data
     except ValidationError as err:
@@ -163,7 +165,9 @@ def verify_bundle(root: Path, public_key: Ed25519PublicKey) -> VerifiedArtifact:
     try:
         signature = (root / SIGNATURE_FILE).read_bytes()
     except FileNotFoundError:
-        raise ArtifactError(f"{str(root)!r} has no {SIGNATURE_FILE}; the bundle is unsigned") from None
+        raise ArtifactError(
+            f"{str(root)!r} has no {SIGNATURE_FILE}; the bundle is unsigned"
+        ) from None
     if manifest.signing_key_id != key_id(public_key):
         raise ArtifactError(
             f"artifact was signed with key {manifest.signing_key_id}, "
@@ -189,7 +193,8 @@ def verify_bundle(root: Path, public_key: Ed25519PublicKey) -> VerifiedArtifact:
     extra = [
         p.relative_to(root).as_posix()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.relative_to(root).as_posix() not in listed | {MANIFEST_FILE, SIGNATURE_FILE}
+        if p.is_file()
+        and p.relative_to(root).as_posix() not in listed | {MANIFEST_FILE, SIGNATURE_FILE}
     ]
     if extra:
         raise ArtifactError(f"bundle holds files not listed in its manifest: {', '.join(extra)}")

@@ -34,7 +34,9 @@ def handle_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except CompilerError as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, markup=True, soft_wrap=True)
+            err_console.print(
+                f"[bold red]error:[/] {err}", highlight=False, markup=True, soft_wrap=True
+            )
             sys.exit(err.exit_code)
 
     return wrapper  # type: ignore[return-value]
@@ -67,8 +69,20 @@ def profiles_list(as_json: bool) -> None:
     """List the known hardware profiles."""
     profiles = _registry(_settings()).all()
     if as_json:
-        click.echo(json.dumps([{"name": p.name, "isa": p.isa, "description": p.description,
-                                "runtimes": p.runtimes} for p in profiles], indent=2))
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "name": p.name,
+                        "isa": p.isa,
+                        "description": p.description,
+                        "runtimes": p.runtimes,
+                    }
+                    for p in profiles
+                ],
+                indent=2,
+            )
+        )
         return
     table = Table("name", "isa", "accelerator", "runtimes", "description")
     for p in profiles:
@@ -118,9 +132,14 @@ def keys_group() -> None:
 
 
 @keys_group.command("generate")
-@click.option("-o", "--output-dir", type=click.Path(path_type=Path), default=None,
-              help="Directory for signing-key.pem/.pub (default: $EDGELOOP_CONFIG_DIR/keys, "
-                   "i.e. ~/.config/edgeloop/keys).")
+@click.option(
+    "-o",
+    "--output-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Directory for signing-key.pem/.pub (default: $EDGELOOP_CONFIG_DIR/keys, "
+    "i.e. ~/.config/edgeloop/keys).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing key pair.")
 @handle_errors
 def keys_generate(output_dir: Path | None, force: bool) -> None:
@@ -129,8 +148,10 @@ def keys_generate(output_dir: Path | None, force: bool) -> None:
 
     paths = generate_keys(output_dir or _settings().keys_dir, overwrite=force)
     kid = key_id(load_public_key(paths.public))
-    out_console.print(f"private key: {paths.private}\npublic key:  {paths.public}\nkey id:      {kid}",
-                      highlight=False)
+    out_console.print(
+        f"private key: {paths.private}\npublic key:  {paths.public}\nkey id:      {kid}",
+        highlight=False,
+    )
 
 
 # ------------------------------------------------------------------ compile
@@ -138,52 +159,124 @@ def keys_generate(output_dir: Path | None, force: bool) -> None:
 
 @click.command("compile")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--profile", "profile", required=True, help="Hardware profile name (see 'profiles list').")
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
-              help="Artifact bundle directory to create.")
-@click.option("--trials", type=int, default=None,
-              help="MetaSchedule trials (default: the profile's default_trials; 0 = no tuning).")
-@click.option("--tuning-db", type=click.Path(path_type=Path), default=None,
-              help="Persistent tuning database directory (default: $EDGELOOP_CACHE_DIR/tuning).")
-@click.option("--runtime", type=str, default="auto", show_default=True,
-              help="auto | tvm | onnxruntime; auto ships the faster measured runtime.")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:1x3x224x224",
-              help="Static shape of a model input (repeatable).")
-@click.option("--calibration-data", type=click.Path(path_type=Path), default=None,
-              help=".npz with one array per input (samples on axis 0) for the accuracy gate.")
-@click.option("--samples", type=click.IntRange(min=1), default=None,
-              help="Accuracy-gate samples (default: the profile's).")
+@click.option(
+    "--profile", "profile", required=True, help="Hardware profile name (see 'profiles list')."
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Artifact bundle directory to create.",
+)
+@click.option(
+    "--trials",
+    type=int,
+    default=None,
+    help="MetaSchedule trials (default: the profile's default_trials; 0 = no tuning).",
+)
+@click.option(
+    "--tuning-db",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Persistent tuning database directory (default: $EDGELOOP_CACHE_DIR/tuning).",
+)
+@click.option(
+    "--runtime",
+    type=str,
+    default="auto",
+    show_default=True,
+    help="auto | tvm | onnxruntime; auto ships the faster measured runtime.",
+)
+@click.option(
+    "--input-shape",
+    "input_shapes",
+    multiple=True,
+    metavar="NAME:1x3x224x224",
+    help="Static shape of a model input (repeatable).",
+)
+@click.option(
+    "--calibration-data",
+    type=click.Path(path_type=Path),
+    default=None,
+    help=".npz with one array per input (samples on axis 0) for the accuracy gate.",
+)
+@click.option(
+    "--samples",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Accuracy-gate samples (default: the profile's).",
+)
 @click.option("--name", "model_name", default=None, help="Model name (default: file stem).")
 @click.option("--version", "model_version", default="1", show_default=True, help="Model version.")
-@click.option("--signing-key", type=click.Path(path_type=Path), default=None,
-              help="ed25519 private key (default: the key made by 'keys generate').")
+@click.option(
+    "--signing-key",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="ed25519 private key (default: the key made by 'keys generate').",
+)
 @click.option("--force", is_flag=True, help="Replace an existing output bundle.")
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest and report as JSON on stdout.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the manifest and report as JSON on stdout."
+)
 @handle_errors
-def compile_command(model: Path, profile: str, output: Path, trials: int | None,
-                    tuning_db: Path | None, runtime: str, input_shapes: tuple[str, ...],
-                    calibration_data: Path | None, samples: int | None, model_name: str | None,
-                    model_version: str, signing_key: Path | None, force: bool, as_json: bool) -> None:
+def compile_command(
+    model: Path,
+    profile: str,
+    output: Path,
+    trials: int | None,
+    tuning_db: Path | None,
+    runtime: str,
+    input_shapes: tuple[str, ...],
+    calibration_data: Path | None,
+    samples: int | None,
+    model_name: str | None,
+    model_version: str,
+    signing_key: Path | None,
+    force: bool,
+    as_json: bool,
+) -> None:
     """Compile MODEL (.onnx, .pt2, .tflite) for a hardware profile into a signed artifact."""
     from compiler.pipeline import CompileRequest, compile_model
     from compiler.shapes import parse_input_shapes
 
     request = CompileRequest(
-        model=model, profile=profile, output=output, model_name=model_name,
-        model_version=model_version, trials=trials, tuning_db=tuning_db, runtime=runtime,
-        input_shapes=parse_input_shapes(input_shapes), calibration_data=calibration_data,
-        samples=samples, signing_key=signing_key, force=force,
+        model=model,
+        profile=profile,
+        output=output,
+        model_name=model_name,
+        model_version=model_version,
+        trials=trials,
+        tuning_db=tuning_db,
+        runtime=runtime,
+        input_shapes=parse_input_shapes(input_shapes),
+        calibration_data=calibration_data,
+        samples=samples,
+        signing_key=signing_key,
+        force=force,
     )
     with _Progress() as progress:
-        result = compile_model(request, settings=_settings(), tuning_progress=progress.tuning,
-                               step=progress.step)
+        result = compile_model(
+            request, settings=_settings(), tuning_progress=progress.tuning, step=progress.step
+        )
     if as_json:
-        click.echo(json.dumps({"artifact_id": result.artifact_id,
-                               "manifest": result.manifest.model_dump(mode="json"),
-                               "report": result.report}, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "artifact_id": result.artifact_id,
+                    "manifest": result.manifest.model_dump(mode="json"),
+                    "report": result.report,
+                },
+                indent=2,
+            )
+        )
     else:
-        print_report(result.output, result.artifact_id, result.manifest.model_dump(mode="json"),
-                     result.report)
+        print_report(
+            result.output,
+            result.artifact_id,
+            result.manifest.model_dump(mode="json"),
+            result.report,
+        )
 
 
 class _Progress:
@@ -192,8 +285,9 @@ class _Progress:
     def __init__(self) -> None:
         from rich.progress import Progress
 
-        self._bar: Progress | None = Progress(console=err_console, transient=True) \
-            if err_console.is_terminal else None
+        self._bar: Progress | None = (
+            Progress(console=err_console, transient=True) if err_console.is_terminal else None
+        )
         self._task: Any = None
 
     def __enter__(self) -> _Progress:
@@ -218,7 +312,9 @@ class _Progress:
         self._bar.update(self._task, completed=done, total=total)
 
 
-def print_report(path: Path, artifact_id: str, manifest: dict[str, Any], report: dict[str, Any]) -> None:
+def print_report(
+    path: Path, artifact_id: str, manifest: dict[str, Any], report: dict[str, Any]
+) -> None:
     """Human summary of an artifact (used by compile and artifact inspect)."""
     table = Table(show_header=False, box=None)
     table.add_row("artifact", str(path))
@@ -227,20 +323,32 @@ def print_report(path: Path, artifact_id: str, manifest: dict[str, Any], report:
     table.add_row("profile", f"{manifest['profile']} ({manifest['isa']})")
     table.add_row("runtime", f"{manifest['runtime']}: {manifest['runtime_reason']}")
     ver = report.get("verification", {})
-    table.add_row("verified", f"yes, {ver.get('where')} ({ver.get('samples')} samples)"
-                  if ver.get("executed") else f"NO: {ver.get('reason')}")
+    table.add_row(
+        "verified",
+        f"yes, {ver.get('where')} ({ver.get('samples')} samples)"
+        if ver.get("executed")
+        else f"NO: {ver.get('reason')}",
+    )
     for name, acc in (report.get("accuracy") or {}).items():
         top1 = acc.get("top1_agreement")
-        table.add_row(f"accuracy {name}",
-                      f"max abs {acc['max_abs_error']:.2e}, rel {acc['max_rel_error']:.2e}, "
-                      f"cos {acc['cosine']:.6f}" + (f", top-1 {top1:.3f}" if top1 is not None else ""))
+        table.add_row(
+            f"accuracy {name}",
+            f"max abs {acc['max_abs_error']:.2e}, rel {acc['max_rel_error']:.2e}, "
+            f"cos {acc['cosine']:.6f}" + (f", top-1 {top1:.3f}" if top1 is not None else ""),
+        )
     for runtime, lat in (report.get("latency") or {}).items():
         note = " (emulated, not representative)" if lat.get("emulated") else ""
-        table.add_row(f"latency {runtime}", f"median {lat.get('median_ms')} ms, p95 {lat.get('p95_ms')} ms{note}")
+        table.add_row(
+            f"latency {runtime}",
+            f"median {lat.get('median_ms')} ms, p95 {lat.get('p95_ms')} ms{note}",
+        )
     tuning = report.get("tuning")
     if tuning:
-        table.add_row("tuning", f"{tuning['tasks_total']} tasks, {tuning['tasks_reused']} reused, "
-                      f"{tuning['new_trials']} new trials, {tuning['records_applied']} records applied")
+        table.add_row(
+            "tuning",
+            f"{tuning['tasks_total']} tasks, {tuning['tasks_reused']} reused, "
+            f"{tuning['new_trials']} new trials, {tuning['records_applied']} records applied",
+        )
     out_console.print(table)
 
 
@@ -273,25 +381,39 @@ def artifact_inspect(path: Path, as_json: bool) -> None:
     except (OSError, ValueError):
         report = {}
     if as_json:
-        click.echo(json.dumps({"artifact_id": artifact_id_of(data),
-                               "manifest": manifest.model_dump(mode="json"), "report": report}, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "artifact_id": artifact_id_of(data),
+                    "manifest": manifest.model_dump(mode="json"),
+                    "report": report,
+                },
+                indent=2,
+            )
+        )
         return
     print_report(path, artifact_id_of(data), manifest.model_dump(mode="json"), report)
 
 
 @artifact_group.command("verify")
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--public-key", type=click.Path(path_type=Path), default=None,
-              help="ed25519 public key PEM (default: the default key's public half).")
+@click.option(
+    "--public-key",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="ed25519 public key PEM (default: the default key's public half).",
+)
 @handle_errors
 def artifact_verify(path: Path, public_key: Path | None) -> None:
     """Verify an artifact's signature and every file hash; exit 3 if anything is off."""
     from compiler.bundle import verify_bundle
 
     verified = verify_bundle(path, _public_key(_settings(), public_key))
-    out_console.print(f"[green]verified[/] {path}: artifact {verified.artifact_id} "
-                      f"({len(verified.manifest.files)} files, key {verified.manifest.signing_key_id})",
-                      highlight=False)
+    out_console.print(
+        f"[green]verified[/] {path}: artifact {verified.artifact_id} "
+        f"({len(verified.manifest.files)} files, key {verified.manifest.signing_key_id})",
+        highlight=False,
+    )
 
 
 def register(group: click.Group) -> None:

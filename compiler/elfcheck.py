@@ -18,9 +18,18 @@ _MACHINES = {"x86_64": ("EM_X86_64", 64), "aarch64": ("EM_AARCH64", 64), "armv7"
 EF_ARM_ABI_FLOAT_HARD = 0x400
 # What a TVM library may link against on a device: the C runtime and nothing else.
 ALLOWED_NEEDED = frozenset(
-    {"libc.so.6", "libm.so.6", "libgcc_s.so.1", "libstdc++.so.6", "libpthread.so.0",
-     "libdl.so.2", "librt.so.1", "ld-linux-aarch64.so.1", "ld-linux-armhf.so.3",
-     "ld-linux-x86-64.so.2"}
+    {
+        "libc.so.6",
+        "libm.so.6",
+        "libgcc_s.so.1",
+        "libstdc++.so.6",
+        "libpthread.so.0",
+        "libdl.so.2",
+        "librt.so.1",
+        "ld-linux-aarch64.so.1",
+        "ld-linux-armhf.so.3",
+        "ld-linux-x86-64.so.2",
+    }
 )
 
 
@@ -52,13 +61,13 @@ def read_elf(path: Path) -> ElfFacts:
         with path.open("rb") as fh:
             elf = ELFFile(fh)
             needed: list[str] = []
-            dynamic = elf.get_section_by_name(".dynamic")
+            dynamic: Any = elf.get_section_by_name(".dynamic")
             if dynamic is not None:
                 needed = [t.needed for t in dynamic.iter_tags() if t.entry.d_tag == "DT_NEEDED"]
             float_abi = cpu = None
             if elf["e_machine"] == "EM_ARM":
                 float_abi = "hard" if elf["e_flags"] & EF_ARM_ABI_FLOAT_HARD else "soft"
-                attrs = elf.get_section_by_name(".ARM.attributes")
+                attrs: Any = elf.get_section_by_name(".ARM.attributes")
                 if attrs is not None:
                     for sub in attrs.iter_subsections():
                         for subsub in sub.iter_subsubsections():

@@ -57,7 +57,9 @@ class UnsupportedOperatorsError(ModelError):
             f"the {frontend} frontend of TVM cannot import {len(self.unsupported)} operator(s):"
         ]
         for op, nodes in sorted(self.unsupported.items()):
-            shown = ", ".join(nodes[:5]) + (f", ... ({len(nodes) - 5} more)" if len(nodes) > 5 else "")
+            shown = ", ".join(nodes[:5]) + (
+                f", ... ({len(nodes) - 5} more)" if len(nodes) > 5 else ""
+            )
             lines.append(f"  {op}: {len(nodes)} node(s): {shown}")
         super().__init__("\n".join(lines))
 

@@ -76,31 +76,50 @@ def plan_execution(profile: HardwareProfile, host: HostFacts) -> ExecutionPlan:
     """Decide how to execute an artifact of ``profile`` on ``host`` (pure)."""
     if profile.has_gpu:
         if not host.has_cuda_gpu:
-            return ExecutionPlan("none", "cuda", f"not executed on cuda {profile.tvm.get('arch')}: "
-                                 "no CUDA GPU on this machine")
-        return ExecutionPlan("none", "cuda", f"not executed on cuda {profile.tvm.get('arch')}: "
-                             "GPU execution of artifacts is not implemented in this version")
+            return ExecutionPlan(
+                "none",
+                "cuda",
+                f"not executed on cuda {profile.tvm.get('arch')}: no CUDA GPU on this machine",
+            )
+        return ExecutionPlan(
+            "none",
+            "cuda",
+            f"not executed on cuda {profile.tvm.get('arch')}: "
+            "GPU execution of artifacts is not implemented in this version",
+        )
     if profile.isa == host.isa:
         missing = [
-            f for f in profile.cpu_features
-            if not _feature_aliases(f, host.isa) & host.cpu_features
+            f for f in profile.cpu_features if not _feature_aliases(f, host.isa) & host.cpu_features
         ]
         if missing:
-            return ExecutionPlan("none", f"native {host.isa}", f"not executed on {profile.isa}: "
-                                 f"this CPU lacks {', '.join(missing)}")
+            return ExecutionPlan(
+                "none",
+                f"native {host.isa}",
+                f"not executed on {profile.isa}: this CPU lacks {', '.join(missing)}",
+            )
         return ExecutionPlan("native", f"native {host.isa}")
     if profile.isa == "aarch64":
         if host.aarch64_sysroot is None:
-            return ExecutionPlan("none", "qemu-aarch64", "not executed on aarch64: no aarch64 "
-                                 "Python sysroot for qemu (run scripts/build-arm-sysroot.sh)")
+            return ExecutionPlan(
+                "none",
+                "qemu-aarch64",
+                "not executed on aarch64: no aarch64 "
+                "Python sysroot for qemu (run scripts/build-arm-sysroot.sh)",
+            )
         return ExecutionPlan("qemu-python", "qemu-aarch64 (emulated Cortex-A, user mode)")
     if profile.isa == "armv7":
         if host.armv7_runner is None:
-            return ExecutionPlan("none", "qemu-arm", "not executed on armv7: PyPI has no armv7 TVM "
-                                 "runtime and the edgeloop armv7 runner is not built "
-                                 "(run scripts/build-armv7-runtime.sh)")
+            return ExecutionPlan(
+                "none",
+                "qemu-arm",
+                "not executed on armv7: PyPI has no armv7 TVM "
+                "runtime and the edgeloop armv7 runner is not built "
+                "(run scripts/build-armv7-runtime.sh)",
+            )
         return ExecutionPlan("qemu-armv7-runner", "qemu-arm (emulated ARMv7 hard-float, user mode)")
-    return ExecutionPlan("none", profile.isa, f"not executed on {profile.isa}: no way to run it here")
+    return ExecutionPlan(
+        "none", profile.isa, f"not executed on {profile.isa}: no way to run it here"
+    )
 
 
 def read_cpu_features(cpuinfo: str) -> frozenset[str]:
@@ -217,11 +236,14 @@ def run_library(
         try:
             proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as err:
-            raise BuildFailedError(f"executing the artifact ({plan.where}) timed out after {timeout} s") from err
+            raise BuildFailedError(
+                f"executing the artifact ({plan.where}) timed out after {timeout} s"
+            ) from err
         if proc.returncode != 0:
             tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
             raise BuildFailedError(
-                f"executing the artifact ({plan.where}) failed with exit code {proc.returncode}:\n{tail}"
+                f"executing the artifact ({plan.where}) failed "
+                f"with exit code {proc.returncode}:\n{tail}"
             )
         result = json.loads((work / "result.json").read_text(encoding="utf-8"))
         outputs = [

@@ -23,7 +23,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from compiler.errors import MissingDependencyError, ModelError, UnsupportedOperatorsError, UsageError
+from compiler.errors import (
+    MissingDependencyError,
+    ModelError,
+    UnsupportedOperatorsError,
+    UsageError,
+)
 from compiler.manifest import ModelFormat, TensorSpec
 
 Arrays = list[npt.NDArray[Any]]
@@ -152,7 +157,9 @@ def load_model(
     return _load_tflite(path, digest, shapes)
 
 
-def _resolve_shape(name: str, dims: Sequence[int | str | None], override: list[int] | None) -> list[int]:
+def _resolve_shape(
+    name: str, dims: Sequence[int | str | None], override: list[int] | None
+) -> list[int]:
     if override is not None:
         if len(override) != len(dims):
             raise UsageError(
@@ -169,9 +176,10 @@ def _resolve_shape(name: str, dims: Sequence[int | str | None], override: list[i
     if all(isinstance(d, int) and d > 0 for d in dims):
         return [int(d) for d in dims]  # type: ignore[arg-type]
     shown = "x".join(str(d) if isinstance(d, int) and d > 0 else "?" for d in dims)
+    suggested = "x".join(str(d) if isinstance(d, int) and d > 0 else "1" for d in dims)
     raise ModelError(
         f"input {name!r} has a dynamic shape {shown}; give a static one with "
-        f"--input-shape {name}:{'x'.join(str(d) if isinstance(d, int) and d > 0 else '1' for d in dims)}"
+        f"--input-shape {name}:{suggested}"
     )
 
 
@@ -206,7 +214,13 @@ def _load_onnx(
             for d in ttype.shape.dim
         ]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type).name
-        specs.append(TensorSpec(name=value.name, shape=_resolve_shape(value.name, dims, shapes.get(value.name)), dtype=dtype))
+        specs.append(
+            TensorSpec(
+                name=value.name,
+                shape=_resolve_shape(value.name, dims, shapes.get(value.name)),
+                dtype=dtype,
+            )
+        )
 
     session_holder: dict[str, Any] = {}
 
@@ -286,7 +300,9 @@ def from_exported_program(
         meta = placeholders[name].meta.get("val")
         if meta is None:
             raise ModelError(f"torch input {name!r} carries no example value; re-export it")
-        dims: list[int | str | None] = [int(d) if isinstance(d, int) else str(d) for d in meta.shape]
+        dims: list[int | str | None] = [
+            int(d) if isinstance(d, int) else str(d) for d in meta.shape
+        ]
         dtype = str(meta.dtype).replace("torch.", "")
         override = (shapes or {}).get(name)
         specs.append(TensorSpec(name=name, shape=_resolve_shape(name, dims, override), dtype=dtype))
@@ -301,7 +317,12 @@ def from_exported_program(
         return [result.detach().numpy()]
 
     return SourceModel(
-        format="torch", path=path, sha256=digest, inputs=specs, _handle=program, _reference=reference
+        format="torch",
+        path=path,
+        sha256=digest,
+        inputs=specs,
+        _handle=program,
+        _reference=reference,
     )
 
 
@@ -417,8 +438,10 @@ def _load_tflite(path: Path, digest: str, shapes: dict[str, list[int]]) -> Sourc
         # The interpreter's tensor indices are the model's, so match by index, not by order.
         by_index = dict(zip(input_indices, inputs, strict=True))
         for detail in interp.get_input_details():
-            interp.set_tensor(detail["index"], np.ascontiguousarray(by_index[detail["index"]],
-                                                                    dtype=detail["dtype"]))
+            interp.set_tensor(
+                detail["index"],
+                np.ascontiguousarray(by_index[detail["index"]], dtype=detail["dtype"]),
+            )
         interp.invoke()
         return [np.array(interp.get_tensor(i)) for i in output_indices]
 

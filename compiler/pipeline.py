@@ -94,7 +94,9 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _load_samples(req: CompileRequest, model: SourceModel, count: int) -> list[list[npt.NDArray[Any]]]:
+def _load_samples(
+    req: CompileRequest, model: SourceModel, count: int
+) -> list[list[npt.NDArray[Any]]]:
     if req.calibration_data is None:
         specs = [(t.name, t.shape, t.dtype) for t in model.inputs]
         return make_inputs(specs, samples=count, seed=req.seed)
@@ -120,12 +122,15 @@ def _load_samples(req: CompileRequest, model: SourceModel, count: int) -> list[l
             if list(arr.shape) != t.shape:
                 raise InvalidInputError(
                     f"--calibration-data input {t.name!r} sample {k} has shape "
-                    f"{'x'.join(map(str, arr.shape))}; the model needs {'x'.join(map(str, t.shape))}"
+                    f"{'x'.join(map(str, arr.shape))}; "
+                    f"the model needs {'x'.join(map(str, t.shape))}"
                 )
             sample.append(arr)
         samples.append(sample)
     if not samples:
-        raise InvalidInputError(f"--calibration-data {str(req.calibration_data)!r} holds no samples")
+        raise InvalidInputError(
+            f"--calibration-data {str(req.calibration_data)!r} holds no samples"
+        )
     return samples
 
 
@@ -161,7 +166,9 @@ def resolve_profile(registry: ProfileRegistry, name: str, runtime: str) -> Hardw
     """Load the profile and check the runtime option against it (UsageError otherwise)."""
     profile = registry.get(name)
     if runtime not in RUNTIME_CHOICES:
-        raise UsageError(f"--runtime {runtime!r} is not valid; choose from: {', '.join(RUNTIME_CHOICES)}")
+        raise UsageError(
+            f"--runtime {runtime!r} is not valid; choose from: {', '.join(RUNTIME_CHOICES)}"
+        )
     if runtime != "auto" and runtime not in profile.runtimes:
         raise UsageError(
             f"--runtime {runtime!r} is not available on {profile.name}; "
@@ -190,11 +197,17 @@ def compile_model(
     if req.trials is not None and req.trials < 0:
         raise UsageError(f"--trials {req.trials} is negative; give 0 (no tuning) or more")
     if profile.cross_compiler and shutil.which(profile.cross_compiler) is None:
-        package = {"aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu",
-                   "arm-linux-gnueabihf-gcc": "gcc-arm-linux-gnueabihf"}.get(profile.cross_compiler, "")
+        package = {
+            "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu",
+            "arm-linux-gnueabihf-gcc": "gcc-arm-linux-gnueabihf",
+        }.get(profile.cross_compiler, "")
         raise MissingDependencyError(
             profile.cross_compiler,
-            hint=f"install the Debian package {package or 'providing it'} (apt-get install {package})",
+            hint=(
+                f"install the Debian package {package} (apt-get install {package})"
+                if package
+                else f"install a cross compiler named {profile.cross_compiler} and put it on PATH"
+            ),
         )
     key_path = req.signing_key or KeyPaths.in_dir(settings.keys_dir).private
     private_key = load_private_key(key_path)
@@ -204,7 +217,9 @@ def compile_model(
     model = load_model(req.model, input_shapes=req.input_shapes)
     model.check_coverage()
     if req.runtime == "onnxruntime" and model.onnx_bytes() is None:
-        raise UsageError(f"--runtime onnxruntime needs an ONNX model; {req.model.name} is {model.format}")
+        raise UsageError(
+            f"--runtime onnxruntime needs an ONNX model; {req.model.name} is {model.format}"
+        )
     sample_count = req.samples or profile.accuracy.samples
     samples = _load_samples(req, model, sample_count)
     say(f"reference outputs of {len(samples)} sample(s) with the {model.format} runtime")
@@ -222,10 +237,14 @@ def compile_model(
         "profile": profile.name,
         "model": {"file": req.model.name, "format": model.format, "sha256": model.sha256},
         "host": {"machine": platform.machine(), "python": platform.python_version()},
-        "verification": {"executed": plan.mode != "none", "where": plan.where,
-                         "reason": plan.reason, "emulated": plan.emulated,
-                         "samples": len(samples),
-                         "inputs": "calibration data" if req.calibration_data else f"random (seed {req.seed})"},
+        "verification": {
+            "executed": plan.mode != "none",
+            "where": plan.where,
+            "reason": plan.reason,
+            "emulated": plan.emulated,
+            "samples": len(samples),
+            "inputs": "calibration data" if req.calibration_data else f"random (seed {req.seed})",
+        },
         "latency": {},
     }
     if trials > 0 and plan.mode != "native":
@@ -241,8 +260,12 @@ def compile_model(
             say(f"building with TVM for {profile.name} ({trials} tuning trials)")
             relax_mod = model.to_relax()
             tuning = build_library(
-                relax_mod, profile, out_path=staging / LIBRARY_FILE, trials=trials,
-                tuning_db=req.tuning_db or settings.tuning_db_dir, progress=tuning_progress,
+                relax_mod,
+                profile,
+                out_path=staging / LIBRARY_FILE,
+                trials=trials,
+                tuning_db=req.tuning_db or settings.tuning_db_dir,
+                progress=tuning_progress,
             )
             report["tuning"] = tuning.to_dict()
             report["static_checks"] = _static_checks(staging / LIBRARY_FILE, profile)
@@ -251,14 +274,22 @@ def compile_model(
             say(f"executing on {plan.where}")
             repeat = 3 if plan.emulated else req.latency_repeat
             result = execution.run_library(
-                staging / LIBRARY_FILE, samples, plan, host, warmup=1 if plan.emulated else 3, repeat=repeat
+                staging / LIBRARY_FILE,
+                samples,
+                plan,
+                host,
+                warmup=1 if plan.emulated else 3,
+                repeat=repeat,
             )
             accuracy = _gate(profile, output_names, result.outputs, references)
             report["accuracy"] = {a.name: a.to_dict() for a in accuracy}
             report["verification"]["machine"] = result.machine
             report["verification"]["runtime"] = result.runtime
             tvm_latency = result.latency_ms
-            report["latency"]["tvm"] = {**(_latency_summary(tvm_latency) or {}), "emulated": plan.emulated}
+            report["latency"]["tvm"] = {
+                **(_latency_summary(tvm_latency) or {}),
+                "emulated": plan.emulated,
+            }
         elif build_tvm:
             report["accuracy"] = None
             log.warning("%s", plan.reason)
@@ -268,7 +299,10 @@ def compile_model(
         if runtime == "onnxruntime":
             (staging / LIBRARY_FILE).unlink(missing_ok=True)
             (staging / ONNX_FILE).write_bytes(req.model.read_bytes())
-        (staging / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True), encoding="utf-8")
+        report["resources"] = _resources(staging, profile)
+        (staging / REPORT_FILE).write_text(
+            json.dumps(report, indent=2, sort_keys=True), encoding="utf-8"
+        )
 
         fields = {
             "model": {"name": req.model_name or req.model.stem, "version": req.model_version},
@@ -287,21 +321,44 @@ def compile_model(
                 "onnxruntime": _version("onnxruntime") if runtime == "onnxruntime" else None,
                 "cross_compiler": profile.cross_compiler,
             },
-            "tuning": {"database_digest": tuning.database_digest,
-                       "records_applied": tuning.records_applied, "new_trials": tuning.new_trials},
-            "source_model": {"format": model.format, "filename": req.model.name, "sha256": model.sha256},
+            "tuning": {
+                "database_digest": tuning.database_digest,
+                "records_applied": tuning.records_applied,
+                "new_trials": tuning.new_trials,
+            },
+            "source_model": {
+                "format": model.format,
+                "filename": req.model.name,
+                "sha256": model.sha256,
+            },
             "created_at": datetime.now(UTC).replace(microsecond=0),
         }
         say("signing and writing the bundle")
-        manifest = bundle.seal_bundle(staging, req.output, manifest_fields=fields, private_key=private_key)
+        manifest = bundle.seal_bundle(
+            staging, req.output, manifest_fields=fields, private_key=private_key
+        )
     return CompileResult(req.output, manifest, manifest.artifact_id, report)
+
+
+def _resources(staging: Path, profile: HardwareProfile) -> dict[str, Any]:
+    size = sum(p.stat().st_size for p in staging.iterdir() if p.is_file())
+    fits = size <= profile.resources.storage_mib * 1024 * 1024
+    if not fits:
+        log.warning("artifact of %d bytes exceeds %s storage", size, profile.name)
+    return {
+        "artifact_bytes": size,
+        "storage_mib": profile.resources.storage_mib,
+        "fits_storage": fits,
+    }
 
 
 def _static_checks(library: Path, profile: HardwareProfile) -> dict[str, Any]:
     facts = read_elf(library)
     problems = check_elf(facts, profile.isa)
     if problems:
-        raise BuildFailedError(f"the {profile.isa} library for {profile.name} is wrong: " + "; ".join(problems))
+        raise BuildFailedError(
+            f"the {profile.isa} library for {profile.name} is wrong: " + "; ".join(problems)
+        )
     return {**facts.to_dict(), "passed": True}
 
 
@@ -313,7 +370,8 @@ def _gate(
 ) -> list[OutputAccuracy]:
     if len(actual[0]) != len(reference[0]):
         raise AccuracyGateError(
-            f"the artifact returned {len(actual[0])} output(s); the reference has {len(reference[0])}"
+            f"the artifact returned {len(actual[0])} output(s); "
+            f"the reference has {len(reference[0])}"
         )
     results = []
     for j, name in enumerate(names):
@@ -324,7 +382,8 @@ def _gate(
     problems = [p for r in results for p in r.violations(profile.accuracy)]
     if problems:
         raise AccuracyGateError(
-            f"accuracy gate failed for {profile.name}; no artifact written:\n  " + "\n  ".join(problems)
+            f"accuracy gate failed for {profile.name}; no artifact written:\n  "
+            + "\n  ".join(problems)
         )
     return results
 
@@ -343,7 +402,10 @@ def _choose_runtime(
     if can_time_ort:
         try:
             ort_latency = _ort_latency(model, samples[0], req.latency_repeat)
-            report["latency"]["onnxruntime"] = {**(_latency_summary(ort_latency) or {}), "emulated": False}
+            report["latency"]["onnxruntime"] = {
+                **(_latency_summary(ort_latency) or {}),
+                "emulated": False,
+            }
         except MissingDependencyError:
             can_time_ort = False
     if req.runtime == "tvm":
@@ -351,15 +413,19 @@ def _choose_runtime(
     if req.runtime == "onnxruntime":
         return "onnxruntime", "requested with --runtime onnxruntime"
     if not ort_possible:
-        why = ("the profile has no ONNX Runtime" if "onnxruntime" not in profile.runtimes
-               else f"the source model is {model.format}, not ONNX")
+        why = (
+            "the profile has no ONNX Runtime"
+            if "onnxruntime" not in profile.runtimes
+            else f"the source model is {model.format}, not ONNX"
+        )
         return "tvm", f"auto: TVM is the only candidate ({why})"
     if not can_time_ort or not tvm_latency:
-        return "tvm", (f"auto: TVM, since latencies cannot be compared on this machine "
-                       f"({plan.reason or 'emulated execution is not representative'})")
+        return "tvm", (
+            f"auto: TVM, since latencies cannot be compared on this machine "
+            f"({plan.reason or 'emulated execution is not representative'})"
+        )
     tvm_ms = statistics.median(tvm_latency)
     ort_ms = report["latency"]["onnxruntime"]["median_ms"]
     if tvm_ms <= ort_ms:
         return "tvm", f"auto: TVM median {tvm_ms:.4f} ms <= ONNX Runtime {ort_ms:.4f} ms"
     return "onnxruntime", f"auto: ONNX Runtime median {ort_ms:.4f} ms < TVM {tvm_ms:.4f} ms"
-

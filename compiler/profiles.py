@@ -118,7 +118,11 @@ class HardwareProfile(_Strict):
         is_cuda = self.tvm["kind"] == "cuda"
         if is_cuda != (self.accelerator is not None and self.accelerator.kind == "cuda"):
             raise ValueError("a cuda tvm target needs accelerator.kind 'cuda', and vice versa")
-        if is_cuda and self.accelerator is not None and self.tvm.get("arch") != self.accelerator.arch:
+        if (
+            is_cuda
+            and self.accelerator is not None
+            and self.tvm.get("arch") != self.accelerator.arch
+        ):
             raise ValueError(
                 f"tvm.arch {self.tvm.get('arch')!r} differs from accelerator.arch "
                 f"{self.accelerator.arch!r}"
@@ -128,7 +132,7 @@ class HardwareProfile(_Strict):
     @property
     def has_gpu(self) -> bool:
         """Whether the profile's main target is a CUDA GPU."""
-        return self.tvm["kind"] == "cuda"
+        return bool(self.tvm["kind"] == "cuda")
 
 
 def _check_target_dict(value: dict[str, Any], *, where: str) -> None:

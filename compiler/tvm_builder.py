@@ -115,16 +115,22 @@ def _prepare(mod: Any, target: Any, *, gpu: bool) -> Any:
 
 
 def _progress_callback(progress: TuningProgress, planned: int) -> Any:
-    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
     from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
     @derived_object
-    class _Progress(PyMeasureCallback):
+    class _Progress(PyMeasureCallback):  # type: ignore[misc]
         def __init__(self) -> None:
             self.done = 0
 
-        def apply(self, task_scheduler: Any, task_id: int, measure_candidates: Any,
-                  builder_results: Any, runner_results: Any) -> None:
+        def apply(
+            self,
+            task_scheduler: Any,
+            task_id: int,
+            measure_candidates: Any,
+            builder_results: Any,
+            runner_results: Any,
+        ) -> None:
             self.done += len(measure_candidates)
             progress(min(self.done, planned), planned)
 
@@ -147,7 +153,8 @@ def _tune(
     tasks = ms.relax_integration.extract_tasks(mod, target)
     stats.tasks_total = len(tasks)
     missing = [
-        t for t in tasks
+        t
+        for t in tasks
         if database.query_tuning_record(t.dispatched[0], target, t.task_name) is None
     ]
     stats.tasks_reused = stats.tasks_total - len(missing)
@@ -157,7 +164,9 @@ def _tune(
     per_task = max(1, min(max_trials_per_task, trials // len(missing)))
     if trials < len(missing):
         log.warning(
-            "--trials %d is below the %d tasks that need tuning; giving each 1 trial", trials, len(missing)
+            "--trials %d is below the %d tasks that need tuning; giving each 1 trial",
+            trials,
+            len(missing),
         )
     # MetaSchedule's console handler writes to *stdout* at its logger's level, which would
     # corrupt --json output; keep it quiet unless edgeloop itself was asked to be verbose.
@@ -196,7 +205,8 @@ def _tune(
     stats.tasks_tuned = len(missing)
     stats.new_trials = len(database) - before
     stats.untuned_tasks = [
-        t.task_name for t in missing
+        t.task_name
+        for t in missing
         if database.query_tuning_record(t.dispatched[0], target, t.task_name) is None
     ]
 
@@ -264,18 +274,26 @@ def build_library(
         try:
             mod = _prepare(relax_mod, target, gpu=gpu)
         except Exception as err:
-            raise BuildFailedError(f"TVM could not lower the model for {profile.name}: {err}") from err
+            raise BuildFailedError(
+                f"TVM could not lower the model for {profile.name}: {err}"
+            ) from err
         if tuning_db is not None and not gpu:
             key = target_key(target_dict)
             stats.target_key = key
             db_dir = tuning_db / key
             with _locked(tuning_db):
                 db_dir.mkdir(parents=True, exist_ok=True)
-                (db_dir / "target.json").write_text(json.dumps(target_dict, indent=2, sort_keys=True))
+                (db_dir / "target.json").write_text(
+                    json.dumps(target_dict, indent=2, sort_keys=True)
+                )
                 _tune(
-                    mod, target, db_dir=db_dir, trials=trials,
+                    mod,
+                    target,
+                    db_dir=db_dir,
+                    trials=trials,
                     max_trials_per_task=profile.tuning.max_trials_per_task,
-                    progress=progress, stats=stats,
+                    progress=progress,
+                    stats=stats,
                 )
                 mod = _apply_database(mod, target, db_dir, stats)
         try:
@@ -288,9 +306,10 @@ def build_library(
         else:
             executable.export_library(str(out_path))
     except Exception as err:
+        last_line = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
         raise BuildFailedError(
-            f"linking the {profile.isa} library with {profile.cross_compiler or 'the host compiler'} "
-            f"failed: {str(err).strip().splitlines()[-1] if str(err).strip() else err}"
+            f"linking the {profile.isa} library with "
+            f"{profile.cross_compiler or 'the host compiler'} failed: {last_line}"
         ) from err
     stats.wall_time_s = round(time.monotonic() - start, 3)
     return stats

@@ -25,12 +25,27 @@ def example_model(name: str = "digits_cnn.onnx") -> Path:
 
 
 @click.command("demo")
-@click.option("-o", "--output-dir", type=click.Path(path_type=Path), default=Path("edgeloop-demo"),
-              show_default=True, help="Where the demo writes its artifacts (replaced each run).")
-@click.option("--profile", "profiles", multiple=True, default=_DEFAULT_PROFILES, show_default=True,
-              help="Profiles to compile for (repeatable).")
-@click.option("--no-emulation-setup", is_flag=True,
-              help="Do not build the aarch64 qemu sysroot if it is missing.")
+@click.option(
+    "-o",
+    "--output-dir",
+    type=click.Path(path_type=Path),
+    default=Path("edgeloop-demo"),
+    show_default=True,
+    help="Where the demo writes its artifacts (replaced each run).",
+)
+@click.option(
+    "--profile",
+    "profiles",
+    multiple=True,
+    default=_DEFAULT_PROFILES,
+    show_default=True,
+    help="Profiles to compile for (repeatable).",
+)
+@click.option(
+    "--no-emulation-setup",
+    is_flag=True,
+    help="Do not build the aarch64 qemu sysroot if it is missing.",
+)
 def demo_command(output_dir: Path, profiles: tuple[str, ...], no_emulation_setup: bool) -> None:
     """Compile the example model for the host and ARM profiles, verify, and report."""
     from compiler import emulation
@@ -55,15 +70,28 @@ def demo_command(output_dir: Path, profiles: tuple[str, ...], no_emulation_setup
             out = output_dir / name.replace("/", "__")
             err_console.rule(f"[bold]{name}")
             result = compile_model(
-                CompileRequest(model=model, profile=name, output=out, model_name="digits-cnn",
-                               trials=0, force=True),
+                CompileRequest(
+                    model=model,
+                    profile=name,
+                    output=out,
+                    model_name="digits-cnn",
+                    trials=0,
+                    force=True,
+                ),
                 settings=settings,
                 step=lambda msg: err_console.print(f"[dim]·[/] {msg}", highlight=False),
             )
-            print_report(result.output, result.artifact_id,
-                         result.manifest.model_dump(mode="json"), result.report)
-        out_console.print(f"\nartifacts in {output_dir.resolve()}; "
-                          f"verify one with: edgeloop artifact verify {output_dir / profiles[0].replace('/', '__')}")
+            print_report(
+                result.output,
+                result.artifact_id,
+                result.manifest.model_dump(mode="json"),
+                result.report,
+            )
+        out_console.print(
+            f"\nartifacts in {output_dir.resolve()}; "
+            f"verify one with: edgeloop artifact verify "
+            f"{output_dir / profiles[0].replace('/', '__')}"
+        )
 
     run()
     sys.exit(0)

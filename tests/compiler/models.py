@@ -14,8 +14,14 @@ class SmallCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
             nn.Linear(16, 10),
         )
 
@@ -28,8 +34,9 @@ class MLP(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.Tanh(),
-                                 nn.Linear(64, 10))
+        self.net = nn.Sequential(
+            nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -54,8 +61,16 @@ def export_onnx(kind: str, path: Path, *, dynamic_batch: bool = False) -> Path:
     model = build(kind)
     example = torch.randn(*EXAMPLE_INPUTS[kind])
     axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
-    torch.onnx.export(model, (example,), str(path), input_names=["input"], output_names=["logits"],
-                      dynamic_axes=axes, dynamo=False, opset_version=17)
+    torch.onnx.export(
+        model,
+        (example,),
+        str(path),
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes=axes,
+        dynamo=False,
+        opset_version=17,
+    )
     return path
 
 

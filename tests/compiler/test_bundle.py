@@ -47,8 +47,9 @@ def sealed(tmp_path: Path, keys: Any) -> Path:
     with bundle.staging_dir(out) as staging:
         (staging / "model.so").write_bytes(os.urandom(4096))
         (staging / "report.json").write_text('{"ok": true}')
-        bundle.seal_bundle(staging, out, manifest_fields=_fields(),
-                           private_key=load_private_key(keys.private))
+        bundle.seal_bundle(
+            staging, out, manifest_fields=_fields(), private_key=load_private_key(keys.private)
+        )
     return out
 
 
@@ -77,7 +78,10 @@ def _flip(path: Path, offset: int = 100) -> None:
         (lambda b: (b / "report.json").unlink(), "'report.json' listed in the manifest is missing"),
         (lambda b: (b / "manifest.sig").unlink(), "unsigned"),
         (lambda b: (b / "manifest.json").unlink(), "no manifest.json"),
-        (lambda b: (b / "extra.so").write_bytes(b"\x7fELF"), "not listed in its manifest: extra.so"),
+        (
+            lambda b: (b / "extra.so").write_bytes(b"\x7fELF"),
+            "not listed in its manifest: extra.so",
+        ),
         (lambda b: (b / "model.so").write_bytes(b"short"), "has 5 bytes"),
     ],
 )
@@ -87,7 +91,9 @@ def test_tampering_is_detected(sealed: Path, keys: Any, mutate: Any, message: st
         bundle.verify_bundle(sealed, load_public_key(keys.public))
 
 
-def test_re_signed_manifest_with_other_key_is_rejected(sealed: Path, keys: Any, tmp_path: Path) -> None:
+def test_re_signed_manifest_with_other_key_is_rejected(
+    sealed: Path, keys: Any, tmp_path: Path
+) -> None:
     other = generate_keys(tmp_path / "other")
     with pytest.raises(ArtifactError, match="signed with key"):
         bundle.verify_bundle(sealed, load_public_key(other.public))
@@ -134,7 +140,10 @@ def test_key_generation_refuses_overwrite_and_bad_keys(tmp_path: Path) -> None:
         load_private_key(garbage)
     with pytest.raises(InvalidInputError, match="does not exist"):
         load_private_key(tmp_path / "none.pem")
-    assert load_public_key(paths.private).public_bytes_raw() == load_public_key(paths.public).public_bytes_raw()
+    assert (
+        load_public_key(paths.private).public_bytes_raw()
+        == load_public_key(paths.public).public_bytes_raw()
+    )
 
 
 def test_cli_keys_and_artifact_verify(sealed: Path, keys: Any, tmp_path: Path) -> None:
@@ -153,8 +162,11 @@ def test_cli_keys_and_artifact_verify(sealed: Path, keys: Any, tmp_path: Path) -
     assert inspected.exit_code == 0
     assert json.loads(inspected.stdout)["manifest"]["model"] == {"name": "m", "version": "3"}
     _flip(sealed / "model.so")
-    tampered = runner.invoke(cli, ["artifact", "verify", str(sealed), "--public-key", str(keys.public)])
+    tampered = runner.invoke(
+        cli, ["artifact", "verify", str(sealed), "--public-key", str(keys.public)]
+    )
     assert tampered.exit_code == 3 and "was modified" in tampered.stderr
-    missing = runner.invoke(cli, ["artifact", "verify", str(tmp_path / "nope"),
-                                  "--public-key", str(keys.public)])
+    missing = runner.invoke(
+        cli, ["artifact", "verify", str(tmp_path / "nope"), "--public-key", str(keys.public)]
+    )
     assert missing.exit_code == 3 and "not an artifact bundle" in missing.stderr

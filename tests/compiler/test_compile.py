@@ -51,13 +51,28 @@ def _verify(out: Path, key: Path) -> Any:
 
 @pytest.mark.qemu
 @pytest.mark.parametrize("kind", ["cnn", "mlp"])
-@pytest.mark.parametrize("profile", ["generic/x86_64", "raspberry-pi/4b-aarch64", "raspberry-pi/3b-armv7"])
+@pytest.mark.parametrize(
+    "profile", ["generic/x86_64", "raspberry-pi/4b-aarch64", "raspberry-pi/3b-armv7"]
+)
 def test_compile_verify_on_target_isa(
-    kind: str, profile: str, model_dir: Path, signing_key: Path, tmp_path: Path, aarch64_sysroot: Path
+    kind: str,
+    profile: str,
+    model_dir: Path,
+    signing_key: Path,
+    tmp_path: Path,
+    aarch64_sysroot: Path,
 ) -> None:
     out = tmp_path / "artifact"
-    result = _compile(str(model_dir / f"{kind}.onnx"), "--profile", profile, "-o", str(out),
-                      "--trials", "0", "--json")
+    result = _compile(
+        str(model_dir / f"{kind}.onnx"),
+        "--profile",
+        profile,
+        "-o",
+        str(out),
+        "--trials",
+        "0",
+        "--json",
+    )
     assert result.exit_code == 0, result.stderr
     printed = json.loads(result.stdout)
     verified = _verify(out, signing_key)
@@ -65,7 +80,8 @@ def test_compile_verify_on_target_isa(
     manifest, report = verified.manifest, verified.report()
     assert manifest.profile == profile
     assert [t.model_dump() for t in manifest.inputs] == [
-        {"name": "input", "shape": list(models.EXAMPLE_INPUTS[kind]), "dtype": "float32"}]
+        {"name": "input", "shape": list(models.EXAMPLE_INPUTS[kind]), "dtype": "float32"}
+    ]
     assert manifest.outputs[0].shape == [1, 10]
     checks = report["static_checks"]
     isa = manifest.isa
@@ -73,8 +89,12 @@ def test_compile_verify_on_target_isa(
         assert manifest.runtime == "tvm" and manifest.entry == "model.so"
         assert checks["machine"] == "EM_ARM" and checks["float_abi"] == "hard"
         # Independent check with binutils' readelf, as a device engineer would.
-        header = subprocess.run(["readelf", "-h", "-A", str(out / "model.so")], capture_output=True,
-                                text=True, check=True).stdout
+        header = subprocess.run(
+            ["readelf", "-h", "-A", str(out / "model.so")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         assert "ARM" in header and "ELF32" in header and "VFP registers" in header
         ver = report["verification"]
         if ver["executed"]:
@@ -94,9 +114,12 @@ def test_compile_verify_on_target_isa(
         assert manifest.runtime == "tvm" and "not representative" in manifest.runtime_reason
 
 
-@pytest.mark.parametrize(("profile", "arch"), [("nvidia/h100", "sm_90"), ("nvidia/jetson-orin-nano", "sm_87")])
-def test_cuda_profiles_build_without_gpu(profile: str, arch: str, model_dir: Path, signing_key: Path,
-                                         tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("profile", "arch"), [("nvidia/h100", "sm_90"), ("nvidia/jetson-orin-nano", "sm_87")]
+)
+def test_cuda_profiles_build_without_gpu(
+    profile: str, arch: str, model_dir: Path, signing_key: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "artifact"
     result = _compile(str(model_dir / "cnn.onnx"), "--profile", profile, "-o", str(out))
     assert result.exit_code == 0, result.stderr
@@ -105,7 +128,10 @@ def test_cuda_profiles_build_without_gpu(profile: str, arch: str, model_dir: Pat
     assert verified.manifest.target["arch"] == arch
     assert report["verification"]["executed"] is False
     assert f"not executed on cuda {arch}" in report["verification"]["reason"]
-    assert b"__global__" in (out / "model.so").read_bytes() or b"cuda" in (out / "model.so").read_bytes()
+    assert (
+        b"__global__" in (out / "model.so").read_bytes()
+        or b"cuda" in (out / "model.so").read_bytes()
+    )
     assert "NO: not executed" in CliRunner().invoke(cli, ["artifact", "inspect", str(out)]).output
 
 
@@ -120,7 +146,8 @@ def test_unsupported_operator_is_named(tmp_path: Path, signing_key: Path) -> Non
         helper.make_node("CumProd", ["c", "axis"], ["y"], name="running_product"),
     ]
     graph = helper.make_graph(
-        nodes, "unsupported",
+        nodes,
+        "unsupported",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
         [helper.make_tensor("axis", TensorProto.INT64, [], [1])],
@@ -145,9 +172,15 @@ def test_tuning_database_is_reused(model_dir: Path, signing_key: Path, tmp_path:
 
     def run(name: str, model: Path, trials: int) -> dict[str, Any]:
         result = compile_model(
-            CompileRequest(model=model, profile="generic/x86_64", output=tmp_path / name,
-                           trials=trials, tuning_db=db),
-            settings=settings, tuning_progress=lambda done, total: progress.append((done, total)),
+            CompileRequest(
+                model=model,
+                profile="generic/x86_64",
+                output=tmp_path / name,
+                trials=trials,
+                tuning_db=db,
+            ),
+            settings=settings,
+            tuning_progress=lambda done, total: progress.append((done, total)),
         )
         return dict(result.report["tuning"])
 
@@ -161,9 +194,14 @@ def test_tuning_database_is_reused(model_dir: Path, signing_key: Path, tmp_path:
     assert second["database_digest"] == first["database_digest"]
     # The dynamic-batch export pinned to batch 1 is a different file with the same layers.
     third = compile_model(
-        CompileRequest(model=model_dir / "mlp_dynamic.onnx", profile="generic/x86_64",
-                       output=tmp_path / "third", trials=0, tuning_db=db,
-                       input_shapes={"input": [1, 32]}),
+        CompileRequest(
+            model=model_dir / "mlp_dynamic.onnx",
+            profile="generic/x86_64",
+            output=tmp_path / "third",
+            trials=0,
+            tuning_db=db,
+            input_shapes={"input": [1, 32]},
+        ),
         settings=settings,
     ).report["tuning"]
     assert third["tasks_reused"] >= 1 and third["new_trials"] == 0
@@ -182,8 +220,9 @@ def _strict_profiles(tmp_path: Path) -> Path:
     return tmp_path / "profiles"
 
 
-def test_accuracy_gate_failure_writes_nothing(model_dir: Path, signing_key: Path, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_accuracy_gate_failure_writes_nothing(
+    model_dir: Path, signing_key: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("EDGELOOP_PROFILES_DIR", str(_strict_profiles(tmp_path)))
     out = tmp_path / "artifact"
     result = _compile(str(model_dir / "cnn.onnx"), "--profile", "test/x86-strict", "-o", str(out))
@@ -195,19 +234,25 @@ def test_accuracy_gate_failure_writes_nothing(model_dir: Path, signing_key: Path
     good = _compile(str(model_dir / "cnn.onnx"), "--profile", "generic/x86_64", "-o", str(out))
     assert good.exit_code == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    again = _compile(str(model_dir / "cnn.onnx"), "--profile", "test/x86-strict", "-o", str(out), "--force")
+    again = _compile(
+        str(model_dir / "cnn.onnx"), "--profile", "test/x86-strict", "-o", str(out), "--force"
+    )
     assert again.exit_code == 4
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if ".staging-" in p.name] == []
 
 
-def test_torch_export_program_and_module(model_dir: Path, signing_key: Path, tmp_path: Path) -> None:
+def test_torch_export_program_and_module(
+    model_dir: Path, signing_key: Path, tmp_path: Path
+) -> None:
     import torch
 
     from compiler.frontends import save_torch_module
 
     out = tmp_path / "from-pt2"
-    result = _compile(str(model_dir / "cnn.pt2"), "--profile", "generic/x86_64", "-o", str(out), "--json")
+    result = _compile(
+        str(model_dir / "cnn.pt2"), "--profile", "generic/x86_64", "-o", str(out), "--json"
+    )
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)["report"]
     assert report["model"]["format"] == "torch"
@@ -224,8 +269,18 @@ def test_torch_export_program_and_module(model_dir: Path, signing_key: Path, tmp
 def test_runtime_choices(model_dir: Path, signing_key: Path, tmp_path: Path) -> None:
     ort_out, tvm_out, auto_out = tmp_path / "ort", tmp_path / "tvm", tmp_path / "auto"
     model = str(model_dir / "mlp.onnx")
-    assert _compile(model, "--profile", "generic/x86_64", "-o", str(ort_out), "--runtime", "onnxruntime").exit_code == 0
-    assert _compile(model, "--profile", "generic/x86_64", "-o", str(tvm_out), "--runtime", "tvm").exit_code == 0
+    assert (
+        _compile(
+            model, "--profile", "generic/x86_64", "-o", str(ort_out), "--runtime", "onnxruntime"
+        ).exit_code
+        == 0
+    )
+    assert (
+        _compile(
+            model, "--profile", "generic/x86_64", "-o", str(tvm_out), "--runtime", "tvm"
+        ).exit_code
+        == 0
+    )
     assert _compile(model, "--profile", "generic/x86_64", "-o", str(auto_out)).exit_code == 0
     ort, tvm_, auto = (_verify(p, signing_key) for p in (ort_out, tvm_out, auto_out))
     assert ort.manifest.entry == "model.onnx" and not (ort_out / "model.so").exists()
@@ -242,31 +297,58 @@ def test_calibration_data(model_dir: Path, signing_key: Path, tmp_path: Path) ->
     data = tmp_path / "calib.npz"
     np.savez(data, input=np.random.default_rng(3).standard_normal((5, 1, 32)).astype(np.float32))
     out = tmp_path / "artifact"
-    result = _compile(str(model_dir / "mlp.onnx"), "--profile", "generic/x86_64", "-o", str(out),
-                      "--calibration-data", str(data), "--samples", "16")
+    result = _compile(
+        str(model_dir / "mlp.onnx"),
+        "--profile",
+        "generic/x86_64",
+        "-o",
+        str(out),
+        "--calibration-data",
+        str(data),
+        "--samples",
+        "16",
+    )
     assert result.exit_code == 0, result.stderr
     ver = _verify(out, signing_key).report()["verification"]
     assert ver["samples"] == 5 and ver["inputs"] == "calibration data"
     wrong = tmp_path / "wrong.npz"
     np.savez(wrong, other=np.zeros((2, 1, 32), dtype=np.float32))
-    bad = _compile(str(model_dir / "mlp.onnx"), "--profile", "generic/x86_64", "-o", str(tmp_path / "x"),
-                   "--calibration-data", str(wrong))
+    bad = _compile(
+        str(model_dir / "mlp.onnx"),
+        "--profile",
+        "generic/x86_64",
+        "-o",
+        str(tmp_path / "x"),
+        "--calibration-data",
+        str(wrong),
+    )
     assert bad.exit_code == 3 and "lacks input(s) input; it has: other" in bad.stderr
     shaped = tmp_path / "shaped.npz"
     np.savez(shaped, input=np.zeros((2, 1, 31), dtype=np.float32))
-    bad = _compile(str(model_dir / "mlp.onnx"), "--profile", "generic/x86_64", "-o", str(tmp_path / "x"),
-                   "--calibration-data", str(shaped))
+    bad = _compile(
+        str(model_dir / "mlp.onnx"),
+        "--profile",
+        "generic/x86_64",
+        "-o",
+        str(tmp_path / "x"),
+        "--calibration-data",
+        str(shaped),
+    )
     assert bad.exit_code == 3 and "shape 1x31; the model needs 1x32" in bad.stderr
 
 
-def test_dynamic_shape_needs_input_shape(model_dir: Path, signing_key: Path, tmp_path: Path) -> None:
+def test_dynamic_shape_needs_input_shape(
+    model_dir: Path, signing_key: Path, tmp_path: Path
+) -> None:
     model = str(model_dir / "mlp_dynamic.onnx")
     out = tmp_path / "artifact"
     missing = _compile(model, "--profile", "generic/x86_64", "-o", str(out))
     assert missing.exit_code == 3
     assert "input 'input' has a dynamic shape ?x32" in missing.stderr
     assert "--input-shape input:1x32" in missing.stderr
-    ok = _compile(model, "--profile", "generic/x86_64", "-o", str(out), "--input-shape", "input:1x32")
+    ok = _compile(
+        model, "--profile", "generic/x86_64", "-o", str(out), "--input-shape", "input:1x32"
+    )
     assert ok.exit_code == 0, ok.stderr
 
 
@@ -274,19 +356,43 @@ def test_dynamic_shape_needs_input_shape(model_dir: Path, signing_key: Path, tmp
     ("args", "code", "message"),
     [
         (["--profile", "rpi4"], 2, "unknown hardware profile 'rpi4'; choose from:"),
-        (["--profile", "generic/x86_64", "--runtime", "tensorrt"], 2, "--runtime 'tensorrt' is not valid"),
-        (["--profile", "raspberry-pi/3b-armv7", "--runtime", "onnxruntime"], 2,
-         "is not available on raspberry-pi/3b-armv7; its runtimes are: tvm, tflite"),
+        (
+            ["--profile", "generic/x86_64", "--runtime", "tensorrt"],
+            2,
+            "--runtime 'tensorrt' is not valid",
+        ),
+        (
+            ["--profile", "raspberry-pi/3b-armv7", "--runtime", "onnxruntime"],
+            2,
+            "is not available on raspberry-pi/3b-armv7; its runtimes are: tvm, tflite",
+        ),
         (["--profile", "generic/x86_64", "--trials", "-1"], 2, "--trials -1 is negative"),
-        (["--profile", "raspberry-pi/4b-aarch64", "--trials", "8"], 2, "cannot be timed on this machine"),
+        (
+            ["--profile", "raspberry-pi/4b-aarch64", "--trials", "8"],
+            2,
+            "cannot be timed on this machine",
+        ),
         (["--profile", "generic/x86_64", "--input-shape", "input:1x2x3"], 2, "has rank 3"),
-        (["--profile", "generic/x86_64", "--input-shape", "image:1x32"], 2, "unknown input(s) 'image'"),
-        (["--profile", "generic/x86_64", "--input-shape", "input:2x32"], 2, "contradicts the model's static shape"),
-        (["--profile", "generic/x86_64", "--signing-key", "/nonexistent/key.pem"], 3, "does not exist"),
+        (
+            ["--profile", "generic/x86_64", "--input-shape", "image:1x32"],
+            2,
+            "unknown input(s) 'image'",
+        ),
+        (
+            ["--profile", "generic/x86_64", "--input-shape", "input:2x32"],
+            2,
+            "contradicts the model's static shape",
+        ),
+        (
+            ["--profile", "generic/x86_64", "--signing-key", "/nonexistent/key.pem"],
+            3,
+            "does not exist",
+        ),
     ],
 )
-def test_bad_options(args: list[str], code: int, message: str, model_dir: Path, signing_key: Path,
-                     tmp_path: Path) -> None:
+def test_bad_options(
+    args: list[str], code: int, message: str, model_dir: Path, signing_key: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "artifact"
     result = _compile(str(model_dir / "mlp.onnx"), "-o", str(out), *args)
     assert result.exit_code == code, result.stderr
@@ -321,11 +427,69 @@ def test_no_signing_key_and_existing_output(model_dir: Path, tmp_path: Path) -> 
     assert (out / "keep.txt").read_text() == "mine"
 
 
-def test_missing_cross_compiler(model_dir: Path, signing_key: Path, tmp_path: Path,
-                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_cross_compiler(
+    model_dir: Path, signing_key: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real_which = shutil.which
-    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if "aarch64" in name else real_which(name))
-    result = _compile(str(model_dir / "mlp.onnx"), "--profile", "raspberry-pi/4b-aarch64",
-                      "-o", str(tmp_path / "out"))
+    monkeypatch.setattr(
+        shutil, "which", lambda name, *a, **k: None if "aarch64" in name else real_which(name)
+    )
+    result = _compile(
+        str(model_dir / "mlp.onnx"),
+        "--profile",
+        "raspberry-pi/4b-aarch64",
+        "-o",
+        str(tmp_path / "out"),
+    )
     assert result.exit_code == 5
     assert "apt-get install gcc-aarch64-linux-gnu" in result.stderr
+
+
+def test_real_artifact_tampering_and_agent_verify(
+    model_dir: Path, signing_key: Path, tmp_path: Path
+) -> None:
+    from agent.cli import cli as agent_cli
+
+    out = tmp_path / "artifact"
+    assert (
+        _compile(
+            str(model_dir / "mlp.onnx"),
+            "--profile",
+            "generic/x86_64",
+            "-o",
+            str(out),
+            "--runtime",
+            "tvm",
+        ).exit_code
+        == 0
+    )
+    pub = str(signing_key.with_suffix(".pub"))
+    ok = CliRunner().invoke(
+        agent_cli, ["verify", str(out), "--public-key", pub, "--profile", "generic/x86_64"]
+    )
+    assert ok.exit_code == 0, ok.stderr
+    assert json.loads(ok.stdout)["entry"] == "model.so"
+    other = CliRunner().invoke(
+        agent_cli, ["verify", str(out), "--public-key", pub, "--profile", "raspberry-pi/4b-aarch64"]
+    )
+    assert other.exit_code == 3 and "built for profile 'generic/x86_64'" in other.stderr
+    for name, offset in (("model.so", 2000), ("manifest.json", 30)):
+        copy = tmp_path / f"tampered-{name}"
+        shutil.copytree(out, copy)
+        data = bytearray((copy / name).read_bytes())
+        data[offset] ^= 0xFF
+        (copy / name).write_bytes(bytes(data))
+        result = CliRunner().invoke(cli, ["artifact", "verify", str(copy)])
+        assert result.exit_code == 3, name
+        assert "error:" in result.stderr
+
+
+def test_agent_imports_nothing_heavy() -> None:
+    code = (
+        "import sys, agent.cli, compiler.bundle, compiler.manifest; "
+        "heavy = {'tvm', 'torch', 'onnx', 'onnxruntime', 'fastapi', 'sqlmodel'}; "
+        "heavy &= set(sys.modules); "
+        "print(sorted(heavy)); sys.exit(1 if heavy else 0)"
+    )
+    proc = subprocess.run(["python3", "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

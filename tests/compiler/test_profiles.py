@@ -18,8 +18,13 @@ from edgeloop.cli import cli
 ROOT = Path(__file__).resolve().parents[2] / "hw-profiles"
 SHIPPED = sorted(p.relative_to(ROOT).with_suffix("").as_posix() for p in ROOT.rglob("*.yaml"))
 REQUIRED = {
-    "generic/x86_64", "intel/x86_64-avx512", "raspberry-pi/4b-aarch64", "raspberry-pi/5-aarch64",
-    "raspberry-pi/3b-armv7", "nvidia/jetson-orin-nano", "nvidia/h100",
+    "generic/x86_64",
+    "intel/x86_64-avx512",
+    "raspberry-pi/4b-aarch64",
+    "raspberry-pi/5-aarch64",
+    "raspberry-pi/3b-armv7",
+    "nvidia/jetson-orin-nano",
+    "nvidia/h100",
 }
 
 
@@ -72,7 +77,11 @@ _DELETE = object()
         ("tvm.mtriple", _DELETE, "needs an mtriple"),
         ("runtimes", [], "runtimes: List should have at least 1 item"),
         ("runtimes", ["tensorrt"], "runtimes.0: Input should be"),
-        ("accuracy.min_cosine", 1.5, "accuracy.min_cosine: Input should be less than or equal to 1"),
+        (
+            "accuracy.min_cosine",
+            1.5,
+            "accuracy.min_cosine: Input should be less than or equal to 1",
+        ),
         ("resources.memory_mib", 0, "resources.memory_mib: Input should be greater than 0"),
         ("accelerator", {"kind": "cuda", "arch": "sm_87"}, "cuda tvm target needs accelerator"),
     ],
@@ -87,8 +96,10 @@ def test_cuda_profile_arch_must_match_accelerator() -> None:
     data["accelerator"]["arch"] = "sm_80"
     with pytest.raises(ProfileError, match="differs from accelerator.arch"):
         parse_profile(data)
-    assert host_target(parse_profile(yaml.safe_load((ROOT / "nvidia/h100.yaml").read_text())))[
-        "kind"] == "llvm"
+    assert (
+        host_target(parse_profile(yaml.safe_load((ROOT / "nvidia/h100.yaml").read_text())))["kind"]
+        == "llvm"
+    )
 
 
 def test_name_must_match_location(tmp_path: Path) -> None:
@@ -116,7 +127,9 @@ def test_unknown_profile_lists_choices() -> None:
     assert "raspberry-pi/4b-aarch64" in str(info.value)
 
 
-def test_user_profiles_dir_adds_and_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_user_profiles_dir_adds_and_overrides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = _with("description", "my own Pi 4")
     (tmp_path / "raspberry-pi").mkdir()
     (tmp_path / "raspberry-pi" / "4b-aarch64.yaml").write_text(yaml.safe_dump(data))

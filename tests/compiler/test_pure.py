@@ -42,7 +42,9 @@ def test_identical_outputs_are_perfect() -> None:
         ([[np.nan, 0.0, 0.0]], [[1.0, 0.0, 0.0]], "max abs error inf"),
     ],
 )
-def test_violations_are_named(actual: list[list[float]], reference: list[list[float]], violation: str) -> None:
+def test_violations_are_named(
+    actual: list[list[float]], reference: list[list[float]], violation: str
+) -> None:
     result = compare_output("logits", [np.array(actual)], [np.array(reference)])
     problems = result.violations(AccuracySpec())
     assert any(violation in p and "output 'logits'" in p for p in problems), problems
@@ -70,14 +72,19 @@ def test_make_inputs_is_seeded_and_typed() -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("input:1x3x224x224", ("input", [1, 3, 224, 224])), ("x:8", ("x", [8])),
-     ("serving_default:0:1x4", ("serving_default:0", [1, 4]))],
+    [
+        ("input:1x3x224x224", ("input", [1, 3, 224, 224])),
+        ("x:8", ("x", [8])),
+        ("serving_default:0:1x4", ("serving_default:0", [1, 4])),
+    ],
 )
 def test_parse_input_shape(text: str, expected: tuple[str, list[int]]) -> None:
     assert parse_input_shape(text) == expected
 
 
-@pytest.mark.parametrize("text", ["input", "input:", "input:1x-3", "input:1x0", ":1x3", "input:1,3"])
+@pytest.mark.parametrize(
+    "text", ["input", "input:", "input:1x-3", "input:1x0", ":1x3", "input:1,3"]
+)
 def test_parse_input_shape_rejects(text: str) -> None:
     with pytest.raises(UsageError, match="input-shape"):
         parse_input_shape(text)
@@ -90,7 +97,9 @@ def test_input_shape_given_twice() -> None:
 
 # ---------------------------------------------------------------- execution plans
 
-X86_AVX512 = frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"})
+X86_AVX512 = frozenset(
+    {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}
+)
 X86_AVX2 = frozenset({"avx2", "fma"})
 SYSROOT = Path("/cache/sysroots/aarch64")
 RUNNER = Path("/cache/armv7-runtime/edgeloop-armv7-runner")
@@ -102,17 +111,39 @@ RUNNER = Path("/cache/armv7-runtime/edgeloop-armv7-runner")
         ("generic/x86_64", HostFacts("x86_64", X86_AVX2), "native", None),
         ("intel/x86_64-avx512", HostFacts("x86_64", X86_AVX512), "native", None),
         ("intel/x86_64-avx512", HostFacts("x86_64", X86_AVX2), "none", "lacks avx512f"),
-        ("raspberry-pi/4b-aarch64", HostFacts("x86_64", X86_AVX2, aarch64_sysroot=SYSROOT),
-         "qemu-python", None),
-        ("raspberry-pi/4b-aarch64", HostFacts("x86_64", X86_AVX2), "none", "no aarch64 Python sysroot"),
+        (
+            "raspberry-pi/4b-aarch64",
+            HostFacts("x86_64", X86_AVX2, aarch64_sysroot=SYSROOT),
+            "qemu-python",
+            None,
+        ),
+        (
+            "raspberry-pi/4b-aarch64",
+            HostFacts("x86_64", X86_AVX2),
+            "none",
+            "no aarch64 Python sysroot",
+        ),
         ("raspberry-pi/4b-aarch64", HostFacts("aarch64", frozenset({"asimd"})), "native", None),
-        ("raspberry-pi/5-aarch64", HostFacts("aarch64", frozenset({"asimd"})), "none", "lacks asimddp"),
+        (
+            "raspberry-pi/5-aarch64",
+            HostFacts("aarch64", frozenset({"asimd"})),
+            "none",
+            "lacks asimddp",
+        ),
         ("raspberry-pi/3b-armv7", HostFacts("x86_64", X86_AVX2), "none", "not executed on armv7"),
-        ("raspberry-pi/3b-armv7", HostFacts("x86_64", X86_AVX2, armv7_runner=RUNNER),
-         "qemu-armv7-runner", None),
+        (
+            "raspberry-pi/3b-armv7",
+            HostFacts("x86_64", X86_AVX2, armv7_runner=RUNNER),
+            "qemu-armv7-runner",
+            None,
+        ),
         ("nvidia/h100", HostFacts("x86_64", X86_AVX512), "none", "no CUDA GPU"),
-        ("nvidia/jetson-orin-nano", HostFacts("x86_64", X86_AVX512, aarch64_sysroot=SYSROOT),
-         "none", "cuda sm_87"),
+        (
+            "nvidia/jetson-orin-nano",
+            HostFacts("x86_64", X86_AVX512, aarch64_sysroot=SYSROOT),
+            "none",
+            "cuda sm_87",
+        ),
     ],
 )
 def test_plan_execution(profile: str, host: HostFacts, mode: str, reason: str | None) -> None:
@@ -125,8 +156,10 @@ def test_plan_execution(profile: str, host: HostFacts, mode: str, reason: str | 
     assert plan.emulated == mode.startswith("qemu")
 
 
-@pytest.mark.parametrize(("machine", "isa"), [("x86_64", "x86_64"), ("AMD64", "x86_64"),
-                                              ("arm64", "aarch64"), ("armv7l", "armv7")])
+@pytest.mark.parametrize(
+    ("machine", "isa"),
+    [("x86_64", "x86_64"), ("AMD64", "x86_64"), ("arm64", "aarch64"), ("armv7l", "armv7")],
+)
 def test_normalize_isa(machine: str, isa: str) -> None:
     assert normalize_isa(machine) == isa
 
@@ -147,10 +180,18 @@ def test_read_cpu_features() -> None:
     [
         (ElfFacts("EM_X86_64", 64, ["libc.so.6"]), "x86_64", None),
         (ElfFacts("EM_AARCH64", 64, ["libc.so.6"]), "aarch64", None),
-        (ElfFacts("EM_ARM", 32, ["libgcc_s.so.1", "libc.so.6"], "hard", "cortex-a53"), "armv7", None),
+        (
+            ElfFacts("EM_ARM", 32, ["libgcc_s.so.1", "libc.so.6"], "hard", "cortex-a53"),
+            "armv7",
+            None,
+        ),
         (ElfFacts("EM_ARM", 32, ["libc.so.6"], "soft"), "armv7", "soft-float ABI"),
         (ElfFacts("EM_X86_64", 64, ["libc.so.6"]), "aarch64", "needs EM_AARCH64"),
-        (ElfFacts("EM_AARCH64", 64, ["libc.so.6", "libcudart.so.12"]), "aarch64", "libcudart.so.12"),
+        (
+            ElfFacts("EM_AARCH64", 64, ["libc.so.6", "libcudart.so.12"]),
+            "aarch64",
+            "libcudart.so.12",
+        ),
     ],
 )
 def test_check_elf(facts: ElfFacts, isa: str, problem: str | None) -> None:

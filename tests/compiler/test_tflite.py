@@ -246,8 +246,19 @@ def test_cli_compiles_a_tflite_model(tmp_path: Path, signing_key: Path) -> None:
     out = tmp_path / "out"
     result = CliRunner().invoke(
         cli,
-        ["compile", str(path), "--profile", PROFILE, "-o", str(out), "--trials", "0",
-         "--signing-key", str(signing_key), "--json"],
+        [
+            "compile",
+            str(path),
+            "--profile",
+            PROFILE,
+            "-o",
+            str(out),
+            "--trials",
+            "0",
+            "--signing-key",
+            str(signing_key),
+            "--json",
+        ],
         env=_cli_env(tmp_path),
     )
     assert result.exit_code == 0, result.stderr
@@ -262,10 +273,14 @@ def test_cli_compiles_a_tflite_model(tmp_path: Path, signing_key: Path) -> None:
 @pytest.mark.parametrize(
     ("make", "needle"),
     [
-        (lambda p: tflite_models.with_unsupported(OP.DYNAMIC_UPDATE_SLICE).save(p),
-         "DYNAMIC_UPDATE_SLICE: 1 node(s): mystery"),
-        (lambda p: tflite_models.with_unsupported(OP.CUSTOM, custom_code="MyFancyOp").save(p),
-         "CUSTOM:MyFancyOp: 1 node(s): mystery"),
+        (
+            lambda p: tflite_models.with_unsupported(OP.DYNAMIC_UPDATE_SLICE).save(p),
+            "DYNAMIC_UPDATE_SLICE: 1 node(s): mystery",
+        ),
+        (
+            lambda p: tflite_models.with_unsupported(OP.CUSTOM, custom_code="MyFancyOp").save(p),
+            "CUSTOM:MyFancyOp: 1 node(s): mystery",
+        ),
         (lambda p: p.write_bytes(b"\x00" * 64), "is not a readable TFLite model"),
     ],
     ids=["builtin", "custom", "corrupt"],
@@ -278,8 +293,16 @@ def test_cli_rejects_bad_models_with_exit_3(
     out = tmp_path / "out"
     result = CliRunner().invoke(
         cli,
-        ["compile", str(path), "--profile", PROFILE, "-o", str(out),
-         "--signing-key", str(signing_key)],
+        [
+            "compile",
+            str(path),
+            "--profile",
+            PROFILE,
+            "-o",
+            str(out),
+            "--signing-key",
+            str(signing_key),
+        ],
         env=_cli_env(tmp_path),
     )
     assert result.exit_code == 3, result.output
