@@ -21,10 +21,15 @@ class DigitsCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -34,8 +39,15 @@ def main() -> int:
     torch.manual_seed(0)
     OUT.mkdir(parents=True, exist_ok=True)
     model = DigitsCNN().eval()
-    torch.onnx.export(model, (torch.randn(1, 1, 8, 8),), str(OUT / "digits_cnn.onnx"),
-                      input_names=["image"], output_names=["logits"], dynamo=False, opset_version=17)
+    torch.onnx.export(
+        model,
+        (torch.randn(1, 1, 8, 8),),
+        str(OUT / "digits_cnn.onnx"),
+        input_names=["image"],
+        output_names=["logits"],
+        dynamo=False,
+        opset_version=17,
+    )
     print(f"wrote {OUT / 'digits_cnn.onnx'}", file=sys.stderr)
     return 0
 
