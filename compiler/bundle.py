@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import tarfile
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -199,3 +200,59 @@ def verify_bundle(root: Path, public_key: Ed25519PublicKey) -> VerifiedArtifact:
     if extra:
         raise ArtifactError(f"bundle holds files not listed in its manifest: {', '.join(extra)}")
     return VerifiedArtifact(root=root, manifest=manifest, artifact_id=artifact_id_of(data))
+
+
+def pack_bundle(root: Path, out: Path) -> str:
+    """Write the bundle as a deterministic uncompressed tar (the transfer file); return its sha256.
+
+    Deterministic: members sorted, mtime 0, uid/gid 0, mode 0644, so the same bundle always
+    packs to the same bytes and the store can address the tar by content.
+    """
+    members = sorted(p for p in root.rglob("*") if p.is_file())
+    tmp = out.with_name(out.name + ".tmp")
+    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        for path in members:
+            info = tarfile.TarInfo(path.relative_to(root).as_posix())
+            info.size = path.stat().st_size
+            info.mtime = 0
+            info.mode = 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            with path.open("rb") as fh:
+                tar.addfile(info, fh)
+    os.replace(tmp, out)
+    return sha256_file(out)
+
+
+def unpack_bundle(tar_path: Path, dest: Path, *, max_bytes: int = 4 << 30) -> Path:
+    """Extract a transfer tar into the new directory ``dest``, refusing anything but plain
+    files with safe relative paths (no links, devices, absolute paths or '..').
+
+    Raises:
+        ArtifactError: a member is unsafe, the tar is damaged, or it unpacks too large.
+    """
+    dest.mkdir(parents=True)
+    total = 0
+    try:
+        with tarfile.open(tar_path, "r:") as tar:
+            for member in tar:
+                name = member.name
+                parts = Path(name).parts
+                if not member.isfile() or name.startswith("/") or ".." in parts or not parts:
+                    raise ArtifactError(
+                        f"transfer file member {name!r} is not a plain file with a safe path"
+                    )
+                total += member.size
+                if total > max_bytes:
+                    raise ArtifactError(f"transfer file unpacks to more than {max_bytes} bytes")
+                target = dest.joinpath(*parts)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                source = tar.extractfile(member)
+                if source is None:
+                    raise ArtifactError(f"transfer file member {name!r} has no data")
+                with source, target.open("wb") as fh:
+                    shutil.copyfileobj(source, fh, _CHUNK)
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise ArtifactError(f"transfer file {tar_path.name} is damaged: {err}") from err
+    return dest
+

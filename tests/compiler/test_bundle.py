@@ -170,3 +170,47 @@ def test_cli_keys_and_artifact_verify(sealed: Path, keys: Any, tmp_path: Path) -
         cli, ["artifact", "verify", str(tmp_path / "nope"), "--public-key", str(keys.public)]
     )
     assert missing.exit_code == 3 and "not an artifact bundle" in missing.stderr
+
+
+def test_pack_is_deterministic_and_unpack_round_trips(
+    sealed: Path, keys: Any, tmp_path: Path
+) -> None:
+    a, b = tmp_path / "a.tar", tmp_path / "b.tar"
+    digest = bundle.pack_bundle(sealed, a)
+    os.utime(sealed / "model.so", (1, 1))
+    assert bundle.pack_bundle(sealed, b) == digest
+    assert a.read_bytes() == b.read_bytes()
+    out = bundle.unpack_bundle(a, tmp_path / "unpacked")
+    assert bundle.verify_bundle(out, load_public_key(keys.public)).manifest.model.version == "3"
+
+
+@pytest.mark.parametrize("kind", ["symlink", "parent", "absolute"])
+def test_unpack_refuses_unsafe_members(kind: str, tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    path = tmp_path / "evil.tar"
+    with tarfile.open(path, "w") as tar:
+        if kind == "symlink":
+            info = tarfile.TarInfo("model.so")
+            info.type = tarfile.SYMTYPE
+            info.linkname = "/etc/passwd"
+            tar.addfile(info)
+        else:
+            name = "../escape.so" if kind == "parent" else "/tmp/abs.so"
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"bad"))
+    with pytest.raises(ArtifactError, match="not a plain file with a safe path"):
+        bundle.unpack_bundle(path, tmp_path / "dest")
+    assert not (tmp_path / "escape.so").exists()
+
+
+def test_unpack_truncated_tar_never_verifies(sealed: Path, keys: Any, tmp_path: Path) -> None:
+    tar = tmp_path / "t.tar"
+    bundle.pack_bundle(sealed, tar)
+    tar.write_bytes(tar.read_bytes()[:3000])
+    with pytest.raises(ArtifactError):
+        bundle.verify_bundle(
+            bundle.unpack_bundle(tar, tmp_path / "dest"), load_public_key(keys.public)
+        )
