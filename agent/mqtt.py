@@ -155,7 +155,7 @@ class MqttLink:
     # ------------------------------------------------------------ network thread
 
     def _connect_properties(self) -> Properties:
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self._settings.session_expiry_s
         return props
 

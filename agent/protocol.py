@@ -22,7 +22,10 @@ PREFIX = "edgeloop/v1"
 RESPONDER_GROUP = "edgeloop-responders"
 DEFAULT_CHUNK_SIZE = 128 * 1024
 MAX_JSON_PAYLOAD = 64 * 1024
-_DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# Starts with a letter or digit, so '.' and '..' never become directory names.
+_DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_CHUNK_INDEX = 2**32 - 1
+MAX_CHUNKS_PER_REQUEST = 4096
 
 
 class ProtocolError(ValueError):
@@ -33,7 +36,8 @@ def check_device_id(device_id: str) -> str:
     """Return ``device_id`` if valid, else raise ProtocolError naming it and the rule."""
     if not _DEVICE_ID_RE.match(device_id):
         raise ProtocolError(
-            f"device id {device_id!r} is invalid; use 1-64 of A-Z a-z 0-9 '_' '.' '-'"
+            f"device id {device_id!r} is invalid; use 1-64 of A-Z a-z 0-9 '_' '.' '-', "
+            "starting with a letter or digit"
         )
     return device_id
 
@@ -107,7 +111,7 @@ def parse_device_topic(topic: str) -> tuple[str, str]:
 class _Payload(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1
 
     def to_bytes(self) -> bytes:
         """JSON encoding for the wire."""
@@ -241,9 +245,17 @@ class ChunkRequest(_Payload):
     @field_validator("ranges")
     @classmethod
     def _ordered(cls, value: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        total = 0
         for start, stop in value:
             if not 0 <= start < stop:
                 raise ValueError(f"range [{start}, {stop}) is empty or negative")
+            if stop > MAX_CHUNK_INDEX:
+                raise ValueError(f"range [{start}, {stop}) exceeds chunk index {MAX_CHUNK_INDEX}")
+            total += stop - start
+        if total > MAX_CHUNKS_PER_REQUEST:
+            raise ValueError(
+                f"request asks for {total} chunks; at most {MAX_CHUNKS_PER_REQUEST} per request"
+            )
         return value
 
     def indices(self) -> list[int]:
@@ -272,7 +284,8 @@ def decode(model: type[P], payload: bytes) -> P:
         data = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ProtocolError(f"{model.__name__} payload is not JSON: {err}") from err
-    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+    version_ok = isinstance(data, dict) and type(data.get("schema_version")) is int
+    if not version_ok or data.get("schema_version") != SCHEMA_VERSION:
         version = data.get("schema_version") if isinstance(data, dict) else None
         raise ProtocolError(
             f"{model.__name__} schema_version {version!r} is not supported "

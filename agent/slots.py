@@ -43,12 +43,15 @@ def version_key(version: str) -> tuple[int, Version | str]:
 
 
 def is_downgrade(installed: str, candidate: str) -> bool:
-    """Whether ``candidate`` is older than ``installed`` (pure; versions compared as PEP 440
-    when both parse, else refused as incomparable unless equal)."""
+    """Whether ``candidate`` may not replace ``installed`` without a rollback job (pure).
+
+    Versions are compared as PEP 440; if either does not parse, only an identical version
+    passes: anti-rollback refuses what it cannot prove newer.
+    """
     a, b = version_key(installed), version_key(candidate)
-    if a[0] != b[0]:
-        return installed != candidate
-    return b[1] < a[1]  # type: ignore[operator]
+    if a[0] == 1 and b[0] == 1:
+        return b[1] < a[1]  # type: ignore[operator]
+    return installed != candidate
 
 
 @dataclass(frozen=True)

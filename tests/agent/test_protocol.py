@@ -159,3 +159,21 @@ def test_backoff_is_bounded_and_jittered(attempt: int) -> None:
     assert len({round(d, 6) for d in delays}) > 150
     with pytest.raises(ValueError):
         backoff_delay(-1, base=1, cap=2, rng=rng)
+
+
+@pytest.mark.parametrize("ranges", [[(0, 2**32)], [(0, 5000)], [(0, 3000), (3000, 6000)]])
+def test_chunk_request_is_bounded(ranges: list[tuple[int, int]]) -> None:
+    with pytest.raises(ValueError):
+        ChunkRequest(request_id="r", artifact_id=AID, chunk_size=4096, ranges=ranges)
+
+
+@pytest.mark.parametrize("version", [True, 1.0, "1"])
+def test_schema_version_must_be_the_integer(version: object) -> None:
+    with pytest.raises(ProtocolError, match="schema_version"):
+        protocol.decode(JobNotify, json.dumps({**_job(), "schema_version": version}).encode())
+
+
+@pytest.mark.parametrize("device_id", [".", "..", "-x", "_x"])
+def test_device_ids_start_with_alnum(device_id: str) -> None:
+    with pytest.raises(ProtocolError):
+        protocol.check_device_id(device_id)

@@ -1,0 +1,602 @@
+"""The agent daemon: jobs over MQTT, verified download, atomic activation, local serving.
+
+Threads: the MQTT network thread (``agent.mqtt``) only enqueues; this module's worker
+thread takes events off the queue and does all the work; HTTP inference runs on the
+server's own threads. The worker never blocks longer than a verification or a model load.
+
+Deployment of one job (docs/protocol.md):
+
+1. ``IN_PROGRESS/downloading``: resumable chunked pull (``agent.download``).
+2. ``IN_PROGRESS/verifying``: whole-file sha256, safe unpack, bundle signature with the
+   device's trusted fleet key, every file hash, nothing extra, the job's signature, artifact
+   id, profile, anti-rollback. No byte of the library is loaded before this passes.
+3. ``IN_PROGRESS/activating``: load in the inactive slot, self-test, switch the ``active``
+   link (the commit point), swap serving.
+4. ``IN_PROGRESS/health_check``: one inference through the serving path; a failure restores
+   the previous version on disk and in serving.
+5. ``SUCCEEDED``. Any failure is ``FAILED`` with the reason; the previous model keeps
+   serving throughout.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import platform
+import queue
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+import edgeloop
+from agent import protocol
+from agent.config import AgentSettings
+from agent.download import Download, DownloadError
+from agent.jobs import JobLog, JobRecord, transition
+from agent.mqtt import Connected, Event, Inbound, MqttLink
+from agent.protocol import JobNotify, JobState, ProtocolError
+from agent.runtimes import LoadedModel as Servable
+from agent.slots import InstalledVersion, ModelStore, SlotError, is_downgrade
+from compiler.bundle import unpack_bundle, verify_bundle
+from compiler.errors import CompilerError
+from compiler.manifest import SIGNATURE_FILE, ArtifactManifest
+from compiler.signing import load_public_key
+
+log = logging.getLogger(__name__)
+
+
+class JobFailed(Exception):
+    """A job step failed; the message is the reason reported to the fleet."""
+
+
+class Serving(Protocol):
+    """What the daemon needs from the inference server's model repository."""
+
+    def set_model(
+        self, name: str, version: str, artifact_id: str, runtime: str, model: Servable
+    ) -> None:
+        """Make ``model`` the primary of ``name`` (in-flight requests finish on the old one)."""
+        ...
+
+    def remove_model(self, name: str) -> None:
+        """Stop serving ``name``."""
+        ...
+
+    def infer(self, name: str, inputs: list[np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
+        """Run a request through the serving path (for the health check)."""
+        ...
+
+    def loaded(self) -> list[protocol.LoadedModel]:
+        """Models being served, for heartbeats."""
+        ...
+
+    def latency(self) -> dict[str, protocol.LatencySummary]:
+        """Per-model latency since the last call, for heartbeats."""
+        ...
+
+
+Loader = Callable[[Path, ArtifactManifest], Servable]
+
+
+@dataclass
+class _Active:
+    record: JobRecord
+    download: Download | None = None
+    last_progress: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+
+
+def _synthetic_inputs(manifest: ArtifactManifest, seed: int = 0) -> list[np.ndarray[Any, Any]]:
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for spec in manifest.inputs:
+        dtype = np.dtype(spec.dtype)
+        if np.issubdtype(dtype, np.floating):
+            arrays.append(rng.standard_normal(spec.shape).astype(dtype))
+        else:
+            arrays.append(rng.integers(0, 10, size=spec.shape).astype(dtype))
+    return arrays
+
+
+class Agent:
+    """One device's agent."""
+
+    def __init__(
+        self, settings: AgentSettings, *, serving: Serving, loader: Loader, runtimes: list[str]
+    ) -> None:
+        self.settings = settings
+        self.serving = serving
+        self.loader = loader
+        self.runtimes = runtimes
+        self.device_id = settings.device_id
+        state = settings.state_dir
+        state.mkdir(parents=True, exist_ok=True)
+        self.store = ModelStore(state)
+        self.jobs = JobLog(state / "jobs")
+        self.downloads_dir = state / "transfers"
+        self.public_key = load_public_key(settings.trusted_key)
+        self.events: queue.Queue[Event] = queue.Queue(maxsize=10_000)
+        self.link = MqttLink(
+            settings.broker,
+            device_id=self.device_id,
+            agent_version=edgeloop.__version__,
+            events=self.events,
+            subscriptions=[
+                protocol.jobs_notify(self.device_id),
+                protocol.artifacts_data(self.device_id),
+            ],
+        )
+        self.chunk_size = settings.transfer.chunk_size
+        self.active: _Active | None = None
+        self.stats: dict[str, int] = {"dropped_messages": 0, "bad_frames": 0, "chunks": 0}
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._started = time.monotonic()
+        self._last_heartbeat = 0.0
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Recover disk state, load active models, connect, and start the worker."""
+        for leftover in self.store.recover():
+            log.info("removed leftover %s", leftover)
+        self.load_active_models()
+        pending = self.jobs.load_current()
+        if pending is not None and not pending.state.terminal:
+            log.info("resuming job %s", pending.job.job_id)
+            self.active = _Active(pending)
+        self.link.start()
+        self._worker = threading.Thread(target=self._work, name="agent-worker", daemon=True)
+        self._worker.start()
+
+    def stop(self, *, clean: bool = True) -> None:
+        """Stop the worker and the link (clean: retained 'offline', no LWT)."""
+        self._stop.set()
+        if self._worker is not None:
+            self._worker.join(10)
+        if self.active is not None and self.active.download is not None:
+            self.active.download.close()
+        self.link.stop(clean=clean)
+
+    def load_active_models(self) -> None:
+        """Serve the active version of every model on disk (falling back to last-known-good)."""
+        for name in self.store.models():
+            for candidate in (self.store.active(name), self.store.last_known_good(name)):
+                if candidate is None:
+                    continue
+                try:
+                    self._serve(candidate)
+                except Exception as err:  # a broken version must not keep the agent down
+                    log.error("cannot load %s %s: %s", name, candidate.artifact_id[:12], err)
+                    continue
+                if candidate is not self.store.active(name):
+                    self.store.activate(name, candidate.artifact_id)
+                break
+
+    def _serve(self, version: InstalledVersion) -> Servable:
+        model = self.loader(version.path, version.manifest)
+        model.self_test()
+        m = version.manifest
+        self.serving.set_model(m.model.name, m.model.version, version.artifact_id, m.runtime, model)
+        return model
+
+    # ------------------------------------------------------------ worker
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                event = self.events.get(timeout=0.2)
+            except queue.Empty:
+                event = None
+            try:
+                if isinstance(event, Inbound):
+                    self._dispatch(event)
+                elif isinstance(event, Connected):
+                    self._on_connected(event)
+                self._tick()
+            except Exception:  # the worker must survive anything a message can cause
+                log.exception("unexpected error in the agent worker")
+
+    def _dispatch(self, event: Inbound) -> None:
+        try:
+            _device, leaf = protocol.parse_device_topic(event.topic)
+        except ProtocolError as err:
+            self.stats["dropped_messages"] += 1
+            log.warning("dropped message: %s", err)
+            return
+        if leaf == "jobs/notify":
+            if not event.payload:
+                return  # a cleared retained job
+            try:
+                job = protocol.decode(JobNotify, event.payload)
+            except ProtocolError as err:
+                self.stats["dropped_messages"] += 1
+                log.warning("dropped job notification: %s", err)
+                return
+            self.on_job(job)
+        elif leaf == "artifacts/data":
+            self._on_frame(event.payload)
+        else:
+            self.stats["dropped_messages"] += 1
+            log.warning("dropped message on unexpected topic %s", event.topic)
+
+    def _on_connected(self, event: Connected) -> None:
+        if event.max_packet is not None:
+            self.chunk_size = protocol.max_chunk_size(
+                event.max_packet,
+                protocol.artifacts_data(self.device_id),
+                self.settings.transfer.chunk_size,
+            )
+        self._heartbeat()
+        if self.active is not None:
+            self._update(self.active.record, JobState.IN_PROGRESS, step="resuming")
+            if self.active.download is not None:
+                self.active.download.transfer.in_flight.clear()
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        if now - self._last_heartbeat >= self.settings.heartbeat_interval_s and self.link.connected:
+            self._heartbeat()
+        active = self.active
+        if active is None:
+            return
+        if active.download is None:
+            self._begin(active)
+        if self.active is not None and self.active.download is not None and self.link.connected:
+            request = self.active.download.next_request(
+                now=now,
+                window=self.settings.transfer.window,
+                timeout=self.settings.transfer.chunk_timeout_s,
+            )
+            if request is not None:
+                self.link.publish(protocol.artifacts_req(self.device_id), request.to_bytes())
+
+    # ------------------------------------------------------------ jobs
+
+    def on_job(self, job: JobNotify) -> None:
+        """A job notification arrived (possibly again)."""
+        finished = self.jobs.result(job.job_id)
+        if finished is not None:
+            state, reason = finished
+            self._publish_update(job, state, reason=reason, step=None)
+            return
+        if self.active is not None:
+            if self.active.record.job.job_id == job.job_id:
+                return
+            log.info("job %s supersedes %s", job.job_id, self.active.record.job.job_id)
+            self._end(self.active.record, JobState.CANCELED, f"superseded by job {job.job_id}")
+        record = JobRecord(job)
+        self.active = _Active(record)
+        self.jobs.save_current(record)
+        self._publish_update(job, JobState.QUEUED)
+
+    def _begin(self, active: _Active) -> None:
+        record = active.record
+        job = record.job
+        try:
+            self._precheck(job)
+            installed = self.store.version(job.model.name, job.artifact_id)
+            if installed is not None:
+                self._activate_installed(record, installed)
+                return
+            self._update(record, JobState.IN_PROGRESS, step="downloading")
+            limit = self.settings.transfer.max_artifact_mib * 1024 * 1024
+            if job.transfer.size > limit:
+                raise JobFailed(
+                    f"artifact of {job.transfer.size} bytes exceeds the "
+                    f"{self.settings.transfer.max_artifact_mib} MiB limit of this device"
+                )
+            active.download = Download(
+                self.downloads_dir,
+                artifact_id=job.artifact_id,
+                info=job.transfer,
+                chunk_size=self.chunk_size,
+            )
+            if active.download.complete:
+                self._complete_download(active)
+        except JobFailed as err:
+            self._end(record, JobState.FAILED, str(err))
+
+    def _precheck(self, job: JobNotify) -> None:
+        if job.profile != self.settings.profile:
+            raise JobFailed(
+                f"artifact is built for profile {job.profile!r}; this device is "
+                f"{self.settings.profile!r}"
+            )
+        current = self.store.active(job.model.name)
+        if (
+            current is not None
+            and job.kind != "rollback"
+            and is_downgrade(current.manifest.model.version, job.model.version)
+        ):
+            raise JobFailed(
+                f"version {job.model.version} of {job.model.name} is older than the installed "
+                f"{current.manifest.model.version}; only a rollback job may install it"
+            )
+
+    def _on_frame(self, payload: bytes) -> None:
+        try:
+            frame = protocol.decode_frame(payload)
+        except ProtocolError as err:
+            self.stats["bad_frames"] += 1
+            log.warning("dropped chunk frame: %s", err)
+            return
+        active = self.active
+        if (
+            active is None
+            or active.download is None
+            or frame.artifact_id != active.record.job.artifact_id
+        ):
+            return  # a late frame of an old transfer
+        if frame.error:
+            self._end(active.record, JobState.FAILED, f"artifact server refused: {frame.reason}")
+            return
+        try:
+            if active.download.accept(frame):
+                self.stats["chunks"] += 1
+        except DownloadError as err:
+            self.stats["bad_frames"] += 1
+            log.warning("dropped chunk: %s", err)
+            return
+        now = time.monotonic()
+        t = active.download.transfer
+        if now - active.last_progress > 1.0:
+            active.last_progress = now
+            self._update(
+                active.record, JobState.IN_PROGRESS, step="downloading", chunks=(t.done, t.count)
+            )
+        if active.download.complete:
+            self._complete_download(active)
+
+    def _complete_download(self, active: _Active) -> None:
+        assert active.download is not None
+        record = active.record
+        try:
+            tar = active.download.finish()
+        except DownloadError as err:
+            log.warning("%s", err)
+            return
+        try:
+            installed = self._verify_and_install(record, tar)
+        except JobFailed as err:
+            active.download.discard()
+            self._end(record, JobState.FAILED, str(err))
+            return
+        active.download.discard()
+        self._activate_installed(record, installed)
+
+    def _verify_and_install(self, record: JobRecord, tar: Path) -> InstalledVersion:
+        job = record.job
+        self._update(record, JobState.IN_PROGRESS, step="verifying")
+        staging = self.store.new_staging_dir("verify")
+        shutil.rmtree(staging)
+        try:
+            unpack_bundle(tar, staging)
+            verified = verify_bundle(staging, self.public_key)
+            self._check_verified(job, verified.manifest, verified.artifact_id, staging)
+            return self.store.install(staging, verified.manifest, verified.artifact_id)
+        except CompilerError as err:
+            raise JobFailed(f"verification failed: {err}") from err
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+
+    def _check_verified(
+        self, job: JobNotify, manifest: ArtifactManifest, artifact_id: str, root: Path
+    ) -> None:
+        if artifact_id != job.artifact_id:
+            raise JobFailed(
+                f"downloaded artifact is {artifact_id}, the job names {job.artifact_id}"
+            )
+        signature = base64.b64encode((root / SIGNATURE_FILE).read_bytes()).decode()
+        if signature != job.signature:
+            raise JobFailed("the job's signature differs from the bundle's manifest signature")
+        if manifest.profile != self.settings.profile:
+            raise JobFailed(
+                f"artifact is built for profile {manifest.profile!r}; this device is "
+                f"{self.settings.profile!r}"
+            )
+        if (manifest.model.name, manifest.model.version) != (job.model.name, job.model.version):
+            raise JobFailed(
+                f"artifact is {manifest.model.name} {manifest.model.version}; the job names "
+                f"{job.model.name} {job.model.version}"
+            )
+        if manifest.runtime not in self.runtimes:
+            raise JobFailed(
+                f"runtime {manifest.runtime!r} is not available on this device "
+                f"(available: {', '.join(self.runtimes) or 'none'})"
+            )
+
+    def _activate_installed(self, record: JobRecord, installed: InstalledVersion) -> None:
+        job = record.job
+        name = job.model.name
+        current = self.store.active(name)
+        if current is not None and current.artifact_id == installed.artifact_id:
+            done = JobState.ROLLED_BACK if job.kind == "rollback" else JobState.SUCCEEDED
+            self._end(record, done, "already active")
+            return
+        try:
+            if installed.manifest.runtime not in self.runtimes:
+                raise JobFailed(f"runtime {installed.manifest.runtime!r} is not available")
+            self._update(record, JobState.IN_PROGRESS, step="activating")
+            try:
+                model = self.loader(installed.path, installed.manifest)
+                model.self_test()
+            except Exception as err:
+                raise JobFailed(f"the new version failed to load or self-test: {err}") from err
+            previous = self.store.activate(name, installed.artifact_id)
+            m = installed.manifest
+            self.serving.set_model(name, m.model.version, installed.artifact_id, m.runtime, model)
+            self._update(record, JobState.IN_PROGRESS, step="health_check")
+            try:
+                outputs = self.serving.infer(name, _synthetic_inputs(m, seed=1))
+                if not all(np.all(np.isfinite(o)) for o in outputs if o.dtype.kind == "f"):
+                    raise ValueError("non-finite outputs")
+            except Exception as err:
+                self.store.restore(name, previous)
+                if previous is not None:
+                    self._serve(previous)
+                else:
+                    self.serving.remove_model(name)
+                raise JobFailed(f"health check failed, previous version restored: {err}") from err
+        except (JobFailed, SlotError) as err:
+            self._end(record, JobState.FAILED, str(err))
+            return
+        self.store.prune(name, self.settings.keep_versions)
+        done = JobState.ROLLED_BACK if job.kind == "rollback" else JobState.SUCCEEDED
+        self._end(record, done, None)
+
+    # ------------------------------------------------------------ reporting
+
+    def _update(
+        self,
+        record: JobRecord,
+        state: JobState,
+        *,
+        step: str | None = None,
+        chunks: tuple[int, int] | None = None,
+    ) -> None:
+        record.state = transition(record.state, state)
+        self.jobs.save_current(record)
+        self._publish_update(record.job, state, step=step, chunks=chunks)
+
+    def _end(self, record: JobRecord, state: JobState, reason: str | None) -> None:
+        record.state = transition(record.state, state) if record.state != state else state
+        record.reason = reason
+        self.jobs.finish(record)
+        if reason and state is JobState.FAILED:
+            log.warning("job %s failed: %s", record.job.job_id, reason)
+        self._publish_update(record.job, state, reason=reason)
+        if self.active is not None and self.active.record is record:
+            if self.active.download is not None:
+                self.active.download.discard()
+            self.active = None
+
+    def _publish_update(
+        self,
+        job: JobNotify,
+        state: JobState,
+        *,
+        reason: str | None = None,
+        step: str | None = None,
+        chunks: tuple[int, int] | None = None,
+    ) -> None:
+        update = protocol.JobUpdate(
+            job_id=job.job_id,
+            device_id=self.device_id,
+            artifact_id=job.artifact_id,
+            state=state,
+            step=step,
+            reason=reason,
+            chunks_done=chunks[0] if chunks else None,
+            chunks_total=chunks[1] if chunks else None,
+        )
+        self.link.publish(protocol.jobs_update(self.device_id), update.to_bytes())
+
+    def heartbeat_payload(self) -> protocol.Heartbeat:
+        """The heartbeat as it would be sent now."""
+        disk = shutil.disk_usage(self.settings.state_dir)
+        return protocol.Heartbeat(
+            device_id=self.device_id,
+            agent_version=edgeloop.__version__,
+            uptime_s=round(time.monotonic() - self._started, 3),
+            models=self.serving.loaded(),
+            runtimes=self.runtimes,
+            hardware=protocol.HardwareFacts(
+                arch=platform.machine(),
+                profile=self.settings.profile,
+                cpu_features=sorted(_cpu_features())[:64],
+                cpu_count=os.cpu_count() or 1,
+                accelerators=["cuda"] if Path("/dev/nvidia0").exists() else [],
+                memory_free_mib=_memory_available_mib(),
+                disk_free_mib=disk.free // (1024 * 1024),
+            ),
+            inference=self.serving.latency(),
+        )
+
+    def _heartbeat(self) -> None:
+        self._last_heartbeat = time.monotonic()
+        self.link.publish(
+            protocol.heartbeat(self.device_id), self.heartbeat_payload().to_bytes(), qos=0
+        )
+
+    # ------------------------------------------------------------ offline operations
+
+    def install_local(self, path: Path) -> InstalledVersion:
+        """Air-gap install of a bundle directory or transfer tar with the same checks."""
+        staging = self.store.new_staging_dir("local")
+        shutil.rmtree(staging)
+        try:
+            if path.is_dir():
+                shutil.copytree(path, staging)
+            else:
+                unpack_bundle(path, staging)
+            verified = verify_bundle(staging, self.public_key)
+            m = verified.manifest
+            if m.profile != self.settings.profile:
+                raise JobFailed(
+                    f"artifact is built for profile {m.profile!r}; this device is "
+                    f"{self.settings.profile!r}"
+                )
+            current = self.store.active(m.model.name)
+            if current is not None and is_downgrade(
+                current.manifest.model.version, m.model.version
+            ):
+                raise JobFailed(
+                    f"version {m.model.version} of {m.model.name} is older than the installed "
+                    f"{current.manifest.model.version}; use 'edgeloop-agent rollback'"
+                )
+            if m.runtime not in self.runtimes:
+                raise JobFailed(f"runtime {m.runtime!r} is not available on this device")
+            installed = self.store.install(staging, m, verified.artifact_id)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        model = self.loader(installed.path, installed.manifest)
+        model.self_test()
+        self.store.activate(installed.name, installed.artifact_id)
+        return installed
+
+
+def _cpu_features() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("flags", "Features"):
+                return set(value.split())
+    except OSError:
+        pass
+    return set()
+
+
+def _memory_available_mib() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def install_signal_handlers(agent: Agent, done: threading.Event) -> None:
+    """SIGTERM/SIGINT stop the agent cleanly; SIGHUP reloads models from disk."""
+
+    def _stop(signum: int, _frame: object) -> None:
+        done.set()
+
+    def _reload(signum: int, _frame: object) -> None:
+        agent.load_active_models()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGHUP, _reload)
