@@ -47,6 +47,15 @@ class TransferSettings(_Section):
     window: int = Field(default=16, ge=1, le=256)
     chunk_timeout_s: float = Field(default=10.0, gt=0)
     max_artifact_mib: int = Field(default=2048, gt=0)
+    max_retries: int = Field(
+        default=200, ge=1, description="chunk re-requests (timeouts) before the job fails"
+    )
+    max_bad_frames: int = Field(
+        default=64, ge=1, description="rejected chunks (wrong length, bad hash) before failing"
+    )
+    max_file_attempts: int = Field(
+        default=2, ge=1, description="whole-file downloads whose sha256 mismatched before failing"
+    )
 
 
 class HttpSettings(_Section):

@@ -91,6 +91,10 @@ class _Active:
     record: JobRecord
     download: Download | None = None
     last_progress: float = 0.0
+    last_decile: int = 0
+    bad_frames: int = 0
+    file_attempts: int = 0
+    last_error: str | None = None
     started: float = field(default_factory=time.monotonic)
 
 
@@ -259,6 +263,15 @@ class Agent:
             )
             if request is not None:
                 self.link.publish(protocol.artifacts_req(self.device_id), request.to_bytes())
+            transfer = self.active.download.transfer
+            if transfer.retries > self.settings.transfer.max_retries:
+                self._end(
+                    self.active.record,
+                    JobState.FAILED,
+                    f"download stalled: {transfer.retries} chunk requests timed out "
+                    f"({transfer.done}/{transfer.count} chunks received); last error: "
+                    f"{self.active.last_error or 'none'}",
+                )
 
     # ------------------------------------------------------------ jobs
 
@@ -345,12 +358,23 @@ class Agent:
                 self.stats["chunks"] += 1
         except DownloadError as err:
             self.stats["bad_frames"] += 1
+            active.bad_frames += 1
+            active.last_error = str(err)
             log.warning("dropped chunk: %s", err)
+            if active.bad_frames > self.settings.transfer.max_bad_frames:
+                self._end(
+                    active.record,
+                    JobState.FAILED,
+                    f"artifact transfer is corrupt: {active.bad_frames} chunks rejected; "
+                    f"last: {err}",
+                )
             return
         now = time.monotonic()
         t = active.download.transfer
-        if now - active.last_progress > 1.0:
+        decile = t.done * 10 // t.count
+        if now - active.last_progress > 1.0 or decile != active.last_decile:
             active.last_progress = now
+            active.last_decile = decile
             self._update(
                 active.record, JobState.IN_PROGRESS, step="downloading", chunks=(t.done, t.count)
             )
@@ -363,7 +387,15 @@ class Agent:
         try:
             tar = active.download.finish()
         except DownloadError as err:
+            active.file_attempts += 1
+            active.last_error = str(err)
             log.warning("%s", err)
+            if active.file_attempts >= self.settings.transfer.max_file_attempts:
+                self._end(
+                    record,
+                    JobState.FAILED,
+                    f"artifact transfer is corrupt after {active.file_attempts} downloads: {err}",
+                )
             return
         try:
             installed = self._verify_and_install(record, tar)

@@ -21,8 +21,10 @@ def cli(verbose: int) -> None:
 def _mount() -> None:
     from compiler.cli import register
     from edgeloop.demo import demo_command
+    from fleet.cli import register as register_fleet
 
     register(cli)
+    register_fleet(cli)
     cli.add_command(demo_command)
 
 
