@@ -41,6 +41,7 @@ from agent import protocol
 from agent.config import AgentSettings
 from agent.download import Download, DownloadError
 from agent.jobs import JobLog, JobRecord, transition
+from agent.metrics import AgentMetrics
 from agent.mqtt import Connected, Event, Inbound, MqttLink
 from agent.protocol import JobNotify, JobState, ProtocolError
 from agent.runtimes import LoadedModel as Servable
@@ -114,12 +115,19 @@ class Agent:
     """One device's agent."""
 
     def __init__(
-        self, settings: AgentSettings, *, serving: Serving, loader: Loader, runtimes: list[str]
+        self,
+        settings: AgentSettings,
+        *,
+        serving: Serving,
+        loader: Loader,
+        runtimes: list[str],
+        metrics: AgentMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.serving = serving
         self.loader = loader
         self.runtimes = runtimes
+        self.metrics = metrics or AgentMetrics()
         self.device_id = settings.device_id
         state = settings.state_dir
         state.mkdir(parents=True, exist_ok=True)
@@ -191,6 +199,12 @@ class Agent:
         model.self_test()
         m = version.manifest
         self.serving.set_model(m.model.name, m.model.version, version.artifact_id, m.runtime, model)
+        self.metrics.set_active_model(
+            m.model.name,
+            version=m.model.version,
+            artifact_id=version.artifact_id,
+            runtime=m.runtime,
+        )
         return model
 
     # ------------------------------------------------------------ worker
@@ -356,8 +370,12 @@ class Agent:
         try:
             if active.download.accept(frame):
                 self.stats["chunks"] += 1
+                self.metrics.transfer_chunk(len(frame.payload))
+            else:
+                self.metrics.transfer_chunk(len(frame.payload), outcome="duplicate")
         except DownloadError as err:
             self.stats["bad_frames"] += 1
+            self.metrics.transfer_chunk(len(frame.payload), outcome="rejected")
             active.bad_frames += 1
             active.last_error = str(err)
             log.warning("dropped chunk: %s", err)
@@ -468,6 +486,9 @@ class Agent:
             previous = self.store.activate(name, installed.artifact_id)
             m = installed.manifest
             self.serving.set_model(name, m.model.version, installed.artifact_id, m.runtime, model)
+            self.metrics.set_active_model(
+                name, version=m.model.version, artifact_id=installed.artifact_id, runtime=m.runtime
+            )
             self._update(record, JobState.IN_PROGRESS, step="health_check")
             try:
                 outputs = self.serving.infer(name, _synthetic_inputs(m, seed=1))
@@ -522,6 +543,7 @@ class Agent:
         step: str | None = None,
         chunks: tuple[int, int] | None = None,
     ) -> None:
+        self.metrics.job_state(state.value)
         update = protocol.JobUpdate(
             job_id=job.job_id,
             device_id=self.device_id,

@@ -19,16 +19,22 @@ def build_agent(settings: AgentSettings) -> tuple[Agent, InferenceServer]:
     TVM runtime-only mode is switched on here, before anything imports ``tvm``.
     """
     from agent import runtimes
+    from agent.metrics import AgentMetrics
     from agent.server import InferenceServer, ModelRepository
 
     runtimes.prepare_tvm_runtime_env()
     repository = ModelRepository(max_concurrency=settings.http.max_concurrency)
-    server = InferenceServer(repository)
+    metrics = AgentMetrics()
+    server = InferenceServer(repository, metrics=metrics)
 
     def loader(path: Path, manifest: ArtifactManifest) -> runtimes.LoadedModel:
         return runtimes.load(path, manifest)
 
     agent = Agent(
-        settings, serving=repository, loader=loader, runtimes=runtimes.available_runtimes()
+        settings,
+        serving=repository,
+        loader=loader,
+        runtimes=runtimes.available_runtimes(),
+        metrics=metrics,
     )
     return agent, server

@@ -174,6 +174,19 @@ def test_full_path_with_tritonclient(
         np.testing.assert_allclose(
             result.as_numpy("logits"), _reference(artifacts.onnx, X), rtol=1e-4, atol=1e-5
         )
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{agent.http_port}/metrics", timeout=5) as resp:
+        metrics = resp.read().decode()
+    assert 'edgeloop_job_state_transitions_total{state="SUCCEEDED"} 1.0' in metrics
+    assert "edgeloop_transfer_bytes_total" in metrics
+    assert f'artifact_id="{v1}"' in metrics
+    assert "edgeloop_inference_requests_total{" in metrics
+    beat = protocol.Heartbeat.model_validate(_message(fleet, protocol.heartbeat("dev-1")))
+    assert [(m.name, m.version, m.artifact_id) for m in beat.models] == [("mlp", "1", v1)]
+    assert "tvm" in beat.runtimes and beat.hardware.profile == "generic/x86_64"
+    assert beat.hardware.cpu_count >= 1 and beat.hardware.disk_free_mib
+    assert beat.inference["mlp"].count >= 2 and beat.inference["mlp"].p50_ms is not None
     metadata = client.get_model_metadata("mlp")
     assert metadata["versions"] == ["1"] or "1" in metadata.get("versions", [])
     # The same job again (retained notify after a reconnect) is answered, not re-run.
@@ -325,7 +338,8 @@ def test_malformed_payloads_on_every_topic_are_dropped(
     assert fleet.wait("after-garbage", ("SUCCEEDED", "FAILED")).state == "SUCCEEDED", agent.log()
 
 
-def _status(fleet: Fleet, device: str, timeout: float = 15.0) -> dict[str, Any]:
+def _message(fleet: Fleet, topic: str, timeout: float = 15.0) -> dict[str, Any]:
+    """The first message on ``topic`` (retained or live) as the fleet user sees it."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
@@ -334,16 +348,20 @@ def _status(fleet: Fleet, device: str, timeout: float = 15.0) -> dict[str, Any]:
     client.username_pw_set("fleet", fleet.passwords["fleet"])
     client.on_message = lambda c, u, m: got.append(bytes(m.payload))
     client.connect("127.0.0.1", fleet.broker.port)
-    client.subscribe(protocol.status(device), qos=1)
+    client.subscribe(topic, qos=1)
     client.loop_start()
     deadline = time.monotonic() + timeout
     while not got and time.monotonic() < deadline:
         time.sleep(0.05)
     client.loop_stop()
     client.disconnect()
-    assert got, "no retained status"
+    assert got, f"no message on {topic}"
     data: dict[str, Any] = json.loads(got[-1])
     return data
+
+
+def _status(fleet: Fleet, device: str) -> dict[str, Any]:
+    return _message(fleet, protocol.status(device))
 
 
 def test_lwt_marks_killed_agent_offline_but_clean_stop_says_stopped(
