@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -46,8 +47,18 @@ def example_model(name: str = "digits_cnn.onnx") -> Path:
     is_flag=True,
     help="Do not build the aarch64 qemu sysroot if it is missing.",
 )
-def demo_command(output_dir: Path, profiles: tuple[str, ...], no_emulation_setup: bool) -> None:
-    """Compile the example model for the host and ARM profiles, verify, and report."""
+@click.option(
+    "--no-delivery",
+    "delivery",
+    flag_value=False,
+    default=True,
+    help="Skip delivering the host artifact to an agent over MQTT.",
+)
+def demo_command(
+    output_dir: Path, profiles: tuple[str, ...], no_emulation_setup: bool, delivery: bool
+) -> None:
+    """Compile the example model for the host and ARM profiles, verify, and report; then
+    deliver the host artifact to an agent over a private MQTT broker and query it."""
     from compiler import emulation
     from compiler.cli import err_console, handle_errors, out_console, print_report
     from compiler.pipeline import CompileRequest, compile_model
@@ -87,6 +98,8 @@ def demo_command(output_dir: Path, profiles: tuple[str, ...], no_emulation_setup
                 result.manifest.model_dump(mode="json"),
                 result.report,
             )
+        if delivery and "generic/x86_64" in profiles:
+            _deliver(output_dir, settings, model, err_console, out_console)
         out_console.print(
             f"\nartifacts in {output_dir.resolve()}; "
             f"verify one with: edgeloop artifact verify "
@@ -95,3 +108,39 @@ def demo_command(output_dir: Path, profiles: tuple[str, ...], no_emulation_setup
 
     run()
     sys.exit(0)
+
+
+def _deliver(output_dir: Path, settings: Any, model: Path, err: Any, out: Any) -> None:
+    import shutil
+
+    from compiler.signing import KeyPaths
+    from edgeloop.delivery_demo import run_delivery
+
+    if shutil.which("mosquitto") is None:
+        err.print("skipping delivery: mosquitto is not installed (apt-get install mosquitto)")
+        return
+    err.rule("[bold]delivery over MQTT")
+    workdir = output_dir / "delivery"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    result = run_delivery(
+        workdir=workdir,
+        bundle=output_dir / "generic__x86_64",
+        public_key=KeyPaths.in_dir(settings.keys_dir).public,
+        onnx_model=model,
+        say=lambda msg: err.print(f"[dim]·[/] {msg}", highlight=False),
+    )
+    diff = (
+        max(abs(a - b) for a, b in zip(result.outputs, result.reference, strict=True))
+        if result.outputs
+        else float("nan")
+    )
+    out.print(
+        f"delivery: job {result.job_state} in {result.seconds:.2f} s ({result.chunks} chunks); "
+        f"agent answered OIP with model version {result.model_version}, "
+        f"max |agent - ONNX Runtime| = {diff:.2e}"
+        + (f"; reason: {result.job_reason}" if result.job_reason else ""),
+        highlight=False,
+    )
+    if result.job_state != "SUCCEEDED" or not diff < 1e-3:
+        raise SystemExit(1)
