@@ -75,6 +75,23 @@ class Serving(Protocol):
         """Run a request through the serving path (for the health check)."""
         ...
 
+    def set_secondary(
+        self,
+        name: str,
+        *,
+        role: str,
+        version: str,
+        artifact_id: str,
+        model: Servable,
+        fraction: float = 0.0,
+    ) -> None:
+        """Serve ``model`` as the A/B candidate or the shadow of ``name``."""
+        ...
+
+    def clear_secondary(self, name: str, *, role: str) -> None:
+        """Stop serving the candidate or shadow of ``name``."""
+        ...
+
     def loaded(self) -> list[protocol.LoadedModel]:
         """Models being served, for heartbeats."""
         ...
@@ -193,6 +210,36 @@ class Agent:
                 if candidate is not self.store.active(name):
                     self.store.activate(name, candidate.artifact_id)
                 break
+            for role, info in self.store.roles(name).items():
+                version = self.store.version(name, str(info["artifact_id"]))
+                if version is None:
+                    continue
+                try:
+                    self._serve_secondary(version, role, float(info.get("fraction", 0.0)))
+                except Exception as err:
+                    log.error(
+                        "cannot serve %s %s as %s: %s", name, version.artifact_id[:12], role, err
+                    )
+
+    def _serve_secondary(self, version: InstalledVersion, role: str, fraction: float) -> None:
+        model = self.loader(version.path, version.manifest)
+        model.self_test()
+        m = version.manifest
+        self.serving.set_secondary(
+            m.model.name,
+            role=role,
+            version=m.model.version,
+            artifact_id=version.artifact_id,
+            model=model,
+            fraction=fraction,
+        )
+        self.metrics.set_active_model(
+            m.model.name,
+            version=m.model.version,
+            artifact_id=version.artifact_id,
+            runtime=m.runtime,
+            role=role,
+        )
 
     def _serve(self, version: InstalledVersion) -> Servable:
         model = self.loader(version.path, version.manifest)
@@ -310,6 +357,9 @@ class Agent:
         record = active.record
         job = record.job
         try:
+            if job.kind == "retire":
+                self._retire(record)
+                return
             self._precheck(job)
             installed = self.store.version(job.model.name, job.artifact_id)
             if installed is not None:
@@ -343,6 +393,7 @@ class Agent:
         if (
             current is not None
             and job.kind != "rollback"
+            and job.role == "primary"
             and is_downgrade(current.manifest.model.version, job.model.version)
         ):
             raise JobFailed(
@@ -466,8 +517,43 @@ class Agent:
                 f"(available: {', '.join(self.runtimes) or 'none'})"
             )
 
+    def _retire(self, record: JobRecord) -> None:
+        job = record.job
+        if job.role == "primary":
+            raise JobFailed("only a candidate or shadow can be retired; deploy another primary")
+        current = self.store.roles(job.model.name).get(job.role)
+        if current is None or current["artifact_id"] != job.artifact_id:
+            raise JobFailed(f"{job.artifact_id[:12]} is not the {job.role} of {job.model.name}")
+        self.store.set_role(job.model.name, job.role, None)
+        self.serving.clear_secondary(job.model.name, role=job.role)
+        self.metrics.clear_active_model(job.model.name, role=job.role)
+        self._end(record, JobState.SUCCEEDED, None)
+
+    def _activate_secondary(self, record: JobRecord, installed: InstalledVersion) -> None:
+        job = record.job
+        try:
+            if self.store.active(job.model.name) is None:
+                raise JobFailed(
+                    f"{job.model.name} has no primary version to serve a {job.role} beside"
+                )
+            self._update(record, JobState.IN_PROGRESS, step="activating")
+            try:
+                self._serve_secondary(installed, job.role, job.traffic_fraction)
+            except Exception as err:
+                raise JobFailed(f"the {job.role} failed to load or self-test: {err}") from err
+            self.store.set_role(
+                job.model.name, job.role, installed.artifact_id, job.traffic_fraction
+            )
+        except (JobFailed, SlotError) as err:
+            self._end(record, JobState.FAILED, str(err))
+            return
+        self._end(record, JobState.SUCCEEDED, None)
+
     def _activate_installed(self, record: JobRecord, installed: InstalledVersion) -> None:
         job = record.job
+        if job.role != "primary":
+            self._activate_secondary(record, installed)
+            return
         name = job.model.name
         current = self.store.active(name)
         if current is not None and current.artifact_id == installed.artifact_id:
@@ -504,6 +590,10 @@ class Agent:
         except (JobFailed, SlotError) as err:
             self._end(record, JobState.FAILED, str(err))
             return
+        for role, info in self.store.roles(name).items():
+            if info["artifact_id"] == installed.artifact_id:  # a promoted candidate/shadow
+                self.store.set_role(name, role, None)
+                self.metrics.clear_active_model(name, role=role)
         self.store.prune(name, self.settings.keep_versions)
         done = JobState.ROLLED_BACK if job.kind == "rollback" else JobState.SUCCEEDED
         self._end(record, done, None)

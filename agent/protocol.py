@@ -195,7 +195,15 @@ class JobNotify(_Payload):
     """A deployment or rollback job for one device."""
 
     job_id: str = Field(min_length=1, max_length=128)
-    kind: Literal["deploy", "rollback"] = "deploy"
+    kind: Literal["deploy", "rollback", "retire"] = Field(
+        default="deploy",
+        description="deploy or rollback installs artifact_id in role; retire stops serving it "
+        "as the model's candidate or shadow",
+    )
+    role: Literal["primary", "candidate", "shadow"] = "primary"
+    traffic_fraction: float = Field(
+        default=0.1, ge=0.0, le=1.0, description="share of requests a candidate answers"
+    )
     artifact_id: str = Field(pattern=r"^[0-9a-f]{64}$")
     model: ModelVersion
     profile: str

@@ -464,6 +464,63 @@ class ModelRepository:
         """Stop serving ``name`` (requests in flight finish)."""
         self.remove(name)
 
+    def set_secondary(
+        self,
+        name: str,
+        *,
+        role: str,
+        version: str,
+        artifact_id: str,
+        model: LoadedModel,
+        fraction: float = 0.0,
+    ) -> None:
+        """Serve ``model`` as the A/B ``candidate`` (with ``fraction`` of the traffic) or the
+        ``shadow`` of ``name`` beside its primary.
+
+        Raises:
+            ModelNotFoundError: ``name`` has no primary to split with or compare against.
+            ValueError: wrong role, same version as another member, or other inputs.
+        """
+        if role not in ("candidate", "shadow"):
+            raise ValueError(f"role {role!r} is not valid; choose from: candidate, shadow")
+        served = ServedVersion(version=version, model=model, artifact_id=artifact_id)
+        with self._lock:
+            slot = self._slots.get(name)
+            old = slot.entry if slot is not None else None
+            if slot is None or old is None:
+                raise ModelNotFoundError(f"model {name!r} has no primary version to pair with")
+            if role == "candidate":
+                entry = ModelEntry(
+                    primary=old.primary,
+                    candidate=served,
+                    candidate_fraction=fraction,
+                    shadow=old.shadow,
+                )
+            else:
+                entry = ModelEntry(
+                    primary=old.primary,
+                    candidate=old.candidate,
+                    candidate_fraction=old.candidate_fraction,
+                    shadow=served,
+                )
+            slot.entry = entry
+
+    def clear_secondary(self, name: str, *, role: str) -> None:
+        """Stop serving the candidate or shadow of ``name`` (no-op if there is none)."""
+        with self._lock:
+            slot = self._slots.get(name)
+            old = slot.entry if slot is not None else None
+            if slot is None or old is None:
+                return
+            if role == "candidate":
+                slot.entry = ModelEntry(primary=old.primary, shadow=old.shadow)
+            else:
+                slot.entry = ModelEntry(
+                    primary=old.primary,
+                    candidate=old.candidate,
+                    candidate_fraction=old.candidate_fraction,
+                )
+
     def infer(self, name: str, inputs: list[Array]) -> list[Array]:
         """Run ``inputs`` on the primary of ``name`` through admission control (health checks).
 

@@ -14,11 +14,13 @@ partial one. Leftover staging directories are removed at start-up.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
@@ -193,12 +195,44 @@ class ModelStore:
             self._point(name, LAST_KNOWN_GOOD, current.artifact_id)
         return target
 
+    # ------------------------------------------------------------ candidate and shadow
+
+    def _roles_file(self, name: str) -> Path:
+        return self._model_dir(name) / "roles.json"
+
+    def roles(self, name: str) -> dict[str, dict[str, Any]]:
+        """The candidate/shadow versions of ``name``: role -> {artifact_id, fraction}."""
+        try:
+            data = json.loads(self._roles_file(name).read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+        return {k: v for k, v in data.items() if k in ("candidate", "shadow")}
+
+    def set_role(
+        self, name: str, role: str, artifact_id: str | None, fraction: float = 0.0
+    ) -> None:
+        """Record (or with ``artifact_id=None`` clear) the candidate or shadow of ``name``."""
+        if role not in ("candidate", "shadow"):
+            raise SlotError(f"role {role!r} is not valid; choose from: candidate, shadow")
+        roles = self.roles(name)
+        if artifact_id is None:
+            roles.pop(role, None)
+        else:
+            if self.version(name, artifact_id) is None:
+                raise SlotError(f"model {name!r} has no installed version {artifact_id}")
+            roles[role] = {"artifact_id": artifact_id, "fraction": fraction}
+        path = self._roles_file(name)
+        tmp = path.with_name(f".roles.json.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(roles))
+        os.replace(tmp, path)
+
     def prune(self, name: str, keep: int) -> list[str]:
         """Delete old versions beyond ``keep``, never the active or last-known-good one."""
         versions = self._model_dir(name) / "versions"
         if not versions.is_dir():
             return []
         pinned = {v.artifact_id for v in (self.active(name), self.last_known_good(name)) if v}
+        pinned |= {str(r["artifact_id"]) for r in self.roles(name).values()}
         others = sorted(
             (p for p in versions.iterdir() if p.name not in pinned),
             key=lambda p: p.stat().st_mtime,

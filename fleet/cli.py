@@ -260,7 +260,25 @@ def responder_command(
 @click.option("--device", "device_id", required=True, help="Target device id.")
 @click.option("--job-id", default=None, help="Job id (default: random).")
 @click.option(
-    "--kind", type=click.Choice(["deploy", "rollback"]), default="deploy", show_default=True
+    "--kind",
+    type=click.Choice(["deploy", "rollback", "retire"]),
+    default="deploy",
+    show_default=True,
+)
+@click.option(
+    "--role",
+    type=click.Choice(["primary", "candidate", "shadow"]),
+    default="primary",
+    show_default=True,
+    help="Serve as the primary, as an A/B candidate, or as a shadow beside the primary.",
+)
+@click.option(
+    "--fraction",
+    "traffic_fraction",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.1,
+    show_default=True,
+    help="Share of requests a candidate answers.",
 )
 @click.option(
     "--wait",
@@ -278,6 +296,8 @@ def deploy_command(
     device_id: str,
     job_id: str | None,
     kind: str,
+    role: str,
+    traffic_fraction: float,
     wait_s: float | None,
     store_dir: Path | None,
     public_key: Path | None,
@@ -312,6 +332,8 @@ def deploy_command(
                 artifact_id=artifact_id,
                 job_id=job_id,
                 kind=kind,
+                role=role,
+                traffic_fraction=traffic_fraction,
             )
             final = None
         else:
@@ -323,6 +345,8 @@ def deploy_command(
                     artifact_id=artifact_id,
                     job_id=job_id,
                     kind=kind,
+                    role=role,
+                    traffic_fraction=traffic_fraction,
                 )
                 final = watcher.wait_for(job.job_id, terminal, wait_s, device_id=device_id)
     if as_json:

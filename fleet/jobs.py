@@ -19,7 +19,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Iterable
-from typing import Literal, Protocol
+from typing import Literal, Protocol, cast
 
 import paho.mqtt.client as mqtt
 
@@ -30,8 +30,9 @@ from fleet.store import ArtifactStore, InvalidRequestError, StoredArtifact
 
 log = logging.getLogger(__name__)
 
-JobKind = Literal["deploy", "rollback"]
-_KINDS: tuple[JobKind, ...] = ("deploy", "rollback")
+JobKind = Literal["deploy", "rollback", "retire"]
+_KINDS: tuple[JobKind, ...] = ("deploy", "rollback", "retire")
+_ROLES = ("primary", "candidate", "shadow")
 
 
 class JobTimeoutError(TimeoutError):
@@ -52,21 +53,33 @@ class Publisher(Protocol):
 
 
 def build_job(
-    stored: StoredArtifact, *, job_id: str | None = None, kind: str = "deploy"
+    stored: StoredArtifact,
+    *,
+    job_id: str | None = None,
+    kind: str = "deploy",
+    role: str = "primary",
+    traffic_fraction: float = 0.1,
 ) -> JobNotify:
     """The ``JobNotify`` that deploys (or rolls back to) a stored artifact.
 
     Raises:
-        InvalidRequestError: ``kind`` is not deploy or rollback, or ``job_id`` is malformed.
+        InvalidRequestError: unknown ``kind`` or ``role``, a fraction outside [0, 1], or a
+            malformed ``job_id``.
     """
     if kind not in _KINDS:
         raise InvalidRequestError(f"job kind {kind!r} is unknown; choose from: {', '.join(_KINDS)}")
+    if role not in _ROLES:
+        raise InvalidRequestError(f"job role {role!r} is unknown; choose from: {', '.join(_ROLES)}")
+    if not 0.0 <= traffic_fraction <= 1.0:
+        raise InvalidRequestError(f"traffic fraction {traffic_fraction} is not in [0, 1]")
     job_id = job_id or f"{kind}-{uuid.uuid4().hex}"
     if not 1 <= len(job_id) <= 128:
         raise InvalidRequestError(f"job id {job_id!r} must be 1-128 characters long")
     return JobNotify(
         job_id=job_id,
-        kind="deploy" if kind == "deploy" else "rollback",
+        kind=kind,
+        role=cast(Literal["primary", "candidate", "shadow"], role),
+        traffic_fraction=traffic_fraction,
         artifact_id=stored.artifact_id,
         model=ModelVersion(name=stored.model.name, version=stored.model.version),
         profile=stored.profile,
@@ -83,6 +96,8 @@ def publish_job(
     artifact_id: str,
     job_id: str | None = None,
     kind: str = "deploy",
+    role: str = "primary",
+    traffic_fraction: float = 0.1,
     timeout: float = 10.0,
 ) -> JobNotify:
     """Grant ``device_id`` the artifact and publish the job to it (retained, QoS 1).
@@ -94,7 +109,9 @@ def publish_job(
         device_id: the target device.
         artifact_id: a stored artifact.
         job_id: default ``<kind>-<random hex>``.
-        kind: ``deploy`` or ``rollback``.
+        kind: ``deploy``, ``rollback`` or ``retire`` (stop a candidate or shadow).
+        role: ``primary``, ``candidate`` (A/B split) or ``shadow``.
+        traffic_fraction: share of requests a candidate answers.
         timeout: seconds to connect and to wait for the PUBACK, each.
 
     Returns:
@@ -110,7 +127,13 @@ def publish_job(
         topic = protocol.jobs_notify(device_id)
     except protocol.ProtocolError as err:
         raise InvalidRequestError(str(err)) from err
-    job = build_job(store.get(artifact_id), job_id=job_id, kind=kind)
+    job = build_job(
+        store.get(artifact_id),
+        job_id=job_id,
+        kind=kind,
+        role=role,
+        traffic_fraction=traffic_fraction,
+    )
     had_grant = store.is_entitled(device_id, artifact_id)
     store.grant(device_id, artifact_id)
     try:

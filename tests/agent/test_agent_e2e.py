@@ -418,3 +418,69 @@ def test_killed_at_random_points_active_is_old_or_new(
         assert fleet.wait(f"run-{run}", ("SUCCEEDED", "ROLLED_BACK", "FAILED")).state != "FAILED"
         assert store.active("mlp").manifest.model.version == new  # type: ignore[union-attr]
     assert outcomes["old"] > 0 and outcomes["new"] > 0, outcomes
+
+
+def test_candidate_split_shadow_and_promotion_via_jobs(
+    fleet: Fleet, agents: Any, tmp_path: Path, artifacts: Artifacts
+) -> None:
+    import urllib.request
+
+    agent = _agent(agents, fleet, tmp_path)
+    agent.start()
+    v1, v2 = _put(fleet, artifacts.v1), _put(fleet, artifacts.v2)
+    fleet.deploy("dev-1", v1, job_id="primary")
+    assert fleet.wait("primary", ("SUCCEEDED", "FAILED")).state == "SUCCEEDED"
+    from fleet.jobs import publish_job
+
+    publish_job(
+        fleet.config("fleet"),
+        store=fleet.store,
+        device_id="dev-1",
+        artifact_id=v2,
+        job_id="candidate",
+        role="candidate",
+        traffic_fraction=0.5,
+    )
+    assert fleet.wait("candidate", ("SUCCEEDED", "FAILED")).state == "SUCCEEDED", agent.log()
+    served = [_serving_version(agent) for _ in range(60)]
+    assert 10 < served.count("2") < 50 and served.count("1") + served.count("2") == 60
+    publish_job(
+        fleet.config("fleet"),
+        store=fleet.store,
+        device_id="dev-1",
+        artifact_id=v2,
+        job_id="retire",
+        kind="retire",
+        role="candidate",
+    )
+    assert fleet.wait("retire", ("SUCCEEDED", "FAILED")).state == "SUCCEEDED"
+    assert {_serving_version(agent) for _ in range(20)} == {"1"}
+
+    publish_job(
+        fleet.config("fleet"),
+        store=fleet.store,
+        device_id="dev-1",
+        artifact_id=v2,
+        job_id="shadow",
+        role="shadow",
+    )
+    assert fleet.wait("shadow", ("SUCCEEDED", "FAILED")).state == "SUCCEEDED"
+    agent.stop()
+    agent.start()  # the shadow survives a restart
+    assert {_serving_version(agent) for _ in range(20)} == {"1"}  # only the primary answers
+    time.sleep(0.5)
+    with urllib.request.urlopen(f"http://127.0.0.1:{agent.http_port}/metrics", timeout=5) as r:
+        metrics = r.read().decode()
+    assert "edgeloop_shadow_comparisons_total" in metrics
+    comparisons = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("edgeloop_shadow_comparisons_total{")
+    ]
+    assert comparisons and float(comparisons[0].rsplit(" ", 1)[1]) >= 1
+
+    fleet.deploy("dev-1", v2, job_id="promote")
+    assert fleet.wait("promote", ("SUCCEEDED", "FAILED")).state == "SUCCEEDED"
+    assert {_serving_version(agent) for _ in range(10)} == {"2"}
+    roles = json.loads((agent.state_dir / "models" / "mlp" / "roles.json").read_text())
+    assert roles == {}
