@@ -365,6 +365,9 @@ def deploy_command(
 
 def register(group: click.Group) -> None:
     """Add the ``fleet`` command group to the root CLI."""
+    from fleet.api.cli import api_group
+
+    fleet_group.add_command(api_group)
     group.add_command(fleet_group)
 
 

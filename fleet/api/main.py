@@ -1,0 +1,123 @@
+"""The fleet API application: :func:`create_app` wires routers, the error handler and state.
+
+Nothing happens at import. ``create_app`` builds the app without touching the database; its
+lifespan, at start-up, runs the Alembic upgrade (``migrate_on_start``), creates the engine,
+opens the artifact store and the broker adapter unless they were injected, and closes what it
+opened at shutdown. Serve it with ``edgeloop fleet api serve`` (uvicorn).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
+
+from fleet import db
+from fleet.api.metrics import ApiMetrics
+from fleet.api.routes import api_keys, artifacts, audit, devices, groups, health, organizations
+from fleet.api.routing import AuditedRoute
+from fleet.api.settings import ApiSettings
+from fleet.broker_auth import BrokerAuth, MosquittoPasswordFile, signal_reload
+from fleet.errors import FleetError
+from fleet.store import ArtifactStore
+
+# The deployments router (rollouts over fleet/rollout.py) joins this tuple.
+ROUTERS: tuple[APIRouter, ...] = (
+    organizations.router,
+    api_keys.router,
+    devices.router,
+    groups.router,
+    artifacts.router,
+    audit.router,
+    health.router,
+)
+
+
+async def handle_fleet_error(_request: Request, err: Exception) -> JSONResponse:
+    """Every :class:`FleetError` as ``{"detail": message}`` with its class's status."""
+    status = err.http_status if isinstance(err, FleetError) else 500
+    headers = err.headers if isinstance(err, FleetError) else None
+    return JSONResponse({"detail": str(err)}, status_code=status, headers=headers)
+
+
+def _open_store(settings: ApiSettings) -> ArtifactStore:
+    from compiler.settings import CompilerSettings
+    from compiler.signing import KeyPaths, load_public_key
+
+    key_path = settings.public_key or KeyPaths.in_dir(CompilerSettings().keys_dir).public
+    return ArtifactStore(settings.store, load_public_key(key_path))
+
+
+def _broker_auth(settings: ApiSettings) -> BrokerAuth | None:
+    if settings.broker_password_file is None or settings.broker_pid_file is None:
+        return None
+    return MosquittoPasswordFile(
+        settings.broker_password_file, reload=signal_reload(settings.broker_pid_file)
+    )
+
+
+def _profile_names() -> list[str]:
+    from compiler.profiles import ProfileRegistry
+    from compiler.settings import CompilerSettings
+
+    return ProfileRegistry(CompilerSettings().profile_roots()).names()
+
+
+def create_app(
+    settings: ApiSettings,
+    *,
+    store: ArtifactStore | None = None,
+    broker_auth: BrokerAuth | None = None,
+) -> FastAPI:
+    """The fleet API for ``settings``.
+
+    Args:
+        settings: database URL, state directory, upload limit, broker files.
+        store: the artifact store (default: opened from ``settings`` at start-up).
+        broker_auth: device credentials on the broker (default: from the broker settings;
+            without them, device registration answers 503).
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        url = settings.resolved_database_url()
+        if settings.migrate_on_start:
+            await run_in_threadpool(db.upgrade, url)
+        app.state.engine = db.make_engine(url)
+        own_store = store is None
+        app.state.store = store if store is not None else _open_store(settings)
+        app.state.broker_auth = broker_auth if broker_auth is not None else _broker_auth(settings)
+        app.state.profiles = _profile_names()
+        try:
+            yield
+        finally:
+            if own_store:
+                app.state.store.close()
+            app.state.engine.dispose()
+
+    app = FastAPI(
+        title="EdgeLoop fleet API",
+        version="1",
+        description="Organizations, API keys, devices, groups, artifacts and the audit log.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = ApiMetrics()
+    app.add_exception_handler(FleetError, handle_fleet_error)
+    for router in ROUTERS:
+        _check_routes(router)
+        app.include_router(router)
+    return app
+
+
+def _check_routes(router: APIRouter) -> None:
+    for route in router.routes:
+        if isinstance(route, APIRoute) and not isinstance(route, AuditedRoute):
+            raise TypeError(
+                f"route {route.path} of router {router.prefix!r} is not an AuditedRoute; "
+                "build the router with APIRouter(route_class=AuditedRoute)"
+            )

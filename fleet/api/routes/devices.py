@@ -1,0 +1,130 @@
+"""Devices of the caller's organization: register (MQTT credentials shown once), list, read,
+change, revoke, delete.
+
+A device's id is its MQTT username, so it is unique in the whole fleet. Registration adds
+the device to the broker's password file and revocation or deletion removes it, both before
+the database commits: a broker failure answers 503 and leaves the database unchanged; a
+database failure after the broker changed undoes the broker change on registration, and on
+revocation leaves the device cut off (retrying finishes the job).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+
+from fastapi import APIRouter, Depends, Query, status
+
+from fleet import credentials, crud
+from fleet.api.deps import (
+    AuditDep,
+    BrokerAuthDep,
+    DeviceDep,
+    OrgDep,
+    ProfilesDep,
+    SessionDep,
+    require_scope,
+)
+from fleet.api.routing import AuditedRoute
+from fleet.errors import InvalidRequestError
+from fleet.models import (
+    DeviceCreate,
+    DevicePublic,
+    DeviceRegistered,
+    DevicesPublic,
+    DeviceUpdate,
+    MqttCredentials,
+)
+from fleet.scopes import Scope
+
+router = APIRouter(prefix="/devices", tags=["devices"], route_class=AuditedRoute)
+
+
+def _check_profile(profile: str, known: list[str]) -> None:
+    if known and profile not in known:
+        raise InvalidRequestError(
+            f"unknown hardware profile {profile!r}; choose from: {', '.join(known)}"
+        )
+
+
+@router.post(
+    "", status_code=status.HTTP_201_CREATED, dependencies=[Depends(require_scope(Scope.WRITE))]
+)
+def register_device(
+    session: SessionDep,
+    org: OrgDep,
+    audit: AuditDep,
+    broker: BrokerAuthDep,
+    profiles: ProfilesDep,
+    device_in: DeviceCreate,
+) -> DeviceRegistered:
+    """Register a device and return its MQTT username and password (shown only now)."""
+    audit.target = f"device:{device_in.device_id}"
+    _check_profile(device_in.profile, profiles)
+    device = crud.create_device(session, org_id=org.id, device_in=device_in)
+    password = credentials.new_device_password()
+    try:
+        broker.add_device(device.device_id, password)
+        session.commit()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            broker.remove_device(device.device_id)
+        raise
+    mqtt = MqttCredentials(username=device.device_id, password=password)
+    return DeviceRegistered.model_validate(device, update={"mqtt": mqtt})
+
+
+@router.get("", dependencies=[Depends(require_scope(Scope.READ))])
+def list_devices(
+    session: SessionDep,
+    org: OrgDep,
+    group_id: uuid.UUID | None = None,
+    revoked: bool | None = None,
+    offset: int = Query(0, ge=0),
+    limit: int = Query(100, ge=1, le=1000),
+) -> DevicesPublic:
+    """The organization's devices by id, optionally one group's, or only (un)revoked ones."""
+    devices, count = crud.list_devices(
+        session, org_id=org.id, group_id=group_id, revoked=revoked, offset=offset, limit=limit
+    )
+    return DevicesPublic(data=[DevicePublic.model_validate(d) for d in devices], count=count)
+
+
+@router.get("/{device_id}", dependencies=[Depends(require_scope(Scope.READ))])
+def read_device(device: DeviceDep) -> DevicePublic:
+    """One device."""
+    return DevicePublic.model_validate(device)
+
+
+@router.patch("/{device_id}", dependencies=[Depends(require_scope(Scope.WRITE))])
+def update_device(
+    session: SessionDep, device: DeviceDep, profiles: ProfilesDep, device_in: DeviceUpdate
+) -> DevicePublic:
+    """Change a device's profile, tags (replaced whole) or group (``null`` leaves it)."""
+    if device_in.profile is not None:
+        _check_profile(device_in.profile, profiles)
+    device = crud.update_device(session, device=device, device_in=device_in)
+    session.commit()
+    return DevicePublic.model_validate(device)
+
+
+@router.post("/{device_id}/revoke", dependencies=[Depends(require_scope(Scope.WRITE))])
+def revoke_device(session: SessionDep, device: DeviceDep, broker: BrokerAuthDep) -> DevicePublic:
+    """Cut a device off the broker and mark it revoked (idempotent); it stays listed."""
+    device = crud.revoke_device(session, device=device)
+    broker.remove_device(device.device_id)
+    session.commit()
+    return DevicePublic.model_validate(device)
+
+
+@router.delete(
+    "/{device_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    dependencies=[Depends(require_scope(Scope.WRITE))],
+)
+def delete_device(session: SessionDep, device: DeviceDep, broker: BrokerAuthDep) -> None:
+    """Cut a device off the broker and delete it; its id can then be registered again."""
+    device_id = device.device_id
+    crud.delete_device(session, device=device)
+    broker.remove_device(device_id)
+    session.commit()

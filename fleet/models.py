@@ -1,0 +1,389 @@
+"""Database tables and API schemas of the fleet, one SQLModel family per entity.
+
+Per entity: ``XBase`` (shared fields), ``XCreate`` (request body), ``XUpdate`` (partial
+update, every field optional), ``X(table=True)`` (the row), ``XPublic`` (response) and
+``XsPublic`` (``data`` + ``count``). Table models do not validate (SQLModel skips it);
+validation lives on the request models, so CRUD helpers take validated ``XCreate``/``XUpdate``.
+
+Every row but ``Organization`` belongs to one organization (``org_id``) and every lookup is
+scoped to it (``fleet.crud``). Timestamps are timezone-aware UTC on every database.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import field_validator
+from sqlalchemy import JSON, BigInteger, DateTime, UniqueConstraint, event
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, SQLModel
+
+from agent.protocol import ProtocolError, check_device_id
+from fleet.broker import FLEET_USER, RESPONDER_USER
+from fleet.scopes import Scope
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+NAME_RULE = "1-64 of A-Z a-z 0-9 '_' '.' '-', starting with a letter or digit"
+RESERVED_DEVICE_IDS = (FLEET_USER, RESPONDER_USER)
+MAX_TAGS = 32
+
+
+def utcnow() -> datetime:
+    """Now, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored as UTC and always read back timezone-aware (SQLite keeps no zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"timestamp {value.isoformat()} has no time zone; use UTC")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+def _check_name(value: str, what: str) -> str:
+    if not re.match(NAME_PATTERN, value):
+        raise ValueError(f"{what} {value!r} is invalid; use {NAME_RULE}")
+    return value
+
+
+# ---------------------------------------------------------------- organizations
+
+
+class OrganizationBase(SQLModel):
+    name: str = Field(max_length=64, description=f"Unique name: {NAME_RULE}.")
+
+
+class OrganizationCreate(OrganizationBase):
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _check_name(value, "organization name")
+
+
+class OrganizationUpdate(SQLModel):
+    name: str | None = Field(default=None, max_length=64)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        return None if value is None else _check_name(value, "organization name")
+
+
+class Organization(OrganizationBase, table=True):
+    __tablename__ = "organizations"
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    name: str = Field(max_length=64, unique=True)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class OrganizationPublic(OrganizationBase):
+    id: uuid.UUID
+    created_at: datetime
+
+
+class OrganizationsPublic(SQLModel):
+    data: list[OrganizationPublic]
+    count: int
+
+
+# ---------------------------------------------------------------- API keys
+
+
+class ApiKeyBase(SQLModel):
+    name: str = Field(max_length=128, description="What the key is for (free text).")
+    scopes: list[Scope] = Field(description="fleet:read, fleet:write, deploy and/or admin.")
+
+
+class ApiKeyCreate(ApiKeyBase):
+    @field_validator("scopes")
+    @classmethod
+    def _scopes(cls, value: list[Scope]) -> list[Scope]:
+        if not value:
+            raise ValueError(
+                "an API key needs at least one scope; choose from: "
+                + ", ".join(s.value for s in Scope)
+            )
+        return sorted(set(value), key=list(Scope).index)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("API key name is empty; say what the key is for")
+        return value
+
+
+class ApiKeyUpdate(SQLModel):
+    name: str | None = Field(default=None, max_length=128)
+
+
+class ApiKey(ApiKeyBase, table=True):
+    __tablename__ = "api_keys"
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    key_id: str = Field(max_length=12, unique=True, description="Public id (token prefix).")
+    org_id: uuid.UUID = Field(foreign_key="organizations.id", index=True)
+    scopes: list[Scope] = Field(sa_type=JSON)
+    secret_hash: str = Field(max_length=256)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    created_by: str | None = Field(default=None, max_length=12)
+    revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class ApiKeyPublic(ApiKeyBase):
+    key_id: str
+    created_at: datetime
+    created_by: str | None
+    revoked_at: datetime | None
+
+
+class ApiKeyCreated(ApiKeyPublic):
+    """The one response that carries the token; it is not stored and cannot be shown again."""
+
+    token: str = Field(description="Send as 'Authorization: Bearer <token>'. Shown once.")
+
+
+class ApiKeysPublic(SQLModel):
+    data: list[ApiKeyPublic]
+    count: int
+
+
+# ---------------------------------------------------------------- groups
+
+
+class GroupBase(SQLModel):
+    name: str = Field(max_length=64, description=f"Unique in the organization: {NAME_RULE}.")
+    description: str = Field(default="", max_length=1024)
+
+
+class GroupCreate(GroupBase):
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _check_name(value, "group name")
+
+
+class GroupUpdate(SQLModel):
+    name: str | None = Field(default=None, max_length=64)
+    description: str | None = Field(default=None, max_length=1024)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        return None if value is None else _check_name(value, "group name")
+
+
+class Group(GroupBase, table=True):
+    __tablename__ = "groups"
+    __table_args__ = (UniqueConstraint("org_id", "name", name="uq_groups_org_name"),)
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    org_id: uuid.UUID = Field(foreign_key="organizations.id", index=True)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class GroupPublic(GroupBase):
+    id: uuid.UUID
+    created_at: datetime
+
+
+class GroupsPublic(SQLModel):
+    data: list[GroupPublic]
+    count: int
+
+
+# ---------------------------------------------------------------- devices
+
+
+def _check_tags(value: dict[str, str] | None) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if len(value) > MAX_TAGS:
+        raise ValueError(f"{len(value)} tags given; at most {MAX_TAGS} are allowed")
+    for key, item in value.items():
+        if not 1 <= len(key) <= 64:
+            raise ValueError(f"tag key {key!r} must have 1-64 characters")
+        if len(item) > 256:
+            raise ValueError(f"tag {key!r} has a {len(item)}-character value; at most 256")
+    return value
+
+
+class DeviceBase(SQLModel):
+    profile: str = Field(
+        max_length=128, description="Hardware profile name, e.g. raspberry-pi/4b-aarch64."
+    )
+    tags: dict[str, str] = Field(default_factory=dict, description="Free key/value labels.")
+    group_id: uuid.UUID | None = Field(default=None, description="The device's group, if any.")
+
+
+class DeviceCreate(DeviceBase):
+    device_id: str = Field(
+        max_length=64, description="Unique in the fleet; the device's MQTT username."
+    )
+
+    @field_validator("device_id")
+    @classmethod
+    def _device_id(cls, value: str) -> str:
+        try:
+            check_device_id(value)
+        except ProtocolError as err:
+            raise ValueError(str(err)) from err
+        if value in RESERVED_DEVICE_IDS:
+            raise ValueError(
+                f"device id {value!r} is reserved for the fleet's own broker users; "
+                f"reserved: {', '.join(RESERVED_DEVICE_IDS)}"
+            )
+        return value
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, value: dict[str, str]) -> dict[str, str]:
+        return _check_tags(value) or {}
+
+
+class DeviceUpdate(SQLModel):
+    profile: str | None = Field(default=None, max_length=128)
+    tags: dict[str, str] | None = None
+    group_id: uuid.UUID | None = None
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return _check_tags(value)
+
+
+class Device(DeviceBase, table=True):
+    __tablename__ = "devices"
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    device_id: str = Field(max_length=64, unique=True)
+    org_id: uuid.UUID = Field(foreign_key="organizations.id", index=True)
+    tags: dict[str, str] = Field(default_factory=dict, sa_type=JSON)
+    group_id: uuid.UUID | None = Field(default=None, foreign_key="groups.id", index=True)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    revoked: bool = False
+    revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class DevicePublic(DeviceBase):
+    device_id: str
+    created_at: datetime
+    revoked: bool
+    revoked_at: datetime | None
+
+
+class MqttCredentials(SQLModel):
+    """A device's broker login; the password is shown once, at registration."""
+
+    username: str
+    password: str
+
+
+class DeviceRegistered(DevicePublic):
+    mqtt: MqttCredentials
+
+
+class DevicesPublic(SQLModel):
+    data: list[DevicePublic]
+    count: int
+
+
+# ---------------------------------------------------------------- artifacts
+
+
+class ArtifactBase(SQLModel):
+    artifact_id: str = Field(max_length=64, description="sha256 of the signed manifest.")
+    model_name: str = Field(max_length=128)
+    model_version: str = Field(max_length=64)
+    profile: str = Field(max_length=128)
+    runtime: str = Field(max_length=32)
+    size: int = Field(description="Bytes of the transfer tar.")
+    transfer_sha256: str = Field(max_length=64)
+
+
+class ArtifactCreate(ArtifactBase):
+    """What the store reports after a verified put (not a request body: uploads are tars)."""
+
+
+class Artifact(ArtifactBase, table=True):
+    __tablename__ = "artifacts"
+    __table_args__ = (UniqueConstraint("org_id", "artifact_id", name="uq_artifacts_org_artifact"),)
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    org_id: uuid.UUID = Field(foreign_key="organizations.id", index=True)
+    artifact_id: str = Field(max_length=64, index=True)
+    size: int = Field(sa_type=BigInteger)
+    uploaded_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    uploaded_by: str | None = Field(default=None, max_length=12)
+
+
+class ArtifactPublic(ArtifactBase):
+    uploaded_at: datetime
+    uploaded_by: str | None
+
+
+class ArtifactsPublic(SQLModel):
+    data: list[ArtifactPublic]
+    count: int
+
+
+# ---------------------------------------------------------------- audit log
+
+
+class AuditLogBase(SQLModel):
+    actor: str = Field(max_length=12, description="Key id of the API key that made the call.")
+    action: str = Field(max_length=128, description="<resource>.<operation>")
+    target: str = Field(max_length=512, description="What the call was about (path or id).")
+    result: str = Field(max_length=16, description="ok, denied or failed.")
+    status_code: int
+    detail: str | None = Field(default=None, max_length=1024)
+
+
+class AuditLogCreate(AuditLogBase):
+    pass
+
+
+class AuditLog(AuditLogBase, table=True):
+    """Append-only: nothing updates or deletes rows (enforced by ORM events in fleet.crud)."""
+
+    __tablename__ = "audit_log"
+
+    id: int | None = Field(default=None, primary_key=True)
+    org_id: uuid.UUID = Field(foreign_key="organizations.id", index=True)
+    at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, index=True)
+
+
+class AuditLogPublic(AuditLogBase):
+    id: int
+    at: datetime
+
+
+class AuditLogsPublic(SQLModel):
+    data: list[AuditLogPublic]
+    count: int
+
+
+@event.listens_for(AuditLog, "before_update")
+@event.listens_for(AuditLog, "before_delete")
+def _audit_is_append_only(_mapper: Any, _connection: Any, target: AuditLog) -> None:
+    raise RuntimeError(
+        f"audit log entry {target.id} cannot be changed or deleted; it is append-only"
+    )
