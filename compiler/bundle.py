@@ -255,4 +255,3 @@ def unpack_bundle(tar_path: Path, dest: Path, *, max_bytes: int = 4 << 30) -> Pa
     except (tarfile.TarError, EOFError, OSError) as err:
         raise ArtifactError(f"transfer file {tar_path.name} is damaged: {err}") from err
     return dest
-
