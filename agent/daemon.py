@@ -384,21 +384,44 @@ class Agent:
             self._end(record, JobState.FAILED, str(err))
 
     def _precheck(self, job: JobNotify) -> None:
-        if job.profile != self.settings.profile:
+        self._check_admissible(
+            name=job.model.name,
+            version=job.model.version,
+            profile=job.profile,
+            may_downgrade=job.kind == "rollback" or job.role != "primary",
+            downgrade_hint="only a rollback job may install it",
+        )
+
+    def _check_admissible(
+        self,
+        *,
+        name: str,
+        version: str,
+        profile: str,
+        runtime: str | None = None,
+        may_downgrade: bool,
+        downgrade_hint: str,
+    ) -> None:
+        """The checks every install path shares: profile, anti-rollback, runtime."""
+        if profile != self.settings.profile:
             raise JobFailed(
-                f"artifact is built for profile {job.profile!r}; this device is "
+                f"artifact is built for profile {profile!r}; this device is "
                 f"{self.settings.profile!r}"
             )
-        current = self.store.active(job.model.name)
+        current = self.store.active(name)
         if (
             current is not None
-            and job.kind != "rollback"
-            and job.role == "primary"
-            and is_downgrade(current.manifest.model.version, job.model.version)
+            and not may_downgrade
+            and is_downgrade(current.manifest.model.version, version)
         ):
             raise JobFailed(
-                f"version {job.model.version} of {job.model.name} is older than the installed "
-                f"{current.manifest.model.version}; only a rollback job may install it"
+                f"version {version} of {name} is older than the installed "
+                f"{current.manifest.model.version}; {downgrade_hint}"
+            )
+        if runtime is not None and runtime not in self.runtimes:
+            raise JobFailed(
+                f"runtime {runtime!r} is not available on this device "
+                f"(available: {', '.join(self.runtimes) or 'none'})"
             )
 
     def _on_frame(self, payload: bytes) -> None:
@@ -501,21 +524,19 @@ class Agent:
         signature = base64.b64encode((root / SIGNATURE_FILE).read_bytes()).decode()
         if signature != job.signature:
             raise JobFailed("the job's signature differs from the bundle's manifest signature")
-        if manifest.profile != self.settings.profile:
-            raise JobFailed(
-                f"artifact is built for profile {manifest.profile!r}; this device is "
-                f"{self.settings.profile!r}"
-            )
         if (manifest.model.name, manifest.model.version) != (job.model.name, job.model.version):
             raise JobFailed(
                 f"artifact is {manifest.model.name} {manifest.model.version}; the job names "
                 f"{job.model.name} {job.model.version}"
             )
-        if manifest.runtime not in self.runtimes:
-            raise JobFailed(
-                f"runtime {manifest.runtime!r} is not available on this device "
-                f"(available: {', '.join(self.runtimes) or 'none'})"
-            )
+        self._check_admissible(
+            name=manifest.model.name,
+            version=manifest.model.version,
+            profile=manifest.profile,
+            runtime=manifest.runtime,
+            may_downgrade=job.kind == "rollback" or job.role != "primary",
+            downgrade_hint="only a rollback job may install it",
+        )
 
     def _retire(self, record: JobRecord) -> None:
         job = record.job
@@ -686,21 +707,14 @@ class Agent:
                 unpack_bundle(path, staging)
             verified = verify_bundle(staging, self.public_key)
             m = verified.manifest
-            if m.profile != self.settings.profile:
-                raise JobFailed(
-                    f"artifact is built for profile {m.profile!r}; this device is "
-                    f"{self.settings.profile!r}"
-                )
-            current = self.store.active(m.model.name)
-            if current is not None and is_downgrade(
-                current.manifest.model.version, m.model.version
-            ):
-                raise JobFailed(
-                    f"version {m.model.version} of {m.model.name} is older than the installed "
-                    f"{current.manifest.model.version}; use 'edgeloop-agent rollback'"
-                )
-            if m.runtime not in self.runtimes:
-                raise JobFailed(f"runtime {m.runtime!r} is not available on this device")
+            self._check_admissible(
+                name=m.model.name,
+                version=m.model.version,
+                profile=m.profile,
+                runtime=m.runtime,
+                may_downgrade=False,
+                downgrade_hint="use 'edgeloop-agent rollback'",
+            )
             installed = self.store.install(staging, m, verified.artifact_id)
         finally:
             if staging.exists():

@@ -15,28 +15,6 @@ from pathlib import Path
 
 from agent.protocol import JobNotify, JobState
 
-_ALLOWED: dict[JobState, frozenset[JobState]] = {
-    # A job can end straight from QUEUED: refused before any work, or a no-op (already active).
-    JobState.QUEUED: frozenset(
-        {
-            JobState.IN_PROGRESS,
-            JobState.CANCELED,
-            JobState.FAILED,
-            JobState.SUCCEEDED,
-            JobState.ROLLED_BACK,
-        }
-    ),
-    JobState.IN_PROGRESS: frozenset(
-        {
-            JobState.IN_PROGRESS,
-            JobState.SUCCEEDED,
-            JobState.FAILED,
-            JobState.CANCELED,
-            JobState.ROLLED_BACK,
-        }
-    ),
-}
-
 
 class TransitionError(ValueError):
     """A state change the machine does not allow."""
@@ -44,7 +22,7 @@ class TransitionError(ValueError):
 
 def transition(current: JobState, new: JobState) -> JobState:
     """Return ``new`` if ``current → new`` is allowed, else raise TransitionError."""
-    if new not in _ALLOWED.get(current, frozenset()):
+    if new not in current.allowed_next():
         raise TransitionError(f"job state {current.value} cannot become {new.value}")
     return new
 

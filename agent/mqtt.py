@@ -15,7 +15,7 @@ import random
 import ssl
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -92,19 +92,26 @@ class MqttLink:
                 keyfile=str(s.tls_key) if s.tls_key else None,
                 tls_version=ssl.PROTOCOL_TLS_CLIENT,
             )
-        offline = protocol.Status(
-            device_id=self._device_id,
-            state="offline",
-            agent_version=self._agent_version,
-            reason="connection lost",
+        client.will_set(
+            protocol.status(self._device_id),
+            self._status("offline", "connection lost"),
+            qos=1,
+            retain=True,
         )
-        client.will_set(protocol.status(self._device_id), offline.to_bytes(), qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.max_inflight_messages_set(64)
         client.max_queued_messages_set(1000)
         return client
+
+    def _status(self, state: Literal["online", "offline"], reason: str | None = None) -> bytes:
+        return protocol.Status(
+            device_id=self._device_id,
+            state=state,
+            agent_version=self._agent_version,
+            reason=reason,
+        ).to_bytes()
 
     # ------------------------------------------------------------ callbacks (network thread)
 
@@ -121,10 +128,7 @@ class MqttLink:
             return
         for topic in self._subscriptions:
             client.subscribe(topic, qos=1)
-        online = protocol.Status(
-            device_id=self._device_id, state="online", agent_version=self._agent_version
-        )
-        client.publish(protocol.status(self._device_id), online.to_bytes(), qos=1, retain=True)
+        client.publish(protocol.status(self._device_id), self._status("online"), qos=1, retain=True)
         max_packet = getattr(properties, "MaximumPacketSize", None) if properties else None
         self.connects += 1
         self._connected.set()
@@ -227,14 +231,11 @@ class MqttLink:
         so the broker does not fire the LWT."""
         was_connected = self.connected
         if clean and was_connected:
-            status = protocol.Status(
-                device_id=self._device_id,
-                state="offline",
-                agent_version=self._agent_version,
-                reason="stopped",
-            )
             info = self._client.publish(
-                protocol.status(self._device_id), status.to_bytes(), qos=1, retain=True
+                protocol.status(self._device_id),
+                self._status("offline", "stopped"),
+                qos=1,
+                retain=True,
             )
             try:
                 info.wait_for_publish(timeout=timeout)

@@ -227,6 +227,16 @@ class JobState(StrEnum):
         """Whether no further transition is possible."""
         return self not in (JobState.QUEUED, JobState.IN_PROGRESS)
 
+    def allowed_next(self) -> frozenset[JobState]:
+        """The states a job in this state may move to (empty when terminal).
+
+        A job may end straight from QUEUED (refused before any work, already active,
+        canceled, timed out), and IN_PROGRESS repeats once per step.
+        """
+        if self.terminal:
+            return frozenset()
+        return frozenset(s for s in JobState if s is not JobState.QUEUED)
+
 
 class JobUpdate(_Payload):
     """Progress of a job on a device."""

@@ -351,28 +351,8 @@ def select_variants(
 
 # ---------------------------------------------------------------- per-device jobs
 
-# The agent's machine (agent/jobs.py), seen from the fleet: a job may end straight from
-# QUEUED (refused, already active, canceled, timed out), and IN_PROGRESS repeats per step.
-_JOB_MOVES: dict[JobState, frozenset[JobState]] = {
-    JobState.QUEUED: frozenset(
-        {
-            JobState.IN_PROGRESS,
-            JobState.SUCCEEDED,
-            JobState.FAILED,
-            JobState.CANCELED,
-            JobState.ROLLED_BACK,
-        }
-    ),
-    JobState.IN_PROGRESS: frozenset(
-        {
-            JobState.IN_PROGRESS,
-            JobState.SUCCEEDED,
-            JobState.FAILED,
-            JobState.CANCELED,
-            JobState.ROLLED_BACK,
-        }
-    ),
-}
+# The job state machine is part of the wire contract (JobState.allowed_next), shared with
+# the agent's agent/jobs.py.
 
 
 def job_transition(current: JobState, new: JobState) -> JobState:
@@ -381,7 +361,7 @@ def job_transition(current: JobState, new: JobState) -> JobState:
     Raises:
         JobTransitionError: naming both states and the states ``current`` may become.
     """
-    allowed = _JOB_MOVES.get(current, frozenset())
+    allowed = current.allowed_next()
     if new not in allowed:
         choices = ", ".join(s.value for s in JobState if s in allowed) or "nothing (terminal)"
         raise JobTransitionError(

@@ -328,8 +328,11 @@ def test_broker_killed_mid_transfer_resumes_within_one_window(
     fleet: Fleet, agents: Any, tmp_path: Path, artifacts: Artifacts
 ) -> None:
     window = 8
+    # A generous chunk timeout: on a loaded CI box a short one fires spuriously and
+    # re-requests chunks that were only slow, which is not what this test measures; chunks
+    # in flight at the kill are re-requested at once on reconnect anyway.
     agent = _agent(
-        agents, fleet, tmp_path, window=window, chunk_size=64 * 1024, chunk_timeout_s=2.0
+        agents, fleet, tmp_path, window=window, chunk_size=64 * 1024, chunk_timeout_s=6.0
     )
     agent.start()
     stored = fleet.store.put_bundle(artifacts.big)
@@ -355,7 +358,9 @@ def test_agent_killed_mid_transfer_resumes(
     fleet: Fleet, agents: Any, tmp_path: Path, artifacts: Artifacts
 ) -> None:
     window = 8
-    agent = _agent(agents, fleet, tmp_path, window=window, chunk_size=64 * 1024)
+    agent = _agent(
+        agents, fleet, tmp_path, window=window, chunk_size=64 * 1024, chunk_timeout_s=6.0
+    )
     agent.start()
     stored = fleet.store.put_bundle(artifacts.big)
     count = protocol.chunk_count(stored.transfer.size, 64 * 1024)
