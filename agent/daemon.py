@@ -377,6 +377,7 @@ class Agent:
                 artifact_id=job.artifact_id,
                 info=job.transfer,
                 chunk_size=self.chunk_size,
+                flush_every=self.settings.transfer.window,
             )
             if active.download.complete:
                 self._complete_download(active)

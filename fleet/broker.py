@@ -76,6 +76,8 @@ def render_config(
         "autosave_interval 1",
         "max_queued_messages 10000",
         "max_inflight_messages 64",
+        # Small packets (chunk requests, PUBACKs) must not wait for delayed ACKs.
+        "set_tcp_nodelay true",
         f"log_dest file {data_dir}/mosquitto.log",
         "log_type error",
         "log_type warning",

@@ -27,6 +27,7 @@ from fleet.models import (
     AuditLogCreate,
     Device,
     DeviceCreate,
+    DeviceReport,
     DeviceUpdate,
     Group,
     GroupCreate,
@@ -344,7 +345,10 @@ def revoke_device(session: Session, *, device: Device) -> Device:
 
 
 def delete_device(session: Session, *, device: Device) -> None:
-    """Delete the device's row."""
+    """Delete the device's row and its report (a re-registration starts afresh)."""
+    report = session.get(DeviceReport, device.device_id)
+    if report is not None:
+        session.delete(report)
     session.delete(device)
     session.flush()
 

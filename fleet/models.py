@@ -387,3 +387,148 @@ def _audit_is_append_only(_mapper: Any, _connection: Any, target: AuditLog) -> N
     raise RuntimeError(
         f"audit log entry {target.id} cannot be changed or deleted; it is append-only"
     )
+
+
+# ---------------------------------------------------------------- deployments
+
+
+class DeploymentTarget(SQLModel):
+    """Which devices a deployment is for: the union of ids, group names and tag matches."""
+
+    device_ids: list[str] = Field(default_factory=list)
+    groups: list[str] = Field(default_factory=list, description="Group names of the org.")
+    tags: dict[str, str] = Field(default_factory=dict, description="Devices with every pair.")
+
+
+class DeploymentBase(SQLModel):
+    name: str = Field(max_length=64, description=f"Free label: {NAME_RULE}.")
+    model_name: str = Field(max_length=128, description="The model every variant must be of.")
+    variants: dict[str, str] = Field(description="Artifact id per hardware profile.")
+    target: DeploymentTarget
+    policy: dict[str, Any] = Field(
+        default_factory=dict, description="A rollout policy (fleet.rollout.RolloutPolicy)."
+    )
+
+
+class DeploymentCreate(DeploymentBase):
+    seed: int | None = Field(default=None, description="Shuffle the start order reproducibly.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _check_name(value, "deployment name")
+
+    @field_validator("variants")
+    @classmethod
+    def _variants(cls, value: dict[str, str]) -> dict[str, str]:
+        if not value:
+            raise ValueError("a deployment needs at least one variant (profile: artifact id)")
+        return value
+
+
+class Deployment(SQLModel, table=True):
+    """A rollout: its request, the planner's serialized state and operator commands' actions.
+
+    ``version`` grows on every save; saves are conditional on it (optimistic locking between
+    the API and the executor). ``outbox`` holds actions of operator commands that the
+    executor has yet to carry out.
+    """
+
+    __tablename__ = "deployments"
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    org_id: uuid.UUID = Field(foreign_key="organizations.id", index=True)
+    name: str = Field(max_length=64)
+    model_name: str = Field(max_length=128)
+    variants: dict[str, str] = Field(sa_type=JSON)
+    target: dict[str, Any] = Field(sa_type=JSON)
+    policy: dict[str, Any] = Field(sa_type=JSON)
+    state: dict[str, Any] = Field(sa_type=JSON)
+    outbox: list[dict[str, Any]] = Field(default_factory=list, sa_type=JSON)
+    phase: str = Field(max_length=16, index=True)
+    version: int = 0
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class DeploymentDevice(SQLModel):
+    """One device of a deployment: what it gets, had, and its job states."""
+
+    device_id: str
+    artifact_id: str
+    previous_artifact_id: str | None
+    attempts: int
+    state: str = Field(description="Deploy job state, or NOT_STARTED.")
+    job_id: str | None
+    reason: str | None
+    rollback_state: str | None
+    rollback_reason: str | None
+
+
+class UnmatchedDevice(SQLModel):
+    """A targeted device whose profile has no variant (listed, never silently skipped)."""
+
+    device_id: str
+    profile: str
+
+
+class DeploymentPublic(SQLModel):
+    id: uuid.UUID
+    name: str
+    model_name: str
+    variants: dict[str, str]
+    target: DeploymentTarget
+    policy: dict[str, Any]
+    phase: str
+    reason: str | None
+    stage: int
+    stages: list[list[str]]
+    devices: list[DeploymentDevice]
+    counts: dict[str, int]
+    unmatched: list[UnmatchedDevice]
+    created_at: datetime
+    updated_at: datetime
+
+
+class DeploymentsPublic(SQLModel):
+    data: list[DeploymentPublic]
+    count: int
+
+
+# ---------------------------------------------------------------- device reports
+
+
+class DeviceReport(SQLModel, table=True):
+    """What a device last reported (heartbeat, status) and what the fleet wants on it."""
+
+    __tablename__ = "device_reports"
+
+    device_id: str = Field(max_length=64, primary_key=True)
+    org_id: uuid.UUID = Field(foreign_key="organizations.id", index=True)
+    online: bool = False
+    last_seen: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    heartbeat: dict[str, Any] | None = Field(default=None, sa_type=JSON)
+    reported_models: list[dict[str, Any]] = Field(default_factory=list, sa_type=JSON)
+    desired_models: dict[str, str] = Field(
+        default_factory=dict, sa_type=JSON, description="Artifact id per model name."
+    )
+
+
+class ModelStateDiff(SQLModel):
+    """One model on a device: the artifact the fleet wants and the one the device serves."""
+
+    model_name: str
+    desired_artifact_id: str | None
+    reported_artifact_id: str | None
+    reported_version: str | None
+    in_sync: bool
+
+
+class DeviceStatePublic(SQLModel):
+    device_id: str
+    online: bool
+    last_seen: datetime | None
+    reported_models: list[dict[str, Any]]
+    desired_models: dict[str, str]
+    diff: list[ModelStateDiff]
+    in_sync: bool

@@ -35,6 +35,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent import protocol
+from agent.mqtt import set_tcp_nodelay
 from agent.protocol import ChunkFrame, ChunkRequest, TransferInfo
 from fleet.store import Entitlements, StoreError
 
@@ -166,6 +167,7 @@ class MqttSession:
                 f"broker refused the connection as {self.config.username!r}: {reason_code}"
             )
             return
+        set_tcp_nodelay(client)
         self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
         if not self.subscriptions:
             self._ready.set()

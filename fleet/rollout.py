@@ -864,10 +864,10 @@ def _finish_rollback(
     rollout: RolloutState, actions: list[Action]
 ) -> tuple[RolloutState, list[Action]]:
     runs = {d: job.rollback for d, job in rollout.devices.items() if job.rollback is not None}
-    ok = sorted(d for d, run in runs.items() if run.state == JobState.SUCCEEDED)
-    bad = sorted(
-        f"{d} ({run.reason})" for d, run in runs.items() if run.state != JobState.SUCCEEDED
-    )
+    # The agent ends a finished rollback job in ROLLED_BACK (agent/daemon.py); SUCCEEDED too.
+    done_states = (JobState.SUCCEEDED, JobState.ROLLED_BACK)
+    ok = sorted(d for d, run in runs.items() if run.state in done_states)
+    bad = sorted(f"{d} ({run.reason})" for d, run in runs.items() if run.state not in done_states)
     reason = f"rolled back {len(ok)} of {len(runs)} touched devices"
     if bad:
         reason += f"; not rolled back: {_listing(bad)}"

@@ -8,7 +8,8 @@
 * ``require_scope(scope)``: a dependency (put it in the route's ``dependencies``) that
   answers 403 naming the missing scope; route dependencies run before the object lookups,
   so a key without the scope learns nothing about which ids exist.
-* ``DeviceDep``, ``GroupDep``, ``ApiKeyDep``, ``ArtifactDep``, ``OrgByIdDep``: the object
+* ``DeviceDep``, ``GroupDep``, ``ApiKeyDep``, ``ArtifactDep``, ``DeploymentDep``,
+  ``OrgByIdDep``: the object
   named by the path parameter, in the caller's organization, or 404.
 * ``StoreDep``, ``BrokerAuthDep``, ``SettingsDep``, ``ProfilesDep``, ``AuditDep``: what
   :func:`fleet.api.main.create_app` put on ``app.state``, and the request's audit context.
@@ -24,7 +25,7 @@ from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session
 
-from fleet import credentials, crud, scopes
+from fleet import credentials, crud, deployments, scopes
 from fleet.api.routing import AuditContext, Principal
 from fleet.api.settings import ApiSettings
 from fleet.broker_auth import BrokerAuth
@@ -34,7 +35,7 @@ from fleet.errors import (
     NotFoundError,
     PermissionDeniedError,
 )
-from fleet.models import ApiKey, Artifact, Device, Group, Organization
+from fleet.models import ApiKey, Artifact, Deployment, Device, Group, Organization
 from fleet.scopes import Scope
 from fleet.store import ArtifactStore
 
@@ -207,6 +208,20 @@ def get_artifact_or_404(
 
 
 ArtifactDep = Annotated[Artifact, Depends(get_artifact_or_404)]
+
+
+def get_deployment_or_404(session: SessionDep, org: OrgDep, deployment_id: uuid.UUID) -> Deployment:
+    """The deployment ``deployment_id`` of the caller's organization."""
+    deployment = deployments.get_deployment(session, org_id=org.id, deployment_id=deployment_id)
+    if deployment is None:
+        raise NotFoundError(
+            f"no deployment {str(deployment_id)!r} in organization {org.name!r}; "
+            "list them with GET /deployments"
+        )
+    return deployment
+
+
+DeploymentDep = Annotated[Deployment, Depends(get_deployment_or_404)]
 
 
 # ---------------------------------------------------------------- application state

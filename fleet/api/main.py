@@ -2,36 +2,55 @@
 
 Nothing happens at import. ``create_app`` builds the app without touching the database; its
 lifespan, at start-up, runs the Alembic upgrade (``migrate_on_start``), creates the engine,
-opens the artifact store and the broker adapter unless they were injected, and closes what it
-opened at shutdown. Serve it with ``edgeloop fleet api serve`` (uvicorn).
+opens the artifact store and the broker adapter unless they were injected, starts the
+deployment executor (injected, or over MQTT when a broker password is set), and closes what
+it opened at shutdown. Serve it with ``edgeloop fleet api serve`` (uvicorn).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
 from fleet import db
 from fleet.api.metrics import ApiMetrics
-from fleet.api.routes import api_keys, artifacts, audit, devices, groups, health, organizations
+from fleet.api.routes import (
+    api_keys,
+    artifacts,
+    audit,
+    deployments,
+    devices,
+    groups,
+    health,
+    organizations,
+)
 from fleet.api.routing import AuditedRoute
 from fleet.api.settings import ApiSettings
+from fleet.broker import FLEET_USER
 from fleet.broker_auth import BrokerAuth, MosquittoPasswordFile, signal_reload
 from fleet.errors import FleetError
 from fleet.store import ArtifactStore
 
-# The deployments router (rollouts over fleet/rollout.py) joins this tuple.
+if TYPE_CHECKING:
+    from fleet.executor import Executor
+
+# Builds the deployment executor (fleet/executor.py, which imports paho) from engine and store.
+ExecutorFactory = Callable[[Engine, ArtifactStore], "Executor"]
+
 ROUTERS: tuple[APIRouter, ...] = (
     organizations.router,
     api_keys.router,
     devices.router,
     groups.router,
     artifacts.router,
+    deployments.router,
     audit.router,
     health.router,
 )
@@ -60,6 +79,22 @@ def _broker_auth(settings: ApiSettings) -> BrokerAuth | None:
     )
 
 
+def _mqtt_executor(settings: ApiSettings) -> ExecutorFactory | None:
+    if settings.password is None:
+        return None
+    from fleet.executor import mqtt_executor
+    from fleet.responder import BrokerConfig
+
+    config = BrokerConfig(
+        host=settings.host,
+        port=settings.port,
+        username=settings.username or FLEET_USER,
+        password=settings.password.get_secret_value(),
+        tls_ca=settings.tls_ca,
+    )
+    return lambda engine, store: mqtt_executor(config, engine=engine, store=store)
+
+
 def _profile_names() -> list[str]:
     from compiler.profiles import ProfileRegistry
     from compiler.settings import CompilerSettings
@@ -72,6 +107,7 @@ def create_app(
     *,
     store: ArtifactStore | None = None,
     broker_auth: BrokerAuth | None = None,
+    executor: ExecutorFactory | None = None,
 ) -> FastAPI:
     """The fleet API for ``settings``.
 
@@ -80,6 +116,9 @@ def create_app(
         store: the artifact store (default: opened from ``settings`` at start-up).
         broker_auth: device credentials on the broker (default: from the broker settings;
             without them, device registration answers 503).
+        executor: builds the deployment executor from the engine and the store (default:
+            over MQTT as the ``fleet`` user when ``EDGELOOP_FLEET_PASSWORD`` is set; without
+            one, deployments are planned and stored but nothing drives them).
     """
 
     @asynccontextmanager
@@ -92,9 +131,16 @@ def create_app(
         app.state.store = store if store is not None else _open_store(settings)
         app.state.broker_auth = broker_auth if broker_auth is not None else _broker_auth(settings)
         app.state.profiles = _profile_names()
+        make_executor = executor if executor is not None else _mqtt_executor(settings)
+        app.state.executor = None
+        if make_executor is not None:
+            app.state.executor = make_executor(app.state.engine, app.state.store)
+            app.state.executor.start()
         try:
             yield
         finally:
+            if app.state.executor is not None:
+                app.state.executor.stop()
             if own_store:
                 app.state.store.close()
             app.state.engine.dispose()

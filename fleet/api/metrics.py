@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class ApiMetrics:
-    """Requests by route template, method and status, and their latency."""
+    """Requests by route template, method and status, their latency, and fleet gauges
+    (deployments by phase, devices online) refreshed from the database at each scrape."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -22,6 +23,23 @@ class ApiMetrics:
             ["route", "method"],
             registry=self.registry,
         )
+        self.deployments = Gauge(
+            "edgeloop_fleet_deployments",
+            "Deployments by phase (all organizations).",
+            ["phase"],
+            registry=self.registry,
+        )
+        self.devices_online = Gauge(
+            "edgeloop_fleet_devices_online",
+            "Devices whose last heartbeat or status said online (all organizations).",
+            registry=self.registry,
+        )
+
+    def set_fleet(self, *, phases: dict[str, int], online: int) -> None:
+        """Set the fleet gauges (every phase present, zero when none)."""
+        for phase, count in phases.items():
+            self.deployments.labels(phase).set(count)
+        self.devices_online.set(online)
 
     def observe(self, *, route: str, method: str, status: int, seconds: float) -> None:
         """Count one request."""

@@ -373,7 +373,9 @@ def test_agent_killed_mid_transfer_resumes(
     done = fleet.wait("big-kill", ("SUCCEEDED", "FAILED"), timeout=120)
     assert done.state == "SUCCEEDED", (done.reason, agent.log())
     assert fleet.responder is not None
-    assert fleet.responder.stats["chunks_sent"] <= count + window
+    # A killed agent loses the chunks in flight and those received since its last flush
+    # (the bitmap is made durable once per window): at most two windows.
+    assert fleet.responder.stats["chunks_sent"] <= count + 2 * window
     assert not list((agent.state_dir / "transfers").glob("*.part"))
 
 

@@ -1064,3 +1064,18 @@ def test_state_round_trips_as_json() -> None:
     rollout, _ = pause(rollout, now=21.0)
     adapter = TypeAdapter(RolloutState)
     assert adapter.validate_json(adapter.dump_json(rollout)) == rollout
+
+
+@pytest.mark.parametrize("done", [JobState.SUCCEEDED, JobState.ROLLED_BACK])
+def test_a_rollback_job_ending_rolled_back_counts_as_rolled_back(done: JobState) -> None:
+    """The agent ends a finished rollback job in ROLLED_BACK (agent/daemon.py)."""
+    rollout = plan_rollout(
+        "r1", policy(canary=1, waves=["100%"]), devices=devices(1), variants={X86: NEW}, now=0.0
+    )
+    rollout, _ = step(rollout, now=0.0)
+    rollout = report(rollout, "d00", S, now=1.0)
+    rollout, _ = rollback(rollout, now=2.0)
+    rollout = report(rollout, "d00", done, now=3.0, rollback_job=True)
+    rollout, actions = step(rollout, now=4.0)
+    assert actions == [Complete(Phase.ROLLED_BACK, 1, 0)]
+    assert rollout.reason == "rolled back 1 of 1 touched devices"

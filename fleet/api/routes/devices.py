@@ -15,7 +15,7 @@ import uuid
 
 from fastapi import APIRouter, Depends, Query, status
 
-from fleet import credentials, crud
+from fleet import credentials, crud, deployments
 from fleet.api.deps import (
     AuditDep,
     BrokerAuthDep,
@@ -32,6 +32,7 @@ from fleet.models import (
     DevicePublic,
     DeviceRegistered,
     DevicesPublic,
+    DeviceStatePublic,
     DeviceUpdate,
     MqttCredentials,
 )
@@ -94,6 +95,22 @@ def list_devices(
 def read_device(device: DeviceDep) -> DevicePublic:
     """One device."""
     return DevicePublic.model_validate(device)
+
+
+@router.get("/{device_id}/state", dependencies=[Depends(require_scope(Scope.READ))])
+def read_device_state(session: SessionDep, device: DeviceDep) -> DeviceStatePublic:
+    """What the fleet wants on the device vs what it last reported, per model."""
+    report = deployments.get_report(session, device_id=device.device_id)
+    diff = deployments.state_diff(report)
+    return DeviceStatePublic(
+        device_id=device.device_id,
+        online=report.online if report is not None else False,
+        last_seen=report.last_seen if report is not None else None,
+        reported_models=report.reported_models if report is not None else [],
+        desired_models=report.desired_models if report is not None else {},
+        diff=diff,
+        in_sync=all(d.in_sync for d in diff),
+    )
 
 
 @router.patch("/{device_id}", dependencies=[Depends(require_scope(Scope.WRITE))])

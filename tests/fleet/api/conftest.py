@@ -40,7 +40,16 @@ from ..conftest import BundleFactory, Keys  # noqa: E402
 POSTGRES_ADMIN_URL = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
-TABLES = ("audit_log", "artifacts", "devices", "groups", "api_keys", "organizations")
+TABLES = (
+    "device_reports",
+    "deployments",
+    "audit_log",
+    "artifacts",
+    "devices",
+    "groups",
+    "api_keys",
+    "organizations",
+)
 BUNDLE_BYTES = 4096
 PROFILE = "generic/x86_64"
 

@@ -51,7 +51,13 @@ OBJECT_ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/groups/{group_id}"): "fleet:read",
     ("PATCH", "/groups/{group_id}"): "fleet:write",
     ("DELETE", "/groups/{group_id}"): "fleet:write",
+    ("GET", "/devices/{device_id}/state"): "fleet:read",
     ("GET", "/artifacts/{artifact_id}"): "fleet:read",
+    ("GET", "/deployments/{deployment_id}"): "fleet:read",
+    ("POST", "/deployments/{deployment_id}/pause"): "deploy",
+    ("POST", "/deployments/{deployment_id}/resume"): "deploy",
+    ("POST", "/deployments/{deployment_id}/cancel"): "deploy",
+    ("POST", "/deployments/{deployment_id}/rollback"): "deploy",
 }
 # Routes that need no API key.
 PUBLIC_ROUTES = {("GET", "/healthz"), ("GET", "/metrics")}
@@ -157,12 +163,25 @@ def world(
                 headers={**a, "Content-Type": "application/x-tar"},
                 content=tar.read_bytes(),
             ).json()
+            deployment = client.post(
+                "/deployments",
+                headers=a,
+                json={
+                    "name": "d",
+                    "model_name": "m",
+                    "variants": {PROFILE: artifact["artifact_id"]},
+                    "target": {"device_ids": ["a-dev-1"]},
+                    "policy": {"canary": 1, "waves": ["100%"]},
+                },
+            )
+            assert deployment.status_code == 201, deployment.text
             params = {
                 "org_id": client.get("/organizations/current", headers=a).json()["id"],
                 "device_id": "a-dev-1",
                 "group_id": group["id"],
                 "key_id": key.json()["key_id"],
                 "artifact_id": artifact["artifact_id"],
+                "deployment_id": deployment.json()["id"],
             }
             restricted = {}
             for scope in set(OBJECT_ROUTES.values()):
@@ -237,7 +256,7 @@ def test_owner_reads_its_objects(world: World, path: str) -> None:
 
 
 def test_lists_show_only_the_callers_objects(world: World) -> None:
-    for path in ("/devices", "/groups", "/artifacts", "/api-keys"):
+    for path in ("/devices", "/groups", "/artifacts", "/api-keys", "/deployments"):
         a_count = world.client.get(path, headers=world.a).json()["count"]
         b_data = world.client.get(path, headers=world.b).json()
         assert a_count >= 1
@@ -253,6 +272,7 @@ def test_lists_show_only_the_callers_objects(world: World) -> None:
     assert world.client.get("/devices", headers=world.b).json()["count"] == 0
     assert world.client.get("/groups", headers=world.b).json()["count"] == 0
     assert world.client.get("/artifacts", headers=world.b).json()["count"] == 0
+    assert world.client.get("/deployments", headers=world.b).json()["count"] == 0
     # B's probes are in B's audit log, never in A's.
     b_key = world.client.get("/api-keys", headers=world.b).json()["data"][0]["key_id"]
     a_actors = {

@@ -1,0 +1,365 @@
+"""Deployments in the database: the shell around the pure planner (:mod:`fleet.rollout`).
+
+The API creates a deployment (targets resolved and variants selected by the planner) and
+applies operator commands; :mod:`fleet.executor` steps it and carries out its actions. Both
+save through :func:`save`, which is conditional on the row's ``version`` (optimistic locking):
+a save that lost a race raises :class:`StaleDeploymentError` and the caller retries or answers
+409. Operator commands do not publish anything themselves: their actions go to the row's
+``outbox``, which the executor drains.
+
+Helpers are keyword-only and never commit (the route or the executor owns the transaction).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+from sqlalchemy import func, update
+from sqlmodel import Session, col, select
+
+from fleet import rollout
+from fleet.errors import ConflictError, InvalidRequestError
+from fleet.models import (
+    Artifact,
+    Deployment,
+    DeploymentCreate,
+    DeploymentDevice,
+    DeploymentPublic,
+    DeploymentTarget,
+    Device,
+    DeviceReport,
+    Group,
+    ModelStateDiff,
+    UnmatchedDevice,
+    utcnow,
+)
+from fleet.rollout import (
+    Abort,
+    Action,
+    CancelJob,
+    CannotRollback,
+    Complete,
+    DeviceInfo,
+    Pause,
+    Phase,
+    RollbackDevice,
+    RolloutState,
+    StartJob,
+)
+
+_STATE: TypeAdapter[RolloutState] = TypeAdapter(RolloutState)
+_ACTIONS: dict[str, type[Any]] = {
+    cls.__name__: cls
+    for cls in (StartJob, CancelJob, RollbackDevice, CannotRollback, Abort, Pause, Complete)
+}
+ACTIVE_PHASES = tuple(p.value for p in Phase if not p.final)
+
+
+class StaleDeploymentError(ConflictError):
+    """The deployment changed since it was read (another writer saved first)."""
+
+
+# ---------------------------------------------------------------- (de)serialization
+
+
+def dump_state(state: RolloutState) -> dict[str, Any]:
+    """The planner's state as JSON-ready data."""
+    data: dict[str, Any] = _STATE.dump_python(state, mode="json")
+    return data
+
+
+def load_state(data: dict[str, Any]) -> RolloutState:
+    """The planner's state from :func:`dump_state` data."""
+    return _STATE.validate_python(data)
+
+
+def dump_action(action: Action) -> dict[str, Any]:
+    """An action as ``{"type": <class name>, **fields}``."""
+    return {"type": type(action).__name__, **dataclasses.asdict(action)}
+
+
+def load_action(data: dict[str, Any]) -> Action:
+    """An action from :func:`dump_action` data."""
+    fields = {k: v for k, v in data.items() if k != "type"}
+    if data["type"] == "Complete":
+        fields["phase"] = Phase(fields["phase"])
+    action: Action = _ACTIONS[data["type"]](**fields)
+    return action
+
+
+# ---------------------------------------------------------------- devices as the planner sees them
+
+
+def get_report(session: Session, *, device_id: str) -> DeviceReport | None:
+    """A device's report row, if it ever reported or was given a desired state."""
+    return session.get(DeviceReport, device_id)
+
+
+def ensure_report(session: Session, *, org_id: uuid.UUID, device_id: str) -> DeviceReport:
+    """A device's report row, created (empty) if missing."""
+    report = session.get(DeviceReport, device_id)
+    if report is None:
+        report = DeviceReport(device_id=device_id, org_id=org_id)
+        session.add(report)
+    return report
+
+
+def reported_artifact(report: DeviceReport | None, model_name: str) -> dict[str, Any] | None:
+    """The primary artifact of ``model_name`` the device last reported serving."""
+    if report is None:
+        return None
+    for model in report.reported_models:
+        if model.get("name") == model_name and model.get("role", "primary") == "primary":
+            return model
+    return None
+
+
+def device_infos(session: Session, *, org_id: uuid.UUID, model_name: str) -> list[DeviceInfo]:
+    """Every unrevoked device of the organization, with its groups (names and ids), tags,
+    presence and the artifact of ``model_name`` it runs (reported, else desired)."""
+    groups = {g.id: g.name for g in session.exec(select(Group).where(Group.org_id == org_id))}
+    reports = {
+        r.device_id: r
+        for r in session.exec(select(DeviceReport).where(DeviceReport.org_id == org_id))
+    }
+    infos = []
+    query = select(Device).where(Device.org_id == org_id, col(Device.revoked).is_(False))
+    for device in session.exec(query):
+        report = reports.get(device.device_id)
+        model = reported_artifact(report, model_name)
+        current = model["artifact_id"] if model is not None else None
+        if current is None and report is not None:
+            current = report.desired_models.get(model_name)
+        member = (
+            frozenset({groups[device.group_id], str(device.group_id)})
+            if device.group_id in groups
+            else frozenset()
+        )
+        infos.append(
+            DeviceInfo(
+                device_id=device.device_id,
+                profile=device.profile,
+                online=report.online if report is not None else False,
+                current_artifact_id=current,
+                groups=member,
+                tags=dict(device.tags),
+            )
+        )
+    return infos
+
+
+# ---------------------------------------------------------------- create, read, save
+
+
+def _check_variants(
+    session: Session, *, org_id: uuid.UUID, model_name: str, variants: dict[str, str]
+) -> None:
+    problems = []
+    for profile, artifact_id in sorted(variants.items()):
+        artifact = session.exec(
+            select(Artifact).where(Artifact.org_id == org_id, Artifact.artifact_id == artifact_id)
+        ).first()
+        if artifact is None:
+            problems.append(f"variant {profile!r}: no artifact {artifact_id!r} in the org")
+        elif artifact.profile != profile:
+            problems.append(
+                f"variant {profile!r}: artifact {artifact_id!r} is built for {artifact.profile!r}"
+            )
+        elif artifact.model_name != model_name:
+            problems.append(
+                f"variant {profile!r}: artifact {artifact_id!r} is model "
+                f"{artifact.model_name!r}, not {model_name!r}"
+            )
+    if problems:
+        raise InvalidRequestError("invalid variants: " + "; ".join(problems))
+
+
+def create_deployment(
+    session: Session, *, org_id: uuid.UUID, deployment_in: DeploymentCreate, now: float
+) -> Deployment:
+    """Validate, resolve targets, select variants and plan a PENDING rollout (added, not
+    committed).
+
+    Raises:
+        PolicyError: the policy does not validate (422, naming each field).
+        InvalidRequestError: an empty target, unknown device ids, bad variants.
+        PlanError: no targeted device has a variant.
+    """
+    policy = rollout.parse_policy(deployment_in.policy)
+    try:
+        target = rollout.Target.model_validate(deployment_in.target.model_dump())
+    except ValidationError as err:
+        problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
+        raise InvalidRequestError(f"invalid target: {problems}") from err
+    _check_variants(
+        session,
+        org_id=org_id,
+        model_name=deployment_in.model_name,
+        variants=deployment_in.variants,
+    )
+    devices = device_infos(session, org_id=org_id, model_name=deployment_in.model_name)
+    chosen, missing = rollout.resolve_targets(devices, target)
+    if missing:
+        raise InvalidRequestError(
+            f"target names devices not in the organization: {', '.join(missing)}"
+        )
+    if not chosen:
+        raise InvalidRequestError(
+            f"target {target.model_dump()} selects no device of the organization"
+        )
+    deployment_id = uuid.uuid4()
+    state = rollout.plan_rollout(
+        deployment_id.hex,
+        policy,
+        devices=chosen,
+        variants=deployment_in.variants,
+        now=now,
+        seed=deployment_in.seed,
+    )
+    deployment = Deployment(
+        id=deployment_id,
+        org_id=org_id,
+        name=deployment_in.name,
+        model_name=deployment_in.model_name,
+        variants=dict(deployment_in.variants),
+        target=deployment_in.target.model_dump(),
+        policy=policy.model_dump(mode="json", exclude_defaults=True),
+        state=dump_state(state),
+        phase=state.phase.value,
+    )
+    session.add(deployment)
+    session.flush()
+    return deployment
+
+
+def get_deployment(
+    session: Session, *, org_id: uuid.UUID, deployment_id: uuid.UUID
+) -> Deployment | None:
+    """The deployment of the organization, or None (also for another org's id)."""
+    deployment = session.get(Deployment, deployment_id)
+    return deployment if deployment is not None and deployment.org_id == org_id else None
+
+
+def list_deployments(
+    session: Session, *, org_id: uuid.UUID, phase: str | None, offset: int, limit: int
+) -> tuple[Sequence[Deployment], int]:
+    """The organization's deployments, newest first, and their count."""
+    query = select(Deployment).where(Deployment.org_id == org_id)
+    counted = select(func.count()).select_from(Deployment).where(Deployment.org_id == org_id)
+    if phase is not None:
+        query = query.where(Deployment.phase == phase)
+        counted = counted.where(Deployment.phase == phase)
+    rows = session.exec(
+        query.order_by(col(Deployment.created_at).desc()).offset(offset).limit(limit)
+    ).all()
+    return rows, session.exec(counted).one()
+
+
+def active_deployments(session: Session) -> Sequence[Deployment]:
+    """Deployments the executor must look at: not over, or with actions still to carry out."""
+    query = select(Deployment).where(col(Deployment.phase).in_(ACTIVE_PHASES))
+    active = list(session.exec(query).all())
+    seen = {d.id for d in active}
+    pending = select(Deployment).where(col(Deployment.phase).not_in(ACTIVE_PHASES))
+    active += [d for d in session.exec(pending).all() if d.outbox and d.id not in seen]
+    return active
+
+
+def save(
+    session: Session,
+    *,
+    deployment: Deployment,
+    state: RolloutState,
+    outbox: list[dict[str, Any]],
+) -> None:
+    """Store a new state and outbox if nobody saved since ``deployment`` was read.
+
+    Raises:
+        StaleDeploymentError: the row's version moved on (re-read and retry).
+    """
+    result = session.execute(
+        update(Deployment)
+        .where(col(Deployment.id) == deployment.id, col(Deployment.version) == deployment.version)
+        .values(
+            state=dump_state(state),
+            outbox=outbox,
+            phase=state.phase.value,
+            version=deployment.version + 1,
+            updated_at=utcnow(),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise StaleDeploymentError(
+            f"deployment {str(deployment.id)!r} changed meanwhile; read it again and retry"
+        )
+    session.expire(deployment)
+
+
+# ---------------------------------------------------------------- responses
+
+
+def to_public(deployment: Deployment) -> DeploymentPublic:
+    """The API view: phase, stages, per-device job states and counts, unmatched devices."""
+    state = load_state(deployment.state)
+    devices = []
+    for device_id in sorted(state.devices):
+        job = state.devices[device_id]
+        devices.append(
+            DeploymentDevice(
+                device_id=device_id,
+                artifact_id=job.artifact_id,
+                previous_artifact_id=job.previous_artifact_id,
+                attempts=job.attempts,
+                state=job.state.value if job.state is not None else "NOT_STARTED",
+                job_id=job.deploy.job_id if job.deploy is not None else None,
+                reason=job.deploy.reason if job.deploy is not None else None,
+                rollback_state=job.rollback.state.value if job.rollback is not None else None,
+                rollback_reason=job.rollback.reason if job.rollback is not None else None,
+            )
+        )
+    return DeploymentPublic(
+        id=deployment.id,
+        name=deployment.name,
+        model_name=deployment.model_name,
+        variants=deployment.variants,
+        target=DeploymentTarget.model_validate(deployment.target),
+        policy=deployment.policy,
+        phase=state.phase.value,
+        reason=state.reason,
+        stage=state.stage,
+        stages=[list(state.stage_devices(k)) for k in range(len(state.stage_ends))],
+        devices=devices,
+        counts=rollout.device_counts(state),
+        unmatched=[UnmatchedDevice(device_id=u[0], profile=u[1]) for u in state.unmatched],
+        created_at=deployment.created_at,
+        updated_at=deployment.updated_at,
+    )
+
+
+def state_diff(report: DeviceReport | None) -> list[ModelStateDiff]:
+    """Desired vs reported artifact per model name (every model either side names)."""
+    desired = report.desired_models if report is not None else {}
+    reported = {
+        m["name"]: m
+        for m in (report.reported_models if report is not None else [])
+        if m.get("role", "primary") == "primary"
+    }
+    diff = []
+    for name in sorted(set(desired) | set(reported)):
+        have = reported.get(name)
+        want = desired.get(name)
+        diff.append(
+            ModelStateDiff(
+                model_name=name,
+                desired_artifact_id=want,
+                reported_artifact_id=have["artifact_id"] if have else None,
+                reported_version=have["version"] if have else None,
+                in_sync=want is None or (have is not None and have["artifact_id"] == want),
+            )
+        )
+    return diff
