@@ -424,3 +424,8 @@ def list_audit(
     if action is not None:
         query = query.where(AuditLog.action == action)
     return _page(session, query, order=col(AuditLog.id).desc(), offset=offset, limit=limit)
+
+
+# Largest list offset the API accepts: databases store offsets as 64-bit integers, and
+# no fleet has 2**31 objects of one kind; anything larger is a 422, not a 500.
+MAX_OFFSET = 2**31 - 1

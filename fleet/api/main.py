@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from fleet import db
 from fleet.api.metrics import ApiMetrics
+from fleet.api.nul_guard import RejectNul
 from fleet.api.routes import (
     api_keys,
     artifacts,
@@ -154,6 +155,7 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = ApiMetrics()
     app.add_exception_handler(FleetError, handle_fleet_error)
+    app.add_middleware(RejectNul)
     for router in ROUTERS:
         _check_routes(router)
         app.include_router(router)

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Query, status
 from fleet import crud
 from fleet.api.deps import ApiKeyDep, AuditDep, OrgDep, PrincipalDep, SessionDep, require_scope
 from fleet.api.routing import AuditedRoute
+from fleet.crud import MAX_OFFSET
 from fleet.models import ApiKeyCreate, ApiKeyCreated, ApiKeyPublic, ApiKeysPublic, ApiKeyUpdate
 from fleet.scopes import Scope
 
@@ -42,7 +43,7 @@ def list_api_keys(
     session: SessionDep,
     org: OrgDep,
     include_revoked: bool = True,
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
     limit: int = Query(100, ge=1, le=1000),
 ) -> ApiKeysPublic:
     """The organization's keys, oldest first (never their secrets)."""

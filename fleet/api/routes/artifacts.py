@@ -36,6 +36,7 @@ from fleet.api.deps import (
     require_scope,
 )
 from fleet.api.routing import AuditedRoute, Principal
+from fleet.crud import MAX_OFFSET
 from fleet.errors import (
     ConflictError,
     FleetError,
@@ -214,7 +215,7 @@ def list_artifacts(
     org: OrgDep,
     model_name: str | None = None,
     profile: str | None = None,
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
     limit: int = Query(100, ge=1, le=1000),
 ) -> ArtifactsPublic:
     """The organization's artifacts, newest first, optionally of one model or profile."""

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends, Query
 from fleet import crud
 from fleet.api.deps import OrgDep, SessionDep, require_scope
 from fleet.api.routing import AuditedRoute
+from fleet.crud import MAX_OFFSET
 from fleet.models import AuditLogPublic, AuditLogsPublic
 from fleet.scopes import Scope
 
@@ -24,7 +25,7 @@ def list_audit(
     org: OrgDep,
     actor: str | None = Query(None, description="Only this API key id's calls."),
     action: str | None = Query(None, description="Only this action, e.g. devices.register_device."),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
     limit: int = Query(100, ge=1, le=1000),
 ) -> AuditLogsPublic:
     """Audit entries of the caller's organization."""

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, Query, status
 from fleet import deployments, rollout
 from fleet.api.deps import AuditDep, DeploymentDep, OrgDep, SessionDep, require_scope
 from fleet.api.routing import AuditedRoute
+from fleet.crud import MAX_OFFSET
 from fleet.models import Deployment, DeploymentCreate, DeploymentPublic, DeploymentsPublic
 from fleet.rollout import Action, Phase, RolloutState
 from fleet.scopes import Scope
@@ -46,7 +47,7 @@ def list_deployments(
     session: SessionDep,
     org: OrgDep,
     phase: Phase | None = None,
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
     limit: int = Query(100, ge=1, le=1000),
 ) -> DeploymentsPublic:
     """The organization's deployments, newest first, optionally in one phase."""

@@ -26,6 +26,7 @@ from fleet.api.deps import (
     require_scope,
 )
 from fleet.api.routing import AuditedRoute
+from fleet.crud import MAX_OFFSET
 from fleet.errors import InvalidRequestError
 from fleet.models import (
     DeviceCreate,
@@ -81,7 +82,7 @@ def list_devices(
     org: OrgDep,
     group_id: uuid.UUID | None = None,
     revoked: bool | None = None,
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
     limit: int = Query(100, ge=1, le=1000),
 ) -> DevicesPublic:
     """The organization's devices by id, optionally one group's, or only (un)revoked ones."""

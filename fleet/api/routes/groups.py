@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends, Query, status
 from fleet import crud
 from fleet.api.deps import AuditDep, GroupDep, OrgDep, SessionDep, require_scope
 from fleet.api.routing import AuditedRoute
+from fleet.crud import MAX_OFFSET
 from fleet.models import GroupCreate, GroupPublic, GroupsPublic, GroupUpdate
 from fleet.scopes import Scope
 
@@ -32,7 +33,7 @@ def create_group(
 def list_groups(
     session: SessionDep,
     org: OrgDep,
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
     limit: int = Query(100, ge=1, le=1000),
 ) -> GroupsPublic:
     """The organization's groups by name."""
