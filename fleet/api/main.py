@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
@@ -158,8 +159,30 @@ def create_app(
     app.add_middleware(RejectNul)
     for router in ROUTERS:
         _check_routes(router)
-        app.include_router(router)
+        app.include_router(router, responses={} if router is health.router else ERROR_RESPONSES)
     return app
+
+
+class ErrorMessage(BaseModel):
+    """The body of every error the API raises itself."""
+
+    detail: str
+
+
+class ValidationErrorMessage(BaseModel):
+    """422: the API's own validation (a message) or FastAPI's request validation (a list)."""
+
+    detail: str | list[dict[str, Any]]
+
+
+# Documented on every resource route, so clients and schemathesis know the error answers.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorMessage, "description": "Missing or invalid API key"},
+    403: {"model": ErrorMessage, "description": "The API key lacks the scope this needs"},
+    404: {"model": ErrorMessage, "description": "No such object in the caller's organization"},
+    409: {"model": ErrorMessage, "description": "Conflicts with the object's current state"},
+    422: {"model": ValidationErrorMessage, "description": "Invalid request; the reason"},
+}
 
 
 def _check_routes(router: APIRouter) -> None:

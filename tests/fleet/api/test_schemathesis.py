@@ -6,18 +6,9 @@ generated requests per operation as an admin key, checking ``not_a_server_error`
 ``response_schema_conformance``. Every failing operation is collected and reported together
 with the request that failed.
 
-A known API gap, pinned by a strict xfail below so that its fix is noticed, is checked less
-strictly so that the fuzz still guards everything else: the API's own 422s
-(``InvalidRequestError``: unknown profile on ``POST /devices`` and
-  ``PATCH /devices/{device_id}``, an invalid rollout policy on ``POST /deployments``) answer
-  ``{"detail": "<message>"}`` where the schema documents 422 as FastAPI's
-  ``HTTPValidationError`` (``detail``: an array of ``{loc, msg, type}``); such responses get
-  ``not_a_server_error`` only (:func:`own_422`). Fixed and now tested plainly: huge list
-offsets (422) and NUL characters in URLs and JSON bodies (422, fleet/api/nul_guard.py).
-
-``status_code_conformance`` is not checked: no route documents its 401/403/404/409 answers
-(only 200/201 and 422), so e.g. ``GET /organizations/{random uuid}`` -> 404 is "undocumented";
-:func:`test_error_statuses_are_documented` pins that gap.
+Every resource route documents its error answers (401, 403, 404, 409, and 422 as either the
+API's own message or FastAPI's validation list), so ``status_code_conformance`` is checked
+too. Once-found bugs are tested plainly below: huge list offsets and NUL characters (422).
 """
 
 from __future__ import annotations
@@ -33,7 +24,10 @@ from fastapi.testclient import TestClient  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.core.failures import FailureGroup  # noqa: E402
-from schemathesis.specs.openapi.checks import response_schema_conformance  # noqa: E402
+from schemathesis.specs.openapi.checks import (  # noqa: E402
+    response_schema_conformance,
+    status_code_conformance,
+)
 from sqlmodel import Session  # noqa: E402
 
 from fleet.api.bootstrap import create_admin_key  # noqa: E402
@@ -42,23 +36,9 @@ from .conftest import Org  # noqa: E402
 from .test_api_cli import LiveServer  # noqa: E402
 
 EXAMPLES_PER_OPERATION = 10
-CHECKS = [not_a_server_error, response_schema_conformance]
+CHECKS = [not_a_server_error, response_schema_conformance, status_code_conformance]
 MAX_OFFSET = 2**63 - 1
 LIST_ROUTES = ["/devices", "/groups", "/artifacts", "/api-keys", "/audit", "/deployments"]
-OWN_422_BUG = (
-    "API bug: InvalidRequestError answers 422 {'detail': str} but every route documents 422 "
-    "as HTTPValidationError (detail: array), so response_schema_conformance fails"
-)
-
-
-def own_422(response: Any) -> bool:
-    """A 422 of the API's own ``InvalidRequestError`` (``detail`` a string; see the docstring)."""
-    if response.status_code != 422:
-        return False
-    try:
-        return isinstance(response.json().get("detail"), str)
-    except ValueError:
-        return False
 
 
 def test_api_conforms_to_its_openapi_schema(app: FastAPI, database_url: str) -> None:
@@ -84,8 +64,7 @@ def test_api_conforms_to_its_openapi_schema(app: FastAPI, database_url: str) -> 
             )
             def check(case: Any) -> None:
                 response = case.call(base_url=server.url, headers=headers)
-                checks = [not_a_server_error] if own_422(response) else CHECKS
-                case.validate_response(response, checks=checks)
+                case.validate_response(response, checks=CHECKS)
 
             try:
                 check()
@@ -139,7 +118,6 @@ def test_nul_characters_are_refused_with_422(
     assert "NUL characters" in response.json()["detail"]
 
 
-@pytest.mark.xfail(strict=True, reason=OWN_422_BUG)
 def test_own_422_matches_the_documented_schema(client: TestClient, org_a: Org) -> None:
     spec = client.get("/openapi.json").json()
     documented = spec["paths"]["/devices"]["post"]["responses"]["422"]
@@ -154,11 +132,6 @@ def test_own_422_matches_the_documented_schema(client: TestClient, org_a: Org) -
     ), f"422 body {response.json()} against documented {schema}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="API gap: routes document only 200/201 and 422; 401, 403, 404 and 409 answers "
-    "({'detail': str}) are not in the OpenAPI schema, so status_code_conformance fails",
-)
 def test_error_statuses_are_documented(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     missing = []
