@@ -96,6 +96,10 @@ class Serving(Protocol):
         """Models being served, for heartbeats."""
         ...
 
+    def shadow(self) -> dict[str, protocol.ShadowSummary]:
+        """Per-model shadow agreement, for heartbeats."""
+        ...
+
     def latency(self) -> dict[str, protocol.LatencySummary]:
         """Per-model latency since the last call, for heartbeats."""
         ...
@@ -687,6 +691,7 @@ class Agent:
                 disk_free_mib=disk.free // (1024 * 1024),
             ),
             inference=self.serving.latency(),
+            shadow=self.serving.shadow(),
         )
 
     def _heartbeat(self) -> None:

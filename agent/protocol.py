@@ -164,6 +164,19 @@ class HardwareFacts(_Payload):
     disk_free_mib: int | None = None
 
 
+class ShadowSummary(_Payload):
+    """How a model's shadow version agreed with its primary (totals since it started)."""
+
+    comparisons: int = 0
+    top1_disagreements: int = 0
+    max_abs_diff: float | None = None
+
+    @property
+    def disagreement(self) -> float | None:
+        """Share of compared requests whose top-1 class differed (None before any)."""
+        return self.top1_disagreements / self.comparisons if self.comparisons else None
+
+
 class Heartbeat(_Payload):
     """Periodic health report of an agent."""
 
@@ -174,6 +187,7 @@ class Heartbeat(_Payload):
     runtimes: list[str] = Field(default_factory=list)
     hardware: HardwareFacts
     inference: dict[str, LatencySummary] = Field(default_factory=dict)
+    shadow: dict[str, ShadowSummary] = Field(default_factory=dict)
     ts: datetime = Field(default_factory=_now)
 
 

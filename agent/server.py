@@ -556,6 +556,22 @@ class ModelRepository:
             for served, role in entry.members()
         ]
 
+    def shadow(self) -> dict[str, protocol.ShadowSummary]:
+        """Per-model shadow agreement totals of the models that have a shadow, for heartbeats."""
+        with self._lock:
+            slots = sorted(self._slots.items())
+        out = {}
+        for name, slot in slots:
+            if slot.entry is None or slot.entry.shadow is None:
+                continue
+            snap = slot.stats.shadow.snapshot()
+            out[name] = protocol.ShadowSummary(
+                comparisons=snap.comparisons,
+                top1_disagreements=snap.top1_disagreements,
+                max_abs_diff=snap.max_abs_diff,
+            )
+        return out
+
     def latency(self) -> dict[str, protocol.LatencySummary]:
         """Per-model latency percentiles over each tracker's rolling window, for heartbeats."""
         with self._lock:

@@ -366,11 +366,12 @@ def deploy_command(
 def register(group: click.Group) -> None:
     """Add the ``fleet`` command group to the root CLI."""
     from fleet.api.cli import api_group
-    from fleet.api_cli import artifacts_group, devices_group
+    from fleet.api_cli import artifacts_group, deployments_group, devices_group
 
     fleet_group.add_command(api_group)
     fleet_group.add_command(devices_group)
     fleet_group.add_command(artifacts_group)
+    fleet_group.add_command(deployments_group)
     group.add_command(fleet_group)
 
 

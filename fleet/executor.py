@@ -234,8 +234,11 @@ class Executor:
                 ),
                 None,
             )
+            shadow = beat.shadow.get(deployment.model_name)
             health[device_id] = rollout.health_from_latency(
-                beat.inference[deployment.model_name], artifact_id=artifact
+                beat.inference[deployment.model_name],
+                artifact_id=artifact,
+                shadow_disagreement=shadow.disagreement if shadow is not None else None,
             )
         return health
 

@@ -485,6 +485,10 @@ def test_candidate_split_shadow_and_promotion_via_jobs(
         if line.startswith("edgeloop_shadow_comparisons_total{")
     ]
     assert comparisons and float(comparisons[0].rsplit(" ", 1)[1]) >= 1
+    time.sleep(1.5)  # a heartbeat after the shadow traffic carries its agreement
+    beat = protocol.Heartbeat.model_validate(_message(fleet, protocol.heartbeat("dev-1")))
+    assert beat.shadow["mlp"].comparisons >= 1
+    assert beat.shadow["mlp"].disagreement is not None
 
     fleet.deploy("dev-1", v2, job_id="promote")
     assert fleet.wait("promote", ("SUCCEEDED", "FAILED")).state == "SUCCEEDED"
