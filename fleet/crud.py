@@ -32,6 +32,8 @@ from fleet.models import (
     Group,
     GroupCreate,
     GroupUpdate,
+    ModelPublic,
+    ModelVersionPublic,
     Organization,
     OrganizationCreate,
     OrganizationUpdate,
@@ -429,3 +431,32 @@ def list_audit(
 # Largest list offset the API accepts: databases store offsets as 64-bit integers, and
 # no fleet has 2**31 objects of one kind; anything larger is a 422, not a 500.
 MAX_OFFSET = 2**31 - 1
+
+
+# ---------------------------------------------------------------- models (a view of artifacts)
+
+
+def model_views(
+    session: Session, *, org_id: uuid.UUID, name: str | None = None
+) -> list[ModelPublic]:
+    """The organization's models: name -> versions (newest first) -> artifact per profile."""
+    query = select(Artifact).where(Artifact.org_id == org_id)
+    if name is not None:
+        query = query.where(Artifact.model_name == name)
+    grouped: dict[str, dict[str, ModelVersionPublic]] = {}
+    for row in session.exec(query.order_by(col(Artifact.uploaded_at))).all():
+        versions = grouped.setdefault(row.model_name, {})
+        entry = versions.get(row.model_version)
+        if entry is None:
+            entry = versions[row.model_version] = ModelVersionPublic(
+                version=row.model_version, artifacts={}, uploaded_at=row.uploaded_at
+            )
+        entry.artifacts[row.profile] = row.artifact_id
+        entry.uploaded_at = max(entry.uploaded_at, row.uploaded_at)
+    return [
+        ModelPublic(
+            name=model,
+            versions=sorted(versions.values(), key=lambda v: v.uploaded_at, reverse=True),
+        )
+        for model, versions in sorted(grouped.items())
+    ]

@@ -532,3 +532,26 @@ class DeviceStatePublic(SQLModel):
     desired_models: dict[str, str]
     diff: list[ModelStateDiff]
     in_sync: bool
+
+
+# ---------------------------------------------------------------- models (a view of artifacts)
+
+
+class ModelVersionPublic(SQLModel):
+    """One version of a model and its artifact per hardware profile."""
+
+    version: str
+    artifacts: dict[str, str] = Field(description="profile -> artifact id")
+    uploaded_at: datetime
+
+
+class ModelPublic(SQLModel):
+    """A model: its versions, newest first."""
+
+    name: str
+    versions: list[ModelVersionPublic]
+
+
+class ModelsPublic(SQLModel):
+    data: list[ModelPublic]
+    count: int

@@ -31,6 +31,7 @@ from fleet.api.routes import (
     devices,
     groups,
     health,
+    models,
     organizations,
 )
 from fleet.api.routing import AuditedRoute
@@ -52,6 +53,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     devices.router,
     groups.router,
     artifacts.router,
+    models.router,
     deployments.router,
     audit.router,
     health.router,

@@ -53,6 +53,7 @@ OBJECT_ROUTES: dict[tuple[str, str], str] = {
     ("DELETE", "/groups/{group_id}"): "fleet:write",
     ("GET", "/devices/{device_id}/state"): "fleet:read",
     ("GET", "/artifacts/{artifact_id}"): "fleet:read",
+    ("GET", "/models/{model_name}"): "fleet:read",
     ("GET", "/deployments/{deployment_id}"): "fleet:read",
     ("POST", "/deployments/{deployment_id}/pause"): "deploy",
     ("POST", "/deployments/{deployment_id}/resume"): "deploy",
@@ -181,6 +182,7 @@ def world(
                 "group_id": group["id"],
                 "key_id": key.json()["key_id"],
                 "artifact_id": artifact["artifact_id"],
+                "model_name": artifact["model_name"],
                 "deployment_id": deployment.json()["id"],
             }
             restricted = {}
