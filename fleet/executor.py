@@ -45,12 +45,14 @@ from sqlmodel import Session
 from agent import protocol
 from agent.protocol import Heartbeat, JobUpdate, Status
 from fleet import crud, deployments, rollout
+from fleet.api.metrics import ApiMetrics
 from fleet.jobs import Publisher, publish_job
 from fleet.models import Deployment
 from fleet.responder import BrokerConfig, BrokerError, MqttSession
 from fleet.rollout import (
     Action,
     CancelJob,
+    DeviceJob,
     HealthReport,
     RollbackDevice,
     RolloutError,
@@ -99,6 +101,7 @@ class Executor:
         """Configure; :meth:`start` runs the loop in a thread, :meth:`tick` runs one pass."""
         self.engine = engine
         self.store = store
+        self.metrics: ApiMetrics | None = None
         self.publisher: Publisher = publisher if publisher is not None else _NotConnected()
         self.connection = connection
         self.clock = clock
@@ -251,10 +254,13 @@ class Executor:
             prefix = f"{state.rollout_id}."
             mine = [u for u in updates if u.job_id.startswith(prefix)]
             for update in mine:
+                before = state.devices.get(update.device_id)
                 try:
                     state = rollout.apply_update(state, update, now=now)
                 except RolloutError as err:
                     log.warning("dropping job update of %s: %s", update.device_id, err)
+                    continue
+                self._observe_job(before, update, now=now)
             state, stepped = rollout.step(
                 state, now=now, health=self._health(deployment, state.devices)
             )
@@ -269,6 +275,13 @@ class Executor:
                 return
         for action in actions:
             self._perform(action, model_name=model_name)
+
+    def _observe_job(self, before: DeviceJob | None, update: JobUpdate, *, now: float) -> None:
+        if self.metrics is None or before is None or not update.state.terminal:
+            return
+        run = before.rollback if update.job_id.endswith(".rollback") else before.deploy
+        if run is not None and run.job_id == update.job_id and not run.state.terminal:
+            self.metrics.observe_job(outcome=update.state.value, seconds=now - run.started_at)
 
     # actions ---------------------------------------------------------------
 

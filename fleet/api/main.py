@@ -139,6 +139,7 @@ def create_app(
         app.state.executor = None
         if make_executor is not None:
             app.state.executor = make_executor(app.state.engine, app.state.store)
+            app.state.executor.metrics = app.state.metrics
             app.state.executor.start()
         try:
             yield

@@ -29,11 +29,22 @@ class ApiMetrics:
             ["phase"],
             registry=self.registry,
         )
+        self.job_seconds = Histogram(
+            "edgeloop_fleet_job_seconds",
+            "Device job latency from the job's start to its terminal state, by outcome.",
+            ["outcome"],
+            buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800),
+            registry=self.registry,
+        )
         self.devices_online = Gauge(
             "edgeloop_fleet_devices_online",
             "Devices whose last heartbeat or status said online (all organizations).",
             registry=self.registry,
         )
+
+    def observe_job(self, *, outcome: str, seconds: float) -> None:
+        """A device job reached ``outcome`` (a terminal JobState) ``seconds`` after it started."""
+        self.job_seconds.labels(outcome).observe(seconds)
 
     def set_fleet(self, *, phases: dict[str, int], online: int) -> None:
         """Set the fleet gauges (every phase present, zero when none)."""
