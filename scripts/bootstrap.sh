@@ -19,6 +19,28 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${missing[@]}" >&2
 fi
 
+# PostgreSQL on 127.0.0.1:5432 (trust auth) for the fleet API tests: this machine kind runs
+# one; start it if it is down, install a local one if there is none.
+if ! command -v pg_isready >/dev/null 2>&1; then
+  echo "bootstrap: installing PostgreSQL" >&2
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -q >&2
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q postgresql >&2
+  for hba in /etc/postgresql/*/main/pg_hba.conf; do
+    if ! grep -q "edgeloop tests" "$hba"; then
+      { printf '# edgeloop tests: local trust\nhost all all 127.0.0.1/32 trust\n'; cat "$hba"; } \
+        > "$hba.new" && $SUDO mv "$hba.new" "$hba"
+    fi
+  done
+fi
+if ! pg_isready -h 127.0.0.1 -p 5432 -q; then
+  echo "bootstrap: starting PostgreSQL" >&2
+  for version in /etc/postgresql/*; do
+    pg_ctlcluster --skip-systemctl-redirect "$(basename "$version")" main start >&2 || true
+  done
+  for _ in $(seq 1 30); do pg_isready -h 127.0.0.1 -p 5432 -q && break; sleep 1; done
+fi
+
 PYTHON="${PYTHON:-python3}"
 echo "bootstrap: pip install -e .[dev] with $($PYTHON --version)" >&2
 $PYTHON -m pip install -q --disable-pip-version-check -e ".[dev]" >&2
