@@ -273,8 +273,13 @@ class Executor:
                 session.rollback()
                 self._updates.extend(mine)  # re-read and re-apply on the next tick
                 return
+        desired: dict[str, str] = {}
         for action in actions:
-            self._perform(action, model_name=model_name)
+            sent = self._perform(action, model_name=model_name)
+            if sent is not None:
+                desired[sent[0]] = sent[1]
+        if desired:
+            self._set_desired(desired, model_name)
 
     def _observe_job(self, before: DeviceJob | None, update: JobUpdate, *, now: float) -> None:
         if self.metrics is None or before is None or not update.state.terminal:
@@ -285,7 +290,8 @@ class Executor:
 
     # actions ---------------------------------------------------------------
 
-    def _perform(self, action: Action, *, model_name: str) -> None:
+    def _perform(self, action: Action, *, model_name: str) -> tuple[str, str] | None:
+        """Carry out one action; returns (device, artifact) when a job was sent."""
         self.performed.append(action)
         if isinstance(action, StartJob | RollbackDevice):
             kind = "deploy" if isinstance(action, StartJob) else "rollback"
@@ -304,8 +310,8 @@ class Executor:
                 )
             except (BrokerError, StoreError) as err:
                 log.error("could not send %s job %s: %s", kind, action.job_id, err)
-                return
-            self._set_desired(action.device_id, model_name, artifact_id)
+                return None
+            return action.device_id, artifact_id
         elif isinstance(action, CancelJob):
             log.info(
                 "job %s of %s canceled (%s); agents cannot cancel a job mid-activation, "
@@ -316,14 +322,19 @@ class Executor:
             )
         else:
             log.info("deployment action: %s", action)
+        return None
 
-    def _set_desired(self, device_id: str, model_name: str, artifact_id: str) -> None:
+    def _set_desired(self, desired: dict[str, str], model_name: str) -> None:
+        """Record what each device was sent, in one transaction per batch of jobs."""
         with Session(self.engine) as session:
-            device = crud.find_device(session, device_id=device_id)
-            if device is None:
-                return
-            report = deployments.ensure_report(session, org_id=device.org_id, device_id=device_id)
-            report.desired_models = {**report.desired_models, model_name: artifact_id}
+            for device_id, artifact_id in desired.items():
+                device = crud.find_device(session, device_id=device_id)
+                if device is None:
+                    continue
+                report = deployments.ensure_report(
+                    session, org_id=device.org_id, device_id=device_id
+                )
+                report.desired_models = {**report.desired_models, model_name: artifact_id}
             session.commit()
 
 
