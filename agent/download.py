@@ -136,12 +136,23 @@ class Download:
         return self.part
 
     def close(self) -> None:
-        """Flush, then close the file descriptor (state stays on disk for resuming)."""
+        """Flush, then close the file descriptor (state stays on disk for resuming).
+
+        Idempotent: a second close must not ``os.close`` the same number again, since the
+        process may have reused it for another file or socket by then.
+        """
+        if self._fd < 0:
+            return
+        fd, self._fd = self._fd, -1
         try:
-            self.flush()
-            os.close(self._fd)
-        except OSError:
-            pass
+            if self._unflushed:
+                os.fdatasync(fd)
+                self._unflushed = 0
+                self._persist()
+        except OSError as err:
+            log.warning("could not flush the download of %s: %s", self.artifact_id, err)
+        finally:
+            os.close(fd)
 
     def discard(self) -> None:
         """Close and delete the partial file and its state."""
