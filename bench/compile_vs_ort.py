@@ -49,8 +49,9 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `compiler` im
 
 MODEL_NAMES = ("mobilenet_v2", "resnet18", "small_cnn", "mlp")
 # Total MetaSchedule trials per model and profile. build_library spreads them evenly over the
-# model's tasks (33 / 19 / 9 / 3 at 224x224), so these are 16, 16, 24 and 48 trials per task.
-DEFAULT_TRIALS = {"mobilenet_v2": 528, "resnet18": 304, "small_cnn": 216, "mlp": 144}
+# model's tasks (33 / 19 / 9 / 3), so these are 8, 16, 16 and 32 trials per task: about 20
+# minutes of tuning on 2 quiet cores (each task also costs ~10 s of search besides its trials).
+DEFAULT_TRIALS = {"mobilenet_v2": 264, "resnet18": 304, "small_cnn": 144, "mlp": 96}
 QUICK_MODELS = ("small_cnn", "mlp")
 QUICK_TRIALS = {"mobilenet_v2": 66, "resnet18": 38, "small_cnn": 72, "mlp": 48}
 DEFAULT_PROFILES = ("generic/x86_64",)
@@ -109,6 +110,12 @@ class ModelResult:
         num, den = which.median_ms, self.ort.median_ms
         return num / den if num is not None and den else None
 
+    def min_ratio(self, which: Measurement) -> float | None:
+        """``which`` fastest run over ORT's fastest run: less sensitive to load from others."""
+        if not which.runs_ms or not self.ort.runs_ms:
+            return None
+        return min(which.runs_ms) / min(self.ort.runs_ms)
+
     @property
     def shipped(self) -> Measurement:
         """This run's measurement of the runtime that ``--runtime auto`` chose to ship."""
@@ -128,6 +135,7 @@ class ModelResult:
             "tvm_tuned": _round(self.ratio(self.tvm_tuned)),
             "tvm_tuned_default_threads": _round(self.ratio(self.tvm_tuned_default_threads)),
             "shipped": _round(self.ratio(self.shipped)),
+            "tvm_tuned_min_over_ort_min": _round(self.min_ratio(self.tvm_tuned)),
         }
         return data
 
@@ -204,6 +212,7 @@ class Options:
     rounds: int
     untuned_repeat: int
     tuning_db: Path | None
+    work_dir: Path | None
     pipeline: bool
     seed: int
     json_out: Path | None
@@ -335,40 +344,47 @@ def _fmt_ratio(value: float | None) -> str:
 
 
 def print_table(results: Sequence[ModelResult], opts: Options) -> None:
-    """The results table (stdout)."""
+    """The results table (stdout), then any errors in full."""
     from rich.console import Console
     from rich.table import Table
 
+    default_threads = next((r.tvm_default_threads for r in results if r.tvm_default_threads), "?")
     table = Table(
         title=f"TVM vs ONNX Runtime, batch 1, median ms, {opts.threads} thread(s) each",
-        caption="Columns marked (ratio) are TVM median / ORT median from this run: "
-                "< 1 means TVM is faster. 'shipped' is the runtime --runtime auto chose.",
+        caption="÷ORT columns are the ratios TVM latency / ORT latency measured in this run "
+                "(medians; 'min' = fastest runs; 'default thr' = the tuned library without "
+                f"TVM_NUM_THREADS, i.e. {default_threads} thread(s)): < 1 means TVM is faster. "
+                "'shipped' = the runtime edgeloop compile --runtime auto chose.",
     )
-    for name in ("model", "input", "profile", "trials (new/tasks)", "tune s",
-                 "TVM untuned", "TVM tuned", "ORT", "untuned/ORT (ratio)",
-                 "tuned/ORT (ratio)", "tuned/ORT, TVM default threads (ratio)",
-                 "shipped", "shipped/ORT (ratio)"):
+    headers = ("model", "input", "profile", "trials new/tasks", "tune s", "untuned ms",
+               "tuned ms", "ORT ms", "untuned ÷ORT", "tuned ÷ORT", "tuned ÷ORT min",
+               "tuned ÷ORT default thr", "shipped", "shipped ÷ORT")
+    for name in headers:
         left = name in ("model", "profile", "shipped")
-        table.add_column(name, justify="left" if left else "right")
+        table.add_column(name, justify="left" if left else "right", no_wrap=left)
     for r in results:
+        shape = "x".join(map(str, r.input_shape))
         if r.error:
-            table.add_row(r.model, "x".join(map(str, r.input_shape)), r.profile, "-", "-", "-", "-",
-                          "-", "-", "-", "-", r.error[:40], "-")
+            table.add_row(r.model, shape, r.profile, *(["-"] * 9), "error", "-")
             continue
-        untuned_count = len(r.tuning.get("untuned_tasks", []))
         trials = f"{r.tuning.get('new_trials', 0)}/{r.tuning.get('tasks_total', 0)}"
+        untuned_count = len(r.tuning.get("untuned_tasks", []))
         if untuned_count:
             trials += f" ({untuned_count} untuned)"
-        shipped = r.shipped_runtime or ("gate failed" if r.shipped_error else "-")
         table.add_row(
-            r.model, "x".join(map(str, r.input_shape)), r.profile, trials,
-            f"{r.tuning.get('wall_time_s', 0):.0f}",
+            r.model, shape, r.profile, trials, f"{r.tuning.get('wall_time_s', 0):.0f}",
             _fmt_ms(r.tvm_untuned), _fmt_ms(r.tvm_tuned), _fmt_ms(r.ort),
             _fmt_ratio(r.ratio(r.tvm_untuned)), _fmt_ratio(r.ratio(r.tvm_tuned)),
-            f"{_fmt_ratio(r.ratio(r.tvm_tuned_default_threads))} ({r.tvm_default_threads} thr)",
-            shipped, _fmt_ratio(r.ratio(r.shipped)),
+            _fmt_ratio(r.min_ratio(r.tvm_tuned)), _fmt_ratio(r.ratio(r.tvm_tuned_default_threads)),
+            r.shipped_runtime or ("error" if r.shipped_error else "-"),
+            _fmt_ratio(r.ratio(r.shipped)),
         )
-    Console(width=200).print(table)
+    Console(width=190).print(table)
+    for r in results:
+        if r.error:
+            print(f"{r.model} / {r.profile}: {r.error}")
+        if r.shipped_error:
+            print(f"{r.model} / {r.profile}: edgeloop compile failed: {r.shipped_error}")
 
 
 def environment(opts: Options) -> dict[str, Any]:
@@ -410,10 +426,14 @@ def run(opts: Options) -> list[ModelResult]:
          f"TVM and ORT use {opts.threads} thread(s) (TVM's own default here: {default_threads})")
     results: list[ModelResult] = []
     start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="edgeloop-bench-") as tmp:
-        work = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        if opts.work_dir is None:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edgeloop-bench-")))
+        else:
+            work = opts.work_dir
+            work.mkdir(parents=True, exist_ok=True)
         tuning_db = opts.tuning_db or work / "tuning-db"
-        key_path = generate_keys(work / "keys").private
+        key_path = generate_keys(work / "keys", overwrite=True).private
         for profile in opts.profiles:
             for name in opts.models:
                 try:
@@ -430,9 +450,6 @@ def run(opts: Options) -> list[ModelResult]:
     env["load_average_end"] = list(os.getloadavg())
     env["total_wall_s"] = round(time.monotonic() - start, 1)
     print_table(results, opts)
-    for r in results:
-        if r.shipped_error:
-            print(f"{r.model} / {r.profile}: edgeloop compile failed: {r.shipped_error}")
     print(f"total wall time {env['total_wall_s']:.0f} s; load average {env['load_average_start']} "
           f"at start, {env['load_average_end']} at end")
     if opts.json_out is not None:
@@ -478,6 +495,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument("--tuning-db", type=Path, default=None,
                         help="reuse this MetaSchedule database (default: a fresh temporary one, "
                              "so every task is tuned in this run)")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="keep ONNX files, libraries, artifacts and (unless --tuning-db) the "
+                             "tuning database with MetaSchedule's logs here (default: a temporary "
+                             "directory, deleted)")
     parser.add_argument("--no-pipeline", dest="pipeline", action="store_false",
                         help="skip the edgeloop compile --runtime auto check")
     parser.add_argument("--seed", type=int, default=0)
@@ -506,6 +527,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
             parser.error(f"--trials {item}: must be 0 or more")
         for m in ((name,) if sep else MODEL_NAMES):
             trials[m] = value
+    stale_db = args.work_dir is not None and (args.work_dir / "tuning-db").exists()
+    if stale_db and args.tuning_db is None:
+        parser.error(f"--work-dir {args.work_dir} already holds a tuning-db; pass --tuning-db "
+                     f"{args.work_dir / 'tuning-db'} to reuse it, or choose an empty directory")
     if args.threads < 1 or args.rounds < 1:
         parser.error("--threads and --rounds must be at least 1")
     return Options(
@@ -516,7 +541,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         rounds=args.rounds,
         untuned_repeat=args.untuned_repeat if args.untuned_repeat is not None
         else (5 if args.quick else 10),
-        tuning_db=args.tuning_db, pipeline=args.pipeline, seed=args.seed,
+        tuning_db=args.tuning_db, work_dir=args.work_dir, pipeline=args.pipeline, seed=args.seed,
         json_out=args.json_out, verbose=args.verbose, quick=args.quick,
     )
 
