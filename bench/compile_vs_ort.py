@@ -166,8 +166,14 @@ def tvm_default_threads() -> int:
     code = "import tvm; print(tvm.get_global_func('runtime.NumThreads')())"
     env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
     env["TVM_USE_RUNTIME_LIB"] = "1"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     return int(out.stdout.strip().splitlines()[-1])
 
 
@@ -180,8 +186,9 @@ class OrtTimer:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        self._session = ort.InferenceSession(str(onnx_path), options,
-                                             providers=["CPUExecutionProvider"])
+        self._session = ort.InferenceSession(
+            str(onnx_path), options, providers=["CPUExecutionProvider"]
+        )
         self._input = input_name
 
     def run(self, sample: npt.NDArray[Any], *, warmup: int, repeat: int) -> tuple[list[float], Any]:
@@ -261,9 +268,14 @@ def bench_model(
     host = execution.detect_host(cache_dir=settings.cache_dir)
     plan = execution.plan_execution(profile, host)
     trials = opts.trials[spec.name]
-    result = ModelResult(model=spec.name, description=spec.description,
-                         input_shape=list(spec.input_shape), profile=profile_name,
-                         trials_requested=trials, tvm_default_threads=default_threads)
+    result = ModelResult(
+        model=spec.name,
+        description=spec.description,
+        input_shape=list(spec.input_shape),
+        profile=profile_name,
+        trials_requested=trials,
+        tvm_default_threads=default_threads,
+    )
     if plan.mode != "native":
         result.error = f"cannot run natively here: {plan.reason}"
         return result
@@ -274,8 +286,9 @@ def bench_model(
     export_onnx(spec, str(onnx_path), seed=opts.seed)
     model = load_model(onnx_path)
     model.check_coverage()
-    sample = make_inputs([(t.name, t.shape, t.dtype) for t in model.inputs], samples=1,
-                         seed=opts.seed)[0]
+    sample = make_inputs(
+        [(t.name, t.shape, t.dtype) for t in model.inputs], samples=1, seed=opts.seed
+    )[0]
 
     with tvm_threads(opts.threads):
         _say(f"{spec.name} / {profile_name}: untuned build")
@@ -283,45 +296,63 @@ def bench_model(
         untuned_lib = model_dir / "untuned.so"
         build_library(model.to_relax(), profile, out_path=untuned_lib, trials=0, tuning_db=None)
         result.untuned_build_s = round(time.monotonic() - start, 1)
-        untuned = execution.run_library(untuned_lib, [sample], plan, host, warmup=1,
-                                        repeat=opts.untuned_repeat)
+        untuned = execution.run_library(
+            untuned_lib, [sample], plan, host, warmup=1, repeat=opts.untuned_repeat
+        )
         result.tvm_untuned.runs_ms = untuned.latency_ms
 
         _say(f"{spec.name} / {profile_name}: tuning with {trials} trials")
         tuned_lib = model_dir / "tuned.so"
-        stats = build_library(model.to_relax(), profile, out_path=tuned_lib, trials=trials,
-                              tuning_db=tuning_db,
-                              progress=_progress_printer(f"{spec.name} / {profile_name}"))
+        stats = build_library(
+            model.to_relax(),
+            profile,
+            out_path=tuned_lib,
+            trials=trials,
+            tuning_db=tuning_db,
+            progress=_progress_printer(f"{spec.name} / {profile_name}"),
+        )
         result.tuning = stats.to_dict()
-        _say(f"{spec.name} / {profile_name}: tuned in {stats.wall_time_s:.0f} s "
-             f"({stats.new_trials} new trials, {stats.tasks_total} tasks, "
-             f"{len(stats.untuned_tasks)} left untuned)")
+        _say(
+            f"{spec.name} / {profile_name}: tuned in {stats.wall_time_s:.0f} s "
+            f"({stats.new_trials} new trials, {stats.tasks_total} tasks, "
+            f"{len(stats.untuned_tasks)} left untuned)"
+        )
 
     ort = OrtTimer(onnx_path, model.inputs[0].name, threads=opts.threads)
     _say(f"{spec.name} / {profile_name}: timing TVM tuned and ORT in {opts.rounds} rounds")
     per_round = max(1, opts.repeat // opts.rounds)
     for _ in range(opts.rounds):
         with tvm_threads(opts.threads):
-            tuned = execution.run_library(tuned_lib, [sample], plan, host,
-                                          warmup=opts.warmup, repeat=per_round)
+            tuned = execution.run_library(
+                tuned_lib, [sample], plan, host, warmup=opts.warmup, repeat=per_round
+            )
         result.tvm_tuned.runs_ms += tuned.latency_ms
         ort_times, ort_out = ort.run(sample[0], warmup=opts.warmup, repeat=per_round)
         result.ort.runs_ms += ort_times
         diff = np.abs(np.asarray(tuned.outputs[0][0], dtype=np.float64) - ort_out)
         result.max_abs_diff_vs_ort = float(diff.max())
     with tvm_threads(None):
-        default = execution.run_library(tuned_lib, [sample], plan, host,
-                                        warmup=opts.warmup, repeat=per_round)
+        default = execution.run_library(
+            tuned_lib, [sample], plan, host, warmup=opts.warmup, repeat=per_round
+        )
     result.tvm_tuned_default_threads.runs_ms = default.latency_ms
 
     if opts.pipeline:
         _say(f"{spec.name} / {profile_name}: edgeloop compile --runtime auto (trials 0, tuned DB)")
         from compiler.pipeline import CompileRequest, compile_model
 
-        request = CompileRequest(model=onnx_path, profile=profile_name,
-                                 output=model_dir / "artifact", trials=0, tuning_db=tuning_db,
-                                 runtime="auto", signing_key=key_path, force=True,
-                                 seed=opts.seed, latency_repeat=opts.repeat)
+        request = CompileRequest(
+            model=onnx_path,
+            profile=profile_name,
+            output=model_dir / "artifact",
+            trials=0,
+            tuning_db=tuning_db,
+            runtime="auto",
+            signing_key=key_path,
+            force=True,
+            seed=opts.seed,
+            latency_repeat=opts.repeat,
+        )
         try:
             with tvm_threads(opts.threads):
                 compiled = compile_model(request, settings=settings)
@@ -352,13 +383,26 @@ def print_table(results: Sequence[ModelResult], opts: Options) -> None:
     table = Table(
         title=f"TVM vs ONNX Runtime, batch 1, median ms, {opts.threads} thread(s) each",
         caption="÷ORT columns are the ratios TVM latency / ORT latency measured in this run "
-                "(medians; 'min' = fastest runs; 'default thr' = the tuned library without "
-                f"TVM_NUM_THREADS, i.e. {default_threads} thread(s)): < 1 means TVM is faster. "
-                "'shipped' = the runtime edgeloop compile --runtime auto chose.",
+        "(medians; 'min' = fastest runs; 'default thr' = the tuned library without "
+        f"TVM_NUM_THREADS, i.e. {default_threads} thread(s)): < 1 means TVM is faster. "
+        "'shipped' = the runtime edgeloop compile --runtime auto chose.",
     )
-    headers = ("model", "input", "profile", "trials new/tasks", "tune s", "untuned ms",
-               "tuned ms", "ORT ms", "untuned ÷ORT", "tuned ÷ORT", "tuned ÷ORT min",
-               "tuned ÷ORT default thr", "shipped", "shipped ÷ORT")
+    headers = (
+        "model",
+        "input",
+        "profile",
+        "trials new/tasks",
+        "tune s",
+        "untuned ms",
+        "tuned ms",
+        "ORT ms",
+        "untuned ÷ORT",
+        "tuned ÷ORT",
+        "tuned ÷ORT min",
+        "tuned ÷ORT default thr",
+        "shipped",
+        "shipped ÷ORT",
+    )
     for name in headers:
         left = name in ("model", "profile", "shipped")
         table.add_column(name, justify="left" if left else "right", no_wrap=left)
@@ -372,10 +416,18 @@ def print_table(results: Sequence[ModelResult], opts: Options) -> None:
         if untuned_count:
             trials += f" ({untuned_count} untuned)"
         table.add_row(
-            r.model, shape, r.profile, trials, f"{r.tuning.get('wall_time_s', 0):.0f}",
-            _fmt_ms(r.tvm_untuned), _fmt_ms(r.tvm_tuned), _fmt_ms(r.ort),
-            _fmt_ratio(r.ratio(r.tvm_untuned)), _fmt_ratio(r.ratio(r.tvm_tuned)),
-            _fmt_ratio(r.min_ratio(r.tvm_tuned)), _fmt_ratio(r.ratio(r.tvm_tuned_default_threads)),
+            r.model,
+            shape,
+            r.profile,
+            trials,
+            f"{r.tuning.get('wall_time_s', 0):.0f}",
+            _fmt_ms(r.tvm_untuned),
+            _fmt_ms(r.tvm_tuned),
+            _fmt_ms(r.ort),
+            _fmt_ratio(r.ratio(r.tvm_untuned)),
+            _fmt_ratio(r.ratio(r.tvm_tuned)),
+            _fmt_ratio(r.min_ratio(r.tvm_tuned)),
+            _fmt_ratio(r.ratio(r.tvm_tuned_default_threads)),
             r.shipped_runtime or ("error" if r.shipped_error else "-"),
             _fmt_ratio(r.ratio(r.shipped)),
         )
@@ -407,8 +459,11 @@ def environment(opts: Options) -> dict[str, Any]:
         "machine": platform.machine(),
         "python": platform.python_version(),
         "versions": versions,
-        "threads": {"tvm_num_threads": opts.threads, "ort_intra_op_num_threads": opts.threads,
-                    "ort_inter_op_num_threads": 1},
+        "threads": {
+            "tvm_num_threads": opts.threads,
+            "ort_intra_op_num_threads": opts.threads,
+            "ort_inter_op_num_threads": 1,
+        },
         "load_average_start": list(os.getloadavg()),
     }
 
@@ -422,8 +477,10 @@ def run(opts: Options) -> list[ModelResult]:
     env = environment(opts)
     default_threads = tvm_default_threads()
     env["tvm_default_threads"] = default_threads
-    _say(f"{env['cpu']}, {env['logical_cpus']} CPUs, load average {env['load_average_start']}; "
-         f"TVM and ORT use {opts.threads} thread(s) (TVM's own default here: {default_threads})")
+    _say(
+        f"{env['cpu']}, {env['logical_cpus']} CPUs, load average {env['load_average_start']}; "
+        f"TVM and ORT use {opts.threads} thread(s) (TVM's own default here: {default_threads})"
+    )
     results: list[ModelResult] = []
     start = time.monotonic()
     with contextlib.ExitStack() as stack:
@@ -437,26 +494,44 @@ def run(opts: Options) -> list[ModelResult]:
         for profile in opts.profiles:
             for name in opts.models:
                 try:
-                    results.append(bench_model(specs[name], profile, opts, work=work,
-                                               tuning_db=tuning_db, key_path=key_path,
-                                               default_threads=default_threads))
+                    results.append(
+                        bench_model(
+                            specs[name],
+                            profile,
+                            opts,
+                            work=work,
+                            tuning_db=tuning_db,
+                            key_path=key_path,
+                            default_threads=default_threads,
+                        )
+                    )
                 except Exception as err:  # a benchmark reports a failed model and goes on
                     log.exception("%s / %s failed", name, profile)
-                    results.append(ModelResult(model=name, description=specs[name].description,
-                                               input_shape=list(specs[name].input_shape),
-                                               profile=profile,
-                                               trials_requested=opts.trials[name],
-                                               error=f"{type(err).__name__}: {err}"))
+                    results.append(
+                        ModelResult(
+                            model=name,
+                            description=specs[name].description,
+                            input_shape=list(specs[name].input_shape),
+                            profile=profile,
+                            trials_requested=opts.trials[name],
+                            error=f"{type(err).__name__}: {err}",
+                        )
+                    )
     env["load_average_end"] = list(os.getloadavg())
     env["total_wall_s"] = round(time.monotonic() - start, 1)
     print_table(results, opts)
-    print(f"total wall time {env['total_wall_s']:.0f} s; load average {env['load_average_start']} "
-          f"at start, {env['load_average_end']} at end")
+    print(
+        f"total wall time {env['total_wall_s']:.0f} s; load average {env['load_average_start']} "
+        f"at start, {env['load_average_end']} at end"
+    )
     if opts.json_out is not None:
-        payload = {"schema_version": 1, "command": sys.argv, "environment": env,
-                   "options": {k: (str(v) if isinstance(v, Path) else v)
-                               for k, v in asdict(opts).items()},
-                   "results": [r.to_dict() for r in results]}
+        payload = {
+            "schema_version": 1,
+            "command": sys.argv,
+            "environment": env,
+            "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
+            "results": [r.to_dict() for r in results],
+        }
         opts.json_out.write_text(json.dumps(payload, indent=2), encoding="utf-8")
         _say(f"wrote {opts.json_out}")
     return results
@@ -469,80 +544,141 @@ def _csv(value: str) -> tuple[str, ...]:
 def parse_args(argv: Sequence[str] | None = None) -> Options:
     """Parse the command line (exits 2 on a usage error, like argparse does)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--models", type=_csv,
-                        help=f"comma-separated subset of {', '.join(MODEL_NAMES)}")
-    parser.add_argument("--profiles", type=_csv, default=DEFAULT_PROFILES,
-                        help="comma-separated hardware profiles (default: generic/x86_64); "
-                             "intel/x86_64-avx512 also runs natively on AVX-512 hosts")
-    parser.add_argument("--trials", action="append", default=[], metavar="[MODEL=]N",
-                        help="total MetaSchedule trials per model (N for all, MODEL=N for one; "
-                             "repeatable). Defaults: "
-                             + ", ".join(f"{k}={v}" for k, v in DEFAULT_TRIALS.items()))
-    parser.add_argument("--quick", action="store_true",
-                        help=f"{', '.join(QUICK_MODELS)} only (unless --models), few trials, "
-                             "fewer repeats: a few minutes")
-    parser.add_argument("--image-size", type=int, default=224,
-                        help="input height/width of mobilenet_v2 and resnet18 (default 224)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                        help="TVM_NUM_THREADS and ORT intra_op_num_threads (default: all CPUs)")
+    parser.add_argument(
+        "--models", type=_csv, help=f"comma-separated subset of {', '.join(MODEL_NAMES)}"
+    )
+    parser.add_argument(
+        "--profiles",
+        type=_csv,
+        default=DEFAULT_PROFILES,
+        help="comma-separated hardware profiles (default: generic/x86_64); "
+        "intel/x86_64-avx512 also runs natively on AVX-512 hosts",
+    )
+    parser.add_argument(
+        "--trials",
+        action="append",
+        default=[],
+        metavar="[MODEL=]N",
+        help="total MetaSchedule trials per model (N for all, MODEL=N for one; "
+        "repeatable). Defaults: " + ", ".join(f"{k}={v}" for k, v in DEFAULT_TRIALS.items()),
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{', '.join(QUICK_MODELS)} only (unless --models), few trials, "
+        "fewer repeats: a few minutes",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=224,
+        help="input height/width of mobilenet_v2 and resnet18 (default 224)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="TVM_NUM_THREADS and ORT intra_op_num_threads (default: all CPUs)",
+    )
     parser.add_argument("--warmup", type=int, default=None, help="warm-up runs per round (5)")
-    parser.add_argument("--repeat", type=int, default=None,
-                        help="timed runs per runtime, split over the rounds (60; quick 30)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="interleaved TVM/ORT measurement rounds (default 3)")
-    parser.add_argument("--untuned-repeat", type=int, default=None,
-                        help="timed runs of the untuned library (10; quick 5)")
-    parser.add_argument("--tuning-db", type=Path, default=None,
-                        help="reuse this MetaSchedule database (default: a fresh temporary one, "
-                             "so every task is tuned in this run)")
-    parser.add_argument("--work-dir", type=Path, default=None,
-                        help="keep ONNX files, libraries, artifacts and (unless --tuning-db) the "
-                             "tuning database with MetaSchedule's logs here (default: a temporary "
-                             "directory, deleted)")
-    parser.add_argument("--no-pipeline", dest="pipeline", action="store_false",
-                        help="skip the edgeloop compile --runtime auto check")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="timed runs per runtime, split over the rounds (60; quick 30)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved TVM/ORT measurement rounds (default 3)"
+    )
+    parser.add_argument(
+        "--untuned-repeat",
+        type=int,
+        default=None,
+        help="timed runs of the untuned library (10; quick 5)",
+    )
+    parser.add_argument(
+        "--tuning-db",
+        type=Path,
+        default=None,
+        help="reuse this MetaSchedule database (default: a fresh temporary one, "
+        "so every task is tuned in this run)",
+    )
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="keep ONNX files, libraries, artifacts and (unless --tuning-db) the "
+        "tuning database with MetaSchedule's logs here (default: a temporary "
+        "directory, deleted)",
+    )
+    parser.add_argument(
+        "--no-pipeline",
+        dest="pipeline",
+        action="store_false",
+        help="skip the edgeloop compile --runtime auto check",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", dest="json_out", type=Path, default=None, metavar="OUT",
-                        help="also write the results as JSON to OUT")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="-v: MetaSchedule progress logs")
+    parser.add_argument(
+        "--json",
+        dest="json_out",
+        type=Path,
+        default=None,
+        metavar="OUT",
+        help="also write the results as JSON to OUT",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="-v: MetaSchedule progress logs"
+    )
     args = parser.parse_args(argv)
 
     models = args.models or (QUICK_MODELS if args.quick else MODEL_NAMES)
     unknown = [m for m in models if m not in MODEL_NAMES]
     if unknown:
-        parser.error(f"unknown model(s) {', '.join(unknown)}; "
-                     f"choose from: {', '.join(MODEL_NAMES)}")
+        parser.error(
+            f"unknown model(s) {', '.join(unknown)}; choose from: {', '.join(MODEL_NAMES)}"
+        )
     trials = dict(QUICK_TRIALS if args.quick else DEFAULT_TRIALS)
     for item in args.trials:
         name, sep, count = item.rpartition("=")
         if sep and name not in MODEL_NAMES:
-            parser.error(f"--trials {item}: unknown model {name!r}; choose from: "
-                         f"{', '.join(MODEL_NAMES)}")
+            parser.error(
+                f"--trials {item}: unknown model {name!r}; choose from: {', '.join(MODEL_NAMES)}"
+            )
         try:
             value = int(count)
         except ValueError:
             parser.error(f"--trials {item}: {count!r} is not an integer")
         if value < 0:
             parser.error(f"--trials {item}: must be 0 or more")
-        for m in ((name,) if sep else MODEL_NAMES):
+        for m in (name,) if sep else MODEL_NAMES:
             trials[m] = value
     stale_db = args.work_dir is not None and (args.work_dir / "tuning-db").exists()
     if stale_db and args.tuning_db is None:
-        parser.error(f"--work-dir {args.work_dir} already holds a tuning-db; pass --tuning-db "
-                     f"{args.work_dir / 'tuning-db'} to reuse it, or choose an empty directory")
+        parser.error(
+            f"--work-dir {args.work_dir} already holds a tuning-db; pass --tuning-db "
+            f"{args.work_dir / 'tuning-db'} to reuse it, or choose an empty directory"
+        )
     if args.threads < 1 or args.rounds < 1:
         parser.error("--threads and --rounds must be at least 1")
     return Options(
-        models=tuple(models), profiles=tuple(args.profiles), trials=trials,
-        image_size=args.image_size, threads=args.threads,
+        models=tuple(models),
+        profiles=tuple(args.profiles),
+        trials=trials,
+        image_size=args.image_size,
+        threads=args.threads,
         warmup=args.warmup if args.warmup is not None else (3 if args.quick else 5),
         repeat=args.repeat if args.repeat is not None else (30 if args.quick else 60),
         rounds=args.rounds,
-        untuned_repeat=args.untuned_repeat if args.untuned_repeat is not None
+        untuned_repeat=args.untuned_repeat
+        if args.untuned_repeat is not None
         else (5 if args.quick else 10),
-        tuning_db=args.tuning_db, work_dir=args.work_dir, pipeline=args.pipeline, seed=args.seed,
-        json_out=args.json_out, verbose=args.verbose, quick=args.quick,
+        tuning_db=args.tuning_db,
+        work_dir=args.work_dir,
+        pipeline=args.pipeline,
+        seed=args.seed,
+        json_out=args.json_out,
+        verbose=args.verbose,
+        quick=args.quick,
     )
 
 

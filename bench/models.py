@@ -16,8 +16,16 @@ import torch
 from torch import nn
 
 
-def _conv_bn(cin: int, cout: int, kernel: int, stride: int, *, groups: int = 1,
-             act: bool = True, relu6: bool = False) -> nn.Sequential:
+def _conv_bn(
+    cin: int,
+    cout: int,
+    kernel: int,
+    stride: int,
+    *,
+    groups: int = 1,
+    act: bool = True,
+    relu6: bool = False,
+) -> nn.Sequential:
     layers: list[nn.Module] = [
         nn.Conv2d(cin, cout, kernel, stride, padding=kernel // 2, groups=groups, bias=False),
         nn.BatchNorm2d(cout),
@@ -52,8 +60,15 @@ class MobileNetV2(nn.Module):
     """MobileNetV2 (width 1.0, 3.5 M parameters), ImageNet head."""
 
     # (expansion t, channels c, repeats n, first stride s), Sandler et al. 2018, table 2.
-    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
-                (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+    SETTINGS = (
+        (1, 16, 1, 1),
+        (6, 24, 2, 2),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    )
 
     def __init__(self, num_classes: int = 1000) -> None:
         super().__init__()
@@ -78,8 +93,9 @@ class BasicBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()
-        self.body = nn.Sequential(_conv_bn(cin, cout, 3, stride),
-                                  _conv_bn(cout, cout, 3, 1, act=False))
+        self.body = nn.Sequential(
+            _conv_bn(cin, cout, 3, stride), _conv_bn(cout, cout, 3, 1, act=False)
+        )
         projected = stride != 1 or cin != cout
         self.shortcut: nn.Module = (
             _conv_bn(cin, cout, 1, stride, act=False) if projected else nn.Identity()
@@ -117,12 +133,19 @@ class SmallCNN(nn.Module):
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(3, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(128 * 4 * 4, 256), nn.ReLU(),
-                                  nn.Linear(256, num_classes))
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(128 * 4 * 4, 256), nn.ReLU(), nn.Linear(256, num_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.head(self.features(x))
@@ -134,8 +157,9 @@ class MLP(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
-                                 nn.Linear(512, 10))
+        self.net = nn.Sequential(
+            nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.net(x)
@@ -174,5 +198,12 @@ def export_onnx(spec: ModelSpec, path: str, *, seed: int = 0) -> None:
     model = spec.factory().eval()
     example = torch.randn(*spec.input_shape)
     with torch.no_grad():
-        torch.onnx.export(model, (example,), path, input_names=["input"], output_names=["output"],
-                          dynamo=False, opset_version=17)
+        torch.onnx.export(
+            model,
+            (example,),
+            path,
+            input_names=["input"],
+            output_names=["output"],
+            dynamo=False,
+            opset_version=17,
+        )
