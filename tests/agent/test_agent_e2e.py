@@ -349,7 +349,9 @@ def test_broker_killed_mid_transfer_resumes_within_one_window(
     done = fleet.wait("big", ("SUCCEEDED", "FAILED"), timeout=120)
     assert done.state == "SUCCEEDED", (done.reason, agent.log())
     sent = fleet.responder.stats["chunks_sent"]
-    assert count <= sent <= count + window, (sent, count)
+    # Frames published while the responder was disconnected count as publish failures even
+    # when paho queues and sends them after reconnecting, so only the upper bound is exact.
+    assert sent <= count + window, (sent, count)
     active = agent.status()["big"]["active"]
     assert active["artifact_id"] == stored.artifact_id
 
