@@ -17,8 +17,8 @@ Ratios are TVM median / ORT median: below 1 means TVM is faster.
 
 It prints numbers and asserts none: a benchmark, not a test. Usage::
 
-    python -m bench.compile_vs_ort                  # all models, generic/x86_64, ~25 min on 2 cores
-    python -m bench.compile_vs_ort --quick          # small_cnn + mlp with few trials, ~4 min
+    python -m bench.compile_vs_ort              # all models, generic/x86_64: 25-40 min on 2 cores
+    python -m bench.compile_vs_ort --quick      # small_cnn + mlp with few trials: ~5 min
     python -m bench.compile_vs_ort --models mlp --trials mlp=192 --json out.json
 """
 
@@ -49,8 +49,9 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `compiler` im
 
 MODEL_NAMES = ("mobilenet_v2", "resnet18", "small_cnn", "mlp")
 # Total MetaSchedule trials per model and profile. build_library spreads them evenly over the
-# model's tasks (33 / 19 / 9 / 3), so these are 8, 16, 16 and 32 trials per task: about 20
-# minutes of tuning on 2 quiet cores (each task also costs ~10 s of search besides its trials).
+# model's tasks (33 / 19 / 9 / 3), so these are 8, 16, 16 and 32 trials per task. Measured on
+# 2 shared cores: 30 min of tuning (docs/benchmarks.md); each task costs 15-30 s of search and
+# builds besides its trials, so fewer trials barely shorten the run.
 DEFAULT_TRIALS = {"mobilenet_v2": 264, "resnet18": 304, "small_cnn": 144, "mlp": 96}
 QUICK_MODELS = ("small_cnn", "mlp")
 QUICK_TRIALS = {"mobilenet_v2": 66, "resnet18": 38, "small_cnn": 72, "mlp": 48}
