@@ -19,12 +19,16 @@ def cli(verbose: int) -> None:
 
 
 def _mount() -> None:
+    from cloud.cli import register as register_cloud
+    from cloud.dataloop.cli import register as register_dataloop
     from compiler.cli import register
     from edgeloop.demo import demo_command
     from fleet.cli import register as register_fleet
 
     register(cli)
     register_fleet(cli)
+    register_cloud(cli)
+    register_dataloop(cli)
     cli.add_command(demo_command)
 
 
