@@ -1,11 +1,19 @@
 """Keep Mosquitto's password file in line with the fleet's registered devices.
 
 The fleet API talks to a small :class:`BrokerAuth` Protocol; :class:`MosquittoPasswordFile`
-is the production adapter: it hashes a device's password with ``mosquitto_passwd`` (the
-plaintext goes through a private 0600 file, never a command line), rewrites the password
-file atomically (keeping its mode and owner, under a lock shared with other processes), then
-asks the broker to reload it: a callback, :func:`signal_reload` (SIGHUP to the pid in the
-broker's pid file) in production, ``MosquittoProcess.reload`` in tests.
+is the production adapter: it hashes a device's password in-process in Mosquitto 2.0's
+``$7$`` format (PBKDF2-SHA512, 101 iterations, 12-byte salt, as ``mosquitto_passwd`` writes
+it; the binary can still be named, then the plaintext goes through a private 0600 file,
+never a command line), rewrites the password file atomically (keeping its mode and owner,
+under a lock shared with other processes), then asks the broker to reload it: a callback,
+:func:`signal_reload` (SIGHUP to the pid in the broker's pid file) in production,
+``MosquittoProcess.reload`` in tests.
+
+Changes are **group-committed**: a change waits until it is in the file and the broker has
+reloaded (so credentials work once ``add_device`` returns), but changes made meanwhile by
+other threads (concurrent registrations) go into the same rewrite and the same reload; with
+``linger_s`` the writer waits that long first to gather more. The ACL needs no per-device
+update: its ``pattern`` rules on ``%u`` cover every device (:func:`fleet.broker.render_acl`).
 
 After a reload Mosquitto checks new connections against the new file, and (2.0, tested with
 2.0.11) also disconnects open sessions whose login is gone, so revocation cuts a device off.
@@ -13,14 +21,18 @@ After a reload Mosquitto checks new connections against the new file, and (2.0, 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
+import hashlib
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Protocol
@@ -58,6 +70,18 @@ def signal_reload(pid_file: Path) -> Callable[[], None]:
     return reload
 
 
+PBKDF2_ITERATIONS = 101  # mosquitto_passwd's default for $7$
+
+
+def mosquitto_hash(password: str, *, salt: bytes | None = None) -> str:
+    """A Mosquitto 2.0 ``$7$`` password hash: PBKDF2-HMAC-SHA512, 101 iterations, 12-byte
+    salt, salt and 64-byte digest in base64 (what ``mosquitto_passwd`` writes)."""
+    salt = salt if salt is not None else secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, PBKDF2_ITERATIONS)
+    encoded = (base64.b64encode(part).decode() for part in (salt, digest))
+    return f"$7${PBKDF2_ITERATIONS}${'$'.join(encoded)}"
+
+
 class MosquittoPasswordFile:
     """:class:`BrokerAuth` over a Mosquitto ``password_file`` and a reload callback."""
 
@@ -68,20 +92,30 @@ class MosquittoPasswordFile:
         reload: Callable[[], None],
         reserved: Collection[str] = (FLEET_USER, RESPONDER_USER),
         passwd_binary: str | None = None,
+        linger_s: float = 0.0,
     ) -> None:
         """Use ``password_file`` (created empty, mode 0600, if missing).
 
         Args:
             password_file: the file named by ``password_file`` in mosquitto.conf.
-            reload: makes the broker re-read the file (called after every change).
+            reload: makes the broker re-read the file (called once per batch of changes).
             reserved: service users devices may never replace or remove.
-            passwd_binary: path of ``mosquitto_passwd`` (default: found on PATH).
+            passwd_binary: hash with this ``mosquitto_passwd`` instead of in-process.
+            linger_s: how long a batch's writer waits for more changes before writing.
         """
         self.password_file = password_file
         self._reload = reload
         self._reserved = frozenset(reserved)
         self._binary = passwd_binary
+        self._linger_s = linger_s
         self._lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._pending: list[tuple[int, str, str | None]] = []
+        self._next_ticket = 1
+        self._done_ticket = 0
+        self._flushing = False
+        self._results: dict[int, BrokerSyncError | None] = {}
+        self.writes = 0
         if not password_file.exists():
             password_file.parent.mkdir(parents=True, exist_ok=True)
             password_file.touch(mode=0o600)
@@ -98,12 +132,7 @@ class MosquittoPasswordFile:
             BrokerSyncError: mosquitto_passwd is missing or failed, or the reload failed.
         """
         self._check(username)
-        line = self._hash(username, password)
-        with self._locked():
-            entries = [(u, rest) for u, rest in self._entries() if u != username]
-            entries.append((username, line))
-            self._write(entries)
-        self._reload()
+        self._commit(username, self._hash(username, password))
 
     def remove_device(self, username: str) -> None:
         """Remove ``username``'s line (if any), then reload the broker.
@@ -113,14 +142,59 @@ class MosquittoPasswordFile:
             BrokerSyncError: the reload failed.
         """
         self._check(username)
-        with self._locked():
-            entries = self._entries()
-            kept = [(u, rest) for u, rest in entries if u != username]
-            if len(kept) != len(entries):
-                self._write(kept)
-        self._reload()
+        self._commit(username, None)
 
     # ------------------------------------------------------------ internals
+
+    def _commit(self, username: str, line: str | None) -> None:
+        """Queue one change (a hashed line, or None to remove) and return once it is written
+        and the broker reloaded; whoever finds no write running writes every queued change."""
+        with self._cond:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            self._pending.append((ticket, username, line))
+            while self._done_ticket < ticket:
+                if self._flushing:
+                    self._cond.wait()
+                    continue
+                self._flushing = True
+                self._cond.release()
+                try:
+                    if self._linger_s > 0:
+                        time.sleep(self._linger_s)
+                    with self._cond:
+                        batch, self._pending = self._pending, []
+                    error = self._flush(batch)
+                finally:
+                    self._cond.acquire()
+                    self._flushing = False
+                for done, _, _ in batch:
+                    self._results[done] = error
+                self._done_ticket = max(self._done_ticket, batch[-1][0]) if batch else ticket
+                self._cond.notify_all()
+            error = self._results.pop(ticket, None)
+        if error is not None:
+            raise error
+
+    def _flush(self, batch: list[tuple[int, str, str | None]]) -> BrokerSyncError | None:
+        if not batch:
+            return None
+        try:
+            with self._locked():
+                entries = self._entries()
+                for _, username, line in batch:
+                    entries = [(u, rest) for u, rest in entries if u != username]
+                    if line is not None:
+                        entries.append((username, line))
+                if entries != self._entries():
+                    self._write(entries)
+                    self.writes += 1
+            self._reload()
+        except BrokerSyncError as err:
+            return err
+        except Exception as err:  # every waiter of the batch must learn it failed
+            return BrokerSyncError(f"could not update the broker's password file: {err}")
+        return None
 
     def _check(self, username: str) -> None:
         try:
@@ -134,6 +208,8 @@ class MosquittoPasswordFile:
             )
 
     def _hash(self, username: str, password: str) -> str:
+        if self._binary is None:
+            return mosquitto_hash(password)
         binary = self._binary or shutil.which("mosquitto_passwd")
         if binary is None:
             raise BrokerSyncError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -215,6 +216,12 @@ def store_list(store_dir: Path | None, public_key: Path | None, as_json: bool) -
 @click.option(
     "--max-chunks", type=click.IntRange(min=1), default=64, help="Chunks answered per request."
 )
+@click.option(
+    "--client-id",
+    default=None,
+    help="MQTT client id of this responder's persistent session (default: "
+    "edgeloop-responder-<hostname>); give each responder on one host its own.",
+)
 @handle_errors
 def responder_command(
     store_dir: Path | None,
@@ -225,8 +232,13 @@ def responder_command(
     password: str | None,
     tls_ca: Path | None,
     max_chunks: int,
+    client_id: str | None,
 ) -> None:
-    """Serve artifact chunks to entitled devices until SIGTERM or Ctrl-C."""
+    """Serve artifact chunks to entitled devices until SIGTERM or Ctrl-C.
+
+    The session is persistent: chunk requests sent while the responder restarts are queued
+    by the broker and answered when it is back.
+    """
     settings = _settings(
         store=store_dir,
         public_key=public_key,
@@ -249,6 +261,7 @@ def responder_command(
             password=broker.password,
             tls_ca=broker.tls_ca,
             max_chunks_per_request=max_chunks,
+            client_id=client_id or f"edgeloop-responder-{socket.gethostname()}",
         )
         err_console.print(f"responder serving {settings.store} via {broker.host}:{broker.port}")
         responder.serve_forever()

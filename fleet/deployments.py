@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
-from sqlalchemy import func, update
+from sqlalchemy import bindparam, func, update
 from sqlmodel import Session, col, select
 
 from fleet import rollout
@@ -106,6 +106,81 @@ def ensure_report(session: Session, *, org_id: uuid.UUID, device_id: str) -> Dev
         report = DeviceReport(device_id=device_id, org_id=org_id)
         session.add(report)
     return report
+
+
+def ensure_reports(session: Session, *, device_ids: Collection[str]) -> dict[str, DeviceReport]:
+    """The report rows of many devices in two queries, created (empty) where missing; ids of
+    devices that are not registered are left out."""
+    if not device_ids:
+        return {}
+    ids = sorted(set(device_ids))
+    orgs = dict(
+        session.exec(
+            select(Device.device_id, Device.org_id).where(col(Device.device_id).in_(ids))
+        ).all()
+    )
+    reports = {
+        r.device_id: r
+        for r in session.exec(
+            select(DeviceReport).where(col(DeviceReport.device_id).in_(list(orgs)))
+        )
+    }
+    for device_id, org_id in orgs.items():
+        if device_id not in reports:
+            reports[device_id] = DeviceReport(device_id=device_id, org_id=org_id)
+            session.add(reports[device_id])
+    return reports
+
+
+def set_desired(
+    session: Session, *, model_name: str, desired: Mapping[str, str | None]
+) -> dict[str, str | None]:
+    """Set (or, for None, clear) the desired artifact of ``model_name`` on many devices, in
+    few statements: one read of the current values, one batched UPDATE, inserts for devices
+    without a report row. Unregistered devices are skipped.
+
+    Returns:
+        The previous desired artifact per device that was changed (to undo it).
+    """
+    if not desired:
+        return {}
+    ids = sorted(desired)
+    orgs = dict(
+        session.exec(
+            select(Device.device_id, Device.org_id).where(col(Device.device_id).in_(ids))
+        ).all()
+    )
+    current = dict(
+        session.exec(
+            select(DeviceReport.device_id, DeviceReport.desired_models).where(
+                col(DeviceReport.device_id).in_(list(orgs))
+            )
+        ).all()
+    )
+    previous: dict[str, str | None] = {}
+    changes = []
+    for device_id in orgs:
+        models = dict(current.get(device_id) or {})
+        previous[device_id] = models.get(model_name)
+        if desired[device_id] is None:
+            models.pop(model_name, None)
+        else:
+            models[model_name] = desired[device_id]
+        if device_id in current:
+            changes.append({"key": device_id, "models": models})
+        else:
+            session.add(
+                DeviceReport(device_id=device_id, org_id=orgs[device_id], desired_models=models)
+            )
+    if changes:
+        table = DeviceReport.__table__  # type: ignore[attr-defined]
+        session.execute(
+            update(table)
+            .where(table.c.device_id == bindparam("key"))
+            .values(desired_models=bindparam("models")),
+            changes,
+        )
+    return previous
 
 
 def reported_artifact(report: DeviceReport | None, model_name: str) -> dict[str, Any] | None:

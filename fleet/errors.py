@@ -11,7 +11,14 @@ Tree::
     ├── UnsupportedMediaTypeError (415, exit 2): an upload in a content type not taken
     ├── InvalidRequestError (422, exit 2): a value refused (unknown profile, reserved id, URL)
     │   └── InvalidArtifactError (422, exit 3): an upload that is not a verifiable transfer tar
-    └── BrokerSyncError (503): the broker's password file could not be updated or reloaded
+    ├── BrokerSyncError (503): the broker's password file could not be updated or reloaded
+    ├── fleet.store.StoreError (500, exit 1): a damaged store entry, an I/O failure
+    │   ├── InvalidRequestError (400, exit 2): malformed artifact id, device id, chunk size
+    │   │   └── ChunkRangeError (416, exit 2): chunk index outside the artifact
+    │   ├── ArtifactNotFoundError (404, exit 2): no artifact with that id
+    │   ├── ArtifactConflictError (409, exit 1): an entry with that id exists but is damaged
+    │   └── InvalidArtifactError (422, exit 3): the bundle or tar fails verification
+    └── fleet.rollout.RolloutError (400, exit 1): planner errors (tree in fleet.rollout)
 
 Only ``fleet.api.main`` turns these into responses (``{"detail": message}``) and only
 ``fleet.api.cli`` into exit codes. Messages name the bad value and the allowed choices, and

@@ -2,7 +2,8 @@
 
 :func:`build_job` is pure (a stored artifact in, a ``JobNotify`` out); :func:`publish_job`
 grants the device the artifact and publishes the job retained at QoS 1, waiting for the
-broker's PUBACK; :class:`JobWatcher` collects every device's job updates.
+broker's PUBACK; :func:`cancel_job` publishes its cancel in its place; :class:`JobWatcher`
+collects every device's job updates.
 
 Errors::
 
@@ -59,8 +60,10 @@ def build_job(
     kind: str = "deploy",
     role: str = "primary",
     traffic_fraction: float = 0.1,
+    cancel: bool = False,
 ) -> JobNotify:
-    """The ``JobNotify`` that deploys (or rolls back to) a stored artifact.
+    """The ``JobNotify`` that deploys (or rolls back to) a stored artifact; with ``cancel``,
+    the one that withdraws that job.
 
     Raises:
         InvalidRequestError: unknown ``kind`` or ``role``, a fraction outside [0, 1], or a
@@ -85,6 +88,7 @@ def build_job(
         profile=stored.profile,
         signature=stored.signature_b64,
         transfer=stored.transfer,
+        cancel=cancel,
     )
 
 
@@ -151,6 +155,44 @@ def publish_job(
             store.revoke(device_id, artifact_id)
         raise
     log.info("published %s job %s of %s to %s", job.kind, job.job_id, artifact_id, device_id)
+    return job
+
+
+def cancel_job(
+    publisher: Publisher | BrokerConfig,
+    *,
+    store: ArtifactStore,
+    device_id: str,
+    artifact_id: str,
+    job_id: str,
+    kind: str = "deploy",
+    timeout: float = 10.0,
+) -> JobNotify:
+    """Withdraw a job: publish it again with ``cancel`` set, retained in its place.
+
+    The agent stops the job unless it already activated it and reports CANCELED (or the
+    result the job reached); a device that never saw the job records it canceled.
+
+    Raises:
+        InvalidRequestError: malformed device id, job id or kind.
+        ArtifactNotFoundError: the artifact is not stored.
+        BrokerError: not connected, refused, or not acknowledged in time.
+    """
+    try:
+        topic = protocol.jobs_notify(device_id)
+    except protocol.ProtocolError as err:
+        raise InvalidRequestError(str(err)) from err
+    job = build_job(store.get(artifact_id), job_id=job_id, kind=kind, cancel=True)
+    if isinstance(publisher, BrokerConfig):
+        session = MqttSession(publisher, role="jobs")
+        try:
+            session.start(timeout=timeout)
+            session.publish(topic, job.to_bytes(), qos=1, retain=True, timeout=timeout)
+        finally:
+            session.stop()
+    else:
+        publisher.publish(topic, job.to_bytes(), qos=1, retain=True, timeout=timeout)
+    log.info("published the cancel of job %s to %s", job_id, device_id)
     return job
 
 

@@ -514,6 +514,70 @@ class DeviceReport(SQLModel, table=True):
     )
 
 
+# ---------------------------------------------------------------- drift scores (from the data loop)
+
+_METRIC_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+_ARTIFACT_ID_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class DriftScoreBase(SQLModel):
+    model_name: str = Field(min_length=1, max_length=128)
+    artifact_id: str = Field(max_length=64, description="The artifact whose inputs were scored.")
+    metric: str = Field(
+        min_length=1, max_length=32, description="How drift was measured, e.g. psi, ks, mmd."
+    )
+    score: float = Field(ge=0, description="Higher is more drift; gated by max_drift.")
+    samples: int = Field(ge=1, description="Inputs in the window the score rests on.")
+    window_start: datetime = Field(sa_type=UTCDateTime)
+    window_end: datetime = Field(sa_type=UTCDateTime)
+
+
+class DriftScoreCreate(DriftScoreBase):
+    @field_validator("artifact_id")
+    @classmethod
+    def _artifact_id(cls, value: str) -> str:
+        if not _ARTIFACT_ID_RE.match(value):
+            raise ValueError(f"artifact id {value!r} is not 64 lowercase hex digits")
+        return value
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, value: str) -> str:
+        if not _METRIC_RE.match(value):
+            raise ValueError(
+                f"metric {value!r} is invalid; use 1-32 of a-z 0-9 '_', starting with a letter"
+            )
+        return value
+
+    @field_validator("window_end")
+    @classmethod
+    def _window(cls, value: datetime, info: Any) -> datetime:
+        start = info.data.get("window_start")
+        if start is not None and _aware(value) < _aware(start):
+            raise ValueError(f"window_end {value.isoformat()} is before window_start")
+        return value
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+class DriftScore(DriftScoreBase, table=True):
+    """A drift score of a device's inputs to one artifact, as posted by the data loop."""
+
+    __tablename__ = "drift_scores"
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    org_id: uuid.UUID = Field(foreign_key="organizations.id", index=True)
+    device_id: str = Field(max_length=64, index=True)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class DriftScorePublic(DriftScoreBase):
+    device_id: str
+    created_at: datetime
+
+
 class ModelStateDiff(SQLModel):
     """One model on a device: the artifact the fleet wants and the one the device serves."""
 
@@ -532,6 +596,10 @@ class DeviceStatePublic(SQLModel):
     desired_models: dict[str, str]
     diff: list[ModelStateDiff]
     in_sync: bool
+    drift: list[DriftScorePublic] = Field(
+        default_factory=list,
+        description="The latest drift score per model, artifact and metric.",
+    )
 
 
 # ---------------------------------------------------------------- models (a view of artifacts)

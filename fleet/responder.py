@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -106,6 +107,42 @@ class BrokerConfig:
     keepalive: int = 30
 
 
+@dataclass
+class Outgoing:
+    """A publish handed to paho (:meth:`MqttSession.publish_async`): settled once the broker
+    acknowledged or refused it, or it could not be sent at all."""
+
+    topic: str
+    info: mqtt.MQTTMessageInfo | None
+    session: MqttSession = field(repr=False)
+    failure: str | None = None
+    _checked: bool = field(default=False, repr=False)
+
+    def settled(self) -> bool:
+        """Whether the outcome is known (``failure`` is then final)."""
+        if self.failure is not None or self._checked:
+            return True
+        if self.info is None or not self.info.is_published():
+            return False
+        self._checked = True
+        refused = self.session._take_failure(self.info.mid)
+        if refused is not None:
+            self.failure = f"broker refused the publish to {self.topic!r}: {refused}"
+        return True
+
+    def wait(self, timeout: float) -> str | None:
+        """Wait up to ``timeout`` to settle; the failure, if any (not acknowledged in time is
+        one)."""
+        if self.info is not None and not self.settled():
+            try:
+                self.info.wait_for_publish(max(0.0, timeout))
+            except (RuntimeError, ValueError) as err:
+                self.failure = f"publish to {self.topic!r} failed: {err}"
+        if not self.settled():
+            return f"broker did not acknowledge the publish to {self.topic!r} in {timeout:g} s"
+        return self.failure
+
+
 class MqttSession:
     """A paho-mqtt 2.x (MQTT 5) client that reconnects by itself with exponential backoff,
     re-subscribes after every CONNACK, and reports readiness and refusals through events.
@@ -122,9 +159,20 @@ class MqttSession:
         subscriptions: tuple[str, ...] = (),
         on_message: Callable[[mqtt.MQTTMessage], None] | None = None,
         max_reconnect_delay: int = 30,
+        session_expiry_s: int | None = None,
+        max_inflight: int = 20,
     ) -> None:
-        """Configure (but do not connect) a client for ``config``."""
+        """Configure (but do not connect) a client for ``config``.
+
+        With ``session_expiry_s`` the session is persistent (``clean_start`` false, the
+        broker keeps subscriptions and queues QoS 1 messages for that long while we are
+        away); that needs a fixed ``config.client_id``. ``max_inflight`` bounds QoS 1
+        publishes awaiting their PUBACK (Mosquitto's ``max_inflight_messages`` caps it too).
+        """
+        if session_expiry_s is not None and config.client_id is None:
+            raise ValueError("a persistent session (session_expiry_s) needs a fixed client_id")
         self.config = config
+        self.session_expiry_s = session_expiry_s
         self.subscriptions = subscriptions
         self.client_id = config.client_id or f"edgeloop-{role}-{uuid.uuid4().hex[:12]}"
         self._on_message = on_message
@@ -144,6 +192,7 @@ class MqttSession:
         if config.tls_ca is not None:
             client.tls_set(ca_certs=str(config.tls_ca))
         client.reconnect_delay_set(min_delay=1, max_delay=max_reconnect_delay)
+        client.max_inflight_messages_set(max_inflight)
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_subscribe = self._handle_subscribe
@@ -252,11 +301,16 @@ class MqttSession:
             BrokerError: refused (bad credentials, ACL), or not ready within ``timeout``.
         """
         self._started = True
+        properties = None
+        if self.session_expiry_s is not None:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = self.session_expiry_s
         self.client.connect_async(
             self.config.host,
             self.config.port,
             keepalive=self.config.keepalive,
-            clean_start=True,
+            clean_start=self.session_expiry_s is None,
+            properties=properties,
         )
         self.client.loop_start()
         if timeout is not None:
@@ -301,6 +355,26 @@ class MqttSession:
             failure = self._failed_publishes.pop(info.mid, None)
         if failure is not None:
             raise BrokerError(f"broker refused the publish to {topic!r}: {failure}")
+
+    def publish_async(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
+    ) -> Outgoing:
+        """Hand a publish to paho without waiting for its acknowledgement.
+
+        Up to ``max_inflight`` QoS 1 publishes are on the wire at once; paho queues the rest.
+        Ask the returned :class:`Outgoing` whether (and how) it settled.
+        """
+        try:
+            info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        except (RuntimeError, ValueError) as err:
+            return Outgoing(topic, None, self, f"publish to {topic!r} failed: {err}")
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            return Outgoing(topic, None, self, f"publish to {topic!r} failed: rc {info.rc}")
+        return Outgoing(topic, info, self)
+
+    def _take_failure(self, mid: int) -> str | None:
+        with self._lock:
+            return self._failed_publishes.pop(mid, None)
 
     def stop(self) -> None:
         """Disconnect cleanly and stop the network thread."""
@@ -359,6 +433,7 @@ class Responder:
         window_bytes: int = 32 * 1024 * 1024,
         publish_timeout: float = 10.0,
         tls_ca: Path | None = None,
+        session_expiry_s: int = 300,
     ) -> None:
         """Configure a responder; :meth:`start` connects.
 
@@ -369,13 +444,19 @@ class Responder:
             port: broker port.
             username: broker user (the ``responder`` ACL role).
             password: its password.
-            client_id: MQTT client id (default: random, unique per responder).
+            client_id: MQTT client id. Given, the session is persistent: the broker keeps
+                the shared subscription and queues the requests that arrive while this
+                responder restarts (for ``session_expiry_s``), so none is lost. Default: a
+                random id and a clean session (requests sent while it is away are dropped
+                when no other responder is subscribed).
             max_chunks_per_request: most chunks answered per request; the rest is ignored.
             queue_size: requests waiting for the worker; more are dropped and counted.
             window: most frames awaiting PUBACK before the worker waits.
             window_bytes: most frame bytes awaiting PUBACK before the worker waits.
             publish_timeout: how long the worker waits for one PUBACK.
             tls_ca: CA bundle; enables TLS.
+            session_expiry_s: how long the broker keeps a persistent session (with a
+                ``client_id``) after a disconnect.
 
         Raises:
             ValueError: a limit below 1, naming it.
@@ -413,6 +494,7 @@ class Responder:
             role="responder",
             subscriptions=(protocol.responder_subscription(),),
             on_message=self._enqueue,
+            session_expiry_s=session_expiry_s if client_id is not None else None,
         )
 
     @property
@@ -505,6 +587,19 @@ class Responder:
                 self._count("failures")
         self._drain(self.publish_timeout)
 
+    def _connected(self) -> bool:
+        """Whether frames can go out, waiting up to ``publish_timeout`` for a reconnect.
+
+        Connected is enough: requests a persistent session queued while we were away
+        arrive right after the CONNACK, before the SUBACK of our re-subscription.
+        """
+        deadline = time.monotonic() + self.publish_timeout
+        while not self.session.client.is_connected():
+            if self._stopping.is_set() or time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
     def _serve(self, topic: str, payload: bytes) -> None:
         try:
             device_id, leaf = protocol.parse_device_topic(topic)
@@ -515,7 +610,7 @@ class Responder:
             log.warning("dropping malformed request on %s: %s", topic, err)
             self._count("malformed")
             return
-        if not self.session.ready:
+        if not self._connected():
             self._count("dropped")
             return
         self._count("requests")

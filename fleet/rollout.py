@@ -471,6 +471,7 @@ class HealthReport:
     drift: float | None = None
     shadow_disagreement: float | None = None
     artifact_id: str | None = None  # when set and not the device's new artifact: ignored
+    drift_samples: int | None = None  # inputs behind ``drift``; None: judged with ``samples``
 
 
 def health_from_latency(
@@ -478,6 +479,7 @@ def health_from_latency(
     *,
     artifact_id: str | None = None,
     drift: float | None = None,
+    drift_samples: int | None = None,
     shadow_disagreement: float | None = None,
 ) -> HealthReport:
     """A HealthReport from a heartbeat's per-model latency summary (errors are not in count)."""
@@ -487,6 +489,7 @@ def health_from_latency(
         p95_latency_ms=summary.p95_ms,
         error_rate=summary.errors / samples if samples else None,
         drift=drift,
+        drift_samples=drift_samples,
         shadow_disagreement=shadow_disagreement,
         artifact_id=artifact_id,
     )
@@ -756,27 +759,60 @@ _GATES: tuple[tuple[str, str, Callable[[HealthReport], float | None]], ...] = (
 def gate_violations(rollout: RolloutState, health: Mapping[str, HealthReport]) -> list[str]:
     """Health gates exceeded by devices that run the new version, one line each.
 
-    Reports with fewer than ``min_samples`` samples, for another artifact, or from devices
-    whose deploy has not succeeded are not judged.
+    Values resting on fewer than ``min_samples`` samples (drift: ``drift_samples`` when
+    given), reports for another artifact, and devices whose deploy has not succeeded are
+    not judged.
     """
     gates = rollout.policy.health_gates
     found: list[str] = []
     for device_id in rollout.order:
         job = rollout.devices[device_id]
         report = health.get(device_id)
-        if report is None or job.state != JobState.SUCCEEDED or report.samples < gates.min_samples:
+        if report is None or job.state != JobState.SUCCEEDED:
             continue
         if report.artifact_id is not None and report.artifact_id != job.artifact_id:
             continue
         for name, label, read in _GATES:
             limit: float | None = getattr(gates, name)
             value = read(report)
+            samples = report.samples
+            if name == "max_drift" and report.drift_samples is not None:
+                samples = report.drift_samples
+            if samples < gates.min_samples:
+                continue
             if limit is not None and value is not None and value > limit:
                 found.append(
-                    f"{device_id}: {label} {value:g} is above {name} {limit:g} "
-                    f"({report.samples} samples)"
+                    f"{device_id}: {label} {value:g} is above {name} {limit:g} ({samples} samples)"
                 )
     return found
+
+
+def next_due(rollout: RolloutState, *, now: float) -> float | None:
+    """When (after ``now``) :func:`step` next has something to do without any new input, if
+    ever: a job timeout, the end of an observe window, the rate schedule's next minute.
+
+    The executor sleeps until then unless a message or a command wakes it first.
+    """
+    if rollout.phase.final:
+        return None
+    policy = rollout.policy
+    times: list[float] = []
+    for job in rollout.devices.values():
+        for run in (job.deploy, job.rollback):
+            if _in_flight(run):
+                assert run is not None
+                times.append(run.started_at + policy.job_timeout_s)
+    if rollout.phase in _RUNNING or rollout.phase is Phase.PENDING:
+        if rollout.phase is Phase.PENDING:
+            times.append(rollout.created_at)
+        if rollout.stage_passed_at is not None and policy.observe_s > 0:
+            times.append(rollout.stage_passed_at + policy.observe_s)
+        members = rollout.stage_devices(rollout.stage) if rollout.stage_ends else ()
+        waiting = any(not rollout.devices[d].touched for d in members)
+        if policy.rate is not None and rollout.stage > 0 and waiting:
+            began = rollout.stage_started_at or rollout.created_at
+            times.append(began + 60.0 * (math.floor(max(0.0, now - began) / 60) + 1))
+    return min(times, default=None)
 
 
 def _abort(
@@ -931,11 +967,44 @@ def apply_update(rollout: RolloutState, update: JobUpdate, *, now: float) -> Rol
         JobTransitionError: the update moves the job in a way the machine forbids (for
             example a result after the fleet canceled the job); the adapter logs and drops it.
     """
-    job = rollout.devices.get(update.device_id)
+    job = _updated_job(rollout, rollout.devices, update, now=now)
+    if job is None:
+        return rollout
+    return replace(rollout, devices={**rollout.devices, update.device_id: job})
+
+
+def apply_updates(
+    rollout: RolloutState, updates: Sequence[JobUpdate], *, now: float
+) -> tuple[RolloutState, list[tuple[JobUpdate, RolloutError]]]:
+    """:func:`apply_update` for a batch (one copy of the device map, not one per update).
+
+    Returns:
+        The new state, and each refused update with the error :func:`apply_update` would
+        have raised (the others are applied in order).
+    """
+    devices = dict(rollout.devices)
+    refused: list[tuple[JobUpdate, RolloutError]] = []
+    changed = False
+    for update in updates:
+        try:
+            job = _updated_job(rollout, devices, update, now=now)
+        except RolloutError as err:
+            refused.append((update, err))
+            continue
+        if job is not None:
+            devices[update.device_id] = job
+            changed = True
+    return (replace(rollout, devices=devices) if changed else rollout), refused
+
+
+def _updated_job(
+    rollout: RolloutState, devices: Mapping[str, DeviceJob], update: JobUpdate, *, now: float
+) -> DeviceJob | None:
+    job = devices.get(update.device_id)
     if job is None:
         raise UnknownDeviceError(
             f"device {update.device_id!r} is not part of rollout {rollout.rollout_id!r} "
-            f"({len(rollout.devices)} devices)"
+            f"({len(devices)} devices)"
         )
     for run, which in ((job.deploy, "deploy"), (job.rollback, "rollback")):
         if run is None or run.job_id != update.job_id:
@@ -950,9 +1019,8 @@ def apply_update(rollout: RolloutState, update: JobUpdate, *, now: float) -> Rol
                     f"device {update.device_id!r} job {update.job_id!r}: {err}"
                 ) from err
             new = replace(run, state=state, last_update=now, reason=update.reason)
-        job = replace(job, deploy=new) if which == "deploy" else replace(job, rollback=new)
-        return replace(rollout, devices={**rollout.devices, update.device_id: job})
-    return rollout
+        return replace(job, deploy=new) if which == "deploy" else replace(job, rollback=new)
+    return None
 
 
 # ---------------------------------------------------------------- operator commands

@@ -48,6 +48,7 @@ from fleet.models import (
     DevicePublic,
     DeviceRegistered,
     DevicesPublic,
+    DeviceStatePublic,
     GroupPublic,
     GroupsPublic,
     OrganizationPublic,
@@ -265,6 +266,10 @@ class FleetClient:
     def get_device(self, device_id: str) -> DevicePublic:
         """One device."""
         return self._call(DevicePublic, "GET", f"/devices/{_segment(device_id)}")
+
+    def get_device_state(self, device_id: str) -> DeviceStatePublic:
+        """What the fleet wants on a device vs what it last reported, per model."""
+        return self._call(DeviceStatePublic, "GET", f"/devices/{_segment(device_id)}/state")
 
     def register_device(
         self,

@@ -9,6 +9,8 @@ transfer tar that devices download in chunks, with its manifest, signature and a
     <root>/artifacts/<artifact_id>/manifest.sig   the detached ed25519 signature
     <root>/artifacts/<artifact_id>/meta.json      ArtifactMeta (transfer sha256/size, ...)
     <root>/grants/<device_id>.json                artifact ids the device may download
+    <root>/grants/artifacts/<artifact_id>.json    devices granted it in batches (a rollout
+                                                  wave: one write, not one per device)
     <root>/tmp/                                   staging; a put is renamed into place
 
 Storage sits behind the small :class:`BlobStore` Protocol (:class:`LocalBlobStore` here,
@@ -16,7 +18,8 @@ an S3-compatible one later: ``meta.json`` is written last, so "meta exists" is t
 marker there) and entitlements behind :class:`Entitlements` (:class:`FileEntitlements`
 here, the fleet database later).
 
-Errors (``http_status`` for the fleet API, ``exit_code`` for the CLI)::
+Errors (``http_status`` for the fleet API, ``exit_code`` for the CLI), under the fleet's root
+:class:`fleet.errors.FleetError` (so the API's one handler and the CLI's map them too)::
 
     StoreError (500, exit 1): a damaged store entry, an I/O failure
     ├── InvalidRequestError (400, exit 2): malformed artifact id, device id or chunk size
@@ -42,7 +45,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -62,6 +65,7 @@ from compiler.bundle import (
 from compiler.errors import ArtifactError
 from compiler.manifest import MANIFEST_FILE, SIGNATURE_FILE, ArtifactManifest, artifact_id_of
 from compiler.signing import verify_signature
+from fleet.errors import FleetError
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +79,8 @@ _HASH_BLOCK = 1 << 20
 # ---------------------------------------------------------------- errors
 
 
-class StoreError(Exception):
+class StoreError(FleetError):
     """Root of the store's errors: a damaged entry or an I/O failure."""
-
-    http_status = 500
-    exit_code = 1
 
 
 class InvalidRequestError(StoreError):
@@ -304,6 +305,14 @@ class Entitlements(Protocol):
         """Whether the grant exists."""
         ...
 
+    def grant_many(self, device_ids: Sequence[str], artifact_id: str) -> set[str]:
+        """Allow every device to download ``artifact_id``; returns those not allowed before."""
+        ...
+
+    def revoke_many(self, device_ids: Sequence[str], artifact_id: str) -> None:
+        """Withdraw the grants of ``artifact_id`` to every device (idempotent)."""
+        ...
+
 
 class _Grants(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -313,18 +322,100 @@ class _Grants(BaseModel):
     artifacts: list[str]
 
 
+class _ArtifactGrants(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = 1
+    artifact_id: str
+    devices: list[str]
+
+
 class FileEntitlements:
-    """:class:`Entitlements` as one JSON file per device, replaced atomically.
+    """:class:`Entitlements` as JSON files replaced atomically: one per device for single
+    grants, one per artifact for batches (a device is entitled if either lists the pair).
 
     Writers serialise on an ``flock`` of ``.lock`` (several CLI processes may grant at
-    once); readers need no lock because every file is replaced by rename.
+    once); readers need no lock because every file is replaced by rename. Per-artifact
+    files are cached by (mtime, size, inode), so the responder's check per request parses
+    a file only after it changed.
     """
 
     def __init__(self, directory: Path) -> None:
         """Use (and create) ``directory``."""
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
+        self.by_artifact = directory / "artifacts"  # created by the first batch
         self._lock = threading.Lock()
+        self._cache: dict[str, tuple[tuple[int, int, int], frozenset[str]]] = {}
+        self._cache_lock = threading.Lock()
+
+    def _artifact_file(self, artifact_id: str) -> Path:
+        return self.by_artifact / f"{check_artifact_id(artifact_id)}.json"
+
+    def devices(self, artifact_id: str) -> frozenset[str]:
+        """Devices granted ``artifact_id`` in batches (see :meth:`grant_many`).
+
+        Raises:
+            InvalidRequestError: the artifact id is malformed.
+            StoreError: the grants file is damaged.
+        """
+        path = self._artifact_file(artifact_id)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return frozenset()
+        key = (st.st_mtime_ns, st.st_size, st.st_ino)
+        with self._cache_lock:
+            cached = self._cache.get(artifact_id)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        try:
+            devices = frozenset(_ArtifactGrants.model_validate_json(path.read_bytes()).devices)
+        except FileNotFoundError:
+            return frozenset()
+        except ValidationError as err:
+            raise StoreError(f"grants file {str(path)!r} is damaged: {err}") from err
+        with self._cache_lock:
+            self._cache[artifact_id] = (key, devices)
+        return devices
+
+    def _update_many(self, device_ids: Sequence[str], artifact_id: str, *, add: bool) -> set[str]:
+        wanted_ids = {_device(d) for d in device_ids}
+        path = self._artifact_file(artifact_id)
+        self.by_artifact.mkdir(exist_ok=True)
+        with self._locked():
+            current = set(self.devices(artifact_id))
+            if add:
+                changed = {d for d in wanted_ids - current if not self._single(d, artifact_id)}
+                wanted = current | wanted_ids
+            else:
+                changed = current & wanted_ids
+                wanted = current - wanted_ids
+                for device_id in wanted_ids:
+                    self._update_locked(device_id, artifact_id, add=False)
+            if wanted != current:
+                grants = _ArtifactGrants(artifact_id=artifact_id, devices=sorted(wanted))
+                _atomic_write(path, grants.model_dump_json().encode())
+        return changed
+
+    def grant_many(self, device_ids: Sequence[str], artifact_id: str) -> set[str]:
+        """Grant ``artifact_id`` to every device in one write; returns the newly entitled.
+
+        Raises:
+            InvalidRequestError: a malformed device or artifact id (nothing is granted).
+        """
+        return self._update_many(device_ids, artifact_id, add=True)
+
+    def revoke_many(self, device_ids: Sequence[str], artifact_id: str) -> None:
+        """Withdraw every device's grant of ``artifact_id`` (single and batched).
+
+        Raises:
+            InvalidRequestError: a malformed device or artifact id.
+        """
+        self._update_many(device_ids, artifact_id, add=False)
+
+    def _single(self, device_id: str, artifact_id: str) -> bool:
+        return artifact_id in self.granted(device_id)
 
     def _file(self, device_id: str) -> Path:
         return self.directory / f"{_device(device_id)}.json"
@@ -358,12 +449,19 @@ class FileEntitlements:
     def _update(self, device_id: str, artifact_id: str, *, add: bool) -> None:
         check_artifact_id(artifact_id)
         with self._locked():
-            current = set(self.granted(device_id))
-            wanted = current | {artifact_id} if add else current - {artifact_id}
-            if wanted == current:
-                return
-            grants = _Grants(device_id=device_id, artifacts=sorted(wanted))
-            _atomic_write(self._file(device_id), grants.model_dump_json(indent=2).encode())
+            self._update_locked(device_id, artifact_id, add=add)
+            if not add and device_id in self.devices(artifact_id):
+                batch = self.devices(artifact_id) - {device_id}
+                grants = _ArtifactGrants(artifact_id=artifact_id, devices=sorted(batch))
+                _atomic_write(self._artifact_file(artifact_id), grants.model_dump_json().encode())
+
+    def _update_locked(self, device_id: str, artifact_id: str, *, add: bool) -> None:
+        current = set(self.granted(device_id))
+        wanted = current | {artifact_id} if add else current - {artifact_id}
+        if wanted == current:
+            return
+        grants = _Grants(device_id=device_id, artifacts=sorted(wanted))
+        _atomic_write(self._file(device_id), grants.model_dump_json(indent=2).encode())
 
     def grant(self, device_id: str, artifact_id: str) -> None:
         """Add the grant.
@@ -382,9 +480,9 @@ class FileEntitlements:
         self._update(device_id, artifact_id, add=False)
 
     def is_entitled(self, device_id: str, artifact_id: str) -> bool:
-        """Whether the grant exists; False for malformed ids."""
+        """Whether the grant exists (single or batched); False for malformed ids."""
         try:
-            return artifact_id in self.granted(device_id)
+            return artifact_id in self.granted(device_id) or device_id in self.devices(artifact_id)
         except InvalidRequestError:
             return False
 
@@ -720,6 +818,26 @@ class ArtifactStore:
     def is_entitled(self, device_id: str, artifact_id: str) -> bool:
         """Whether ``device_id`` may download ``artifact_id``."""
         return self.entitlements.is_entitled(device_id, artifact_id)
+
+    def grant_many(self, device_ids: Sequence[str], artifact_id: str) -> set[str]:
+        """Let every device download ``artifact_id``, in one write; returns the devices that
+        were not entitled before (what a failed publish should withdraw).
+
+        Raises:
+            InvalidRequestError: a malformed device id (nothing is granted).
+            ArtifactNotFoundError: the artifact is not stored.
+        """
+        self.get(artifact_id)
+        return self.entitlements.grant_many(device_ids, artifact_id)
+
+    def revoke_many(self, device_ids: Sequence[str], artifact_id: str) -> None:
+        """Withdraw the grants (idempotent).
+
+        Raises:
+            InvalidRequestError: a malformed device or artifact id.
+        """
+        check_artifact_id(artifact_id)
+        self.entitlements.revoke_many(device_ids, artifact_id)
 
 
 def describe(stored: StoredArtifact) -> dict[str, object]:

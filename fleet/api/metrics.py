@@ -7,7 +7,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 class ApiMetrics:
     """Requests by route template, method and status, their latency, and fleet gauges
-    (deployments by phase, devices online) refreshed from the database at each scrape."""
+    (deployments by phase, devices online, drift per model and metric) refreshed from the
+    database at each scrape."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -41,6 +42,18 @@ class ApiMetrics:
             "Devices whose last heartbeat or status said online (all organizations).",
             registry=self.registry,
         )
+
+        self.drift = Gauge(
+            "edgeloop_fleet_drift_score_max",
+            "Highest of the devices' latest drift scores, by model and metric (all organizations).",
+            ["model", "metric"],
+            registry=self.registry,
+        )
+
+    def set_drift(self, highest: dict[tuple[str, str], float]) -> None:
+        """Set the drift gauge from :func:`fleet.drift.highest_latest`."""
+        for (model, metric), score in highest.items():
+            self.drift.labels(model, metric).set(score)
 
     def observe_job(self, *, outcome: str, seconds: float) -> None:
         """A device job reached ``outcome`` (a terminal JobState) ``seconds`` after it started."""

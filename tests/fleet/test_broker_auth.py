@@ -5,6 +5,9 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -109,3 +112,64 @@ def test_signal_reload_names_a_bad_pid_file(tmp_path: Path) -> None:
     (tmp_path / "junk.pid").write_text("not a pid")
     with pytest.raises(BrokerSyncError, match="junk.pid"):
         signal_reload(tmp_path / "junk.pid")()
+
+
+def test_in_process_hash_is_what_mosquitto_passwd_writes(tmp_path: Path) -> None:
+    import base64
+    import shutil
+
+    from fleet.broker_auth import mosquitto_hash
+
+    binary = shutil.which("mosquitto_passwd")
+    if binary is None:
+        pytest.skip("mosquitto_passwd is not installed")
+    plain = tmp_path / "pw"
+    plain.write_text("dev-1:s3cret-pw\n")
+    subprocess.run([binary, "-U", str(plain)], check=True)
+    line = plain.read_text().strip().split(":", 1)[1]
+    salt = base64.b64decode(line.split("$")[3])
+    assert mosquitto_hash("s3cret-pw", salt=salt) == line
+    assert mosquitto_hash("other", salt=salt) != line
+
+
+def _concurrently(n: int, call: Callable[[int], None]) -> list[BaseException | None]:
+    results: list[BaseException | None] = [None] * n
+    start = threading.Barrier(n)
+
+    def run(i: int) -> None:
+        start.wait()
+        try:
+            call(i)
+        except BaseException as err:  # noqa: BLE001 - handed to the test
+            results[i] = err
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return results
+
+
+def test_concurrent_registrations_share_writes_and_reloads(tmp_path: Path) -> None:
+    reloads: list[float] = []
+
+    def slow_reload() -> None:  # a busy broker: changes pile up meanwhile
+        time.sleep(0.2)
+        reloads.append(time.monotonic())
+
+    adapter = MosquittoPasswordFile(tmp_path / "passwd", reload=slow_reload)
+    results = _concurrently(20, lambda i: adapter.add_device(f"dev-{i}", f"pw-{i}-123456"))
+    assert results == [None] * 20
+    assert sorted(adapter.users()) == sorted(f"dev-{i}" for i in range(20))
+    assert 1 <= len(reloads) <= 5 and adapter.writes == len(reloads)  # not one per device
+
+
+def test_a_failed_reload_fails_every_change_of_its_batch(tmp_path: Path) -> None:
+    def broken() -> None:
+        time.sleep(0.1)
+        raise BrokerSyncError("broker gone")
+
+    adapter = MosquittoPasswordFile(tmp_path / "passwd", reload=broken)
+    results = _concurrently(5, lambda i: adapter.add_device(f"dev-{i}", f"pw-{i}-123456"))
+    assert all(isinstance(r, BrokerSyncError) for r in results), results

@@ -31,7 +31,13 @@ from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
 from fleet.cli import register  # noqa: E402
 from fleet.jobs import JobTimeoutError, JobWatcher, publish_job  # noqa: E402
-from fleet.responder import BrokerConfig, BrokerError, Responder, plan_chunks  # noqa: E402
+from fleet.responder import (  # noqa: E402
+    BrokerConfig,
+    BrokerError,
+    MqttSession,
+    Responder,
+    plan_chunks,
+)
 
 CHUNK = 64 * 1024
 TIMEOUT = 5.0
@@ -282,6 +288,9 @@ def test_not_entitled_and_unknown_artifacts_get_error_frames(
     dev_a = device("dev-a")
     dev_a.request(artifact.artifact_id, [(0, 1)])
     assert "not entitled" in dev_a.take(1)[0].reason
+    deadline = time.monotonic() + TIMEOUT  # counted after the publish, so maybe after receipt
+    while responder.stats["errors"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert responder.stats["errors"] == 3 and responder.stats["chunks_sent"] == 0
 
 
@@ -570,6 +579,36 @@ def test_responder_resubscribes_after_the_broker_restarts(
     dev = device("dev-a")
     dev.request(artifact.artifact_id, [(0, 2)])
     assert sorted(f.index for f in dev.take(2)) == [0, 1]
+
+
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "clean"])
+def test_requests_sent_while_the_responder_restarts_are_answered_after(
+    start_responder: Callable[..., Responder],
+    device: Callable[[str], Device],
+    artifact: StoredArtifact,
+    persistent: bool,
+) -> None:
+    client_id = f"edgeloop-responder-test-{uuid.uuid4().hex[:6]}"
+    first = start_responder(client_id=client_id if persistent else None)
+    dev = device("dev-a")
+    dev.request(artifact.artifact_id, [(0, 1)])
+    assert [f.index for f in dev.take(1)] == [0]
+    first.stop()  # a restart: no responder is connected now
+    accepted = dev.request(artifact.artifact_id, [(1, 3)])
+    assert accepted == ("Success" if persistent else "No matching subscribers")
+    second = start_responder(client_id=client_id if persistent else None)
+    if persistent:  # the broker queued the request in the session and delivers it now
+        assert sorted(f.index for f in dev.take(2)) == [1, 2]
+        assert second.stats["requests"] == 1
+    else:  # the control: a clean session loses what was sent meanwhile
+        dev.assert_quiet(within=1.0)
+        assert second.stats["requests"] == 0
+
+
+def test_a_persistent_session_needs_a_fixed_client_id() -> None:
+    config = BrokerConfig("127.0.0.1", 1, "responder", "pw")
+    with pytest.raises(ValueError, match="needs a fixed client_id"):
+        MqttSession(config, role="responder", session_expiry_s=60)
 
 
 def test_cli_responder_serves_until_sigterm(

@@ -37,11 +37,13 @@ from fleet.rollout import (
     UnknownDeviceError,
     Unmatched,
     apply_update,
+    apply_updates,
     cancel,
     device_counts,
     gate_violations,
     health_from_latency,
     job_transition,
+    next_due,
     parse_policy,
     pause,
     plan_rollout,
@@ -1079,3 +1081,121 @@ def test_a_rollback_job_ending_rolled_back_counts_as_rolled_back(done: JobState)
     rollout, actions = step(rollout, now=4.0)
     assert actions == [Complete(Phase.ROLLED_BACK, 1, 0)]
     assert rollout.reason == "rolled back 1 of 1 touched devices"
+
+
+@pytest.mark.parametrize(
+    ("drift_samples", "samples", "outcome"),
+    [
+        (500, 0, Phase.PAUSED),  # a posted score with enough inputs, no heartbeat yet
+        (50, 500, Phase.ROLLING),  # plenty of requests, but the score rests on 50 inputs
+        (None, 500, Phase.PAUSED),  # no separate count: judged with the report's samples
+        (None, 50, Phase.ROLLING),
+    ],
+)
+def test_drift_is_judged_on_its_own_samples(
+    drift_samples: int | None, samples: int, outcome: Phase
+) -> None:
+    gates = {"max_drift": 0.2, "action": "pause", "min_samples": 100}
+    rollout = canary_passed(health_gates=gates, waves=["100%"])
+    drifting = HealthReport(samples=samples, drift=0.5, drift_samples=drift_samples)
+    rollout, _ = step(rollout, now=20.0, health={"d00": drifting})
+    assert rollout.phase is outcome
+    if outcome is Phase.PAUSED:
+        shown = drift_samples if drift_samples is not None else samples
+        assert (
+            rollout.reason
+            == f"health gate: d00: drift 0.5 is above max_drift 0.2 ({shown} samples)"
+        )
+
+
+def test_latency_is_not_judged_on_drift_samples() -> None:
+    gates = {"max_p95_latency_ms": 10, "min_samples": 100}
+    rollout = canary_passed(health_gates=gates, waves=["100%"])
+    slow = HealthReport(samples=5, p95_latency_ms=99.0, drift_samples=5000)
+    rollout, _ = step(rollout, now=20.0, health={"d00": slow})
+    assert rollout.phase is Phase.ROLLING
+
+
+# ---------------------------------------------------------------- timers (next_due)
+
+
+@pytest.mark.parametrize(
+    ("case", "kw", "expected"),
+    [
+        ("pending: now", {}, 0.0),
+        ("canary in flight: its job timeout", {"job_timeout_s": 30}, 30.0),
+        ("canary passed, observing: the window's end", {"observe_s": 60}, 70.0),
+        ("rate stage waiting: the next minute", {"rate": {"base_per_minute": 1}}, 70.0),
+        ("final: never", {}, None),
+        ("paused with a job in flight: still its timeout", {"job_timeout_s": 30}, 30.0),
+    ],
+)
+def test_next_due(case: str, kw: dict[str, Any], expected: float | None) -> None:
+    if "rate" in kw:
+        kw = {**kw, "waves": None}
+    pending = plan(3, **kw)
+    if case.startswith("pending"):
+        assert next_due(pending, now=0.0) == expected
+        return
+    rollout, _ = step(pending, now=0.0)  # the canary d00 starts at 0
+    if case.startswith("canary in flight"):
+        assert next_due(rollout, now=5.0) == expected
+    elif case.startswith("paused"):
+        paused, _ = pause(rollout, now=5.0)
+        assert next_due(paused, now=5.0) == expected
+    elif case.startswith("final"):
+        canceled, _ = cancel(rollout, now=5.0)
+        assert next_due(canceled, now=5.0) is expected
+    elif case.startswith("canary passed"):
+        rollout = report_all(rollout, rollout.canary_devices, S, now=10.0)
+        rollout, actions = step(rollout, now=10.0)
+        assert not started(actions) and rollout.stage_passed_at == 10.0
+        assert next_due(rollout, now=10.0) == expected
+    else:  # rate: minute 0 released 1 device at 10 s; the next is released at 60 s after 10 s
+        rollout = report_all(rollout, rollout.canary_devices, S, now=10.0)
+        rollout, actions = step(rollout, now=10.0)
+        assert started(actions) == ["d01"]
+        assert next_due(rollout, now=10.0) == min(expected, 10.0 + 1800.0)
+        rollout, actions = step(rollout, now=next_due(rollout, now=10.0) or 0.0)
+        assert started(actions) == ["d02"]  # stepping at the due time starts the next one
+
+
+def test_apply_updates_equals_apply_update_one_by_one() -> None:
+    rollout, _ = step(plan(4, canary=4), now=0.0)
+    job = {d: rollout.devices[d].deploy for d in IDS[:4]}
+
+    def update(device_id: str, state: JobState, job_id: str | None = None) -> JobUpdate:
+        run = job[device_id]
+        assert run is not None
+        return JobUpdate(
+            job_id=job_id or run.job_id, device_id=device_id, artifact_id=NEW, state=state
+        )
+
+    batch = [
+        update("d00", JobState.IN_PROGRESS),
+        update("d00", S),
+        update("d01", F),
+        update("d01", S),  # FAILED is terminal: refused, the rest still applies
+        update("d02", JobState.IN_PROGRESS, job_id="r1.d02.9"),  # an old attempt: ignored
+        JobUpdate(job_id="r1.zz.1", device_id="zz", artifact_id=NEW, state=S),  # not ours
+        update("d03", JobState.IN_PROGRESS),
+    ]
+    batched, refused = apply_updates(rollout, batch, now=5.0)
+    one_by_one = rollout
+    for u in batch:
+        try:
+            one_by_one = apply_update(one_by_one, u, now=5.0)
+        except (JobTransitionError, UnknownDeviceError):
+            pass
+    assert batched == one_by_one
+    assert [(u.device_id, type(e)) for u, e in refused] == [
+        ("d01", JobTransitionError),
+        ("zz", UnknownDeviceError),
+    ]
+    assert [batched.devices[d].state for d in IDS[:4]] == [
+        S,
+        F,
+        JobState.QUEUED,
+        JobState.IN_PROGRESS,
+    ]
+    assert apply_updates(rollout, [], now=5.0) == (rollout, [])

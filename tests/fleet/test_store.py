@@ -316,6 +316,50 @@ def test_entitlements_persist_across_instances(
     assert sorted(p.name for p in (store.root / "grants").iterdir()) == [".lock", "dev-a.json"]
 
 
+@pytest.mark.parametrize(
+    ("error", "status", "exit_code"),
+    [
+        (store_mod.StoreError, 500, 1),
+        (store_mod.InvalidRequestError, 400, 2),
+        (store_mod.ChunkRangeError, 416, 2),
+        (store_mod.ArtifactNotFoundError, 404, 2),
+        (store_mod.ArtifactConflictError, 409, 1),
+        (store_mod.InvalidArtifactError, 422, 3),
+    ],
+)
+def test_store_errors_are_fleet_errors_with_their_mapping(
+    error: type[Exception], status: int, exit_code: int
+) -> None:
+    from fleet.errors import FleetError
+
+    assert issubclass(error, FleetError)
+    assert (error.http_status, error.exit_code) == (status, exit_code)  # type: ignore[attr-defined]
+
+
+def test_batched_grants_one_write_per_artifact(
+    store: ArtifactStore, signed_bundle: Path, keys: Keys
+) -> None:
+    aid = store.put_bundle(signed_bundle).artifact_id
+    store.grant("dev-a", aid)  # a single grant first: not "new" for the batch
+    new = store.grant_many(["dev-a", "dev-b", "dev-c"], aid)
+    assert new == {"dev-b", "dev-c"}
+    batch = store.root / "grants" / "artifacts" / f"{aid}.json"
+    assert json.loads(batch.read_text())["devices"] == ["dev-a", "dev-b", "dev-c"]
+    assert not (store.root / "grants" / "dev-b.json").exists()  # no per-device file written
+    with ArtifactStore(store.root, keys.public) as reopened:  # another process, e.g. a responder
+        assert all(reopened.is_entitled(d, aid) for d in ("dev-a", "dev-b", "dev-c"))
+        assert not reopened.is_entitled("dev-d", aid)
+        store.revoke("dev-b", aid)  # a single revoke also withdraws the batched grant
+        assert not reopened.is_entitled("dev-b", aid)  # the cache follows the file
+    store.revoke_many(["dev-a", "dev-c"], aid)
+    assert not any(store.is_entitled(d, aid) for d in ("dev-a", "dev-b", "dev-c"))
+    with pytest.raises(InvalidRequestError, match="device id 'bad/id' is invalid"):
+        store.grant_many(["dev-e", "bad/id"], aid)
+    assert not store.is_entitled("dev-e", aid)  # nothing granted from a bad batch
+    with pytest.raises(ArtifactNotFoundError):
+        store.grant_many(["dev-e"], "ef" * 32)
+
+
 # ---------------------------------------------------------------- CLI
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from fastapi import APIRouter, Depends, Query, status
+from fastapi import APIRouter, Depends, Query, Request, status
 
 from fleet import deployments, rollout
 from fleet.api.deps import AuditDep, DeploymentDep, OrgDep, SessionDep, require_scope
@@ -27,17 +27,29 @@ router = APIRouter(prefix="/deployments", tags=["deployments"], route_class=Audi
 Command = Callable[..., tuple[RolloutState, list[Action]]]
 
 
+def _wake_executor(request: Request) -> None:
+    """Let the executor step the deployment now rather than at its next timer."""
+    executor = getattr(request.app.state, "executor", None)
+    if executor is not None:
+        executor.wake()
+
+
 @router.post(
     "", status_code=status.HTTP_201_CREATED, dependencies=[Depends(require_scope(Scope.DEPLOY))]
 )
 def create_deployment(
-    session: SessionDep, org: OrgDep, audit: AuditDep, deployment_in: DeploymentCreate
+    request: Request,
+    session: SessionDep,
+    org: OrgDep,
+    audit: AuditDep,
+    deployment_in: DeploymentCreate,
 ) -> DeploymentPublic:
     """Plan a rollout; the response lists each device's variant and the unmatched devices."""
     deployment = deployments.create_deployment(
         session, org_id=org.id, deployment_in=deployment_in, now=time.time()
     )
     session.commit()
+    _wake_executor(request)
     audit.target = f"deployment:{deployment.id}"
     return deployments.to_public(deployment)
 
@@ -67,34 +79,45 @@ def read_deployment(deployment: DeploymentDep) -> DeploymentPublic:
     return deployments.to_public(deployment)
 
 
-def _command(session: SessionDep, deployment: Deployment, command: Command) -> DeploymentPublic:
+def _command(
+    request: Request, session: SessionDep, deployment: Deployment, command: Command
+) -> DeploymentPublic:
     state, actions = command(deployments.load_state(deployment.state), now=time.time())
     outbox = [*deployment.outbox, *(deployments.dump_action(a) for a in actions)]
     deployments.save(session, deployment=deployment, state=state, outbox=outbox)
     session.commit()
+    _wake_executor(request)
     session.refresh(deployment)
     return deployments.to_public(deployment)
 
 
 @router.post("/{deployment_id}/pause", dependencies=[Depends(require_scope(Scope.DEPLOY))])
-def pause_deployment(session: SessionDep, deployment: DeploymentDep) -> DeploymentPublic:
+def pause_deployment(
+    request: Request, session: SessionDep, deployment: DeploymentDep
+) -> DeploymentPublic:
     """Start no more jobs; jobs already sent keep running (409 unless pending or running)."""
-    return _command(session, deployment, rollout.pause)
+    return _command(request, session, deployment, rollout.pause)
 
 
 @router.post("/{deployment_id}/resume", dependencies=[Depends(require_scope(Scope.DEPLOY))])
-def resume_deployment(session: SessionDep, deployment: DeploymentDep) -> DeploymentPublic:
+def resume_deployment(
+    request: Request, session: SessionDep, deployment: DeploymentDep
+) -> DeploymentPublic:
     """Continue a paused deployment (409 unless paused)."""
-    return _command(session, deployment, rollout.resume)
+    return _command(request, session, deployment, rollout.resume)
 
 
 @router.post("/{deployment_id}/cancel", dependencies=[Depends(require_scope(Scope.DEPLOY))])
-def cancel_deployment(session: SessionDep, deployment: DeploymentDep) -> DeploymentPublic:
+def cancel_deployment(
+    request: Request, session: SessionDep, deployment: DeploymentDep
+) -> DeploymentPublic:
     """Stop: jobs in flight are marked canceled, nothing more starts, successes stay."""
-    return _command(session, deployment, rollout.cancel)
+    return _command(request, session, deployment, rollout.cancel)
 
 
 @router.post("/{deployment_id}/rollback", dependencies=[Depends(require_scope(Scope.DEPLOY))])
-def rollback_deployment(session: SessionDep, deployment: DeploymentDep) -> DeploymentPublic:
+def rollback_deployment(
+    request: Request, session: SessionDep, deployment: DeploymentDep
+) -> DeploymentPublic:
     """Reinstall the previous artifact on every device the deployment touched."""
-    return _command(session, deployment, rollout.rollback)
+    return _command(request, session, deployment, rollout.rollback)

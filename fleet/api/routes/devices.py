@@ -1,5 +1,5 @@
 """Devices of the caller's organization: register (MQTT credentials shown once), list, read,
-change, revoke, delete.
+change, revoke, delete; and the drift scores the data loop posts for them (:mod:`fleet.drift`).
 
 A device's id is its MQTT username, so it is unique in the whole fleet. Registration adds
 the device to the broker's password file and revocation or deletion removes it, both before
@@ -15,7 +15,7 @@ import uuid
 
 from fastapi import APIRouter, Depends, Query, status
 
-from fleet import credentials, crud, deployments
+from fleet import credentials, crud, deployments, drift
 from fleet.api.deps import (
     AuditDep,
     BrokerAuthDep,
@@ -35,6 +35,8 @@ from fleet.models import (
     DevicesPublic,
     DeviceStatePublic,
     DeviceUpdate,
+    DriftScoreCreate,
+    DriftScorePublic,
     MqttCredentials,
 )
 from fleet.scopes import Scope
@@ -111,7 +113,27 @@ def read_device_state(session: SessionDep, device: DeviceDep) -> DeviceStatePubl
         desired_models=report.desired_models if report is not None else {},
         diff=diff,
         in_sync=all(d.in_sync for d in diff),
+        drift=[
+            DriftScorePublic.model_validate(d)
+            for d in drift.device_scores(session, device_id=device.device_id)
+        ],
     )
+
+
+@router.post(
+    "/{device_id}/drift",
+    status_code=status.HTTP_201_CREATED,
+    dependencies=[Depends(require_scope(Scope.WRITE))],
+)
+def post_drift_score(
+    session: SessionDep, device: DeviceDep, audit: AuditDep, score_in: DriftScoreCreate
+) -> DriftScorePublic:
+    """Record a drift score of the device's inputs to one of the organization's artifacts
+    (from the data loop); deployments whose policy sets ``max_drift`` gate on the latest."""
+    audit.target = f"device:{device.device_id}"
+    score = drift.record_score(session, device=device, score_in=score_in)
+    session.commit()
+    return DriftScorePublic.model_validate(score)
 
 
 @router.patch("/{device_id}", dependencies=[Depends(require_scope(Scope.WRITE))])
@@ -143,6 +165,7 @@ def revoke_device(session: SessionDep, device: DeviceDep, broker: BrokerAuthDep)
 def delete_device(session: SessionDep, device: DeviceDep, broker: BrokerAuthDep) -> None:
     """Cut a device off the broker and delete it; its id can then be registered again."""
     device_id = device.device_id
+    drift.delete_device_scores(session, device_id=device_id)
     crud.delete_device(session, device=device)
     broker.remove_device(device_id)
     session.commit()

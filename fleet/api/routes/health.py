@@ -7,6 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, text
 from sqlmodel import col, select
 
+from fleet import drift
 from fleet.api.deps import SessionDep
 from fleet.api.routing import AuditedRoute
 from fleet.models import Deployment, DeviceReport
@@ -31,6 +32,7 @@ def metrics(request: Request, session: SessionDep) -> Response:
         phases[phase] = count
     online = select(func.count()).select_from(DeviceReport).where(col(DeviceReport.online))
     request.app.state.metrics.set_fleet(phases=phases, online=session.exec(online).one())
+    request.app.state.metrics.set_drift(drift.highest_latest(session))
     return Response(
         generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST
     )

@@ -41,6 +41,7 @@ POSTGRES_ADMIN_URL = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 TABLES = (
+    "drift_scores",
     "device_reports",
     "deployments",
     "audit_log",

@@ -160,7 +160,7 @@ def test_cli_migrate_and_bootstrap(tmp_path: Path) -> None:
     runner = CliRunner()
     migrated = runner.invoke(_cli(), ["api", "migrate", "--database-url", url])
     assert migrated.exit_code == 0, migrated.output
-    assert db.current_revision(url) == "0002"
+    assert db.current_revision(url) == "0003"
     made = runner.invoke(_cli(), ["api", "bootstrap", "--org", "acme", "--database-url", url])
     assert made.exit_code == 0, made.output
     token = made.stdout.strip()

@@ -150,6 +150,7 @@ def test_device_state_without_reports(client: TestClient, lab: Fleet) -> None:
         "desired_models": {},
         "diff": [],
         "in_sync": True,
+        "drift": [],
     }
 
 

@@ -3,6 +3,7 @@ and presence, on SQLite and PostgreSQL (the real broker is test_deployment_e2e's
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -84,6 +85,10 @@ class Rig:
         assert response.status_code == 201, response.text
         deployment_id: str = response.json()["id"]
         return deployment_id
+
+    def read_all(self) -> list[str]:
+        data = self.client.get("/deployments", headers=self.lab.org.headers).json()
+        return [d["id"] for d in data["data"]]
 
     def read(self, deployment_id: str) -> dict[str, object]:
         data: dict[str, object] = self.client.get(
@@ -226,7 +231,7 @@ def test_failed_canary_aborts_and_touches_no_other_device(rig: Rig) -> None:
     assert devices["gen-1"]["state"] == devices["gen-2"]["state"] == "NOT_STARTED"
 
 
-def test_cancel_marks_in_flight_jobs_and_publishes_nothing(
+def test_cancel_publishes_a_retained_cancel_of_each_job_in_flight(
     rig: Rig, caplog: pytest.LogCaptureFixture
 ) -> None:
     deployment_id = rig.create()
@@ -237,13 +242,32 @@ def test_cancel_marks_in_flight_jobs_and_publishes_nothing(
     assert rig.command(deployment_id, "cancel")["phase"] == "CANCELED"
     with caplog.at_level(logging.INFO, logger="fleet.executor"):
         rig.tick()
-    assert rig.publisher.take() == []
+    sent = _by_device(rig.publisher.take())
+    assert list(sent) == ["avx-1"]  # only the job in flight; untouched devices get nothing
+    cancel = sent["avx-1"]
+    assert cancel.cancel is True
+    assert (cancel.job_id, cancel.artifact_id) == (
+        canary["avx-1"].job_id,
+        canary["avx-1"].artifact_id,
+    )
     assert [a for a in rig.executor.performed if isinstance(a, CancelJob)]
-    assert "cannot cancel a job mid-activation" in caplog.text
+    assert f"canceling job {cancel.job_id} of avx-1" in caplog.text
     # A late result of the canceled job is dropped, not an error.
     rig.update(canary["avx-1"], "avx-1", JobState.SUCCEEDED)
     rig.tick()
     assert rig.read(deployment_id)["counts"]["CANCELED"] == 1  # type: ignore[index]
+    rig.tick()
+    assert rig.publisher.take() == []  # sent once
+
+
+def test_job_timeout_cancels_the_job_on_the_device(rig: Rig) -> None:
+    deployment_id = rig.create(policy={"canary": 1, "waves": ["100%"], "job_timeout_s": 30})
+    assert rig.executor.tick() == rig.clock.now + 30  # the canary's timeout is the next timer
+    canary = _by_device(rig.publisher.take())
+    rig.tick(31)
+    sent = _by_device(rig.publisher.take())
+    assert sent["avx-1"].cancel and sent["avx-1"].job_id == canary["avx-1"].job_id
+    assert rig.read(deployment_id)["phase"] == "ABORTED"
 
 
 def test_health_gate_pauses_from_heartbeats(rig: Rig) -> None:
@@ -324,16 +348,172 @@ def test_publish_failure_is_logged_and_the_loop_goes_on(rig: Rig) -> None:
     assert rig.publisher.take() == []
 
 
-def test_thread_runs_ticks(rig: Rig) -> None:
-    rig.executor.interval = 0.05
+def _wait_sent(rig: Rig, count: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(rig.publisher.sent) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_thread_steps_on_messages_not_on_a_tick(rig: Rig) -> None:
+    rig.executor.interval = 60.0  # no polling within this test: only wakes move it
+    rig.executor.clock = time.time
     rig.create()
     rig.executor.start()
     try:
-        for _ in range(100):
-            if rig.publisher.sent:
-                break
-            time.sleep(0.05)
+        _wait_sent(rig, 1)  # the first pass runs at start
+        canary = _by_device(rig.publisher.take())
+        assert list(canary) == ["avx-1"]
+        passes = rig.executor.passes
+        time.sleep(0.3)
+        assert rig.executor.passes == passes  # idle: the canary's timeout is far off
+        started = time.monotonic()
+        _succeed_all(rig, canary)  # the MQTT callback's enqueue wakes the loop
+        _wait_sent(rig, 2)
+        assert time.monotonic() - started < 5.0
+        assert sorted(_by_device(rig.publisher.take())) == ["gen-1", "gen-2"]
+        deployment_id = rig.read_all()[0]
+        rig.executor.wake()  # what the API does after a command
+        assert rig.read(deployment_id)["phase"] == "ROLLING"
     finally:
         rig.executor.stop()
-    assert len(rig.publisher.sent) == 1
     assert rig.executor.errors == 0
+
+
+@dataclass
+class Pending:
+    """What ``publish_async`` returns: settles when the test says so."""
+
+    topic: str
+    failure: str | None = None
+    acked: bool = False
+
+    def settled(self) -> bool:
+        return self.acked or self.failure is not None
+
+    def wait(self, timeout: float) -> str | None:
+        if not self.settled():
+            return f"no PUBACK for {self.topic} in {timeout:g} s"
+        return self.failure
+
+
+@dataclass
+class PipelinedPublisher(FakePublisher):
+    """A publisher with ``publish_async``: never blocks; the test settles each publish."""
+
+    pending: list[Pending] = field(default_factory=list)
+
+    def publish_async(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
+    ) -> Pending:
+        assert qos == 1 and retain
+        self.sent.append((topic, protocol.decode(JobNotify, payload)))
+        self.pending.append(Pending(topic))
+        return self.pending[-1]
+
+    def settle(self, refuse: frozenset[str] = frozenset()) -> None:
+        for item in self.pending:
+            if item.topic in refuse:
+                item.failure = "refused"
+            else:
+                item.acked = True
+        self.pending = []
+
+
+def test_a_wave_is_published_without_waiting_and_failures_undone_later(
+    rig: Rig, artifact_store: ArtifactStore
+) -> None:
+    publisher = PipelinedPublisher()
+    rig.executor.publisher = publisher
+    rig.publisher = publisher
+    deployment_id = rig.create(policy={"canary": 1, "waves": ["100%"], "job_timeout_s": 60})
+    rig.tick()
+    canary = _by_device(publisher.take())
+    publisher.settle()
+    _succeed_all(rig, canary)
+    due = rig.executor.tick()  # the wave: both jobs handed over, no PUBACK yet
+    assert sorted(_by_device(publisher.take())) == ["gen-1", "gen-2"]
+    assert due == rig.clock.now + rig.executor.publish_timeout  # when unacked ones expire
+    generic = rig.lab.v1[GENERIC]
+    grants = artifact_store.root / "grants" / "artifacts" / f"{generic}.json"
+    assert json.loads(grants.read_text())["devices"] == ["gen-1", "gen-2"]  # one write
+    for device_id in ("gen-1", "gen-2"):  # recorded while the acknowledgements come in
+        state = rig.client.get(f"/devices/{device_id}/state", headers=rig.lab.org.headers)
+        assert state.json()["desired_models"] == {"m": generic}
+    publisher.settle(refuse=frozenset({protocol.jobs_notify("gen-2")}))
+    rig.tick()  # the next pass judges them: gen-2's job never reached the broker
+    assert rig.executor.publish_failures == 1
+    assert json.loads(grants.read_text())["devices"] == ["gen-1"]  # its grant withdrawn
+    assert artifact_store.is_entitled("gen-1", generic)
+    assert not artifact_store.is_entitled("gen-2", generic)
+    gen2 = rig.client.get("/devices/gen-2/state", headers=rig.lab.org.headers).json()
+    assert gen2["desired_models"] == {}  # and its desired state undone
+    assert rig.read(deployment_id)["phase"] == "ROLLING"
+
+
+def test_an_unacknowledged_publish_fails_at_its_deadline(rig: Rig) -> None:
+    publisher = PipelinedPublisher()
+    rig.executor.publisher = publisher
+    rig.create()
+    rig.tick()
+    assert rig.executor.publish_failures == 0
+    rig.tick(rig.executor.publish_timeout - 1)
+    assert rig.executor.publish_failures == 0  # still within its time
+    rig.tick(2)
+    assert rig.executor.publish_failures == 1
+    state = rig.client.get("/devices/avx-1/state", headers=rig.lab.org.headers).json()
+    assert state["desired_models"] == {}
+
+
+def _drift(
+    artifact_id: str, score: float, *, samples: int = 500, hour: int = 1
+) -> dict[str, object]:
+    return {
+        "model_name": "m",
+        "artifact_id": artifact_id,
+        "metric": "psi",
+        "score": score,
+        "samples": samples,
+        "window_start": f"2026-11-26T{hour - 1:02d}:00:00Z",
+        "window_end": f"2026-11-26T{hour:02d}:00:00Z",
+    }
+
+
+@pytest.mark.parametrize(
+    ("which", "score", "samples", "paused"),
+    [
+        ("new", 0.5, 500, True),  # the canary's new artifact drifts: the gate fires
+        ("new", 0.1, 500, False),  # under max_drift
+        ("new", 0.5, 50, False),  # too few samples behind the score
+        ("old", 0.9, 500, False),  # a score of another artifact is not the new version's
+    ],
+)
+def test_drift_gate_pauses_on_posted_scores(
+    rig: Rig, which: str, score: float, samples: int, paused: bool
+) -> None:
+    policy = {
+        "canary": 1,
+        "waves": ["100%"],
+        "health_gates": {"max_drift": 0.2, "action": "pause", "min_samples": 100},
+    }
+    deployment_id = rig.create("v2", policy=policy)
+    rig.tick()
+    canary = _by_device(rig.publisher.take())
+    assert list(canary) == ["avx-1"]
+    artifact = rig.lab.v2[AVX512] if which == "new" else rig.lab.v1[AVX512]
+    posted = rig.client.post(
+        "/devices/avx-1/drift",
+        headers=rig.lab.org.headers,
+        json=_drift(artifact, score, samples=samples),
+    )
+    assert posted.status_code == 201, posted.text
+    rig.update(canary["avx-1"], "avx-1", JobState.IN_PROGRESS)
+    rig.update(canary["avx-1"], "avx-1", JobState.SUCCEEDED)
+    rig.tick()
+    read = rig.read(deployment_id)
+    if paused:
+        assert read["phase"] == "PAUSED"
+        assert "avx-1: drift 0.5 is above max_drift 0.2 (500 samples)" in str(read["reason"])
+        assert rig.publisher.take() == []  # the wave did not start
+    else:
+        assert read["phase"] == "ROLLING"
+        assert sorted(_by_device(rig.publisher.take())) == ["gen-1", "gen-2"]

@@ -52,6 +52,7 @@ OBJECT_ROUTES: dict[tuple[str, str], str] = {
     ("PATCH", "/groups/{group_id}"): "fleet:write",
     ("DELETE", "/groups/{group_id}"): "fleet:write",
     ("GET", "/devices/{device_id}/state"): "fleet:read",
+    ("POST", "/devices/{device_id}/drift"): "fleet:write",
     ("GET", "/artifacts/{artifact_id}"): "fleet:read",
     ("GET", "/models/{model_name}"): "fleet:read",
     ("GET", "/deployments/{deployment_id}"): "fleet:read",
@@ -111,6 +112,21 @@ class World:
 
 def _fill(path: str, params: dict[str, str]) -> str:
     return re.sub(r"\{(\w+)\}", lambda m: params[m.group(1)], path)
+
+
+def _body(method: str, path: str, params: dict[str, str]) -> dict[str, Any] | None:
+    """A body the route would accept from the owner, so that only isolation can refuse it."""
+    if path.endswith("/drift"):
+        return {
+            "model_name": params["model_name"],
+            "artifact_id": params["artifact_id"],
+            "metric": "psi",
+            "score": 0.5,
+            "samples": 500,
+            "window_start": "2026-11-26T00:00:00Z",
+            "window_end": "2026-11-26T01:00:00Z",
+        }
+    return {} if method == "PATCH" else None
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -230,7 +246,7 @@ def test_every_route_requires_the_scope_in_the_table(world: World) -> None:
 @pytest.mark.parametrize(("method", "path"), sorted(OBJECT_ROUTES))
 def test_other_organization_gets_404(world: World, method: str, path: str) -> None:
     filled = _fill(path, world.params)
-    body = {} if method == "PATCH" else None
+    body = _body(method, path, world.params)
     response = world.client.request(method, filled, headers=world.b, json=body)
     assert response.status_code == 404, response.text
     param = re.search(r"\{(\w+)\}", path)
@@ -242,7 +258,7 @@ def test_other_organization_gets_404(world: World, method: str, path: str) -> No
 @pytest.mark.parametrize(("method", "path"), sorted(OBJECT_ROUTES))
 def test_missing_scope_gets_403(world: World, method: str, path: str) -> None:
     scope = OBJECT_ROUTES[(method, path)]
-    body = {} if method == "PATCH" else None
+    body = _body(method, path, world.params)
     response = world.client.request(
         method, _fill(path, world.params), headers=world.restricted[scope], json=body
     )

@@ -22,7 +22,7 @@ def _head() -> str | None:
 def test_upgrade_from_empty_matches_models(empty_database: str) -> None:
     assert db.current_revision(empty_database) is None
     db.upgrade(empty_database)
-    assert db.current_revision(empty_database) == _head() == "0002"
+    assert db.current_revision(empty_database) == _head() == "0003"
     engine = db.make_engine(empty_database)
     try:
         assert set(TABLES) <= set(sa.inspect(engine).get_table_names())
@@ -32,7 +32,7 @@ def test_upgrade_from_empty_matches_models(empty_database: str) -> None:
     finally:
         engine.dispose()
     db.upgrade(empty_database)  # idempotent
-    assert db.current_revision(empty_database) == "0002"
+    assert db.current_revision(empty_database) == "0003"
 
 
 def test_downgrade_to_base_and_up_again(empty_database: str) -> None:
@@ -44,4 +44,4 @@ def test_downgrade_to_base_and_up_again(empty_database: str) -> None:
     finally:
         engine.dispose()
     db.upgrade(empty_database)
-    assert db.current_revision(empty_database) == "0002"
+    assert db.current_revision(empty_database) == "0003"
