@@ -6,6 +6,7 @@ Environment variables win over the file; nested fields use ``__``, e.g.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from pydantic_settings import (
 )
 
 from agent.protocol import DEFAULT_CHUNK_SIZE, check_device_id
+
+_HOOK_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
 class _Section(BaseModel):
@@ -66,6 +69,43 @@ class HttpSettings(_Section):
     max_concurrency: int = Field(default=4, ge=1)
 
 
+class CaptureSettings(_Section):
+    """The data loop's local limits; the capture policy itself comes from desired state."""
+
+    spool_path: Path | None = Field(
+        default=None, description="SQLite spool (default: state_dir/capture/spool.db)"
+    )
+    max_spool_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=64 * 1024, description="unless the policy sets its own"
+    )
+    queue_size: int = Field(
+        default=256, ge=1, description="answered inferences waiting for the capture thread"
+    )
+    redaction_hook: str | None = Field(
+        default=None,
+        description="'module:function' that gets each selected sample and returns it, "
+        "a modified copy, or None to drop it",
+    )
+    drain_timeout_s: float = Field(default=10.0, gt=0, description="wait for a PUBACK")
+    drain_pause_s: float = Field(
+        default=0.0,
+        ge=0,
+        le=60,
+        description="pause between published batches, so a device back online does not "
+        "saturate its uplink",
+    )
+
+    @field_validator("redaction_hook")
+    @classmethod
+    def _hook(cls, value: str | None) -> str | None:
+        if value is not None and not _HOOK_RE.match(value):
+            raise ValueError(
+                f"redaction hook {value!r} is not of the form 'module:function' "
+                "(e.g. 'mycompany.privacy:blur_faces')"
+            )
+        return value
+
+
 class AgentSettings(BaseSettings):
     """Everything the agent daemon needs."""
 
@@ -82,6 +122,7 @@ class AgentSettings(BaseSettings):
     broker: BrokerSettings = BrokerSettings()
     transfer: TransferSettings = TransferSettings()
     http: HttpSettings = HttpSettings()
+    capture: CaptureSettings = CaptureSettings()
     heartbeat_interval_s: float = Field(default=30.0, gt=0)
     keep_versions: int = Field(default=3, ge=2, description="versions kept per model on disk")
 

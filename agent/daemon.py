@@ -38,7 +38,9 @@ import numpy as np
 
 import edgeloop
 from agent import protocol
+from agent.capture import Hook, HookError, Sample, load_hook
 from agent.config import AgentSettings
+from agent.dataloop import DataLoop
 from agent.download import Download, DownloadError
 from agent.jobs import JobLog, JobRecord, transition
 from agent.metrics import AgentMetrics
@@ -165,6 +167,7 @@ class Agent:
             subscriptions=[
                 protocol.jobs_notify(self.device_id),
                 protocol.artifacts_data(self.device_id),
+                protocol.desired(self.device_id),
             ],
         )
         self.chunk_size = settings.transfer.chunk_size
@@ -175,6 +178,7 @@ class Agent:
         self._started = time.monotonic()
         self._last_heartbeat = 0.0
         self._lock = threading.Lock()
+        self.dataloop = self._make_dataloop()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -188,6 +192,7 @@ class Agent:
             log.info("resuming job %s", pending.job.job_id)
             self.active = _Active(pending)
         self.link.start()
+        self.dataloop.start()
         self._worker = threading.Thread(target=self._work, name="agent-worker", daemon=True)
         self._worker.start()
 
@@ -198,6 +203,7 @@ class Agent:
             self._worker.join(10)
         if self.active is not None and self.active.download is not None:
             self.active.download.close()
+        self.dataloop.stop()
         self.link.stop(clean=clean)
 
     def load_active_models(self) -> None:
@@ -294,6 +300,8 @@ class Agent:
             self.on_job(job)
         elif leaf == "artifacts/data":
             self._on_frame(event.payload)
+        elif leaf == "desired":
+            self.on_desired(event.payload)
         else:
             self.stats["dropped_messages"] += 1
             log.warning("dropped message on unexpected topic %s", event.topic)
@@ -306,6 +314,8 @@ class Agent:
                 self.settings.transfer.chunk_size,
             )
         self._heartbeat()
+        self.dataloop.max_packet = event.max_packet
+        self.dataloop.wake_drain()
         if self.active is not None:
             self._update(self.active.record, JobState.IN_PROGRESS, step="resuming")
             if self.active.download is not None:
@@ -342,6 +352,9 @@ class Agent:
 
     def on_job(self, job: JobNotify) -> None:
         """A job notification arrived (possibly again)."""
+        if job.cancel:
+            self.on_cancel(job)
+            return
         finished = self.jobs.result(job.job_id)
         if finished is not None:
             state, reason = finished
@@ -356,6 +369,26 @@ class Agent:
         self.active = _Active(record)
         self.jobs.save_current(record)
         self._publish_update(job, JobState.QUEUED)
+
+    def on_cancel(self, job: JobNotify) -> None:
+        """The fleet withdrew ``job.job_id``: stop it unless it already ended.
+
+        A finished job (activated, failed) is reported as it ended; the job in hand (queued
+        or downloading: activation runs to its end on this thread before a cancel is read)
+        ends CANCELED, its partial download removed, the active version untouched; a job
+        never seen is recorded CANCELED, so a late copy of its notify does not run it.
+        """
+        finished = self.jobs.result(job.job_id)
+        if finished is not None:
+            state, reason = finished
+            self._publish_update(job, state, reason=reason, step=None)
+            return
+        reason = "canceled by the fleet"
+        if self.active is not None and self.active.record.job.job_id == job.job_id:
+            self._end(self.active.record, JobState.CANCELED, reason)
+            return
+        self.jobs.record_result(JobRecord(job, JobState.CANCELED, reason))
+        self._publish_update(job, JobState.CANCELED, reason=reason)
 
     def _begin(self, active: _Active) -> None:
         record = active.record
@@ -700,6 +733,49 @@ class Agent:
             protocol.heartbeat(self.device_id), self.heartbeat_payload().to_bytes(), qos=0
         )
 
+    # ------------------------------------------------------------ data loop (agent.dataloop)
+
+    def _make_dataloop(self) -> DataLoop:
+        capture = self.settings.capture
+        hook: Hook | None = None
+        if capture.redaction_hook is not None:
+            try:
+                hook = load_hook(capture.redaction_hook)
+            except HookError as err:
+                # Never send what the hook should have redacted: drop every selected sample.
+                log.error("%s; every selected sample is dropped as hook_error", err)
+                hook = _refuse_all
+        return DataLoop(
+            device_id=self.device_id,
+            state_dir=self.settings.state_dir,
+            spool_path=capture.spool_path or self.settings.state_dir / "capture" / "spool.db",
+            max_spool_bytes=capture.max_spool_bytes,
+            queue_size=capture.queue_size,
+            publisher=self.link,
+            metrics=self.metrics,
+            hook=hook,
+            drain_timeout_s=capture.drain_timeout_s,
+            drain_pause_s=capture.drain_pause_s,
+        )
+
+    def on_desired(self, payload: bytes) -> None:
+        """The retained desired state arrived: apply its capture policy, or refuse it and keep
+        the policy in force (the reason is logged and counted)."""
+        if not payload:
+            return  # a cleared retained message: keep what is applied
+        try:
+            desired = protocol.decode(
+                protocol.DesiredState, payload, max_bytes=protocol.MAX_DESIRED_PAYLOAD
+            )
+        except ProtocolError as err:
+            self.stats["refused_desired"] = self.stats.get("refused_desired", 0) + 1
+            log.warning("refused desired state, keeping the applied one: %s", err)
+            return
+        refused = self.dataloop.apply(desired)
+        if refused is not None:
+            self.stats["refused_desired"] = self.stats.get("refused_desired", 0) + 1
+            log.warning("refused desired state, keeping the applied one: %s", refused)
+
     # ------------------------------------------------------------ offline operations
 
     def install_local(self, path: Path) -> InstalledVersion:
@@ -729,6 +805,10 @@ class Agent:
         model.self_test()
         self.store.activate(installed.name, installed.artifact_id)
         return installed
+
+
+def _refuse_all(sample: Sample) -> Sample | None:
+    raise HookError("the configured redaction hook could not be loaded")
 
 
 def _cpu_features() -> set[str]:

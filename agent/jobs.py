@@ -87,6 +87,19 @@ class JobLog:
         )
         (self.dir / "current.json").unlink(missing_ok=True)
 
+    def record_result(self, record: JobRecord) -> None:
+        """Record a terminal result of a job that never became current (e.g. canceled before
+        it arrived); the current job, if any, stays."""
+        self._write(
+            self.done_dir / f"{_safe(record.job.job_id)}.json",
+            {
+                "job_id": record.job.job_id,
+                "artifact_id": record.job.artifact_id,
+                "state": record.state.value,
+                "reason": record.reason,
+            },
+        )
+
     def result(self, job_id: str) -> tuple[JobState, str | None] | None:
         """The terminal state of a finished job id, if it finished."""
         try:

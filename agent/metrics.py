@@ -13,6 +13,8 @@ Series (all prefixed ``edgeloop_``):
   ``shadow_dropped_total{model}``, ``shadow_errors_total{model}``
 * daemon hooks: ``job_state_transitions_total{state}``, ``transfer_bytes_total``,
   ``transfer_chunks_total{outcome}``, ``active_model_info{model,version,artifact_id,runtime,role}``
+* data loop: ``capture_selected_total{reason}``, ``capture_spooled_total{kind}``,
+  ``capture_dropped_total{reason}``, ``capture_sent_total{kind}``, ``capture_spool_bytes``
 """
 
 from __future__ import annotations
@@ -137,6 +139,40 @@ class AgentMetrics:
         )
         self._active_lock = threading.Lock()
         self._active: dict[tuple[str, str], tuple[str, str, str, str, str]] = {}
+        self._dataloop_series(reg)
+
+    def _dataloop_series(self, reg: CollectorRegistry) -> None:
+        """Series of the data loop (agent.dataloop): capture, spool, drain."""
+        self.capture_selected = Counter(
+            "edgeloop_capture_selected",
+            "Inferences the capture policy selected, by reason.",
+            ("reason",),
+            registry=reg,
+        )
+        self.capture_spooled = Counter(
+            "edgeloop_capture_spooled",
+            "Items written to the capture spool, by kind (sample, sketch).",
+            ("kind",),
+            registry=reg,
+        )
+        self.capture_dropped = Counter(
+            "edgeloop_capture_dropped",
+            "Captured items dropped, by reason (queue_full, budget, too_large, redacted, "
+            "hook_error, spool_full, sketch_error).",
+            ("reason",),
+            registry=reg,
+        )
+        self.capture_sent = Counter(
+            "edgeloop_capture_sent",
+            "Spooled items the broker acknowledged, by kind.",
+            ("kind",),
+            registry=reg,
+        )
+        self.capture_spool_bytes = Gauge(
+            "edgeloop_capture_spool_bytes",
+            "Bytes of payload waiting in the capture spool.",
+            registry=reg,
+        )
 
     # -------------------------------------------------------------- inference
 

@@ -244,6 +244,20 @@ class MqttLink:
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             log.warning("publish to %s failed: %s", topic, mqtt.error_string(info.rc))
 
+    def publish_confirmed(self, topic: str, payload: bytes, *, timeout: float) -> bool:
+        """Publish at QoS 1 and wait for the broker's PUBACK; False when offline or none came
+        within ``timeout`` seconds (the message may still arrive: the caller re-sends it)."""
+        if not self.connected:
+            return False
+        info = self._client.publish(topic, payload, qos=1)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return False
+        try:
+            info.wait_for_publish(timeout=timeout)
+        except (RuntimeError, ValueError):
+            return False
+        return info.is_published()
+
     def stop(self, *, clean: bool = True, timeout: float = 5.0) -> None:
         """Stop; a clean stop publishes a retained 'offline' first and disconnects normally,
         so the broker does not fire the LWT."""

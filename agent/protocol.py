@@ -1,7 +1,8 @@
 """The device protocol over MQTT (docs/protocol.md): topics, payloads and the chunk frame.
 
-The one module both the agent and the fleet's responder import. Pure: pydantic, struct and
-hashlib only. Bump ``SCHEMA_VERSION`` on incompatible payload changes.
+The one module both the agent and the fleet's responder import. Pure: pydantic, struct,
+hashlib and (for the data loop's sketch payloads) ``agent.sketches``, which is numpy only.
+Bump ``SCHEMA_VERSION`` on incompatible payload changes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from enum import StrEnum
 from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from agent.sketches import SketchCounts, SketchSpec
 
 SCHEMA_VERSION = 1
 PREFIX = "edgeloop/v1"
@@ -224,6 +227,16 @@ class JobNotify(_Payload):
     signature: str = Field(description="base64 of the bundle's manifest.sig")
     transfer: TransferInfo
     created_at: datetime = Field(default_factory=_now)
+    cancel: bool = Field(
+        default=False,
+        description="withdraw job_id: the agent stops it unless it already activated, and "
+        "reports CANCELED (or the result it reached); published retained in place of the job",
+    )
+
+    def to_bytes(self) -> bytes:
+        """JSON for the wire; ``cancel`` only when set, so agents older than it still parse
+        every job that is not a cancel."""
+        return self.model_dump_json(exclude=None if self.cancel else {"cancel"}).encode()
 
 
 class JobState(StrEnum):
@@ -302,16 +315,14 @@ class ChunkRequest(_Payload):
 P = TypeVar("P", bound=_Payload)
 
 
-def decode(model: type[P], payload: bytes) -> P:
+def decode(model: type[P], payload: bytes, *, max_bytes: int = MAX_JSON_PAYLOAD) -> P:
     """Parse a JSON payload into ``model``.
 
     Raises:
         ProtocolError: oversized, not JSON, wrong schema_version, or invalid fields.
     """
-    if len(payload) > MAX_JSON_PAYLOAD:
-        raise ProtocolError(
-            f"{model.__name__} payload of {len(payload)} bytes exceeds {MAX_JSON_PAYLOAD}"
-        )
+    if len(payload) > max_bytes:
+        raise ProtocolError(f"{model.__name__} payload of {len(payload)} bytes exceeds {max_bytes}")
     try:
         data = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -419,3 +430,141 @@ def max_chunk_size(max_packet: int | None, topic: str, wanted: int = DEFAULT_CHU
     if room < 1024:
         raise ProtocolError(f"broker maximum packet size {max_packet} is too small for chunks")
     return min(wanted, room)
+
+
+# ---------------------------------------------------------------- data loop (issue 6)
+# Desired state (fleet → device) carries the capture policy; captured samples and drift
+# sketches go back on the device's capture topics. The device side is agent/dataloop.py,
+# agent/capture.py and agent/spool.py; docs/dataloop.md has the sizes and semantics.
+
+#: Largest DesiredState payload: sketch specs carry bin edges (256 features x 11 edges).
+MAX_DESIRED_PAYLOAD = 1024 * 1024
+#: Largest SampleBatch payload the agent sends (and the cloud accepts).
+MAX_SAMPLE_BATCH_PAYLOAD = 256 * 1024
+#: Largest encoded sample; a batch always fits at least one.
+MAX_SAMPLE_BYTES = 192 * 1024
+#: Largest DriftSketch payload.
+MAX_SKETCH_PAYLOAD = 128 * 1024
+
+
+def desired(device_id: str) -> str:
+    """Desired state of the device (retained, fleet → device)."""
+    return f"{device_root(device_id)}/desired"
+
+
+def capture_samples(device_id: str) -> str:
+    """Captured samples, batched (device → cloud)."""
+    return f"{device_root(device_id)}/capture/samples"
+
+
+def capture_sketch(device_id: str) -> str:
+    """Drift sketches, one window of one model per message (device → cloud)."""
+    return f"{device_root(device_id)}/capture/sketch"
+
+
+class SelectionRules(_Payload):
+    """Which inferences are captured; the first rule that matches names the reason."""
+
+    schema_version: Literal[1] = 1
+    low_confidence_below: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="top-1 probability below this"
+    )
+    high_entropy_above: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="normalized entropy above this"
+    )
+    shadow_disagreement: bool = Field(
+        default=False, description="the shadow's top-1 class differed from the primary's"
+    )
+    every_nth: int | None = Field(
+        default=None, ge=1, description="every Nth inference of a model (1 = all)"
+    )
+
+
+class CapturePolicy(_Payload):
+    """What the device captures and sketches, and how much it may send."""
+
+    schema_version: Literal[1] = 1
+    enabled: bool = True
+    sample_rate: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="probability that an inference no rule selected is captured anyway",
+    )
+    rules: SelectionRules = Field(default_factory=SelectionRules)
+    models: list[str] | None = Field(
+        default=None, description="model names to capture (None: every model)"
+    )
+    bytes_per_hour: int = Field(
+        default=50 * 1024 * 1024, ge=0, description="token-bucket budget of encoded samples"
+    )
+    max_sample_bytes: int = Field(default=64 * 1024, ge=256, le=MAX_SAMPLE_BYTES)
+    max_spool_bytes: int | None = Field(
+        default=None, ge=64 * 1024, description="spool bound (None: the agent's configured one)"
+    )
+    when_full: Literal["drop_oldest", "reject_new"] = "drop_oldest"
+    sketch_interval_s: float = Field(default=60.0, ge=0.1, le=86400.0)
+    sketches: dict[str, SketchSpec] = Field(
+        default_factory=dict, description="sketch spec per model name or artifact id"
+    )
+    batch_size: int = Field(default=32, ge=1, le=1000, description="samples per SampleBatch")
+
+
+class DesiredState(_Payload):
+    """Retained desired state of a device; a higher ``revision`` replaces the applied one."""
+
+    revision: int = Field(ge=0)
+    capture: CapturePolicy | None = Field(default=None, description="None: capture off")
+
+
+class Tensor(_Payload):
+    """A tensor as raw little-endian C-order bytes in base64, with its dtype and shape."""
+
+    schema_version: Literal[1] = 1
+    name: str = Field(default="", max_length=128)
+    dtype: str = Field(pattern=r"^(bool|u?int(8|16|32|64)|float(16|32|64))$")
+    shape: list[int]
+    data: str = Field(description="base64 of the raw little-endian bytes")
+
+
+class CapturedSample(_Payload):
+    """One captured inference; ``sample_id`` is unique so the cloud can deduplicate."""
+
+    sample_id: str = Field(pattern=r"^[0-9a-f]{32}$", description="uuid4 hex")
+    device_id: str
+    model: str
+    version: str
+    artifact_id: str | None = None
+    role: Literal["primary", "candidate", "shadow"] = "primary"
+    ts: datetime
+    reason: Literal["low_confidence", "high_entropy", "shadow_disagreement", "every_nth", "random"]
+    top1: int | None = None
+    confidence: float | None = None
+    entropy: float | None = None
+    inputs: list[Tensor]
+    outputs: list[Tensor]
+
+
+class SampleBatch(_Payload):
+    """Samples sent together, and the device's drop counters (totals since the spool began)."""
+
+    device_id: str
+    sent_at: datetime = Field(default_factory=_now)
+    dropped: dict[str, int] = Field(default_factory=dict)
+    samples: list[CapturedSample] = Field(min_length=1)
+
+
+class DriftSketch(_Payload):
+    """One model's drift sketch over one window, on the spec's bin edges."""
+
+    sketch_id: str = Field(pattern=r"^[0-9a-f]{32}$", description="uuid4 hex")
+    device_id: str
+    model: str
+    version: str
+    artifact_id: str | None = None
+    spec_key: str = Field(description="the key of the spec in CapturePolicy.sketches")
+    spec_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="of the spec's JSON")
+    window_start: datetime
+    window_end: datetime
+    counts: SketchCounts
+    dropped: dict[str, int] = Field(default_factory=dict)

@@ -31,6 +31,11 @@ Entries are replaced atomically: a request takes a snapshot of the entry when it
 a request that started on the old version finishes on it.
 
 Inference runs on the HTTP server's threads, never on the MQTT network thread.
+
+Capture (docs/dataloop.md): when ``InferenceServer.capture`` is set, each answered request is
+handed to it after the response was sent (with a shadow: after the comparison, with the
+shadow's top-1 disagreement); it only enqueues on a bounded queue, so it never slows or fails
+a request.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 import edgeloop
 from agent import protocol
+from agent.capture import CaptureEvent
 from agent.metrics import AgentMetrics, LatencyTracker
 from agent.runtimes import (
     Array,
@@ -868,6 +874,9 @@ class InferenceServer:
         self._conn_lock = threading.Condition()
         self._connections: set[socket.socket] = set()
         self._in_flight = 0
+        #: Where answered inferences go for the data loop (``DataLoop.offer``: a bounded
+        #: queue, never blocks); called after the answer was sent, never on error.
+        self.capture: Callable[[CaptureEvent], None] | None = None
 
     # -------------------------------------------------------------- lifecycle
 
@@ -1047,7 +1056,43 @@ class InferenceServer:
             response = Response(200, header)
         if role == "primary" and entry.shadow is not None:
             response.after = self._shadow_job(name, entry, inputs, outputs, stats)
+        elif self.capture is not None:
+            response.after = self._capture_job(name, served, role, inputs, outputs)
         return response
+
+    def _capture_job(
+        self,
+        name: str,
+        served: ServedVersion,
+        role: str,
+        inputs: list[Array],
+        outputs: list[Array],
+        shadow_disagreement: bool | None = None,
+    ) -> Callable[[], None]:
+        """Hand an answered inference to the data loop (after the answer was sent)."""
+        sink = self.capture
+
+        def offer() -> None:
+            if sink is None:
+                return
+            try:
+                sink(
+                    CaptureEvent(
+                        model=name,
+                        version=served.version,
+                        artifact_id=served.artifact_id,
+                        role=role,
+                        inputs=inputs,
+                        outputs=outputs,
+                        shadow_disagreement=shadow_disagreement,
+                        input_names=[t.name for t in served.model.signature.inputs],
+                        output_names=[t.name for t in served.model.signature.outputs],
+                    )
+                )
+            except Exception:  # capture must never fail a request
+                logger.exception("capture of a %s inference failed", name)
+
+        return offer
 
     def _shadow_job(
         self,
@@ -1069,11 +1114,19 @@ class InferenceServer:
                 logger.warning("shadow %s version %s failed: %s", name, shadow.version, err)
                 stats.shadow.error()
                 self.metrics.shadow_errors.labels(name).inc()
+                capture(None)
                 return
+            capture(None if top1 is None else top1 < 1.0)
             stats.shadow.record(max_diff, top1)
             self.metrics.observe_shadow(
                 name, primary_version, shadow.version, max_abs_diff=max_diff, top1_agreement=top1
             )
+
+        def capture(disagreement: bool | None) -> None:
+            if self.capture is not None:
+                self._capture_job(
+                    name, entry.primary, "primary", inputs, primary_outputs, disagreement
+                )()
 
         runner = self._shadow
         if runner is not None:
@@ -1083,6 +1136,7 @@ class InferenceServer:
             if runner is None or not runner.submit(compare):
                 stats.shadow.dropped()
                 self.metrics.shadow_dropped.labels(name).inc()
+                capture(None)
 
         return submit
 

@@ -37,4 +37,5 @@ def build_agent(settings: AgentSettings) -> tuple[Agent, InferenceServer]:
         runtimes=runtimes.available_runtimes(),
         metrics=metrics,
     )
+    server.capture = agent.dataloop.offer
     return agent, server

@@ -58,7 +58,8 @@ class FeatureReduction(BaseModel):
                 raise ValueError(f"avgpool needs a grid of two positive ints, got {self.grid}")
             if len(self.input_shape) not in (2, 3):
                 raise ValueError(
-                    f"avgpool needs an input of shape (C, H, W) or (H, W), got {list(self.input_shape)}"
+                    "avgpool needs an input of shape (C, H, W) or (H, W), "
+                    f"got {list(self.input_shape)}"
                 )
             h, w = self.input_shape[-2:]
             if self.grid[0] > h or self.grid[1] > w:
@@ -306,4 +307,3 @@ def baseline_spec(
     feats = reduce_features(x, red)
     edges = [quantile_edges(feats[:, j], bins) for j in range(feats.shape[1])]
     return SketchSpec(reduction=red, feature_edges=edges, num_classes=num_classes)
-

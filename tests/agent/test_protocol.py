@@ -177,3 +177,11 @@ def test_schema_version_must_be_the_integer(version: object) -> None:
 def test_device_ids_start_with_alnum(device_id: str) -> None:
     with pytest.raises(ProtocolError):
         protocol.check_device_id(device_id)
+
+
+def test_job_cancel_is_on_the_wire_only_when_set() -> None:
+    job = protocol.decode(JobNotify, json.dumps(_job()).encode())
+    assert job.cancel is False and "cancel" not in json.loads(job.to_bytes())  # old agents parse it
+    cancel = job.model_copy(update={"cancel": True})
+    assert json.loads(cancel.to_bytes())["cancel"] is True
+    assert protocol.decode(JobNotify, cancel.to_bytes()) == cancel

@@ -54,8 +54,12 @@ def test_quantile_edges(values: list[float], bins: int, expected: list[float]) -
 
 @pytest.mark.parametrize(
     ("shape", "kind", "features"),
-    [((64,), "flatten", 64), ((1, 8, 8), "flatten", 64), ((3, 224, 224), "avgpool", 243),
-     ((28, 28), "avgpool", 256)],
+    [
+        ((64,), "flatten", 64),
+        ((1, 8, 8), "flatten", 64),
+        ((3, 224, 224), "avgpool", 243),
+        ((28, 28), "avgpool", 256),
+    ],
 )
 def test_choose_reduction(shape: tuple[int, ...], kind: str, features: int) -> None:
     red = choose_reduction(shape)
