@@ -10,9 +10,12 @@ hardware profile it measures, in one run on one machine:
   database with ``trials=0``), judged against this script's own ORT measurement.
 
 TVM libraries run through ``compiler.execution.run_library`` (a child process in TVM
-runtime-only mode, as on a device). TVM and ORT get the same thread count (``--threads``,
-``TVM_NUM_THREADS`` and ``intra_op_num_threads``), the same input, warm-up and repeat count,
-and are measured in interleaved rounds so that load from other processes hits both alike.
+runtime-only mode, as on a device); ``compiler.execution.time_against_ort`` alternates such
+TVM blocks with ORT blocks in this process: the same thread count (``--threads``:
+``TVM_NUM_THREADS`` with unpinned threads, ``intra_op_num_threads``; also MetaSchedule's
+runner while tuning), the same input, warm-up and runs, in interleaved rounds (A/B, B/A,
+...) so that load from other processes hits both alike: the measurement
+``edgeloop compile --runtime auto`` decides on.
 Ratios are TVM median / ORT median: below 1 means TVM is faster.
 
 It prints numbers and asserts none: a benchmark, not a test. Usage::
@@ -42,16 +45,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 if __package__ in (None, ""):  # run as a script: make `bench` and `compiler` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 MODEL_NAMES = ("mobilenet_v2", "resnet18", "small_cnn", "mlp")
-# Total MetaSchedule trials per model and profile. build_library spreads them evenly over the
-# model's tasks (33 / 19 / 9 / 3), so these are 8, 16, 16 and 32 trials per task. Measured on
-# 2 shared cores: 30 min of tuning (docs/benchmarks.md); each task costs 15-30 s of search and
-# builds besides its trials, so fewer trials barely shorten the run.
+# Total MetaSchedule trials per model and profile. build_library splits them over the model's
+# tasks (33 / 19 / 9 / 3) by weight x FLOPs, at most the profile's max_trials_per_task (64)
+# each and one for tasks with a single schedule (compiler/tuning_plan.py), so the big
+# convolutions get most of them. Each task costs 15-30 s of search and builds on 2 shared
+# cores besides its trials (docs/benchmarks.md).
 DEFAULT_TRIALS = {"mobilenet_v2": 264, "resnet18": 304, "small_cnn": 144, "mlp": 96}
 QUICK_MODELS = ("small_cnn", "mlp")
 QUICK_TRIALS = {"mobilenet_v2": 66, "resnet18": 38, "small_cnn": 72, "mlp": 48}
@@ -99,6 +102,7 @@ class ModelResult:
     tvm_tuned: Measurement = field(default_factory=Measurement)
     tvm_tuned_default_threads: Measurement = field(default_factory=Measurement)
     tvm_default_threads: int | None = None
+    tvm_threads_reported: int | None = None
     ort: Measurement = field(default_factory=Measurement)
     max_abs_diff_vs_ort: float | None = None
     shipped_runtime: str | None = None
@@ -176,34 +180,6 @@ def tvm_default_threads() -> int:
         timeout=120,
     )
     return int(out.stdout.strip().splitlines()[-1])
-
-
-class OrtTimer:
-    """One ONNX Runtime session, timed like ``runner_main.py`` times TVM."""
-
-    def __init__(self, onnx_path: Path, input_name: str, *, threads: int) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        self._session = ort.InferenceSession(
-            str(onnx_path), options, providers=["CPUExecutionProvider"]
-        )
-        self._input = input_name
-
-    def run(self, sample: npt.NDArray[Any], *, warmup: int, repeat: int) -> tuple[list[float], Any]:
-        """Warm up, then time ``repeat`` runs; returns latencies (ms) and the first output."""
-        feeds = {self._input: sample}
-        output = self._session.run(None, feeds)[0]
-        for _ in range(warmup):
-            self._session.run(None, feeds)
-        times = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            self._session.run(None, feeds)
-            times.append((time.perf_counter() - start) * 1000.0)
-        return times, output
 
 
 @dataclass(frozen=True)
@@ -311,6 +287,7 @@ def bench_model(
             trials=trials,
             tuning_db=tuning_db,
             progress=_progress_printer(f"{spec.name} / {profile_name}"),
+            runner_threads=opts.threads,
         )
         result.tuning = stats.to_dict()
         _say(
@@ -319,19 +296,38 @@ def bench_model(
             f"{len(stats.untuned_tasks)} left untuned)"
         )
 
-    ort = OrtTimer(onnx_path, model.inputs[0].name, threads=opts.threads)
     _say(f"{spec.name} / {profile_name}: timing TVM tuned and ORT in {opts.rounds} rounds")
+    # The compiler's own measurement (compiler.execution.time_against_ort): the same thread
+    # count, input and conversions, rounds alternating which runtime goes first.
     per_round = max(1, opts.repeat // opts.rounds)
-    for _ in range(opts.rounds):
-        with tvm_threads(opts.threads):
-            tuned = execution.run_library(
-                tuned_lib, [sample], plan, host, warmup=opts.warmup, repeat=per_round
-            )
-        result.tvm_tuned.runs_ms += tuned.latency_ms
-        ort_times, ort_out = ort.run(sample[0], warmup=opts.warmup, repeat=per_round)
-        result.ort.runs_ms += ort_times
-        diff = np.abs(np.asarray(tuned.outputs[0][0], dtype=np.float64) - ort_out)
-        result.max_abs_diff_vs_ort = float(diff.max())
+    tuned = execution.run_library(
+        tuned_lib,
+        [sample],
+        plan,
+        host,
+        warmup=opts.warmup,
+        repeat=per_round,
+        num_threads=opts.threads,
+    )
+    rounds = execution.time_against_ort(
+        tuned_lib,
+        sample,
+        plan,
+        host,
+        onnx_model=onnx_path.read_bytes(),
+        threads=opts.threads,
+        rounds=opts.rounds,
+        runs_per_round=per_round,
+        warmup=opts.warmup,
+        first_tvm_block=tuned.latency_ms,
+    )
+    for tvm_ms, ort_ms in rounds:
+        result.tvm_tuned.runs_ms += tvm_ms
+        result.ort.runs_ms += ort_ms
+    result.tvm_threads_reported = tuned.num_threads
+    ort_out = model.reference(sample)[0]
+    diff = np.abs(np.asarray(tuned.outputs[0][0], dtype=np.float64) - ort_out)
+    result.max_abs_diff_vs_ort = float(diff.max())
     with tvm_threads(None):
         default = execution.run_library(
             tuned_lib, [sample], plan, host, warmup=opts.warmup, repeat=per_round

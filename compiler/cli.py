@@ -43,9 +43,18 @@ def handle_errors(func: F) -> F:
 
 
 def _settings() -> Any:
+    from pydantic import ValidationError
+
     from compiler.settings import CompilerSettings
 
-    return CompilerSettings()
+    try:
+        return CompilerSettings()
+    except ValidationError as err:
+        problems = "; ".join(
+            f"EDGELOOP_{'_'.join(str(p) for p in e['loc']).upper()}={e.get('input')!r}: {e['msg']}"
+            for e in err.errors()
+        )
+        raise UsageError(f"invalid setting: {problems}") from err
 
 
 def _registry(settings: Any) -> Any:
@@ -338,6 +347,8 @@ def print_report(
         )
     for runtime, lat in (report.get("latency") or {}).items():
         note = " (emulated, not representative)" if lat.get("emulated") else ""
+        if lat.get("threads"):
+            note = f", {lat['threads']} thread(s)" + note
         table.add_row(
             f"latency {runtime}",
             f"median {lat.get('median_ms')} ms, p95 {lat.get('p95_ms')} ms{note}",

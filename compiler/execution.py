@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ import numpy.typing as npt
 
 from compiler.errors import BuildFailedError
 from compiler.profiles import HardwareProfile
+from compiler.runtime_choice import tvm_thread_env
 
 RUNNER_SCRIPT = Path(__file__).with_name("runner_main.py")
 Mode = Literal["native", "qemu-python", "qemu-armv7-runner", "none"]
@@ -182,6 +184,7 @@ class ExecutionResult:
     latency_ms: list[float]
     machine: str
     runtime: str
+    num_threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -193,8 +196,19 @@ def run_library(
     *,
     warmup: int,
     repeat: int,
+    num_threads: int | None = None,
 ) -> ExecutionResult:
     """Run ``library`` on every sample as planned; time ``repeat`` runs of sample 0.
+
+    Args:
+        library: the compiled shared library.
+        samples: inputs, one list of arrays per sample.
+        plan: how to execute it (from ``plan_execution``).
+        host: facts about this machine.
+        warmup: untimed calls before timing.
+        repeat: timed calls in all, spread over ``rounds``.
+        num_threads: TVM's thread count (``compiler.runtime_choice.tvm_thread_env``); None
+            leaves TVM's defaults.
 
     Raises:
         BuildFailedError: the runner failed (load error, crash, timeout).
@@ -207,18 +221,22 @@ def run_library(
         work = Path(tmp)
         lib_copy = work / library.name
         shutil.copyfile(library, lib_copy)
-        request = {
+        request: dict[str, Any] = {
             "lib": str(lib_copy),
             "num_samples": len(samples),
             "num_inputs": len(samples[0]),
             "warmup": warmup,
             "repeat": repeat,
         }
+        if num_threads is not None:
+            request["num_threads"] = num_threads
         (work / "request.json").write_text(json.dumps(request), encoding="utf-8")
         for k, sample in enumerate(samples):
             for i, arr in enumerate(sample):
                 np.save(work / f"s{k}_in{i}.npy", np.ascontiguousarray(arr))
         env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1"}
+        thread_env = {} if num_threads is None else tvm_thread_env(num_threads)
+        env.update(thread_env)
         if plan.mode == "native":
             argv = [sys.executable, str(RUNNER_SCRIPT), str(work)]
             timeout = _TIMEOUT_NATIVE_S
@@ -227,11 +245,12 @@ def run_library(
             argv, extra_env = emulation.emulated_python_command(
                 "aarch64", host.aarch64_sysroot, RUNNER_SCRIPT, [str(work)]
             )
-            env = extra_env
+            env = {**extra_env, **thread_env}
             timeout = _TIMEOUT_EMULATED_S
         else:
             assert host.armv7_runner is not None
             argv, env = armv7_runner_command(host.armv7_runner, work)
+            env.update(thread_env)
             timeout = _TIMEOUT_EMULATED_S
         try:
             proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
@@ -255,4 +274,85 @@ def run_library(
         latency_ms=[float(x) for x in result["latency_ms"]],
         machine=str(result.get("machine", "")),
         runtime=str(result.get("runtime", "")),
+        num_threads=result.get("num_threads"),
     )
+
+
+Rounds = list[tuple[list[float], list[float]]]
+
+
+def time_against_ort(
+    library: Path,
+    sample: Sequence[npt.NDArray[Any]],
+    plan: ExecutionPlan,
+    host: HostFacts,
+    *,
+    onnx_model: bytes,
+    threads: int,
+    rounds: int,
+    runs_per_round: int,
+    warmup: int = 3,
+    first_tvm_block: list[float] | None = None,
+) -> Rounds:
+    """Time TVM and ONNX Runtime on ``sample`` in interleaved rounds (A/B, B/A, ...).
+
+    TVM runs in a runner child process per round (as in ``run_library``), ONNX Runtime in
+    this process, both with ``threads`` threads, each block after ``warmup`` calls. They
+    never share a process: there, TVM at 2 threads on 2 cores was 20-50x slower.
+    ``first_tvm_block`` (timings ``run_library`` already took) stands in for round 0's TVM
+    block, which goes first.
+
+    Returns:
+        ``[(tvm_ms, ort_ms), ...]``, one pair per round.
+
+    Raises:
+        ValueError: the plan is not native (emulated timings would be meaningless).
+        BuildFailedError: the runner failed.
+        MissingDependencyError: ONNX Runtime is not installed.
+    """
+    if plan.mode != "native":
+        raise ValueError(f"ONNX Runtime can be timed beside TVM only natively, not {plan.where}")
+    session = _ort_session(onnx_model, threads)
+    feeds = {i.name: a for i, a in zip(session.get_inputs(), sample, strict=True)}
+
+    def ort_block() -> list[float]:
+        for _ in range(warmup):
+            session.run(None, feeds)
+        times = []
+        for _ in range(runs_per_round):
+            start = time.perf_counter()
+            session.run(None, feeds)
+            times.append((time.perf_counter() - start) * 1000.0)
+        return times
+
+    def tvm_block() -> list[float]:
+        return run_library(
+            library,
+            [sample],
+            plan,
+            host,
+            warmup=warmup,
+            repeat=runs_per_round,
+            num_threads=threads,
+        ).latency_ms
+
+    result: Rounds = []
+    for k in range(rounds):
+        if k % 2 == 0:
+            tvm_ms = first_tvm_block if k == 0 and first_tvm_block else tvm_block()
+            ort_ms = ort_block()
+        else:
+            ort_ms = ort_block()
+            tvm_ms = tvm_block()
+        result.append((tvm_ms, ort_ms))
+    return result
+
+
+def _ort_session(onnx_model: bytes, threads: int) -> Any:
+    from compiler.frontends import require
+
+    ort = require("onnxruntime", "compiler")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])

@@ -7,7 +7,8 @@ The steps, each failing with its own exception (and CLI exit code):
 3. load the model, pin static input shapes, run the operator-coverage pre-check (exit 3);
 4. build the TVM library (tuning with the persistent database) into a staging directory;
 5. execute it on the target ISA against the reference runtime (AccuracyGateError, exit 4);
-6. measure ONNX Runtime beside TVM where both can run, pick the runtime to ship;
+6. measure ONNX Runtime beside TVM where both can run (same thread count, interleaved
+   rounds in one process), pick the runtime to ship (``compiler.runtime_choice``);
 7. write report.json, seal and sign the bundle, move it into place atomically.
 
 Nothing is left at the output path unless every step succeeded.
@@ -15,6 +16,7 @@ Nothing is left at the output path unless every step succeeded.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import platform
@@ -45,6 +47,7 @@ from compiler.errors import (
 from compiler.frontends import SourceModel, load_model
 from compiler.manifest import REPORT_FILE, ArtifactManifest, TensorSpec
 from compiler.profiles import HardwareProfile, ProfileRegistry
+from compiler.runtime_choice import ThreadPlan, decide_runtime, host_cpu_count, plan_threads
 from compiler.settings import CompilerSettings
 from compiler.signing import KeyPaths, load_private_key
 from compiler.tvm_builder import TuningProgress, TuningStats, build_library
@@ -75,6 +78,8 @@ class CompileRequest:
     force: bool = False
     seed: int = 0
     latency_repeat: int = 30
+    latency_rounds: int = 5
+    runtime_margin: float | None = None  # None: the setting (EDGELOOP_RUNTIME_MARGIN)
 
 
 @dataclass
@@ -134,11 +139,18 @@ def _load_samples(
     return samples
 
 
-def _ort_latency(model: SourceModel, sample: list[npt.NDArray[Any]], repeat: int) -> list[float]:
+def _ort_latency(
+    model: SourceModel, sample: list[npt.NDArray[Any]], repeat: int, *, threads: int
+) -> list[float]:
     from compiler.frontends import require
 
     ort = require("onnxruntime", "compiler")
-    session = ort.InferenceSession(model.path.read_bytes(), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(
+        model.path.read_bytes(), options, providers=["CPUExecutionProvider"]
+    )
     feeds = {t.name: a for t, a in zip(model.inputs, sample, strict=True)}
     for _ in range(3):
         session.run(None, feeds)
@@ -196,6 +208,11 @@ def compile_model(
     profile = resolve_profile(registry, req.profile, req.runtime)
     if req.trials is not None and req.trials < 0:
         raise UsageError(f"--trials {req.trials} is negative; give 0 (no tuning) or more")
+    margin = settings.runtime_margin if req.runtime_margin is None else req.runtime_margin
+    if not 0 <= margin < 1:
+        raise UsageError(f"runtime margin {margin} is outside [0, 1); e.g. 0.05 means 5 %")
+    if req.latency_rounds < 1:
+        raise UsageError(f"latency rounds {req.latency_rounds} must be at least 1")
     if profile.cross_compiler and shutil.which(profile.cross_compiler) is None:
         package = {
             "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu",
@@ -232,6 +249,7 @@ def compile_model(
 
     host = host or execution.detect_host(cache_dir=settings.cache_dir)
     plan = execution.plan_execution(profile, host)
+    threads = plan_threads(profile, host_cpus=host_cpu_count() if plan.mode != "none" else None)
     report: dict[str, Any] = {
         "schema_version": 1,
         "profile": profile.name,
@@ -247,6 +265,7 @@ def compile_model(
         },
         "latency": {},
     }
+    comparison: dict[str, Any] = {"threads": threads.to_dict()}
     if trials > 0 and plan.mode != "native":
         raise UsageError(
             f"--trials {trials} for {profile.name}: tuning measures candidates on the target, and "
@@ -266,36 +285,91 @@ def compile_model(
                 trials=trials,
                 tuning_db=req.tuning_db or settings.tuning_db_dir,
                 progress=tuning_progress,
+                runner_threads=threads.count,
             )
             report["tuning"] = tuning.to_dict()
             report["static_checks"] = _static_checks(staging / LIBRARY_FILE, profile)
-        tvm_latency: list[float] = []
+        rounds: execution.Rounds = []
+        onnx_model = model.onnx_bytes() if _can_time_ort(profile, model, plan) else None
+        per_round = max(3, req.latency_repeat // req.latency_rounds)
         if build_tvm and plan.mode != "none":
-            say(f"executing on {plan.where}")
-            repeat = 3 if plan.emulated else req.latency_repeat
+            say(f"executing on {plan.where} ({threads.count} thread(s))")
             result = execution.run_library(
                 staging / LIBRARY_FILE,
                 samples,
                 plan,
                 host,
                 warmup=1 if plan.emulated else 3,
-                repeat=repeat,
+                repeat=3
+                if plan.emulated
+                else (per_round if onnx_model is not None else req.latency_repeat),
+                num_threads=threads.count,
             )
             accuracy = _gate(profile, output_names, result.outputs, references)
             report["accuracy"] = {a.name: a.to_dict() for a in accuracy}
             report["verification"]["machine"] = result.machine
             report["verification"]["runtime"] = result.runtime
-            tvm_latency = result.latency_ms
+            if onnx_model is not None:
+                say(f"timing TVM against ONNX Runtime in {req.latency_rounds} rounds")
+                rounds = execution.time_against_ort(
+                    staging / LIBRARY_FILE,
+                    samples[0],
+                    plan,
+                    host,
+                    onnx_model=onnx_model,
+                    threads=threads.count,
+                    rounds=req.latency_rounds,
+                    runs_per_round=per_round,
+                    first_tvm_block=result.latency_ms,
+                )
+            tvm_runs = [t for tvm_ms, _ in rounds for t in tvm_ms] or result.latency_ms
             report["latency"]["tvm"] = {
-                **(_latency_summary(tvm_latency) or {}),
+                **(_latency_summary(tvm_runs) or {}),
                 "emulated": plan.emulated,
+                "threads": result.num_threads,
             }
+            if rounds:
+                report["latency"]["onnxruntime"] = {
+                    **(_latency_summary([t for _, ort in rounds for t in ort]) or {}),
+                    "emulated": False,
+                    "threads": threads.count,
+                }
+                comparison["rounds"] = [
+                    {
+                        "first": "tvm" if k % 2 == 0 else "onnxruntime",
+                        "tvm_median_ms": round(statistics.median(tvm_ms), 4),
+                        "onnxruntime_median_ms": round(statistics.median(ort_ms), 4),
+                        "runs_each": len(tvm_ms),
+                    }
+                    for k, (tvm_ms, ort_ms) in enumerate(rounds)
+                ]
+                comparison["method"] = (
+                    f"{len(rounds)} interleaved rounds (A/B, B/A, ...) of {per_round} runs, "
+                    f"{threads.count} thread(s) each, numpy in and out; TVM in a runner "
+                    "process per round, ONNX Runtime in the compiler's process"
+                )
         elif build_tvm:
             report["accuracy"] = None
             log.warning("%s", plan.reason)
 
-        runtime, reason = _choose_runtime(req, profile, model, plan, samples, tvm_latency, report)
-        report["runtime"] = {"chosen": runtime, "reason": reason}
+        runtime, reason = _choose_runtime(
+            req,
+            profile,
+            model,
+            plan,
+            samples,
+            rounds=rounds,
+            threads=threads,
+            margin=margin,
+            report=report,
+            comparison=comparison,
+        )
+        report["runtime"] = {
+            "chosen": runtime,
+            "reason": reason,
+            "margin": margin,
+            "comparison": comparison,
+        }
         if runtime == "onnxruntime":
             (staging / LIBRARY_FILE).unlink(missing_ok=True)
             (staging / ONNX_FILE).write_bytes(req.model.read_bytes())
@@ -388,26 +462,43 @@ def _gate(
     return results
 
 
+def _can_time_ort(
+    profile: HardwareProfile, model: SourceModel, plan: execution.ExecutionPlan
+) -> bool:
+    """Whether ONNX Runtime can be timed here beside TVM (native, ONNX source, installed)."""
+    return (
+        "onnxruntime" in profile.runtimes
+        and model.onnx_bytes() is not None
+        and plan.mode == "native"
+        and importlib.util.find_spec("onnxruntime") is not None
+    )
+
+
 def _choose_runtime(
     req: CompileRequest,
     profile: HardwareProfile,
     model: SourceModel,
     plan: execution.ExecutionPlan,
     samples: list[list[npt.NDArray[Any]]],
-    tvm_latency: list[float],
+    *,
+    rounds: execution.Rounds,
+    threads: ThreadPlan,
+    margin: float,
     report: dict[str, Any],
+    comparison: dict[str, Any],
 ) -> tuple[str, str]:
     ort_possible = "onnxruntime" in profile.runtimes and model.onnx_bytes() is not None
-    can_time_ort = ort_possible and plan.mode == "native"
-    if can_time_ort:
-        try:
-            ort_latency = _ort_latency(model, samples[0], req.latency_repeat)
-            report["latency"]["onnxruntime"] = {
-                **(_latency_summary(ort_latency) or {}),
-                "emulated": False,
-            }
-        except MissingDependencyError:
-            can_time_ort = False
+    if not rounds and req.runtime == "onnxruntime" and _can_time_ort(profile, model, plan):
+        # No TVM library to interleave with: time ONNX Runtime alone, for the report.
+        ort_latency = _ort_latency(model, samples[0], req.latency_repeat, threads=threads.count)
+        report["latency"]["onnxruntime"] = {
+            **(_latency_summary(ort_latency) or {}),
+            "emulated": False,
+            "threads": threads.count,
+        }
+    decision = decide_runtime(rounds, margin=margin) if rounds else None
+    if decision is not None:
+        comparison["decision"] = decision.to_dict()
     if req.runtime == "tvm":
         return "tvm", "requested with --runtime tvm"
     if req.runtime == "onnxruntime":
@@ -419,13 +510,11 @@ def _choose_runtime(
             else f"the source model is {model.format}, not ONNX"
         )
         return "tvm", f"auto: TVM is the only candidate ({why})"
-    if not can_time_ort or not tvm_latency:
+    if decision is None:
         return "tvm", (
             f"auto: TVM, since latencies cannot be compared on this machine "
             f"({plan.reason or 'emulated execution is not representative'})"
+            if plan.mode != "native"
+            else "auto: TVM, since ONNX Runtime is not installed here to compare with"
         )
-    tvm_ms = statistics.median(tvm_latency)
-    ort_ms = report["latency"]["onnxruntime"]["median_ms"]
-    if tvm_ms <= ort_ms:
-        return "tvm", f"auto: TVM median {tvm_ms:.4f} ms <= ONNX Runtime {ort_ms:.4f} ms"
-    return "onnxruntime", f"auto: ONNX Runtime median {ort_ms:.4f} ms < TVM {tvm_ms:.4f} ms"
+    return decision.runtime, decision.reason

@@ -7,13 +7,19 @@ foreign Python sysroot), so it imports only the standard library, numpy and the 
 Runner protocol (shared with the C++ armv7 runner, see docs/artifact-format.md):
 
 ``WORKDIR/request.json``
-    ``{"lib": "<path to .so>", "num_samples": K, "num_inputs": I, "warmup": W, "repeat": R}``
+    ``{"lib": "<path to .so>", "num_samples": K, "num_inputs": I, "warmup": W, "repeat": R}``,
+    optionally ``"num_threads": T`` (TVM's thread count; set before TVM starts its pool).
 ``WORKDIR/s{k}_in{i}.npy``
     input ``i`` (in the model's input order) of sample ``k``.
 
 The runner writes ``WORKDIR/s{k}_out{j}.npy`` for every output ``j`` of every sample and
 ``WORKDIR/result.json``: ``{"num_outputs": J, "latency_ms": [...], "machine": "...",
-"runtime": "tvm <version>"}``; latencies are measured on sample 0 after ``W`` warm-up runs.
+"runtime": "tvm <version>", "num_threads": T}``; latencies are measured on sample 0 after
+``W`` warm-up runs; ``num_threads`` is what TVM's runtime reports using. The C++ armv7
+runner ignores ``num_threads`` and reads ``TVM_NUM_THREADS`` from its environment.
+
+ONNX Runtime is timed by the compiler in its own process, never here: in one process with
+TVM at 2 threads on 2 cores it made TVM 20-50x slower (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 
 os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
 
@@ -42,13 +49,34 @@ def _flatten(result: object) -> list[np.ndarray]:
     return flat
 
 
+def _timed(call: Callable[[], object], runs: int) -> list[float]:
+    latencies = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        latencies.append((time.perf_counter() - start) * 1000.0)
+    return latencies
+
+
+def _tvm_threads(tvm: object) -> int | None:
+    try:
+        return int(tvm.get_global_func("runtime.NumThreads")())  # type: ignore[attr-defined]
+    except Exception:  # an older or stripped runtime without the function
+        return None
+
+
 def main(workdir: str) -> int:
+    with open(os.path.join(workdir, "request.json"), encoding="utf-8") as fh:
+        request = json.load(fh)
+    threads = request.get("num_threads")
+    if threads:
+        # Read by TVM's runtime when its thread pool starts, i.e. after this import.
+        os.environ["TVM_NUM_THREADS"] = str(int(threads))
+
     import tvm
     from tvm import runtime
     from tvm.runtime.vm import VirtualMachine
 
-    with open(os.path.join(workdir, "request.json"), encoding="utf-8") as fh:
-        request = json.load(fh)
     dev = tvm.cpu(0)
     vm = VirtualMachine(runtime.load_module(request["lib"]), dev)
     entry = vm[request.get("entry", "main")]
@@ -75,17 +103,12 @@ def main(workdir: str) -> int:
 
     for _ in range(request.get("warmup", 1)):
         call()
-    latencies = []
-    for _ in range(request.get("repeat", 0)):
-        start = time.perf_counter()
-        call()
-        latencies.append((time.perf_counter() - start) * 1000.0)
-
     result = {
         "num_outputs": num_outputs,
-        "latency_ms": latencies,
+        "latency_ms": _timed(call, int(request.get("repeat", 0))),
         "machine": platform.machine(),
         "runtime": f"tvm {tvm.__version__}",
+        "num_threads": _tvm_threads(tvm),
     }
     with open(os.path.join(workdir, "result.json"), "w", encoding="utf-8") as fh:
         json.dump(result, fh)

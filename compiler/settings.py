@@ -19,6 +19,8 @@ class CompilerSettings(BaseSettings):
     * ``EDGELOOP_CACHE_DIR``: default ``~/.cache/edgeloop`` (tuning DB, qemu sysroots)
     * ``EDGELOOP_PROFILES_DIR``: an extra directory of profiles, overriding shipped ones
     * ``EDGELOOP_TUNING_DB``: default ``<cache>/tuning``
+    * ``EDGELOOP_RUNTIME_MARGIN``: how much faster than ONNX Runtime TVM must be for
+      ``--runtime auto`` to ship it (default 0.05, i.e. 5 %; ties ship ONNX Runtime)
     """
 
     model_config = SettingsConfigDict(env_prefix="EDGELOOP_", extra="ignore")
@@ -27,6 +29,7 @@ class CompilerSettings(BaseSettings):
     cache_dir: Path = Field(default_factory=lambda: platformdirs.user_cache_path("edgeloop"))
     profiles_dir: Path | None = None
     tuning_db: Path | None = None
+    runtime_margin: float = Field(default=0.05, ge=0, lt=1)
 
     @property
     def keys_dir(self) -> Path:

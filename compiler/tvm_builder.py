@@ -13,11 +13,17 @@ Tuning database layout (persistent, shared by every model and run)::
 Records are keyed by workload (structural hash, inside the database) and by target (the
 directory), so a second compile of the same model tunes nothing and another model that
 shares a layer with it reuses that layer's record.
+
+Tuning budget and progress are planned by the pure ``compiler.tuning_plan``: trials go to
+tasks by weight x FLOPs, tasks with one possible schedule get one trial, and tasks with the
+same budget are tuned together (MetaSchedule takes one per-task limit per call) with one
+shared cost model. MetaSchedule's runner measures on ``runner_threads`` TVM threads.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -32,6 +38,8 @@ from compiler import _fast_inspect
 from compiler.errors import BuildFailedError, UsageError
 from compiler.manifest import canonical_json
 from compiler.profiles import HardwareProfile
+from compiler.runtime_choice import set_tvm_threads
+from compiler.tuning_plan import ProgressTracker, TaskCost, split_budget
 
 log = logging.getLogger(__name__)
 # Called with (trials finished, trials planned) while tuning.
@@ -53,6 +61,10 @@ class TuningStats:
     wall_time_s: float = 0.0
     target_key: str | None = None
     untuned_tasks: list[str] = field(default_factory=list)
+    trials_planned: int = 0
+    # Per task tuned: name, weight, flops, max_useful (None: unbounded) and its trial budget.
+    budget: list[dict[str, Any]] = field(default_factory=list)
+    runner_threads: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -114,15 +126,12 @@ def _prepare(mod: Any, target: Any, *, gpu: bool) -> Any:
     return mod
 
 
-def _progress_callback(progress: TuningProgress, planned: int) -> Any:
+def _progress_callback(tracker: ProgressTracker) -> Any:
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
     @derived_object
-    class _Progress(PyMeasureCallback):  # type: ignore[misc]
-        def __init__(self) -> None:
-            self.done = 0
-
+    class _BatchProgress(PyMeasureCallback):  # type: ignore[misc]
         def apply(
             self,
             task_scheduler: Any,
@@ -131,10 +140,58 @@ def _progress_callback(progress: TuningProgress, planned: int) -> Any:
             builder_results: Any,
             runner_results: Any,
         ) -> None:
-            self.done += len(measure_candidates)
-            progress(min(self.done, planned), planned)
+            tracker.batch_done(len(measure_candidates))
 
-    return _Progress()
+    return _BatchProgress()
+
+
+def _counting_runner(inner: Any, tracker: ProgressTracker) -> Any:
+    """A runner that hands inputs to ``inner`` one at a time and counts each measured trial.
+
+    ``LocalRunner.run`` measures synchronously, so this is per-trial progress at no cost.
+    """
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.runner import PyRunner
+
+    @derived_object
+    class _CountingRunner(PyRunner):  # type: ignore[misc]
+        def run(self, runner_inputs: list[Any]) -> list[Any]:
+            futures = []
+            for runner_input in runner_inputs:
+                futures.extend(inner.run([runner_input]))
+                tracker.measured(1)
+            return futures
+
+    return _CountingRunner()
+
+
+def _max_useful(context: Any) -> int | None:
+    """Distinct schedules of a task: its design spaces when none samples anything."""
+    spaces = context.generate_design_space()
+    if any(len(space.trace.decisions) for space in spaces):
+        return None
+    return max(1, len(spaces))
+
+
+def task_costs(tasks: list[Any], contexts: list[Any]) -> list[TaskCost]:
+    """Weight, FLOPs and usable trials of each extracted task (for ``split_budget``)."""
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    costs = []
+    for task, context in zip(tasks, contexts, strict=True):
+        try:
+            flops = float(estimate_tir_flops(task.dispatched[0]))
+        except Exception:  # FLOPs of some workloads cannot be estimated: treat as trivial
+            flops = 0.0
+        costs.append(
+            TaskCost(
+                name=str(task.task_name),
+                weight=float(task.weight),
+                flops=flops,
+                max_useful=_max_useful(context),
+            )
+        )
+    return costs
 
 
 def _tune(
@@ -146,6 +203,7 @@ def _tune(
     max_trials_per_task: int,
     progress: TuningProgress | None,
     stats: TuningStats,
+    runner_threads: int | None,
 ) -> None:
     from tvm.s_tir import meta_schedule as ms
 
@@ -161,7 +219,6 @@ def _tune(
     if trials <= 0 or not missing:
         stats.untuned_tasks = [t.task_name for t in missing]
         return
-    per_task = max(1, min(max_trials_per_task, trials // len(missing)))
     if trials < len(missing):
         log.warning(
             "--trials %d is below the %d tasks that need tuning; giving each 1 trial",
@@ -177,31 +234,56 @@ def _tune(
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         missing, work_dir=str(db_dir), num_threads="physical"
     )
-    callbacks = ms.measure_callback.MeasureCallback.create("default")
-    planned = per_task * len(missing)
-    if progress is not None:
-        callbacks = [*callbacks, _progress_callback(progress, planned)]
-        progress(0, planned)
+    costs = task_costs(missing, contexts)
+    budgets = split_budget(costs, trials, max_trials_per_task=max_trials_per_task)
+    stats.budget = [{**asdict(c), "trials": b} for c, b in zip(costs, budgets, strict=True)]
+    planned = sum(budgets)
+    stats.trials_planned = planned
+    stats.runner_threads = runner_threads
+    tracker = ProgressTracker(planned, progress or (lambda _done, _planned: None))
+    callbacks = [*ms.measure_callback.MeasureCallback.create("default")]
+    callbacks.append(_progress_callback(tracker))
+    tracker.start()
     builder = ms.builder.LocalBuilder(
         timeout_sec=BUILDER_TIMEOUT_S, initializer=_fast_inspect.install
     )
-    runner = ms.runner.LocalRunner(timeout_sec=RUNNER_TIMEOUT_S)
+    runner = _counting_runner(
+        ms.runner.LocalRunner(
+            timeout_sec=RUNNER_TIMEOUT_S,
+            # TVM reads TVM_NUM_THREADS when the worker's thread pool starts.
+            initializer=functools.partial(set_tvm_threads, runner_threads)
+            if runner_threads
+            else None,
+        ),
+        tracker,
+    )
+    cost_model = ms.cost_model.CostModel.create(
+        "xgb", num_tuning_cores=contexts[0].num_threads, tree_method="auto"
+    )
+    # MetaSchedule takes one per-task limit per call: tune tasks with equal budgets together,
+    # largest first, sharing the database, the workers and the cost model.
+    groups: dict[int, list[int]] = {}
+    for index, budget in enumerate(budgets):
+        groups.setdefault(budget, []).append(index)
     try:
-        ms.tune.tune_tasks(
-            tasks=contexts,
-            task_weights=weights,
-            work_dir=str(db_dir),
-            max_trials_global=planned,
-            max_trials_per_task=per_task,
-            # A task given fewer trials per iteration than it is budgeted may stay untuned.
-            num_trials_per_iter=min(64, per_task),
-            builder=builder,
-            runner=runner,
-            database=database,
-            measure_callbacks=callbacks,
-        )
+        for budget, indices in sorted(groups.items(), reverse=True):
+            ms.tune.tune_tasks(
+                tasks=[contexts[i] for i in indices],
+                task_weights=[weights[i] for i in indices],
+                work_dir=str(db_dir),
+                max_trials_global=budget * len(indices),
+                max_trials_per_task=budget,
+                # A task given fewer trials per iteration than it is budgeted may stay untuned.
+                num_trials_per_iter=min(64, budget),
+                builder=builder,
+                runner=runner,
+                database=database,
+                cost_model=cost_model,
+                measure_callbacks=callbacks,
+            )
     except Exception as err:
         raise BuildFailedError(f"MetaSchedule tuning failed: {err}") from err
+    tracker.finish()
     stats.tasks_tuned = len(missing)
     stats.new_trials = len(database) - before
     stats.untuned_tasks = [
@@ -248,11 +330,14 @@ def build_library(
     trials: int,
     tuning_db: Path | None,
     progress: TuningProgress | None = None,
+    runner_threads: int | None = None,
 ) -> TuningStats:
     """Compile ``relax_mod`` for ``profile`` into the shared library ``out_path``.
 
     Tunes missing tasks with MetaSchedule when ``trials > 0`` and always applies records
-    already in ``tuning_db`` for this target.
+    already in ``tuning_db`` for this target. ``runner_threads`` is the TVM thread count
+    candidates are measured with (None: TVM's default); ``progress`` gets
+    ``(trials done, trials planned)`` after every measured trial and ends at the total.
 
     Raises:
         UsageError: tuning asked for a CUDA target (needs a GPU to measure on).
@@ -294,6 +379,7 @@ def build_library(
                     max_trials_per_task=profile.tuning.max_trials_per_task,
                     progress=progress,
                     stats=stats,
+                    runner_threads=runner_threads,
                 )
                 mod = _apply_database(mod, target, db_dir, stats)
         try:

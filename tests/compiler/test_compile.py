@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -165,6 +166,8 @@ def test_unsupported_operator_is_named(tmp_path: Path, signing_key: Path) -> Non
 
 
 @pytest.mark.tuning
+# Three MetaSchedule searches: ~3 min on 2 idle cores, over 15 min on 2 cores at load 10.
+@pytest.mark.timeout(1800)
 def test_tuning_database_is_reused(model_dir: Path, signing_key: Path, tmp_path: Path) -> None:
     settings = CompilerSettings()
     db = tmp_path / "tuning-db"
@@ -184,13 +187,25 @@ def test_tuning_database_is_reused(model_dir: Path, signing_key: Path, tmp_path:
         )
         return dict(result.report["tuning"])
 
-    first = run("first", model_dir / "mlp.onnx", 24)
+    first = run("first", model_dir / "mlp.onnx", 12)
     assert first["new_trials"] > 0 and first["tasks_tuned"] == first["tasks_total"] > 0
     assert first["records_applied"] == first["tasks_total"]
-    assert progress and progress[-1][0] == progress[-1][1]
-    second = run("second", model_dir / "mlp.onnx", 24)
+    # The budget follows FLOPs: the 64x64 layer gets more trials than the 64x10 one.
+    budget = {b["name"]: b["trials"] for b in first["budget"]}
+    assert sum(budget.values()) == first["trials_planned"] == 12
+    assert max(budget, key=budget.__getitem__).startswith("fused_matmul1")
+    # Progress starts at 0, moves per measured trial (not only per task), ends at the total.
+    planned = first["trials_planned"]
+    assert progress[0] == (0, planned) and progress[-1] == (planned, planned)
+    assert all(total == planned for _, total in progress)
+    done = [d for d, _ in progress]
+    assert done == sorted(done) and len(set(done)) > first["tasks_total"] + 1
+    assert first["runner_threads"] == min(2, len(os.sched_getaffinity(0)))
+    progress.clear()
+    second = run("second", model_dir / "mlp.onnx", 12)
     assert second["new_trials"] == 0 and second["tasks_tuned"] == 0
     assert second["tasks_reused"] == second["tasks_total"]
+    assert progress == []  # nothing tuned, no bar
     assert second["database_digest"] == first["database_digest"]
     # The dynamic-batch export pinned to batch 1 is a different file with the same layers.
     third = compile_model(
@@ -287,10 +302,27 @@ def test_runtime_choices(model_dir: Path, signing_key: Path, tmp_path: Path) -> 
     assert ort.manifest.toolchain.onnxruntime
     assert tvm_.manifest.entry == "model.so" and not (tvm_out / "model.onnx").exists()
     report = auto.report()
-    assert set(report["latency"]) == {"tvm", "onnxruntime"}
-    faster = min(report["latency"], key=lambda r: report["latency"][r]["median_ms"])
-    assert auto.manifest.runtime == faster
-    assert "median" in auto.manifest.runtime_reason
+    latency, comparison = report["latency"], report["runtime"]["comparison"]
+    assert set(latency) == {"tvm", "onnxruntime"}
+    # Both runtimes ran with the thread count the profile (2 cores) allows on this machine.
+    threads = min(2, len(os.sched_getaffinity(0)))
+    assert comparison["threads"]["count"] == threads
+    assert latency["tvm"]["threads"] == threads  # what TVM's runtime reported using
+    assert latency["onnxruntime"]["threads"] == threads
+    # Interleaved rounds, alternating which runtime goes first; the decision is recorded.
+    assert len(comparison["rounds"]) == 5
+    assert [r["first"] for r in comparison["rounds"][:2]] == ["tvm", "onnxruntime"]
+    decision = comparison["decision"]
+    assert auto.manifest.runtime == decision["runtime"]
+    assert decision["margin"] == report["runtime"]["margin"] == 0.05
+    if decision["runtime"] == "tvm":
+        assert decision["ratio_tvm_over_ort"] <= 0.95
+    else:
+        assert decision["ratio_tvm_over_ort"] > 0.95
+    assert "interleaved rounds" in auto.manifest.runtime_reason
+    # Explicit choices still record the comparison; --runtime onnxruntime times ORT alone.
+    assert tvm_.report()["runtime"]["comparison"]["decision"]["rounds"] == 5
+    assert ort.report()["latency"]["onnxruntime"]["threads"] == threads
 
 
 def test_calibration_data(model_dir: Path, signing_key: Path, tmp_path: Path) -> None:

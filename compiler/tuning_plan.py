@@ -1,0 +1,133 @@
+"""Pure planning of MetaSchedule tuning: the per-task trial budget and the progress it reports.
+
+No TVM import: ``compiler.tvm_builder`` extracts the facts of each task (weight, FLOPs, how
+many distinct schedules it has) and carries the plan out.
+
+Budget rule (``split_budget``, also in docs/toolchain.md):
+
+1. Every task that needs tuning gets 1 trial, so that it gets a database record (a task
+   without one would be tuned again by the next compile), even when ``total`` is smaller.
+2. A task never gets more than its cap: ``min(max_trials_per_task, max_useful)``, where
+   ``max_useful`` is the number of distinct schedules the task has (a ``reshape`` or an
+   elementwise ``add`` whose design space has no sampling decision has exactly one).
+3. The rest of ``total`` is shared in proportion to ``weight x FLOPs``, the task's part of
+   the model's arithmetic (``weight`` = how often its workload occurs in the model). It is
+   water-filled: a task that reaches its cap hands its surplus to the others, and budget
+   nobody can use is left unspent. Whole trials by largest remainder, ties to the earlier task.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+# Called with (trials finished, trials planned) while tuning.
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class TaskCost:
+    """What the budget split needs to know about one tuning task."""
+
+    name: str
+    weight: float
+    flops: float
+    max_useful: int | None = None  # None: more distinct schedules than any budget
+
+    @property
+    def score(self) -> float:
+        """The task's share of the model's arithmetic (weight x FLOPs, never negative)."""
+        return max(0.0, self.weight) * max(0.0, self.flops)
+
+
+def task_cap(task: TaskCost, max_trials_per_task: int) -> int:
+    """Most trials ``task`` may get: the profile's per-task limit or what it can use."""
+    cap = max(1, max_trials_per_task)
+    if task.max_useful is not None:
+        cap = min(cap, max(1, task.max_useful))
+    return cap
+
+
+def split_budget(tasks: Sequence[TaskCost], total: int, *, max_trials_per_task: int) -> list[int]:
+    """Trials per task (same order as ``tasks``) under the rule in the module docstring.
+
+    Raises:
+        ValueError: ``total`` is negative or ``max_trials_per_task`` is below 1.
+    """
+    if total < 0:
+        raise ValueError(f"total trials {total} is negative; give 0 or more")
+    if max_trials_per_task < 1:
+        raise ValueError(f"max_trials_per_task {max_trials_per_task} must be at least 1")
+    if not tasks:
+        return []
+    caps = [task_cap(t, max_trials_per_task) for t in tasks]
+    budget = [1] * len(tasks)
+    remaining = total - len(tasks)
+    open_ids = [i for i in range(len(tasks)) if budget[i] < caps[i] and tasks[i].score > 0]
+    while remaining > 0 and open_ids:
+        weight_sum = sum(tasks[i].score for i in open_ids)
+        shares = {i: remaining * tasks[i].score / weight_sum for i in open_ids}
+        # Tasks whose share would pass their cap are filled up; the rest is shared again.
+        capped = [i for i in open_ids if budget[i] + shares[i] >= caps[i]]
+        if capped:
+            for i in capped:
+                remaining -= caps[i] - budget[i]
+                budget[i] = caps[i]
+            open_ids = [i for i in open_ids if i not in capped]
+            continue
+        floors = {i: math.floor(shares[i]) for i in open_ids}
+        for i in open_ids:
+            budget[i] += floors[i]
+        left = remaining - sum(floors.values())
+        by_remainder = sorted(open_ids, key=lambda i: (-(shares[i] - floors[i]), i))
+        for i in by_remainder[:left]:
+            budget[i] += 1
+        remaining = 0
+    return budget
+
+
+class ProgressTracker:
+    """Turns tuning events into a monotone ``(done, planned)`` sequence ending at ``planned``.
+
+    The runner reports each trial it measured (``measured``); the measure callback reports
+    each finished batch with its candidate count (``batch_done``), which also counts the
+    candidates that failed to build and so never reached the runner. ``finish`` reports the
+    total even when the search ran out of distinct candidates before the budget.
+    """
+
+    def __init__(self, planned: int, callback: ProgressFn) -> None:
+        self.planned = max(0, planned)
+        self._callback = callback
+        self._committed = 0  # candidates of finished batches
+        self._in_batch = 0  # trials measured in the batch under way
+        self._reported = -1
+
+    @property
+    def done(self) -> int:
+        """Trials finished so far (at most ``planned``)."""
+        return min(self.planned, self._committed + self._in_batch)
+
+    def _report(self, value: int) -> None:
+        if value > self._reported:
+            self._reported = value
+            self._callback(value, self.planned)
+
+    def start(self) -> None:
+        """Report ``(0, planned)``."""
+        self._report(0)
+
+    def measured(self, count: int = 1) -> None:
+        """``count`` more trials were measured by the runner."""
+        self._in_batch += count
+        self._report(self.done)
+
+    def batch_done(self, candidates: int) -> None:
+        """A batch of ``candidates`` finished (built, measured or failed)."""
+        self._committed += max(candidates, self._in_batch)
+        self._in_batch = 0
+        self._report(self.done)
+
+    def finish(self) -> None:
+        """Report ``(planned, planned)``: tuning is over."""
+        self._report(self.planned)
