@@ -265,12 +265,30 @@ class LoadedModel(ABC):
         self.warmup_ms = latency_ms
 
 
+def _tvm_thread_env(num_threads: int | None) -> None:
+    """Size TVM's thread pool before it starts (it reads the environment once per process).
+
+    Same rule as the compiler's latency runs (``compiler.runtime_choice``): ``num_threads``,
+    else ``TVM_NUM_THREADS`` if the operator set it, else all usable CPUs, unpinned (a
+    pinned worker that gets preempted stalls every parallel loop on a busy device).
+    """
+    from compiler.runtime_choice import tvm_thread_env
+
+    if num_threads is None:
+        if "TVM_NUM_THREADS" in os.environ:
+            return
+        num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    for key, value in tvm_thread_env(num_threads).items():
+        os.environ[key] = value if key == "TVM_NUM_THREADS" else os.environ.get(key, value)
+
+
 class _TvmModel(LoadedModel):
     """A Relax VM executable; the VM keeps per-call state, so calls are serialised."""
 
-    def __init__(self, signature: Signature, lib_path: Path) -> None:
+    def __init__(self, signature: Signature, lib_path: Path, *, num_threads: int | None) -> None:
         super().__init__(signature, runtime="tvm", thread_safe=False)
         prepare_tvm_runtime_env()
+        _tvm_thread_env(num_threads)
         try:
             from tvm import runtime as tvm_runtime
             from tvm.runtime.vm import VirtualMachine
@@ -427,7 +445,8 @@ class RuntimeOptions:
 
     Attributes:
         num_threads: intra-op threads of ONNX Runtime and TFLite (None: the runtime's
-            default). TVM reads ``TVM_NUM_THREADS`` from the environment instead.
+            default) and of TVM's thread pool (None: ``TVM_NUM_THREADS`` if set, else every
+            CPU this process may use; TVM's own default is half of them, pinned).
     """
 
     num_threads: int | None = None
@@ -466,7 +485,7 @@ def load(
         raise ModelLoadError(f"entry file {manifest.entry!r} is missing from {bundle_dir}")
     signature = Signature.of(manifest)
     if runtime == "tvm":
-        return _TvmModel(signature, entry)
+        return _TvmModel(signature, entry, num_threads=options.num_threads)
     if runtime == "onnxruntime":
         return _OrtModel(signature, entry, num_threads=options.num_threads)
     return _TfliteModel(signature, entry, num_threads=options.num_threads)
