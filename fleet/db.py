@@ -85,6 +85,20 @@ def session_factory(engine: Engine) -> Callable[[], Session]:
     return new_session
 
 
+def is_fleet_object(
+    obj: Any, name: str | None, type_: str, _reflected: bool, _compare_to: Any
+) -> bool:
+    """Alembic ``include_object``: the fleet's tables only.
+
+    The cloud service may share the database; its tables are ``cloud_*`` and belong to its
+    own migration chain, so the fleet's autogenerate must neither create nor drop them.
+    """
+    if type_ == "table":
+        return not (name or "").startswith("cloud_")
+    table = getattr(obj, "table", None)
+    return table is None or not str(getattr(table, "name", "")).startswith("cloud_")
+
+
 def alembic_config(url: str) -> Any:
     """The Alembic ``Config`` for ``url`` (script location: ``fleet/migrations``)."""
     from alembic.config import Config

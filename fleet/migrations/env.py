@@ -10,7 +10,7 @@ from alembic import context
 from sqlmodel import SQLModel
 
 import fleet.models  # noqa: F401  (registers the tables on SQLModel.metadata)
-from fleet.db import make_engine, normalize_url
+from fleet.db import is_fleet_object, make_engine, normalize_url
 
 target_metadata = SQLModel.metadata
 
@@ -27,6 +27,7 @@ def _url() -> str:
 def _configure(**kwargs: object) -> None:
     context.configure(
         target_metadata=target_metadata,
+        include_object=is_fleet_object,  # a shared database also holds the cloud's tables
         render_as_batch=True,  # SQLite alters tables by copying them
         compare_type=True,
         **kwargs,  # type: ignore[arg-type]

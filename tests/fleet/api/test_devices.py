@@ -94,7 +94,10 @@ def test_device_ids_are_unique_across_the_fleet(
         ({"device_id": "responder"}, "reserved: fleet, responder"),
         ({"device_id": "-bad"}, "device id '-bad' is invalid; use 1-64 of"),
         ({"device_id": "a:b"}, "device id 'a:b' is invalid"),
-        ({"profile": "rpi4"}, "unknown hardware profile 'rpi4'; choose from: generic/x86_64"),
+        (
+            {"profile": "rpi4"},
+            "unknown hardware profile 'rpi4'; choose from: amd/epyc-zen2, generic/x86_64",
+        ),
         ({"tags": {"": "x"}}, "tag key '' must have 1-64 characters"),
         ({"tags": {str(i): "x" for i in range(33)}}, "33 tags given; at most 32"),
         ({"group_id": str(uuid.uuid4())}, "is not a group of this organization"),

@@ -27,7 +27,8 @@ def test_upgrade_from_empty_matches_models(empty_database: str) -> None:
     try:
         assert set(TABLES) <= set(sa.inspect(engine).get_table_names())
         with engine.connect() as connection:
-            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            opts = {"compare_type": True, "include_object": db.is_fleet_object}
+            context = MigrationContext.configure(connection, opts=opts)
             assert compare_metadata(context, SQLModel.metadata) == []
     finally:
         engine.dispose()
