@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cloud.errors import CloudError, InvalidRequestError, JobFailedError
+from edgeloop.service_cli import db_options, migrate, require, serve
 
 if TYPE_CHECKING:
     from cloud.api.client import CloudClient
@@ -56,14 +57,7 @@ def handle_errors(func: F) -> F:
 
 
 def _require(module: str) -> None:
-    import importlib
-
-    from compiler.errors import MissingDependencyError
-
-    try:
-        importlib.import_module(module)
-    except ImportError as err:
-        raise MissingDependencyError(module, "cloud") from err
+    require(module, "cloud")
 
 
 def _settings(**overrides: Any) -> CloudSettings:
@@ -77,18 +71,7 @@ def _settings(**overrides: Any) -> CloudSettings:
         raise InvalidRequestError(f"invalid cloud settings: {err}") from err
 
 
-def _db_options(func: F) -> F:
-    func = click.option(
-        "--state-dir",
-        type=click.Path(path_type=Path, file_okay=False),
-        default=None,
-        help="State directory [env EDGELOOP_CLOUD_STATE_DIR].",
-    )(func)
-    return click.option(
-        "--database-url",
-        default=None,
-        help="sqlite:///PATH or postgresql://USER@HOST/DB [env EDGELOOP_CLOUD_DATABASE_URL].",
-    )(func)
+_db_options = db_options("EDGELOOP_CLOUD_")
 
 
 def _client_options(func: F) -> F:
@@ -271,12 +254,8 @@ def cloud_group() -> None:
 @handle_errors
 def migrate_command(database_url: str | None, state_dir: Path | None) -> None:
     """Upgrade the database to the newest cloud schema (idempotent)."""
-    _require("alembic")
-    from cloud import db
-
     url = _settings(database_url=database_url, state_dir=state_dir).resolved_database_url()
-    db.upgrade(url)
-    err_console.print(f"cloud database at revision {db.current_revision(url)}")
+    err_console.print(migrate("cloud.db", url, label="cloud database", extra="cloud"))
 
 
 @cloud_group.command("serve")
@@ -288,14 +267,8 @@ def serve_command(
     bind: str, bind_port: int, database_url: str | None, state_dir: Path | None
 ) -> None:
     """Serve the API with uvicorn until SIGTERM or Ctrl-C (jobs run in workers)."""
-    _require("uvicorn")
-    _require("fastapi")
-    import uvicorn
-
-    from cloud.api.main import create_app
-
-    app = create_app(_settings(database_url=database_url, state_dir=state_dir))
-    uvicorn.run(app, host=bind, port=bind_port)
+    settings = _settings(database_url=database_url, state_dir=state_dir)
+    serve("cloud.api.main", settings, host=bind, port=bind_port, extra="cloud")
 
 
 @cloud_group.command("worker")

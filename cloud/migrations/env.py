@@ -9,21 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from alembic import context
 from sqlmodel import SQLModel
 
 import cloud.dataloop.labeling_models  # noqa: F401  (relabeling and retraining tables)
 import cloud.dataloop.models  # noqa: F401  (the data loop's tables)
 import cloud.models  # noqa: F401  (registers the tables on SQLModel.metadata)
 from cloud.db import VERSION_TABLE, make_engine, normalize_url
+from edgeloop.alembic_env import run_migrations
 
-target_metadata = SQLModel.metadata
 
-
-def _url() -> str:
-    url = context.config.get_main_option("sqlalchemy.url")
-    if url:
-        return url
+def _default_url() -> str:
     from cloud.settings import CloudSettings
 
     return normalize_url(CloudSettings().resolved_database_url())
@@ -36,35 +31,10 @@ def _ours(obj: Any, name: str | None, type_: str, _reflected: bool, _compare_to:
     return table is None or str(getattr(table, "name", "")).startswith("cloud_")
 
 
-def _configure(**kwargs: object) -> None:
-    context.configure(
-        target_metadata=target_metadata,
-        version_table=VERSION_TABLE,
-        include_object=_ours,
-        render_as_batch=True,
-        compare_type=True,
-        **kwargs,  # type: ignore[arg-type]
-    )
-
-
-def run_offline() -> None:
-    _configure(url=_url(), literal_binds=True, dialect_opts={"paramstyle": "named"})
-    with context.begin_transaction():
-        context.run_migrations()
-
-
-def run_online() -> None:
-    engine = make_engine(_url())
-    try:
-        with engine.connect() as connection:
-            _configure(connection=connection)
-            with context.begin_transaction():
-                context.run_migrations()
-    finally:
-        engine.dispose()
-
-
-if context.is_offline_mode():
-    run_offline()
-else:
-    run_online()
+run_migrations(
+    target_metadata=SQLModel.metadata,
+    default_url=_default_url,
+    make_engine=make_engine,
+    include_object=_ours,
+    version_table=VERSION_TABLE,
+)

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import click
 
-from compiler.errors import MissingDependencyError
+from edgeloop.service_cli import db_options, migrate, require, serve
 from fleet.cli import err_console
 from fleet.cli import handle_errors as _handle_store_and_compiler_errors
 from fleet.errors import FleetError
@@ -45,26 +45,10 @@ def _settings(**overrides: Any) -> Any:
 
 
 def _require(module: str) -> None:
-    import importlib
-
-    try:
-        importlib.import_module(module)
-    except ImportError as err:
-        raise MissingDependencyError(module, "fleet") from err
+    require(module, "fleet")
 
 
-def _db_options(func: Any) -> Any:
-    func = click.option(
-        "--state-dir",
-        type=click.Path(path_type=Path, file_okay=False),
-        default=None,
-        help="State directory [env EDGELOOP_FLEET_STATE_DIR].",
-    )(func)
-    return click.option(
-        "--database-url",
-        default=None,
-        help="sqlite:///PATH or postgresql://USER@HOST/DB [env EDGELOOP_FLEET_DATABASE_URL].",
-    )(func)
+_db_options = db_options("EDGELOOP_FLEET_")
 
 
 @click.group("api")
@@ -77,12 +61,8 @@ def api_group() -> None:
 @handle_errors
 def migrate_command(database_url: str | None, state_dir: Path | None) -> None:
     """Upgrade the database to the newest schema (idempotent)."""
-    _require("alembic")
-    from fleet import db
-
     url = _settings(database_url=database_url, state_dir=state_dir).resolved_database_url()
-    db.upgrade(url)
-    err_console.print(f"database at revision {db.current_revision(url)}")
+    err_console.print(migrate("fleet.db", url, label="database", extra="fleet"))
 
 
 @api_group.command("bootstrap")
@@ -128,11 +108,5 @@ def serve_command(
     bind: str, bind_port: int, database_url: str | None, state_dir: Path | None
 ) -> None:
     """Serve the API with uvicorn until SIGTERM or Ctrl-C."""
-    _require("uvicorn")
-    _require("fastapi")
-    import uvicorn
-
-    from fleet.api.main import create_app
-
-    app = create_app(_settings(database_url=database_url, state_dir=state_dir))
-    uvicorn.run(app, host=bind, port=bind_port)
+    settings = _settings(database_url=database_url, state_dir=state_dir)
+    serve("fleet.api.main", settings, host=bind, port=bind_port, extra="fleet")
