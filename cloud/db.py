@@ -45,39 +45,27 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
 def session_factory(engine: Engine) -> Callable[[], Session]:
     """Sessions on ``engine`` whose objects stay readable after commit."""
+    from fleet import db as fleet_db
 
-    def new_session() -> Session:
-        return Session(engine, expire_on_commit=False)
-
-    return new_session
+    return fleet_db.session_factory(engine)
 
 
 def alembic_config(url: str) -> Any:
     """The Alembic ``Config`` for ``url`` (script location: ``cloud/migrations``)."""
-    from alembic.config import Config
+    from fleet import db as fleet_db
 
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    config.set_main_option("sqlalchemy.url", normalize_url(url).replace("%", "%%"))
-    return config
+    return fleet_db.alembic_config(normalize_url(url), MIGRATIONS_DIR)
 
 
 def upgrade(url: str, revision: str = "head") -> None:
-    """Bring the database at ``url`` to ``revision`` (default: the newest)."""
-    from alembic import command
+    """Bring the database at ``url`` to ``revision`` of the cloud chain (default: the newest)."""
+    from fleet import db as fleet_db
 
-    command.upgrade(alembic_config(url), revision)
+    fleet_db.upgrade(normalize_url(url), revision, migrations_dir=MIGRATIONS_DIR)
 
 
 def current_revision(url: str) -> str | None:
     """The database's cloud revision, or None when the cloud schema was never created."""
-    from alembic.runtime.migration import MigrationContext
+    from fleet import db as fleet_db
 
-    engine = make_engine(url)
-    try:
-        with engine.connect() as connection:
-            context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
-            revision: str | None = context.get_current_revision()
-            return revision
-    finally:
-        engine.dispose()
+    return fleet_db.current_revision(normalize_url(url), VERSION_TABLE)

@@ -99,32 +99,33 @@ def is_fleet_object(
     return table is None or not str(getattr(table, "name", "")).startswith("cloud_")
 
 
-def alembic_config(url: str) -> Any:
-    """The Alembic ``Config`` for ``url`` (script location: ``fleet/migrations``)."""
+def alembic_config(url: str, migrations_dir: Path = MIGRATIONS_DIR) -> Any:
+    """The Alembic ``Config`` for ``url`` (script location: ``fleet/migrations`` by default)."""
     from alembic.config import Config
 
     config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("script_location", str(migrations_dir))
     # ConfigParser interpolates '%': a URL-encoded password must survive it.
     config.set_main_option("sqlalchemy.url", normalize_url(url).replace("%", "%%"))
     return config
 
 
-def upgrade(url: str, revision: str = "head") -> None:
+def upgrade(url: str, revision: str = "head", *, migrations_dir: Path = MIGRATIONS_DIR) -> None:
     """Bring the database at ``url`` to ``revision`` (default: the newest)."""
     from alembic import command
 
-    command.upgrade(alembic_config(url), revision)
+    command.upgrade(alembic_config(url, migrations_dir), revision)
 
 
-def current_revision(url: str) -> str | None:
-    """The database's Alembic revision, or None for an empty database."""
+def current_revision(url: str, version_table: str = "alembic_version") -> str | None:
+    """The database's Alembic revision in ``version_table``, or None for an empty database."""
     from alembic.runtime.migration import MigrationContext
 
     engine = make_engine(url)
     try:
         with engine.connect() as connection:
-            revision: str | None = MigrationContext.configure(connection).get_current_revision()
+            context = MigrationContext.configure(connection, opts={"version_table": version_table})
+            revision: str | None = context.get_current_revision()
             return revision
     finally:
         engine.dispose()
