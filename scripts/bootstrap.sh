@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Install everything EdgeLoop's demo and tests need on a fresh Debian machine (idempotent).
-#   apt: cross compilers, qemu-user-static, mosquitto, binutils (readelf)
+#   apt: cross compilers, qemu-user-static, mosquitto, binutils (readelf), chromium (+driver)
 #   pip: this project with its dev extras (torch pinned to the local CPU build)
 #   cache: the aarch64 Python sysroot for qemu, and the armv7 runtime if its script exists
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf g++-arm-linux-gnueabihf
-              qemu-user-static mosquitto binutils)
+              qemu-user-static mosquitto binutils
+              chromium chromium-driver)  # headless browser of the dashboard tests
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
-from fleet import db
+from fleet import dashboard, db
 from fleet.api.metrics import ApiMetrics
 from fleet.api.nul_guard import RejectNul
 from fleet.api.routes import (
@@ -163,6 +163,7 @@ def create_app(
     for router in ROUTERS:
         _check_routes(router)
         app.include_router(router, responses={} if router is health.router else ERROR_RESPONSES)
+    dashboard.install(app, settings)  # /dashboard: server-rendered pages (docs/dashboard.md)
     return app
 
 

@@ -9,6 +9,11 @@ Same prefix (``EDGELOOP_FLEET_``), created by the caller (CLI command, test), ne
 * ``EDGELOOP_FLEET_MAX_UPLOAD_BYTES``: largest artifact upload (default 2 GiB)
 * ``EDGELOOP_FLEET_BROKER_PASSWORD_FILE`` / ``_BROKER_PID_FILE``: Mosquitto's password file
   that device registration edits, and the pid file of the broker to SIGHUP afterwards
+* ``EDGELOOP_FLEET_CLOUD_URL`` / ``_CLOUD_TOKEN``: the cloud service the dashboard reads the
+  relabel queue from (docs/dashboard.md; unset: the page says it is not configured)
+* ``EDGELOOP_FLEET_DASHBOARD_SECRET``: HMAC key of dashboard session cookies (default: a
+  random one per process, so sessions end when the service restarts); ``_DASHBOARD_SESSION_S``
+  their lifetime (default 8 h)
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import platformdirs
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 
 from fleet.cli import FleetSettings
 
@@ -32,6 +37,10 @@ class ApiSettings(FleetSettings):
     max_upload_bytes: int = Field(default=2 << 30, ge=1)
     broker_password_file: Path | None = None
     broker_pid_file: Path | None = None
+    cloud_url: str | None = None
+    cloud_token: SecretStr | None = None
+    dashboard_secret: SecretStr | None = None
+    dashboard_session_s: int = Field(default=8 * 3600, ge=60, le=30 * 86400)
 
     @model_validator(mode="after")
     def _broker_pair(self) -> ApiSettings:
