@@ -7,6 +7,10 @@ Which runtime loads a bundle is the manifest's ``runtime`` field:
   pieces are imported, never the 259 MB compiler library.
 * ``onnxruntime``: an ``InferenceSession`` on ``model.onnx``, CPU provider.
 * ``tflite``: the LiteRT interpreter (``ai_edge_litert``), else ``tflite_runtime``.
+* ``ethos-u``: a Vela-compiled ``.tflite`` (``ethos-u`` custom ops) run by the LiteRT
+  interpreter with the Ethos-U external delegate (``RuntimeOptions.ethos_u_delegate``, else
+  the i.MX93 BSP's ``/usr/lib/libethosu_op_delegate.so``); refused with the reason when the
+  delegate is not on the device (compiler/npu, docs/npu.md).
 
 Nothing heavy is imported here at import time: each runtime imports its package inside
 :func:`load`, so ``edgeloop-agent`` starts fast and a device needs only the runtime it uses.
@@ -21,6 +25,8 @@ Exception tree (``http_status`` is what the inference server answers)::
     ServingError (500)
     ├── RuntimeUnavailableError (503): the runtime's package is not installed
     ├── ModelLoadError (500): the entry file cannot be loaded
+    │   ├── GpuUnavailableError (503): a CUDA artifact on a device without a usable GPU
+    │   └── NpuUnavailableError (503): an Ethos-U artifact on a device without the delegate
     ├── SelfTestError (500): the warm-up run failed or gave wrong/non-finite outputs
     ├── InferenceError (500): the runtime failed on a valid request
     ├── InvalidInputError (400): wrong input name, count, shape or dtype
@@ -55,7 +61,13 @@ _RUNTIME_PACKAGES: dict[str, tuple[tuple[str, ...], str]] = {
     "tvm": (("tvm",), "apache-tvm"),
     "onnxruntime": (("onnxruntime",), "onnxruntime"),
     "tflite": (("ai_edge_litert", "tflite_runtime"), "ai-edge-litert"),
+    "ethos-u": (("ai_edge_litert", "tflite_runtime"), "ai-edge-litert"),
 }
+# Where NXP's i.MX93 Linux BSP installs the Ethos-U external delegate of TFLite/LiteRT.
+ETHOS_U_DELEGATE_PATHS: tuple[Path, ...] = (
+    Path("/usr/lib/libethosu_op_delegate.so"),
+    Path("/usr/lib/aarch64-linux-gnu/libethosu_op_delegate.so"),
+)
 
 
 # ------------------------------------------------------------------ errors
@@ -85,6 +97,18 @@ class RuntimeUnavailableError(ServingError):
 
 class ModelLoadError(ServingError):
     """The bundle's entry file could not be loaded by its runtime."""
+
+
+class GpuUnavailableError(ModelLoadError):
+    """A CUDA artifact, and this device has no usable CUDA GPU (or driver) for it."""
+
+    http_status = 503
+
+
+class NpuUnavailableError(ModelLoadError):
+    """An NPU (Ethos-U) artifact, and this device has no NPU delegate to run it with."""
+
+    http_status = 503
 
 
 class SelfTestError(ServingError):
@@ -282,10 +306,59 @@ def _tvm_thread_env(num_threads: int | None) -> None:
         os.environ[key] = value if key == "TVM_NUM_THREADS" else os.environ.get(key, value)
 
 
+CUDA_DEVICE_NODES = ("/dev/nvidia0", "/dev/nvhost-ctrl-gpu")  # discrete GPUs; Jetson
+
+
+def _cuda_device(tvm_runtime: Any, arch: str) -> Any:
+    """TVM's ``cuda(0)`` once the CUDA runtime plugin is loaded; refuses without a fit GPU.
+
+    The TVM wheel keeps CUDA support in ``lib/libtvm_runtime_cuda.so`` (it needs the driver's
+    ``libcuda.so.1``); loading it RTLD_GLOBAL registers the loader of CUDA modules. The
+    artifact carries SASS for ``arch`` and PTX of the same version, so any GPU of that
+    compute capability or newer runs it without a CUDA compiler.
+    """
+    import ctypes
+
+    lib = Path(tvm_runtime.__file__).parents[1] / "lib" / "libtvm_runtime_cuda.so"
+    try:
+        ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+    except OSError as err:
+        if not any(Path(node).exists() for node in CUDA_DEVICE_NODES):
+            raise GpuUnavailableError(
+                f"this artifact runs on a CUDA GPU ({arch}) and this device has none "
+                f"(no {' or '.join(CUDA_DEVICE_NODES)}, and TVM's CUDA runtime cannot load: "
+                f"{err}); deploy an artifact of a CPU profile here"
+            ) from err
+        raise GpuUnavailableError(
+            f"this artifact runs on a CUDA GPU ({arch}) but TVM's CUDA runtime cannot load: "
+            f"{err} (is the NVIDIA driver, libcuda.so.1, installed?)"
+        ) from err
+    device = tvm_runtime.cuda(0)
+    if not device.exist:
+        raise GpuUnavailableError(
+            f"this artifact runs on a CUDA GPU ({arch}); the driver reports no usable GPU"
+        )
+    have = int(str(device.compute_version).replace(".", ""))
+    need = int("".join(ch for ch in arch.removeprefix("sm_") if ch.isdigit()) or "0")
+    if have < need:
+        raise GpuUnavailableError(
+            f"this artifact is built for {arch}; this GPU ({device.device_name}) is "
+            f"sm_{have}, older than the code it carries"
+        )
+    return device
+
+
 class _TvmModel(LoadedModel):
     """A Relax VM executable; the VM keeps per-call state, so calls are serialised."""
 
-    def __init__(self, signature: Signature, lib_path: Path, *, num_threads: int | None) -> None:
+    def __init__(
+        self,
+        signature: Signature,
+        lib_path: Path,
+        *,
+        num_threads: int | None,
+        cuda_arch: str | None = None,
+    ) -> None:
         super().__init__(signature, runtime="tvm", thread_safe=False)
         prepare_tvm_runtime_env()
         _tvm_thread_env(num_threads)
@@ -294,8 +367,13 @@ class _TvmModel(LoadedModel):
             from tvm.runtime.vm import VirtualMachine
         except ImportError as err:
             raise RuntimeUnavailableError("tvm", str(err)) from err
+        self.device_name = "cpu"
+        if cuda_arch is not None:
+            self._device = _cuda_device(tvm_runtime, cuda_arch)
+            self.device_name = f"cuda {self._device.device_name}"
         try:
-            self._device = tvm_runtime.cpu(0)
+            if cuda_arch is None:
+                self._device = tvm_runtime.cpu(0)
             vm = VirtualMachine(tvm_runtime.load_module(str(lib_path)), self._device)
             self._main = vm["main"]
         except Exception as err:
@@ -435,8 +513,16 @@ def runtime_available(runtime: str) -> bool:
 
 
 def available_runtimes() -> list[str]:
-    """Runtimes whose packages are installed, e.g. ``["onnxruntime", "tvm"]`` (sorted)."""
-    return sorted(name for name in _RUNTIME_PACKAGES if runtime_available(name))
+    """Runtimes whose packages are installed, e.g. ``["onnxruntime", "tvm"]`` (sorted).
+
+    ``ethos-u`` counts only where the BSP's Ethos-U delegate library is present too.
+    """
+    return sorted(
+        name
+        for name in _RUNTIME_PACKAGES
+        if runtime_available(name)
+        and (name != "ethos-u" or any(p.is_file() for p in ETHOS_U_DELEGATE_PATHS))
+    )
 
 
 @dataclass(frozen=True)
@@ -450,6 +536,54 @@ class RuntimeOptions:
     """
 
     num_threads: int | None = None
+    # The Ethos-U external delegate library (None: the BSP's, ETHOS_U_DELEGATE_PATHS).
+    ethos_u_delegate: Path | None = None
+
+
+def find_ethos_u_delegate(options: RuntimeOptions) -> Path:
+    """The Ethos-U delegate library to load: the configured path, else the BSP's.
+
+    Raises:
+        NpuUnavailableError: no delegate library on this device (the NPU artifact is
+            refused rather than run without its NPU part, which LiteRT cannot execute).
+    """
+    candidates = (options.ethos_u_delegate,) if options.ethos_u_delegate else ETHOS_U_DELEGATE_PATHS
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise NpuUnavailableError(
+        "this artifact runs on an Ethos-U NPU and the Ethos-U delegate library is not on "
+        "this device (looked for " + ", ".join(str(p) for p in candidates) + "); it needs an "
+        "Ethos-U NPU with its delegate (e.g. an i.MX93 with NXP's BSP): set the delegate path "
+        "in the runtime options, or deploy an artifact of a CPU profile here"
+    )
+
+
+class _EthosUModel(_TfliteModel):
+    """A Vela-compiled model: LiteRT with the Ethos-U external delegate, calls serialised."""
+
+    def __init__(
+        self, signature: Signature, model_path: Path, *, delegate: Path, num_threads: int | None
+    ) -> None:
+        LoadedModel.__init__(self, signature, runtime="ethos-u", thread_safe=False)
+        try:
+            from ai_edge_litert.interpreter import Interpreter, load_delegate
+        except ImportError as err:
+            raise RuntimeUnavailableError("ethos-u", str(err)) from err
+        try:
+            ethos_u = load_delegate(str(delegate))
+            self._interp = Interpreter(
+                model_path=str(model_path),
+                experimental_delegates=[ethos_u],
+                num_threads=num_threads,
+            )
+            self._interp.allocate_tensors()
+        except Exception as err:
+            raise ModelLoadError(
+                f"LiteRT with the Ethos-U delegate {delegate} cannot load {model_path}: {err}"
+            ) from err
+        self._inputs = _match_details(self._interp.get_input_details(), signature.inputs)
+        self._outputs = _match_details(self._interp.get_output_details(), signature.outputs)
 
 
 def load(
@@ -485,7 +619,13 @@ def load(
         raise ModelLoadError(f"entry file {manifest.entry!r} is missing from {bundle_dir}")
     signature = Signature.of(manifest)
     if runtime == "tvm":
-        return _TvmModel(signature, entry, num_threads=options.num_threads)
+        cuda_arch = (
+            str(manifest.target.get("arch")) if manifest.target.get("kind") == "cuda" else None
+        )
+        return _TvmModel(signature, entry, num_threads=options.num_threads, cuda_arch=cuda_arch)
     if runtime == "onnxruntime":
         return _OrtModel(signature, entry, num_threads=options.num_threads)
+    if runtime == "ethos-u":
+        delegate = find_ethos_u_delegate(options)
+        return _EthosUModel(signature, entry, delegate=delegate, num_threads=options.num_threads)
     return _TfliteModel(signature, entry, num_threads=options.num_threads)

@@ -360,7 +360,45 @@ def print_report(
             f"{tuning['tasks_total']} tasks, {tuning['tasks_reused']} reused, "
             f"{tuning['new_trials']} new trials, {tuning['records_applied']} records applied",
         )
+    _npu_rows(table, report.get("npu"))
     out_console.print(table)
+
+
+def _npu_rows(table: Table, npu: dict[str, Any] | None) -> None:
+    """Rows of an NPU compile: offload share, vendor estimate, int8 accuracy, CPU fallbacks."""
+    if not npu:
+        return
+    off, est, acc = npu["offload"], npu["estimate"], npu["int8_accuracy"]
+    table.add_row(
+        "npu offload",
+        f"{off['operators_npu']}/{off['operators_total']} operators "
+        f"({off['operator_share_npu']:.0%}), {off['macs_npu']}/{off['macs_total']} MACs "
+        f"({off['mac_share_npu']:.1%}) on {npu['accelerator']}",
+    )
+    table.add_row(
+        "npu estimate",
+        f"vela {npu['vela_version']}: {est['cycles_total']} cycles, "
+        f"{est['inference_time_ms']} ms at {est['clock_mhz']} MHz, "
+        f"SRAM {est['sram_used_kib']} KiB, DRAM {est['dram_used_kib']} KiB",
+    )
+    top1 = acc.get("top1_agreement")
+    labels = acc.get("labels")
+    table.add_row(
+        "int8 vs fp32",
+        (
+            f"top-1 agreement {top1:.3f} (min {acc['min_top1_agreement']})"
+            if top1 is not None
+            else "-"
+        )
+        + (
+            f", accuracy int8 {labels['int8_accuracy']:.3f} / fp32 {labels['fp32_accuracy']:.3f}"
+            f" on {labels['samples']} labelled samples"
+            if labels
+            else ""
+        ),
+    )
+    for op in off["cpu_operators"]:
+        table.add_row("cpu fallback", f"{op['op']} ({op['output']}): {op['reason']}")
 
 
 # ------------------------------------------------------------------ artifact

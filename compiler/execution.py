@@ -30,7 +30,7 @@ from compiler.profiles import HardwareProfile
 from compiler.runtime_choice import tvm_thread_env
 
 RUNNER_SCRIPT = Path(__file__).with_name("runner_main.py")
-Mode = Literal["native", "qemu-python", "qemu-armv7-runner", "none"]
+Mode = Literal["native", "cuda", "qemu-python", "qemu-armv7-runner", "none"]
 _TIMEOUT_NATIVE_S = 600
 _TIMEOUT_EMULATED_S = 1200
 
@@ -81,14 +81,18 @@ def plan_execution(profile: HardwareProfile, host: HostFacts) -> ExecutionPlan:
             return ExecutionPlan(
                 "none",
                 "cuda",
-                f"not executed on cuda {profile.tvm.get('arch')}: no CUDA GPU on this machine",
+                f"not executed on cuda {profile.tvm.get('arch')}: no CUDA GPU on this machine "
+                "(not verified on hardware)",
             )
-        return ExecutionPlan(
-            "none",
-            "cuda",
-            f"not executed on cuda {profile.tvm.get('arch')}: "
-            "GPU execution of artifacts is not implemented in this version",
-        )
+        if profile.isa != host.isa:
+            return ExecutionPlan(
+                "none",
+                "cuda",
+                f"not executed on cuda {profile.tvm.get('arch')}: its host code is "
+                f"{profile.isa} and this machine is {host.isa} (not verified on hardware)",
+            )
+        # The runner loads TVM's CUDA plugin and runs on cuda(0) (compiler/runner_main.py).
+        return ExecutionPlan("cuda", f"cuda {profile.tvm.get('arch')} on native {host.isa}")
     if profile.isa == host.isa:
         missing = [
             f for f in profile.cpu_features if not _feature_aliases(f, host.isa) & host.cpu_features
@@ -230,6 +234,8 @@ def run_library(
         }
         if num_threads is not None:
             request["num_threads"] = num_threads
+        if plan.mode == "cuda":
+            request["device"] = "cuda"
         (work / "request.json").write_text(json.dumps(request), encoding="utf-8")
         for k, sample in enumerate(samples):
             for i, arr in enumerate(sample):
@@ -237,7 +243,7 @@ def run_library(
         env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1"}
         thread_env = {} if num_threads is None else tvm_thread_env(num_threads)
         env.update(thread_env)
-        if plan.mode == "native":
+        if plan.mode in ("native", "cuda"):
             argv = [sys.executable, str(RUNNER_SCRIPT), str(work)]
             timeout = _TIMEOUT_NATIVE_S
         elif plan.mode == "qemu-python":
@@ -275,6 +281,7 @@ def run_library(
         machine=str(result.get("machine", "")),
         runtime=str(result.get("runtime", "")),
         num_threads=result.get("num_threads"),
+        extra={"gpu": result["gpu"]} if result.get("gpu") else {},
     )
 
 

@@ -23,7 +23,8 @@ MANIFEST_FILE = "manifest.json"
 SIGNATURE_FILE = "manifest.sig"
 REPORT_FILE = "report.json"
 
-RuntimeName = Literal["tvm", "onnxruntime", "tflite"]
+# "ethos-u": entry is a Vela-compiled .tflite; LiteRT runs it with the Ethos-U delegate.
+RuntimeName = Literal["tvm", "onnxruntime", "tflite", "ethos-u"]
 ModelFormat = Literal["onnx", "torch", "tflite"]
 
 

@@ -232,6 +232,11 @@ def compile_model(
 
     say(f"loading {req.model.name}")
     model = load_model(req.model, input_shapes=req.input_shapes)
+    if profile.npu is not None:
+        # NPU profiles: int8 quantization + the vendor compiler instead of TVM (docs/npu.md).
+        from compiler.npu.build import compile_npu
+
+        return compile_npu(req, profile=profile, model=model, private_key=private_key, say=say)
     model.check_coverage()
     if req.runtime == "onnxruntime" and model.onnx_bytes() is None:
         raise UsageError(
@@ -266,6 +271,12 @@ def compile_model(
         "latency": {},
     }
     comparison: dict[str, Any] = {"threads": threads.to_dict()}
+    if trials > 0 and profile.has_gpu:
+        raise UsageError(
+            f"--trials {trials} for {profile.name}: MetaSchedule tuning of CUDA targets is not "
+            "supported (it needs a GPU to measure on, and a runner that loads CUDA modules); "
+            "compile with --trials 0 (TVM's default GPU schedules)"
+        )
     if trials > 0 and plan.mode != "native":
         raise UsageError(
             f"--trials {trials} for {profile.name}: tuning measures candidates on the target, and "
@@ -308,6 +319,8 @@ def compile_model(
             accuracy = _gate(profile, output_names, result.outputs, references)
             report["accuracy"] = {a.name: a.to_dict() for a in accuracy}
             report["verification"]["machine"] = result.machine
+            if result.extra.get("gpu"):
+                report["verification"]["gpu"] = result.extra["gpu"]
             report["verification"]["runtime"] = result.runtime
             if onnx_model is not None:
                 say(f"timing TVM against ONNX Runtime in {req.latency_rounds} rounds")
@@ -351,6 +364,12 @@ def compile_model(
         elif build_tvm:
             report["accuracy"] = None
             log.warning("%s", plan.reason)
+        if profile.has_gpu:
+            report["verification"]["hardware"] = (
+                f"verified on {report['verification'].get('gpu') or 'a CUDA GPU'}"
+                if plan.mode == "cuda"
+                else "not verified on hardware"
+            )
 
         runtime, reason = _choose_runtime(
             req,
@@ -429,11 +448,21 @@ def _resources(staging: Path, profile: HardwareProfile) -> dict[str, Any]:
 def _static_checks(library: Path, profile: HardwareProfile) -> dict[str, Any]:
     facts = read_elf(library)
     problems = check_elf(facts, profile.isa)
+    device_code = None
+    if profile.has_gpu:
+        from compiler import cuda
+
+        code = cuda.inspect_library(library)
+        problems += cuda.check_device_code(code, str(profile.tvm["arch"]))
+        device_code = {**code.to_dict(), "arch": profile.tvm["arch"], "nvcc": cuda.nvcc_version()}
     if problems:
         raise BuildFailedError(
             f"the {profile.isa} library for {profile.name} is wrong: " + "; ".join(problems)
         )
-    return {**facts.to_dict(), "passed": True}
+    checks = {**facts.to_dict(), "passed": True}
+    if device_code is not None:
+        checks["device_code"] = device_code
+    return checks
 
 
 def _gate(
@@ -510,6 +539,8 @@ def _choose_runtime(
             else f"the source model is {model.format}, not ONNX"
         )
         return "tvm", f"auto: TVM is the only candidate ({why})"
+    if decision is None and plan.mode == "cuda":
+        return "tvm", "auto: TVM runs the model on the GPU; ONNX Runtime would run on the CPU"
     if decision is None:
         return "tvm", (
             f"auto: TVM, since latencies cannot be compared on this machine "

@@ -19,7 +19,8 @@ from compiler.errors import ProfileError, UsageError
 
 SCHEMA_VERSION = 1
 Isa = Literal["x86_64", "aarch64", "armv7"]
-RuntimeName = Literal["tvm", "onnxruntime", "tflite"]
+# "ethos-u": a Vela-compiled .tflite run by LiteRT with the Ethos-U delegate (compiler.npu).
+RuntimeName = Literal["tvm", "onnxruntime", "tflite", "ethos-u"]
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*/[a-z0-9][a-z0-9._-]*$")
 _TVM_KINDS = ("llvm", "cuda", "c")
 # LLVM triples per ISA: the compiler refuses a profile whose target disagrees with its isa.
@@ -34,12 +35,38 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class NpuCompilerSpec(_Strict):
+    """How an NPU profile's model is quantized and compiled (``accelerator.npu``).
+
+    ``compiler: vela`` runs Arm Vela with ``--accelerator-config``, ``--system-config`` and
+    ``--memory-mode`` (sections of ``config_file``, default vela's bundled Arm/vela.ini).
+    ``supported_operators`` (TFLite builtin names) narrows what may run on the NPU; null
+    defers to the vendor compiler's own supported-operator check.
+    """
+
+    compiler: Literal["vela"]
+    accelerator_config: str = Field(description="vela --accelerator-config, e.g. ethos-u65-256")
+    system_config: str = Field(description="vela --system-config, e.g. Ethos_U65_High_End")
+    memory_mode: str = Field(description="vela --memory-mode, e.g. Dedicated_Sram_384KB")
+    config_file: str | None = None
+    supported_operators: list[str] | None = None
+    calibration_samples: int = Field(default=64, ge=1, le=4096)
+    min_int8_top1_agreement: float = Field(default=0.9, ge=0, le=1)
+
+
 class AcceleratorSpec(_Strict):
     """A GPU or NPU beside the host CPU."""
 
     kind: Literal["cuda", "npu"]
     arch: str = Field(description="e.g. sm_87 for CUDA, ethos-u65-256 for an NPU")
     memory_mib: int | None = Field(default=None, gt=0)
+    npu: NpuCompilerSpec | None = None
+
+    @model_validator(mode="after")
+    def _npu_block(self) -> AcceleratorSpec:
+        if (self.kind == "npu") != (self.npu is not None):
+            raise ValueError("accelerator.kind 'npu' needs an npu block, and only it may have one")
+        return self
 
 
 class AccuracySpec(_Strict):
@@ -128,6 +155,11 @@ class HardwareProfile(_Strict):
                 f"{self.accelerator.arch!r}"
             )
         return self
+
+    @property
+    def npu(self) -> NpuCompilerSpec | None:
+        """The NPU compile settings, when the profile's accelerator is an NPU."""
+        return self.accelerator.npu if self.accelerator is not None else None
 
     @property
     def has_gpu(self) -> bool:

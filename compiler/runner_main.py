@@ -8,7 +8,8 @@ Runner protocol (shared with the C++ armv7 runner, see docs/artifact-format.md):
 
 ``WORKDIR/request.json``
     ``{"lib": "<path to .so>", "num_samples": K, "num_inputs": I, "warmup": W, "repeat": R}``,
-    optionally ``"num_threads": T`` (TVM's thread count; set before TVM starts its pool).
+    optionally ``"num_threads": T`` (TVM's thread count; set before TVM starts its pool) and
+    ``"device": "cuda"`` (run on ``cuda(0)``; the result then names the ``"gpu"``).
 ``WORKDIR/s{k}_in{i}.npy``
     input ``i`` (in the model's input order) of sample ``k``.
 
@@ -78,6 +79,13 @@ def main(workdir: str) -> int:
     from tvm.runtime.vm import VirtualMachine
 
     dev = tvm.cpu(0)
+    if request.get("device") == "cuda":
+        # CUDA artifacts: TVM's CUDA plugin registers the loader of their fatbin modules.
+        import ctypes
+
+        lib_dir = os.path.join(os.path.dirname(os.path.abspath(tvm.__file__)), "lib")
+        ctypes.CDLL(os.path.join(lib_dir, "libtvm_runtime_cuda.so"), mode=ctypes.RTLD_GLOBAL)
+        dev = tvm.cuda(0)
     vm = VirtualMachine(runtime.load_module(request["lib"]), dev)
     entry = vm[request.get("entry", "main")]
 
@@ -110,6 +118,8 @@ def main(workdir: str) -> int:
         "runtime": f"tvm {tvm.__version__}",
         "num_threads": _tvm_threads(tvm),
     }
+    if request.get("device") == "cuda":
+        result["gpu"] = str(dev.device_name)
     with open(os.path.join(workdir, "result.json"), "w", encoding="utf-8") as fh:
         json.dump(result, fh)
     return 0

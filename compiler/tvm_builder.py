@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from compiler import _fast_inspect
-from compiler.errors import BuildFailedError, UsageError
+from compiler.errors import BuildFailedError, CompilerError, UsageError
 from compiler.manifest import canonical_json
 from compiler.profiles import HardwareProfile
 from compiler.runtime_choice import set_tvm_threads
@@ -383,14 +383,30 @@ def build_library(
                 )
                 mod = _apply_database(mod, target, db_dir, stats)
         try:
-            executable = tvm.compile(mod, target=target)
+            if gpu:
+                from compiler.cuda import nvcc_jit
+
+                with nvcc_jit(str(profile.tvm["arch"])):
+                    executable = tvm.compile(mod, target=target)
+            else:
+                executable = tvm.compile(mod, target=target)
+        except CompilerError:
+            raise
         except Exception as err:
             raise BuildFailedError(f"TVM compilation for {profile.name} failed: {err}") from err
+    export_kwargs: dict[str, Any] = {}
+    if profile.cross_compiler:
+        export_kwargs["cc"] = profile.cross_compiler
+    if gpu:
+        # Ship nvcc-built device code for the profile's arch, not CUDA source (compiler.cuda).
+        from compiler.cuda import fatbin_packer, find_nvcc
+
+        find_nvcc()  # MissingDependencyError before linking, with the install hint
+        export_kwargs["fpack_imports"] = fatbin_packer(str(profile.tvm["arch"]))
     try:
-        if profile.cross_compiler:
-            executable.export_library(str(out_path), cc=profile.cross_compiler)
-        else:
-            executable.export_library(str(out_path))
+        executable.export_library(str(out_path), **export_kwargs)
+    except CompilerError:
+        raise
     except Exception as err:
         last_line = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
         raise BuildFailedError(

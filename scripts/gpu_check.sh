@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# On a lent GPU machine: install the agent runtime from the carried wheels, run the CUDA
+# artifacts of the test models on the GPU, compare with the reference outputs computed by
+# scripts/gpu_check_prepare.sh, time them against PyTorch CUDA eager, write results to $OUT.
+# Usage (device tool, carry [".gpu-check"]): bash scripts/gpu_check.sh [DATA_DIR]
+set -euo pipefail
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+DATA="$(cd "${1:-$REPO/.gpu-check}" && pwd)"
+OUT="${OUT:-$REPO/gpu-check-out}"
+SITE="${SITE:-/tmp/edgeloop-site}"
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
+    >"$OUT/nvidia-smi.txt" 2>&1 || echo "no nvidia-smi (no GPU driver?)" >"$OUT/nvidia-smi.txt"
+cat "$OUT/nvidia-smi.txt"
+if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "gpu_check: no CUDA GPU on this machine (torch.cuda.is_available() is false); nothing to check" \
+        | tee "$OUT/gpu_check.log" >&2
+    exit 3
+fi
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$SITE" "$DATA"/wheels/*.whl
+# TVM's CUDA plugin needs libcudart.so.13: the toolkit's, else the one pip installed for torch.
+PIP_CUDA="$(python3 -c "import glob, site; print(':'.join(sorted(glob.glob(site.getsitepackages()[0] + '/nvidia/*/lib'))))" 2>/dev/null || true)"
+export LD_LIBRARY_PATH="/usr/local/cuda/lib64${PIP_CUDA:+:$PIP_CUDA}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# Runtime-only TVM, as on a device; run outside the checkout so `agent` comes from the wheel.
+export PYTHONPATH="$SITE" TVM_USE_RUNTIME_LIB=1 PYTHONUNBUFFERED=1
+cd /tmp
+python3 "$REPO/scripts/gpu_check.py" check --data "$DATA" --out "$OUT" --repo "$REPO" "${@:2}" \
+    2>&1 | tee "$OUT/gpu_check.log"
+exit "${PIPESTATUS[0]}"
