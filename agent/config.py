@@ -69,6 +69,18 @@ class HttpSettings(_Section):
     max_concurrency: int = Field(default=4, ge=1)
 
 
+class RuntimeSettings(_Section):
+    """Knobs of the model runtimes (agent.runtimes.RuntimeOptions)."""
+
+    num_threads: int | None = Field(
+        default=None, ge=1, description="intra-op threads (default: every CPU this process may use)"
+    )
+    ethos_u_delegate: Path | None = Field(
+        default=None,
+        description="the Ethos-U external delegate library (default: the i.MX93 BSP's paths)",
+    )
+
+
 class CaptureSettings(_Section):
     """The data loop's local limits; the capture policy itself comes from desired state."""
 
@@ -123,6 +135,7 @@ class AgentSettings(BaseSettings):
     transfer: TransferSettings = TransferSettings()
     http: HttpSettings = HttpSettings()
     capture: CaptureSettings = CaptureSettings()
+    runtime: RuntimeSettings = RuntimeSettings()
     heartbeat_interval_s: float = Field(default=30.0, gt=0)
     keep_versions: int = Field(default=3, ge=2, description="versions kept per model on disk")
 

@@ -512,16 +512,21 @@ def runtime_available(runtime: str) -> bool:
     return any(_importable(m) for m in modules)
 
 
-def available_runtimes() -> list[str]:
+def available_runtimes(options: RuntimeOptions | None = None) -> list[str]:
     """Runtimes whose packages are installed, e.g. ``["onnxruntime", "tvm"]`` (sorted).
 
-    ``ethos-u`` counts only where the BSP's Ethos-U delegate library is present too.
+    ``ethos-u`` counts only where the Ethos-U delegate library is present too (the one
+    ``options`` names, else the BSP's).
     """
+    delegates = (
+        (options.ethos_u_delegate,)
+        if options is not None and options.ethos_u_delegate
+        else ETHOS_U_DELEGATE_PATHS
+    )
     return sorted(
         name
         for name in _RUNTIME_PACKAGES
-        if runtime_available(name)
-        and (name != "ethos-u" or any(p.is_file() for p in ETHOS_U_DELEGATE_PATHS))
+        if runtime_available(name) and (name != "ethos-u" or any(p.is_file() for p in delegates))
     )
 
 

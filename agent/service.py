@@ -23,18 +23,22 @@ def build_agent(settings: AgentSettings) -> tuple[Agent, InferenceServer]:
     from agent.server import InferenceServer, ModelRepository
 
     runtimes.prepare_tvm_runtime_env()
+    options = runtimes.RuntimeOptions(
+        num_threads=settings.runtime.num_threads,
+        ethos_u_delegate=settings.runtime.ethos_u_delegate,
+    )
     repository = ModelRepository(max_concurrency=settings.http.max_concurrency)
     metrics = AgentMetrics()
     server = InferenceServer(repository, metrics=metrics)
 
     def loader(path: Path, manifest: ArtifactManifest) -> runtimes.LoadedModel:
-        return runtimes.load(path, manifest)
+        return runtimes.load(path, manifest, options=options)
 
     agent = Agent(
         settings,
         serving=repository,
         loader=loader,
-        runtimes=runtimes.available_runtimes(),
+        runtimes=runtimes.available_runtimes(options),
         metrics=metrics,
     )
     server.capture = agent.dataloop.offer

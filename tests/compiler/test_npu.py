@@ -472,3 +472,29 @@ def test_npu_profile_needs_its_npu_block() -> None:
     del data["accelerator"]["npu"]
     with pytest.raises(ProfileError, match="accelerator.kind 'npu' needs an npu block"):
         parse_profile(data)
+
+
+def test_agent_config_names_the_delegate(tmp_path: Path) -> None:
+    """``[runtime] ethos_u_delegate`` in agent.toml reaches the runtimes: ethos-u is offered."""
+    from agent.config import load_settings
+
+    delegate = tmp_path / "libethosu_op_delegate.so"
+    delegate.write_bytes(b"\x7fELF")
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        'device_id = "npu-1"\nprofile = "nxp/imx93-ethos-u65"\n'
+        f'trusted_key = "{tmp_path / "key.pub"}"\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[runtime]\nethos_u_delegate = "{delegate}"\nnum_threads = 2\n'
+    )
+    settings = load_settings(config)
+    options = runtimes.RuntimeOptions(
+        num_threads=settings.runtime.num_threads,
+        ethos_u_delegate=settings.runtime.ethos_u_delegate,
+    )
+    assert options.ethos_u_delegate == delegate and options.num_threads == 2
+    assert "ethos-u" in runtimes.available_runtimes(options)
+    assert "ethos-u" not in runtimes.available_runtimes()
+    bad = tmp_path / "bad.toml"
+    bad.write_text(config.read_text().replace("num_threads = 2", "num_threads = 0"))
+    with pytest.raises(ValueError, match="num_threads"):
+        load_settings(bad)
