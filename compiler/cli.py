@@ -211,6 +211,13 @@ def keys_generate(output_dir: Path | None, force: bool) -> None:
     help=".npz with one array per input (samples on axis 0) for the accuracy gate.",
 )
 @click.option(
+    "--eval-data",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="NPU profiles: .npz like --calibration-data (optional labels) to measure int8 "
+    "accuracy on; default: the last 25 % of the calibration samples, held out.",
+)
+@click.option(
     "--samples",
     type=click.IntRange(min=1),
     default=None,
@@ -238,6 +245,7 @@ def compile_command(
     runtime: str,
     input_shapes: tuple[str, ...],
     calibration_data: Path | None,
+    eval_data: Path | None,
     samples: int | None,
     model_name: str | None,
     model_version: str,
@@ -260,6 +268,7 @@ def compile_command(
         runtime=runtime,
         input_shapes=parse_input_shapes(input_shapes),
         calibration_data=calibration_data,
+        eval_data=eval_data,
         samples=samples,
         signing_key=signing_key,
         force=force,
@@ -397,6 +406,9 @@ def _npu_rows(table: Table, npu: dict[str, Any] | None) -> None:
             else ""
         ),
     )
+    measured = acc.get("measured_on")  # absent in reports written before --eval-data
+    if measured:
+        table.add_row("int8 measured on", measured["description"])
     for op in off["cpu_operators"]:
         table.add_row("cpu fallback", f"{op['op']} ({op['output']}): {op['reason']}")
 

@@ -73,6 +73,7 @@ class CompileRequest:
     runtime: str = "auto"
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     calibration_data: Path | None = None
+    eval_data: Path | None = None  # NPU profiles: int8 accuracy inputs (compiler/npu/data.py)
     samples: int | None = None
     signing_key: Path | None = None
     force: bool = False
@@ -237,6 +238,11 @@ def compile_model(
         from compiler.npu.build import compile_npu
 
         return compile_npu(req, profile=profile, model=model, private_key=private_key, say=say)
+    if req.eval_data is not None:
+        raise UsageError(
+            f"--eval-data {str(req.eval_data)!r} is only used by NPU profiles (int8 accuracy); "
+            f"{profile.name} is verified on --calibration-data or generated inputs"
+        )
     model.check_coverage()
     if req.runtime == "onnxruntime" and model.onnx_bytes() is None:
         raise UsageError(

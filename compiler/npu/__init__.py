@@ -3,6 +3,7 @@
 Modules::
 
     quantize      pure: activation/weight/bias quantization parameters (numpy only)
+    data          calibration samples and the (held-out or --eval-data) accuracy samples
     lower         ONNX graph -> int8 TFLite layers (NHWC), calibrated with ONNX Runtime
     tflite_writer the .tflite flatbuffer of those layers (``tflite`` flatbuffers builders)
     vela          adapter: Arm Vela (ethos-u-vela) for Ethos-U; parses its summary

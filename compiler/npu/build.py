@@ -3,12 +3,14 @@
 Steps (each failing with the compiler's usual exceptions and exit codes):
 
 1. check the model: ONNX, every operator in the int8 lowering's subset (exit 3);
-2. calibration samples: ``--calibration-data`` (float arrays of the input shapes, optional
-   ``labels``) or seeded random inputs; int8 activation ranges from ONNX Runtime;
+2. samples (``compiler.npu.data``): calibration from ``--calibration-data`` (float arrays of
+   the input shapes, optional ``labels``) or seeded random inputs; evaluation from
+   ``--eval-data`` (same layout) or else the held-out last quarter of the calibration
+   samples (exit 3 for a bad file); int8 activation ranges from ONNX Runtime;
 3. lower to a fully int8 TFLite model (``compiler.npu.lower``);
 4. run that int8 model on this CPU with the LiteRT interpreter against the fp32 model on the
-   same inputs: top-1 agreement (gated by ``accelerator.npu.min_int8_top1_agreement``, exit
-   4), errors, and accuracy against labels when the data has them;
+   evaluation samples: top-1 agreement (gated by ``accelerator.npu.min_int8_top1_agreement``,
+   exit 4), errors, and accuracy against labels when the data has them;
 5. vendor compiler (Vela): NPU part as ``ethos-u`` custom ops, the rest stays CPU TFLite ops;
    report the NPU share of operators and MACs, the CPU-fallback operators with reasons, and
    Vela's estimate (cycles, time at the NPU clock, SRAM/DRAM);
@@ -33,13 +35,13 @@ from compiler import bundle
 from compiler.accuracy import compare_output
 from compiler.errors import (
     AccuracyGateError,
-    InvalidInputError,
     MissingDependencyError,
     UsageError,
 )
 from compiler.manifest import REPORT_FILE, TensorSpec
 from compiler.npu import lower as npu_lower
 from compiler.npu import offload, vela
+from compiler.npu.data import SamplePlan, plan_samples
 from compiler.profiles import HardwareProfile, NpuCompilerSpec
 
 if TYPE_CHECKING:
@@ -51,7 +53,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 Array = npt.NDArray[Any]
 ENTRY_FILE = "model_vela.tflite"
-LABEL_KEYS = ("labels", "label", "y")
 
 
 def compile_npu(
@@ -68,7 +69,7 @@ def compile_npu(
     Raises:
         CompilerError: a subclass naming what failed; nothing is written to ``req.output``.
     """
-    from compiler.pipeline import CompileResult, _load_samples
+    from compiler.pipeline import CompileResult
 
     spec = profile.npu
     if spec is None:
@@ -91,20 +92,24 @@ def compile_npu(
         raise MissingDependencyError("ethos-u-vela", "npu")
     _require_litert()
 
-    labels = _check_calibration_file(req, model) if req.calibration_data else None
-    samples = _load_samples(req, model, req.samples or spec.calibration_samples)
-    if labels is not None:
-        labels = labels[: len(samples)]
-    say(f"calibrating int8 ranges on {len(samples)} sample(s) with ONNX Runtime")
-    ranges = npu_lower.calibration_ranges(onnx_bytes, samples)
+    plan = plan_samples(
+        model,
+        count=req.samples or spec.calibration_samples,
+        seed=req.seed,
+        calibration_data=req.calibration_data,
+        eval_data=req.eval_data,
+    )
+    say(f"calibrating int8 ranges on {len(plan.calibration)} sample(s) with ONNX Runtime")
+    ranges = npu_lower.calibration_ranges(onnx_bytes, plan.calibration.samples)
     lowered = npu_lower.lower(
         onnx_bytes, ranges, input_shapes={t.name: list(t.shape) for t in model.inputs}
     )
-    say("int8 vs fp32 on this CPU (LiteRT interpreter)")
+    say(f"int8 vs fp32 on this CPU (LiteRT interpreter) on {plan.description}")
+    samples = plan.evaluation.samples
     references = [model.reference(s) for s in samples]
     int8_outputs = run_tflite(lowered.tflite_bytes, samples)
     output_names = model.output_names or [f"output_{j}" for j in range(len(references[0]))]
-    accuracy = _int8_accuracy(output_names, int8_outputs, references, labels, spec)
+    accuracy = _int8_accuracy(output_names, int8_outputs, references, plan, spec)
     outputs = [
         TensorSpec(name=n, shape=list(r.shape), dtype=str(r.dtype))
         for n, r in zip(output_names, references[0], strict=True)
@@ -134,14 +139,10 @@ def compile_npu(
             "verification": {
                 "executed": True,
                 "where": "int8 model (before Vela) on this CPU with the LiteRT interpreter",
-                "reason": None
-                if labels is not None or req.calibration_data
-                else "random inputs: int8 agreement on real data may differ",
+                "reason": _verification_caveat(plan),
                 "emulated": False,
                 "samples": len(samples),
-                "inputs": "calibration data"
-                if req.calibration_data
-                else f"random (seed {req.seed})",
+                "inputs": plan.description,
                 "npu_executed": False,
             },
             "accuracy": {a["name"]: a for a in accuracy["outputs"]},
@@ -153,10 +154,8 @@ def compile_npu(
                 "quantization": {
                     "scheme": "int8 PTQ: per-channel symmetric weights, per-tensor "
                     "asymmetric activations, int32 bias; float32 I/O quantized at the edges",
-                    "calibration_samples": len(samples),
-                    "calibration_source": str(req.calibration_data.name)
-                    if req.calibration_data
-                    else f"random (seed {req.seed})",
+                    "calibration_samples": len(plan.calibration),
+                    "calibration_source": plan.calibration.source,
                 },
                 "int8_accuracy": accuracy,
                 "offload": share,
@@ -205,6 +204,15 @@ def compile_npu(
     return CompileResult(req.output, manifest, manifest.artifact_id, report)
 
 
+def _verification_caveat(plan: SamplePlan) -> str | None:
+    """Why the measured int8 agreement is weaker evidence, if it is."""
+    if not plan.disjoint:
+        return plan.description
+    if plan.evaluation.random:
+        return "random inputs: int8 agreement on real data may differ"
+    return None
+
+
 def _reason(spec: NpuCompilerSpec) -> str:
     return (
         f"NPU profile: int8 model compiled by Vela for {spec.accelerator_config} "
@@ -233,61 +241,6 @@ def _ignored_ops(layers: list[npu_lower.LayerInfo], spec: NpuCompilerSpec) -> tu
     return tuple(sorted({layer.op for layer in layers} - allowed))
 
 
-def _check_calibration_file(req: CompileRequest, model: SourceModel) -> Array | None:
-    """Check dtypes of ``--calibration-data`` (shapes are checked when samples load).
-
-    Returns the labels array when the file has one (``labels``, ``label`` or ``y``).
-
-    Raises:
-        InvalidInputError: unreadable file, a non-numeric or wrongly typed input array, or
-            labels whose count differs from the samples'.
-    """
-    path = req.calibration_data
-    assert path is not None
-    try:
-        data = np.load(path)
-    except (OSError, ValueError) as err:
-        raise InvalidInputError(
-            f"--calibration-data {str(path)!r} is not a readable .npz file: {err}"
-        ) from err
-    if not hasattr(data, "files"):
-        raise InvalidInputError(
-            f"--calibration-data {str(path)!r} is a single array; give an .npz with one "
-            f"array per input ({', '.join(t.name for t in model.inputs)}), samples on axis 0"
-        )
-    for t in model.inputs:
-        if t.name not in data.files:
-            continue  # _load_samples names every missing input
-        arr = data[t.name]
-        want = np.dtype(t.dtype)
-        same_kind = (
-            np.issubdtype(arr.dtype, np.floating) and np.issubdtype(want, np.floating)
-        ) or (np.issubdtype(arr.dtype, np.integer) and np.issubdtype(want, np.integer))
-        if not same_kind:
-            raise InvalidInputError(
-                f"--calibration-data input {t.name!r} is {arr.dtype}; the model needs "
-                f"{want} (samples on axis 0, shape N x {'x'.join(map(str, t.shape))})"
-            )
-        if arr.ndim != len(t.shape) + 1:
-            raise InvalidInputError(
-                f"--calibration-data input {t.name!r} has shape "
-                f"{'x'.join(map(str, arr.shape))}; expected N x {'x'.join(map(str, t.shape))} "
-                "(samples on axis 0)"
-            )
-    key = next((k for k in LABEL_KEYS if k in data.files), None)
-    if key is None:
-        return None
-    labels = np.asarray(data[key]).reshape(-1)
-    count = (
-        min(len(data[t.name]) for t in model.inputs if t.name in data.files) if model.inputs else 0
-    )
-    if len(labels) != count:
-        raise InvalidInputError(
-            f"--calibration-data {key!r} has {len(labels)} labels for {count} samples"
-        )
-    return labels
-
-
 def run_tflite(tflite_bytes: bytes, samples: list[list[Array]]) -> list[list[Array]]:
     """Run a (non-delegated) .tflite on this CPU with the LiteRT interpreter, per sample."""
     from ai_edge_litert.interpreter import Interpreter
@@ -309,10 +262,12 @@ def _int8_accuracy(
     names: list[str],
     actual: list[list[Array]],
     reference: list[list[Array]],
-    labels: Array | None,
+    plan: SamplePlan,
     spec: NpuCompilerSpec,
 ) -> dict[str, Any]:
-    """int8-vs-fp32 metrics per output; the gate is top-1 agreement of the first output."""
+    """int8-vs-fp32 metrics per output on ``plan.evaluation``; the gate is top-1 agreement
+    of the first output."""
+    labels = plan.evaluation.labels
     per_output = []
     for j, name in enumerate(names):
         acc = compare_output(name, [a[j] for a in actual], [r[j] for r in reference])
@@ -323,6 +278,7 @@ def _int8_accuracy(
         "top1_agreement": top1,
         "min_top1_agreement": spec.min_int8_top1_agreement,
         "labels": None,
+        "measured_on": plan.to_dict(),
     }
     if labels is not None and top1 is not None:
         int8_pred = np.array([np.argmax(a[0]) for a in actual])
@@ -335,7 +291,7 @@ def _int8_accuracy(
     if top1 is not None and top1 < spec.min_int8_top1_agreement:
         raise AccuracyGateError(
             f"int8 top-1 agreement with fp32 is {top1:.3f} < {spec.min_int8_top1_agreement:.3f} "
-            "(accelerator.npu.min_int8_top1_agreement); no artifact written. More or more "
-            "representative --calibration-data usually helps"
+            f"(accelerator.npu.min_int8_top1_agreement), measured on {plan.description}; "
+            "no artifact written. More or more representative --calibration-data usually helps"
         )
     return result

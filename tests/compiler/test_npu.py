@@ -20,7 +20,9 @@ from click.testing import CliRunner
 from agent import runtimes
 from compiler.bundle import verify_bundle
 from compiler.errors import InvalidInputError, ModelError, ProfileError, UsageError
+from compiler.frontends import load_model
 from compiler.npu import offload, vela
+from compiler.npu.data import plan_samples
 from compiler.npu.quantize import activation_qparams, quantize_bias, quantize_weights
 from compiler.pipeline import CompileRequest, CompileResult, compile_model
 from compiler.profiles import ProfileRegistry, parse_profile
@@ -91,6 +93,8 @@ def _compile(
     keys: Path,
     *,
     calibration: Path | None = None,
+    eval_data: Path | None = None,
+    samples: int | None = None,
     registry: ProfileRegistry | None = None,
     profile: str = PROFILE,
 ) -> CompileResult:
@@ -100,6 +104,8 @@ def _compile(
             profile=profile,
             output=out,
             calibration_data=calibration,
+            eval_data=eval_data,
+            samples=samples,
             signing_key=keys,
             force=True,
         ),
@@ -138,8 +144,22 @@ def test_digits_cnn_compiles_for_ethos_u65(digits_artifact: CompileResult, keys:
     acc = npu["int8_accuracy"]
     assert acc["top1_agreement"] >= MIN_TOP1
     assert acc["outputs"][0]["cosine"] > 0.999
-    assert acc["labels"]["samples"] == 64  # the profile's calibration_samples
+    # The profile's 64 calibration_samples: the last 16 are held out and measured on.
+    assert acc["labels"]["samples"] == 16
+    assert acc["measured_on"] == {
+        "kind": "held_out",
+        "source": "digits.npz",
+        "samples": 16,
+        "calibration_samples": 48,
+        "disjoint_from_calibration": True,
+        "description": "16 held-out sample(s): the last 25% of 64 from digits.npz, "
+        "which calibration (on the first 48) did not see",
+    }
+    assert npu["quantization"]["calibration_samples"] == 48
     assert npu["quantization"]["calibration_source"] == "digits.npz"
+    ver = result.report["verification"]
+    assert ver["samples"] == 16 and ver["reason"] is None
+    assert ver["inputs"] == acc["measured_on"]["description"]
 
 
 def test_cli_prints_the_npu_report(work: Path, keys: Path, calibration: Path) -> None:
@@ -161,6 +181,8 @@ def test_cli_prints_the_npu_report(work: Path, keys: Path, calibration: Path) ->
     assert result.exit_code == 0, result.output
     for row in ("npu offload", "npu estimate", "int8 vs fp32", "cpu fallback", "ethos-u"):
         assert row in result.output
+    measured = next(line for line in result.output.splitlines() if "int8 measured on" in line)
+    assert "16 held-out sample(s)" in measured
 
 
 def test_operator_the_npu_cannot_run_falls_back_to_cpu(
@@ -290,7 +312,10 @@ def test_every_lowered_operator_matches_fp32_and_runs_on_the_npu(work: Path, key
     # No --calibration-data: seeded random inputs calibrate and measure (the report says so).
     result = _compile(_zoo_model(work / "zoo.onnx"), work / "zoo-npu", keys)
     npu = result.report["npu"]
-    assert result.report["verification"]["inputs"] == "random (seed 0)"
+    measured = npu["int8_accuracy"]["measured_on"]
+    assert (measured["kind"], measured["source"]) == ("held_out", "random (seed 0)")
+    assert (measured["samples"], measured["calibration_samples"]) == (16, 48)
+    assert result.report["verification"]["reason"].startswith("random inputs")
     assert [o["name"] for o in npu["int8_accuracy"]["outputs"]] == ["probs", "c3"]
     for output in npu["int8_accuracy"]["outputs"]:
         assert output["cosine"] > 0.999, output
@@ -304,6 +329,73 @@ def test_every_lowered_operator_matches_fp32_and_runs_on_the_npu(work: Path, key
         "QUANTIZE",
     ]
     assert share["mac_share_npu"] == 1.0 and share["operators_total"] == 14
+
+
+# ------------------------------------------------------------------ what accuracy is measured on
+
+
+def _fp32_predictions(images: np.ndarray) -> np.ndarray:
+    model = load_model(DIGITS)
+    return np.array([int(np.argmax(model.reference([image])[0])) for image in images])
+
+
+def test_eval_data_is_what_int8_accuracy_is_measured_on(
+    work: Path, keys: Path, calibration: Path
+) -> None:
+    images = np.load(calibration)["image"][96:120]  # 24 images
+    # Labels = the fp32 model's own predictions, so fp32 accuracy is 1.0 exactly when (and
+    # only when) the measurement ran on these 24 samples.
+    eval_data = _npz(work / "eval.npz", image=images, y=_fp32_predictions(images))
+    result = _compile(DIGITS, work / "eval-npu", keys, calibration=calibration, eval_data=eval_data)
+    acc = result.report["npu"]["int8_accuracy"]
+    assert acc["labels"]["samples"] == 24 and acc["labels"]["fp32_accuracy"] == 1.0
+    assert acc["measured_on"]["kind"] == "eval_data"
+    assert acc["measured_on"]["samples"] == 24 == result.report["verification"]["samples"]
+    assert acc["measured_on"]["disjoint_from_calibration"] is True
+    # Nothing held out: calibration sees all 64 of its samples.
+    assert acc["measured_on"]["calibration_samples"] == 64
+    assert result.report["npu"]["quantization"]["calibration_samples"] == 64
+    assert acc["measured_on"]["description"] == (
+        "24 sample(s) of --eval-data eval.npz, not used for calibration"
+    )
+    assert result.report["verification"]["reason"] is None
+
+
+def test_too_few_samples_to_hold_out_says_so(work: Path, keys: Path, calibration: Path) -> None:
+    result = _compile(DIGITS, work / "few-npu", keys, calibration=calibration, samples=7)
+    measured = result.report["npu"]["int8_accuracy"]["measured_on"]
+    assert measured["kind"] == "calibration" and measured["disjoint_from_calibration"] is False
+    assert measured["samples"] == measured["calibration_samples"] == 7
+    assert result.report["verification"]["reason"] == measured["description"]
+    assert "the 7 calibration sample(s) themselves" in measured["description"]
+    assert "flatters the int8 model" in measured["description"]
+
+
+def test_held_out_split_is_the_last_quarter(calibration: Path, tmp_path: Path) -> None:
+    model = load_model(DIGITS)
+    data = np.load(calibration)
+    plan = plan_samples(model, count=40, seed=0, calibration_data=calibration, eval_data=None)
+    assert (len(plan.calibration), len(plan.evaluation)) == (30, 10)
+    got = np.stack([s[0] for s in plan.evaluation.samples])
+    np.testing.assert_array_equal(got, data["image"][30:40])
+    np.testing.assert_array_equal(
+        np.stack([s[0] for s in plan.calibration.samples]), data["image"][:30]
+    )
+    assert plan.evaluation.labels is not None
+    assert plan.evaluation.labels.tolist() == data["labels"][30:40].tolist()
+    # 8 samples: 2 held out; 7: none (measured on the calibration samples).
+    for count, held in ((8, 2), (7, 0)):
+        plan = plan_samples(model, count=count, seed=0, calibration_data=None, eval_data=None)
+        assert len(plan.evaluation) == (held or count)
+        assert len(plan.calibration) == count - held
+    # The calibration file again as --eval-data (a copy, even): not disjoint, and it says so.
+    copy = tmp_path / "copy.npz"
+    copy.write_bytes(calibration.read_bytes())
+    plan = plan_samples(model, count=20, seed=0, calibration_data=calibration, eval_data=copy)
+    assert plan.kind == "eval_data" and plan.disjoint is False
+    assert "the same file as --calibration-data" in plan.description
+    with pytest.raises(UsageError, match="--samples 0: give at least 1"):
+        plan_samples(model, count=0, seed=0, calibration_data=None, eval_data=None)
 
 
 # ------------------------------------------------------------------ bad input
@@ -337,14 +429,86 @@ def _npz(path: Path, **arrays: Any) -> Path:
             ),
             "has 3 labels for 4 samples",
         ),
+        (
+            lambda d: _npz(
+                d / "fraction.npz",
+                image=np.zeros((4, 1, 1, 8, 8), np.float32),
+                labels=np.array([0, 1.5, 2, 3]),
+            ),
+            "'labels' must hold class indices (integers >= 0, one per sample); it is float64",
+        ),
     ],
-    ids=["missing", "shape", "rank", "dtype", "name", "labels"],
+    ids=["missing", "shape", "rank", "dtype", "name", "labels", "fractional-labels"],
 )
 def test_bad_calibration_data_is_named(make: Any, message: str, tmp_path: Path, keys: Path) -> None:
     with pytest.raises(InvalidInputError, match="calibration-data") as err:
         _compile(DIGITS, tmp_path / "out", keys, calibration=make(tmp_path))
     assert message in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d: d / "missing.npz", "--eval-data '{d}/missing.npz' is not a readable .npz"),
+        (
+            lambda d: _npz(d / "shape.npz", image=np.zeros((4, 1, 1, 8, 7), np.float32)),
+            "--eval-data input 'image': each sample has shape 1x1x8x7; the model needs 1x1x8x8",
+        ),
+        (
+            lambda d: _npz(d / "dtype.npz", image=np.zeros((4, 1, 1, 8, 8), np.int32)),
+            "--eval-data input 'image' is int32; the model needs float32",
+        ),
+        (
+            lambda d: _npz(d / "empty.npz", image=np.zeros((0, 1, 1, 8, 8), np.float32)),
+            "--eval-data '{d}/empty.npz' holds no samples",
+        ),
+        (
+            lambda d: _npz(
+                d / "labels.npz", image=np.zeros((4, 1, 1, 8, 8), np.float32), y=np.arange(5)
+            ),
+            "--eval-data 'y' has 5 labels for 4 samples",
+        ),
+        (
+            lambda d: _npz(
+                d / "neg.npz", image=np.zeros((2, 1, 1, 8, 8), np.float32), label=[-1, 2]
+            ),
+            "--eval-data 'label' must hold class indices (integers >= 0, one per sample); "
+            "it is int64 starting -1, 2",
+        ),
+    ],
+    ids=["missing", "shape", "dtype", "empty", "labels", "negative-labels"],
+)
+def test_bad_eval_data_is_named(
+    make: Any, message: str, tmp_path: Path, keys: Path, calibration: Path
+) -> None:
+    bad = make(tmp_path)
+    with pytest.raises(InvalidInputError) as err:
+        _compile(DIGITS, tmp_path / "out", keys, calibration=calibration, eval_data=bad)
+    assert message.format(d=tmp_path) in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_eval_data_exits_3_on_the_cli(tmp_path: Path, keys: Path) -> None:
+    bad = _npz(tmp_path / "eval.npz", pixels=np.zeros((4, 1, 1, 8, 8), np.float32))
+    result = CliRunner().invoke(
+        cli,
+        [
+            "compile",
+            str(DIGITS),
+            "--profile",
+            PROFILE,
+            "-o",
+            str(tmp_path / "o"),
+            "--eval-data",
+            str(bad),
+            "--signing-key",
+            str(keys),
+        ],
+    )
+    assert result.exit_code == 3, result.output
+    assert "--eval-data lacks input(s) image; it has: pixels" in result.output
+    assert not (tmp_path / "o").exists()
 
 
 def test_bad_calibration_data_exits_3_on_the_cli(tmp_path: Path, keys: Path) -> None:
@@ -385,6 +549,18 @@ def test_npu_profile_refuses_tuning_and_other_runtimes(tmp_path: Path, keys: Pat
             CompileRequest(DIGITS, PROFILE, tmp_path / "o", runtime="tvm", signing_key=keys),
             settings=CompilerSettings(),
         )
+
+
+def test_eval_data_on_a_cpu_profile_is_refused(tmp_path: Path, keys: Path) -> None:
+    data = tmp_path / "eval.npz"
+    with pytest.raises(UsageError, match="--eval-data .*only used by NPU profiles"):
+        compile_model(
+            CompileRequest(
+                DIGITS, "generic/x86_64", tmp_path / "o", eval_data=data, signing_key=keys
+            ),
+            settings=CompilerSettings(),
+        )
+    assert not (tmp_path / "o").exists()
 
 
 # ------------------------------------------------------------------ the agent
