@@ -2,8 +2,10 @@
 
 Threads (none of them the MQTT network thread, none on the request path):
 
-* the inference server calls :meth:`DataLoop.offer` after each answered request; it only puts
-  the event on a bounded queue and counts a ``queue_full`` drop when the queue is full;
+* the inference server calls :meth:`DataLoop.offer` after each answered request; it puts the
+  event on a bounded queue; when the queue is full it counts a ``queue_full`` drop and adds
+  the event to its drift sketch right there (a histogram update), so sketches count
+  every inference even while samples are dropped;
 * ``capture``: takes events off the queue, adds them to the model's drift sketch, evaluates
   the policy (``agent.capture``), runs the redaction hook, charges the byte budget and writes
   selected samples to the spool; every ``sketch_interval_s`` it closes the sketch windows and
@@ -190,13 +192,32 @@ class DataLoop:
     # ------------------------------------------------------------ the server's side
 
     def offer(self, event: CaptureEvent) -> None:
-        """Hand over an answered inference; never blocks, never raises."""
+        """Hand over an answered inference; never raises, never waits for the queue.
+
+        A full queue drops the event as a sample (counted as ``queue_full``) but still adds
+        it to the drift sketch, here on the caller's thread: the sketch must count every
+        inference, or drift would be measured on a throttled, biased subset. That may wait
+        briefly for the capture thread's lock (held for one sketch update, or once per
+        interval while the closed windows are spooled).
+        """
         try:
             self._queue.put_nowait(event)
         except queue.Full:
-            self._drop("queue_full")
+            try:
+                self._drop("queue_full")
+            finally:
+                self._sketch_only(event)
         except Exception:  # the request path must never fail because of capture
             log.exception("capture offer failed")
+
+    def _sketch_only(self, event: CaptureEvent) -> None:
+        try:
+            with self._lock:
+                policy = self._policy_for_locked(event)
+                if policy is not None:
+                    self._sketch_locked(policy, event)
+        except Exception:  # the request path must never fail because of capture
+            log.exception("sketching a dropped %s event failed", event.model)
 
     # ------------------------------------------------------------ capture thread
 
@@ -235,10 +256,8 @@ class DataLoop:
             spool then dropped it, which is counted), or None.
         """
         with self._lock:
-            policy = self.policy
-            if policy is None or not policy.enabled:
-                return None
-            if policy.models is not None and event.model not in policy.models:
+            policy = self._policy_for_locked(event)
+            if policy is None:
                 return None
             self._sketch_locked(policy, event)
             nth = self._seen.get(event.model, 0) + 1
@@ -275,6 +294,15 @@ class DataLoop:
             self.metrics.capture_dropped.labels("spool_full").inc()
         self.metrics.capture_spool_bytes.set(self.spool.used_bytes)
         return reason
+
+    def _policy_for_locked(self, event: CaptureEvent) -> CapturePolicy | None:
+        """The policy when it captures ``event``'s model, else None."""
+        policy = self.policy
+        if policy is None or not policy.enabled:
+            return None
+        if policy.models is not None and event.model not in policy.models:
+            return None
+        return policy
 
     def _sketch_locked(self, policy: CapturePolicy, event: CaptureEvent) -> None:
         key = (

@@ -84,7 +84,7 @@ def read_tensor(blob_dir: Path, ref: dict[str, Any]) -> npt.NDArray[Any]:
     """
     from cloud.dataloop.ingest import BlobStore
 
-    raw = BlobStore(blob_dir).get(str(ref["sha256"]))
+    raw = BlobStore(blob_dir).tensor(ref)  # either layout, sha256 checked
     dtype = np.dtype(str(ref["dtype"])).newbyteorder("<")
     return np.frombuffer(raw, dtype=dtype).reshape([int(d) for d in ref["shape"]])
 

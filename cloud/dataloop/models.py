@@ -38,7 +38,9 @@ SKETCH_STATES = ("pending", "scored", "skipped")
 
 
 class TensorRef(BaseModel):
-    """A stored tensor: its blob (sha256 of the raw little-endian bytes), dtype and shape."""
+    """A stored tensor: its sha256 (of the raw little-endian bytes), dtype and shape, and
+    where its bytes are: ``size`` bytes at ``offset`` of the blob ``pack`` (a write's tensors
+    packed into one blob), or, without ``pack`` (the first layout), the blob ``sha256``."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -47,6 +49,8 @@ class TensorRef(BaseModel):
     shape: list[int]
     sha256: str
     size: int
+    pack: str | None = None
+    offset: int = 0
 
 
 class TensorData(TensorRef):

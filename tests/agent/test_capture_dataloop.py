@@ -190,6 +190,40 @@ def test_full_queue_drops_and_counts_without_blocking(tmp_path: Path) -> None:
     assert 'edgeloop_capture_dropped_total{reason="queue_full"} 3.0' in text
 
 
+def test_sketches_count_every_inference_when_the_queue_overflows(tmp_path: Path) -> None:
+    from agent.sketches import SketchAccumulator
+
+    clock = Clock()
+    loop = _loop(tmp_path, clock, queue_size=2)  # not started: the queue fills at once
+    loop.apply(
+        _policy(
+            models=["m"],
+            rules=SelectionRules(every_nth=1),
+            bytes_per_hour=0,  # and every selected sample is throttled too
+            sketches={"m": SPEC},
+            sketch_interval_s=10,
+        )
+    )
+    events = [_event(0.6 + 0.03 * i, shift=0.5 * i) for i in range(10)]
+    for event in events:
+        loop.offer(event)
+    loop.offer(_event(model="other"))  # not captured: neither queued nor sketched
+    assert loop.spool.counters() == {"queue_full": 9}
+    while not loop._queue.empty():  # what the capture thread would do with the two queued
+        loop.process(loop._queue.get_nowait())
+    clock.t += 10
+    loop.tick()
+    (item,) = loop.spool.peek("sketch", limit=10)
+    sketch = protocol.decode(protocol.DriftSketch, item.payload)
+    want = SketchAccumulator(SPEC)
+    for event in events:
+        want.update(event.inputs[0], event.outputs[0])
+    assert sketch.counts.n_samples == 10  # all ten inferences, not the two queued
+    assert sketch.counts == want.take()
+    assert sketch.dropped == {"queue_full": 9, "budget": 2}
+    assert len(loop.spool.peek("sample", limit=10)) == 0
+
+
 def test_sketch_of_wrong_shape_is_counted_not_raised(tmp_path: Path) -> None:
     loop = _loop(tmp_path, Clock())
     loop.apply(_policy(sketches={"m": SPEC}))

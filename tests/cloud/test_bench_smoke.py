@@ -62,9 +62,11 @@ def test_ingest_bench_stores_every_sample_and_drops_its_database(tmp_path: Path)
     report = json.loads(out.read_text())
     assert set(report["samples_per_s"]) == {
         "ours",
+        "ours_overlap",
         "ours_db_only",
         "raw_copy",
-        "parse_only",
+        "raw_copy_rows_only",
+        "prepare_only",
         "ours_mqtt",
     }
     assert report["ratio_ours_vs_raw_copy"] > 0

@@ -7,6 +7,7 @@ import base64
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,13 +23,16 @@ from cloud.dataloop.ingest import (
     _Message,
     insert_ignore,
     parse_message,
+    pipelined,
     subscriptions,
 )
 from cloud.dataloop.models import Sample, Sketch
 from fleet.responder import BrokerConfig, BrokerError
 from tests.cloud.cloud_service import api_client, database, make_settings
 from tests.cloud.dataloop_helpers import (
+    N_FEATURES,
     PASSWORDS,
+    WEIGHTS,
     Device,
     make_baseline,
     mosquitto,
@@ -90,6 +94,123 @@ def test_blob_store_is_content_addressed(tmp_path: Path) -> None:
         blobs.path("../etc/passwd")
 
 
+# ---------------------------------------------------------------- the msgspec mirror
+
+
+MIRRORS = {"Tensor": "WireTensor", "CapturedSample": "WireSample", "SampleBatch": "WireBatch"}
+
+
+def _canonical(schema: Any) -> Any:
+    """A JSON schema without what only documents it (titles, defaults, formats), with
+    ``const`` as a one-value ``enum``, sorted enums and the mirrors' names as the contract's."""
+    if isinstance(schema, list):
+        return [_canonical(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in ("title", "description", "default", "format"):
+            continue
+        if key == "const":
+            out["enum"] = [value]
+        elif key == "enum":
+            out["enum"] = sorted(value)
+        elif key == "$ref":
+            name = value.rsplit("/", 1)[-1]
+            out["$ref"] = {v: k for k, v in MIRRORS.items()}.get(name, name)
+        else:
+            out[key] = _canonical(value)
+    if "enum" in out:
+        out.pop("type", None)
+    return out
+
+
+def test_the_msgspec_mirror_has_the_contracts_fields_and_constraints() -> None:
+    """Fields, required fields, types, patterns, lengths and literals of the wire models and
+    of their msgspec mirror (ingestion's fast path) are the same: a change to the contract in
+    agent/protocol.py that the mirror misses fails here."""
+    import msgspec
+
+    from cloud.dataloop.ingest import WireBatch
+
+    contract = protocol.SampleBatch.model_json_schema()
+    contract_defs = {**contract.pop("$defs"), "SampleBatch": contract}
+    _, mirror_defs = msgspec.json.schema_components([WireBatch])
+    for name, mirror in MIRRORS.items():
+        want, got = _canonical(contract_defs[name]), _canonical(mirror_defs[mirror])
+        assert sorted(got["required"]) == sorted(want["required"]), name
+        assert got["additionalProperties"] is want["additionalProperties"] is False, name
+        assert got["properties"] == want["properties"], name
+
+
+def _mutated(path: str, value: Any) -> bytes:
+    data = json.loads(sample_batch("dev-a", 2).to_bytes())
+    *parents, leaf = path.split(".")
+    node = data
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    if value is _DELETE:
+        del node[leaf]
+    else:
+        node[leaf] = value
+    return json.dumps(data).encode()
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        ("device_id", "dev-a"),  # valid as it is
+        ("schema_version", 1.0),
+        ("schema_version", True),
+        ("schema_version", 2),
+        ("extra", 1),
+        ("samples", []),
+        ("sent_at", None),
+        ("dropped", {"budget": "3"}),
+        ("samples.0.sample_id", "0" * 31),
+        ("samples.0.sample_id", "G" * 32),
+        ("samples.0.reason", "bored"),
+        ("samples.0.role", "boss"),
+        ("samples.0.ts", 1_700_000_000),
+        ("samples.0.ts", "yesterday"),
+        ("samples.0.top1", "2"),
+        ("samples.0.confidence", "0.5"),
+        ("samples.0.model", "m" * 129),
+        ("samples.0.device_id", "dev-b"),
+        ("samples.0.inputs.0.dtype", "complex64"),
+        ("samples.0.inputs.0.name", "n" * 129),
+        ("samples.0.inputs.0.schema_version", 1.0),
+        ("samples.0.inputs.0.shape", ["1", "4"]),
+        ("samples.0.outputs", _DELETE),
+        ("samples.1.extra", None),
+    ],
+)
+def test_fast_decoding_accepts_and_refuses_as_the_contract(path: str, value: Any) -> None:
+    """``decode_message`` (msgspec first) and ``parse_message`` (pydantic) agree on every
+    payload: the same samples, or the same error."""
+    from cloud.dataloop.ingest import decode_message
+
+    topic = protocol.capture_samples("dev-a")
+    payload = _mutated(path, value)
+    try:
+        want: Any = parse_message(topic, payload)
+    except protocol.ProtocolError as err:
+        with pytest.raises(protocol.ProtocolError) as got:
+            decode_message(topic, payload)
+        assert str(got.value) == str(err)
+        return
+    got_batch = decode_message(topic, payload)
+    fields = ("sample_id", "device_id", "model", "ts", "reason", "role", "top1", "confidence")
+    for mine, theirs in zip(got_batch.samples, want.samples, strict=True):
+        assert [getattr(mine, f) for f in fields] == [getattr(theirs, f) for f in fields]
+        pairs = zip((*mine.inputs, *mine.outputs), (*theirs.inputs, *theirs.outputs), strict=True)
+        for a, b in pairs:
+            assert (a.name, a.dtype, list(a.shape), a.data) == (b.name, b.dtype, b.shape, b.data)
+
+
 # ---------------------------------------------------------------- database
 
 
@@ -120,6 +241,119 @@ def test_bad_tensor_drops_that_sample_only(tmp_path: Path) -> None:
     result = store.write([(protocol.capture_samples("dev-a"), payload)])
     assert (result.samples_inserted, result.malformed) == (1, 1)
     store.engine.dispose()
+
+
+def _write_old_layout(store: IngestStore, batch: protocol.SampleBatch) -> None:
+    """Store ``batch`` as the first layout did: one blob per tensor, refs without a pack."""
+    rows = []
+    for sample in batch.samples:
+        prepared = IngestStore._sample(sample, sample.ts)
+        for ref, data in zip(
+            (*prepared.row["inputs"], *prepared.row["outputs"]), prepared.tensors, strict=True
+        ):
+            assert store.blobs.put(data) == ref["sha256"]
+            del ref["pack"], ref["offset"]
+        rows.append(prepared.row)
+    with Session(store.engine) as session:
+        assert insert_ignore(session, Sample.__table__, rows, "sample_id") == len(rows)  # type: ignore[attr-defined]
+        session.commit()
+
+
+def test_tensors_of_a_write_share_one_pack_and_read_back(db_url: str, tmp_path: Path) -> None:
+    """One pack per write (duplicates not packed again); old one-file-per-tensor rows still
+    read back through labeling and the API; a damaged pack is detected, never served."""
+    from cloud.dataloop.labeling import read_tensor
+
+    blob_dir = tmp_path / "blobs" / "samples"  # where the API looks
+    store = IngestStore(db.make_engine(db_url), blob_dir)
+    topic = protocol.capture_samples("dev-a")
+    old, first, second = (sample_batch("dev-a", 3, seed=s) for s in (1, 2, 3))
+    _write_old_layout(store, old)
+    assert len([p for p in blob_dir.rglob("*") if p.is_file()]) == 6
+    result = store.write([(topic, first.to_bytes()), (topic, second.to_bytes())])
+    assert (result.samples_inserted, result.samples_duplicate) == (6, 0)
+    files = {p for p in blob_dir.rglob("*") if p.is_file()}
+    assert len(files) == 7  # 6 old files + 1 pack for the whole write
+    # a re-delivery mixed with new samples: only the new ones are packed
+    third = sample_batch("dev-a", 2, seed=4)
+    again = store.write([(topic, first.to_bytes()), (topic, third.to_bytes())])
+    assert (again.samples_inserted, again.samples_duplicate) == (2, 3)
+    new_pack = {p for p in blob_dir.rglob("*") if p.is_file()} - files
+    assert len(new_pack) == 1
+    assert next(iter(new_pack)).stat().st_size == 2 * 4 * (N_FEATURES + WEIGHTS.shape[1])
+    with Session(store.engine) as session:
+        rows = {r.sample_id: r for r in session.exec(select(Sample)).all()}
+    assert len(rows) == 11
+    for wire in (*old.samples, *first.samples, *second.samples, *third.samples):
+        row = rows[wire.sample_id]
+        assert (row.inputs[0].get("pack") is None) == (wire in old.samples)
+        assert np.array_equal(read_tensor(blob_dir, row.inputs[0]), decode_tensor(wire.inputs[0]))
+        assert np.array_equal(read_tensor(blob_dir, row.outputs[0]), decode_tensor(wire.outputs[0]))
+    settings = make_settings(tmp_path, db_url, blob_dir=blob_dir.parent, migrate_on_start=False)
+    with api_client(settings) as client:
+        for wire in (old.samples[0], first.samples[1]):
+            detail = client.get(f"/samples/{wire.sample_id}")
+            assert detail.status_code == 200, detail.text
+            assert detail.json()["inputs"][0]["data"] == wire.inputs[0].data
+        # damage the pack: the API refuses with the reason instead of serving wrong bytes
+        ref = rows[third.samples[1].sample_id].inputs[0]
+        pack = store.blobs.path(ref["pack"])
+        data = bytearray(pack.read_bytes())
+        data[ref["offset"]] ^= 0xFF
+        pack.write_bytes(bytes(data))
+        damaged = client.get(f"/samples/{third.samples[1].sample_id}")
+        assert damaged.status_code >= 400 and "does not match its sha256" in damaged.text
+    with pytest.raises(ValueError, match="does not match its sha256"):
+        read_tensor(blob_dir, ref)
+    pack.write_bytes(bytes(data[: ref["offset"] + 1]))
+    with pytest.raises(ValueError, match="holds 1 of the 16 bytes"):
+        read_tensor(blob_dir, ref)
+    store.engine.dispose()
+
+
+def test_copy_meeting_a_concurrent_duplicate_falls_back_to_on_conflict(
+    db_url: str, tmp_path: Path
+) -> None:
+    """A sample inserted by another consumer between the existence check and the COPY (and a
+    duplicate inside the rows) still ends up stored once, the rest inserted."""
+    store = IngestStore(db.make_engine(db_url), tmp_path / "blobs")
+    batch = sample_batch("dev-a", 4, seed=9)
+    prepared = [IngestStore._sample(s, s.ts).row for s in batch.samples]
+    with Session(store.engine) as session:
+        assert insert_ignore(session, Sample.__table__, prepared[:1], "sample_id") == 1  # type: ignore[attr-defined]
+        session.commit()
+    with Session(store.engine) as session:
+        rows = [*prepared, prepared[2]]  # the first exists already, the third is twice here
+        assert insert_ignore(session, Sample.__table__, rows, "sample_id") == 3  # type: ignore[attr-defined]
+        session.commit()
+        stored = sorted(r.sample_id for r in session.exec(select(Sample)).all())
+    assert stored == sorted(s.sample_id for s in batch.samples)
+    store.engine.dispose()
+
+
+def test_pipelined_prepares_ahead_and_raises_in_order() -> None:
+    import threading
+
+    threads: list[str] = []
+
+    def prepare(n: int) -> int:
+        threads.append(threading.current_thread().name)
+        if n == 3:
+            raise RuntimeError("bad batch 3")
+        return n * 10
+
+    got = []
+    with pytest.raises(RuntimeError, match="bad batch 3"):
+        for n, prepared in pipelined(iter(range(5)), prepare):
+            got.append((n, prepared))
+    assert got == [(0, 0), (1, 10), (2, 20)]
+    assert set(threads) == {"ingest-prepare"}
+    assert list(pipelined(iter(range(3)), lambda n: -n, depth=2)) == [(0, 0), (1, -1), (2, -2)]
+    # a consumer that stops early does not leave the helper thread blocked
+    for n, _ in pipelined(iter(range(100)), prepare):
+        if n == 1:
+            break
+    assert "ingest-prepare" not in {t.name for t in threading.enumerate()}
 
 
 # ---------------------------------------------------------------- over MQTT
@@ -170,7 +404,7 @@ def test_consumer_stores_once_and_counts_malformed(db_url: str, tmp_path: Path) 
     for row in samples:
         ref = row.inputs[0]
         want = decode_tensor(original[row.sample_id].inputs[0])
-        got = np.frombuffer(blobs.get(ref["sha256"]), dtype=ref["dtype"]).reshape(ref["shape"])
+        got = np.frombuffer(blobs.tensor(ref), dtype=ref["dtype"]).reshape(ref["shape"])
         assert np.array_equal(got, want)
         assert row.device_id == "dev-a" and row.artifact_id == "ab" * 32
     # and the API serves them
@@ -205,8 +439,9 @@ def test_shared_subscription_splits_messages(tmp_path: Path) -> None:
                 group="shared",
                 batch_size=5,
                 batch_wait_s=0.05,
+                overlap=overlap,  # both worker loops: in turn, and prepared one batch ahead
             )
-            for _ in range(2)
+            for overlap in (False, True)
         ]
         for consumer in consumers:
             consumer.start(timeout=10)
@@ -315,8 +550,10 @@ def test_ingest_command_consumes_until_sigterm(tmp_path: Path) -> None:
                     proc.wait()
     output = log.read_text()
     assert '"samples_inserted": 2' in output, output
-    blobs = list((tmp_path / "state" / "blobs" / "samples").rglob("*"))
-    assert sum(p.is_file() for p in blobs) == 4  # 2 inputs + 2 outputs
+    blob_dir = tmp_path / "state" / "blobs" / "samples"
+    packs = [p for p in blob_dir.rglob("*") if p.is_file()]
+    assert len(packs) == 1  # the two samples' four tensors, packed into one blob
+    assert packs[0].stat().st_size == 2 * 4 * (N_FEATURES + WEIGHTS.shape[1])
 
 
 def test_monitor_command_scores_pending(tmp_path: Path) -> None:

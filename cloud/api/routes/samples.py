@@ -80,12 +80,14 @@ def get_sample(
         for item in refs:
             ref = TensorRef.model_validate(item)
             try:
-                data = blobs.get(ref.sha256)
+                data = blobs.tensor(ref)  # either layout, sha256 checked
             except FileNotFoundError as err:
                 raise CloudError(
-                    f"sample {sample_id}: tensor {ref.name!r} blob {ref.sha256} is missing "
-                    f"from {blobs.root}"
+                    f"sample {sample_id}: tensor {ref.name!r} blob {ref.pack or ref.sha256} is "
+                    f"missing from {blobs.root}"
                 ) from err
+            except ValueError as err:  # truncated, or not the bytes the sha256 names
+                raise CloudError(f"sample {sample_id}: {err} (in {blobs.root})") from err
             out.append(TensorData(**ref.model_dump(), data=base64.b64encode(data).decode()))
         return out
 
