@@ -1,146 +1,176 @@
-"""``edgeloop demo``: the main job so far, on embedded defaults.
+"""``edgeloop demo``: the whole loop on this machine, with embedded defaults only.
 
-Compiles the shipped example model for the host profile and for ARM profiles, verifies each
-on its target ISA (natively, or under qemu-user), and prints the report. Uses the default
-signing key, creating it on first use, and writes to ``./edgeloop-demo`` (replaced each run).
+Starts Mosquitto, the fleet API (SQLite, local artifact store), the cloud API with one
+worker process and the drift monitor, and three agents; trains the digits model, compiles it
+for the host (and an ARM profile, verified under qemu when the aarch64 sysroot exists),
+rolls it out with a canary, sends OIP traffic, inverts the inputs of one device, shows the
+drift alert, relabels that device's captured samples with an oracle, retrains, redeploys
+through a canary and measures accuracy again. Ends with a summary table, ``report.html``
+(self-contained, four plots) and ``summary.json``. The library side is ``edgeloop.loop``.
+
+Exit codes: 0 the loop did its job, 1 a step failed or a check did not pass, 2 usage,
+5 a missing dependency (Mosquitto, matplotlib), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
+import signal
 import sys
-from importlib import resources
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import click
 
-_DEFAULT_PROFILES = ("generic/x86_64", "raspberry-pi/4b-aarch64", "raspberry-pi/3b-armv7")
+EXIT_FAILED, EXIT_MISSING, EXIT_INTERRUPTED = 1, 5, 130
 
 
-def example_model(name: str = "digits_cnn.onnx") -> Path:
-    """Path of a shipped example model (checkout or installed wheel)."""
-    checkout = Path(__file__).resolve().parent.parent / "examples" / "models" / name
-    if checkout.is_file():
-        return checkout
-    return Path(str(resources.files("edgeloop") / "_examples" / name))
+def default_workdir() -> Path:
+    """Where the demo works unless told otherwise (emptied at the start of each run)."""
+    import platformdirs
+
+    return platformdirs.user_data_path("edgeloop") / "demo"
+
+
+class RichProgress:
+    """Live progress on stderr: a spinner per stage, its notes, a tick with its duration."""
+
+    def __init__(self, console: Any, on_stage: Callable[[str], None] | None = None) -> None:
+        self.console = console
+        self.on_stage = on_stage
+        self.started = time.monotonic()
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        if self.on_stage is not None:
+            self.on_stage(name)
+        begin = time.monotonic()
+        with self.console.status(f"[bold]{name}[/] ...", spinner="dots"):
+            yield
+        self.console.print(
+            f"[green]✓[/] [bold]{name}[/] [dim]({time.monotonic() - begin:.1f} s, "
+            f"at {time.monotonic() - self.started:.0f} s)[/]",
+            highlight=False,
+        )
+
+    def note(self, message: str) -> None:
+        self.console.print(f"  [dim]·[/] {message}", highlight=False)
+
+
+class _Interrupts:
+    """The first SIGINT raises KeyboardInterrupt; later ones only say cleanup is running."""
+
+    def __init__(self, console: Any) -> None:
+        self.console = console
+        self.count = 0
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.count += 1
+        if self.count == 1:
+            raise KeyboardInterrupt
+        self.console.print("[yellow]still stopping the demo's processes...[/]")
+
+
+def run_demo(*, workdir: Path, report: Path, short: bool, arm: bool, err: Any, out: Any) -> int:
+    """Run the demo end to end; returns the exit code (see the module docstring)."""
+    from edgeloop.loop.config import make_config
+    from edgeloop.loop.report import print_summary, write_report
+    from edgeloop.loop.scenario import LoopError, run_loop
+    from edgeloop.loop.stack import STATE_FILE, DemoSetupError, StateFile, prepare_workdir
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        err.print("matplotlib is missing: pip install 'edgeloop[demo]'")
+        return EXIT_MISSING
+    config = make_config(short=short, arm=arm)
+    if config.arm_profile:
+        from compiler import emulation
+        from compiler.settings import CompilerSettings
+
+        if emulation.find_sysroot("aarch64", CompilerSettings().cache_dir) is None:
+            err.print(
+                f"[yellow]no aarch64 sysroot: the {config.arm_profile} artifact is compiled "
+                "but not executed (build it: python -m compiler.emulation, see docs/demo.md)[/]"
+            )
+    interrupts = _Interrupts(err)
+    previous = signal.signal(signal.SIGINT, interrupts)
+    try:
+        try:
+            prepare_workdir(workdir)
+        except DemoSetupError as error:
+            err.print(f"[red]error:[/] {error}")
+            return 2
+        state = StateFile(workdir / STATE_FILE)
+        progress = RichProgress(err, on_stage=state.stage)
+        err.rule(f"[bold]EdgeLoop demo{' (short)' if short else ''}[/] in {workdir}")
+        from edgeloop.loop.stack import start_stack
+
+        try:
+            with progress.stage("start broker, fleet, cloud and agents"):
+                stack_cm = start_stack(workdir, config, state=state, say=progress.note)
+                stack = stack_cm.__enter__()
+            try:
+                outcome = run_loop(stack, config, progress)
+            except BaseException:
+                with progress.stage("stop every service"):
+                    stack_cm.__exit__(*sys.exc_info())
+                raise
+            with progress.stage("stop every service"):
+                stack_cm.__exit__(None, None, None)
+        except DemoSetupError as error:
+            err.print(f"[red]error:[/] {error}")
+            return EXIT_MISSING if "not installed" in str(error) else EXIT_FAILED
+        except LoopError as error:
+            err.print(f"[red]the loop failed:[/] {error}")
+            err.print(f"logs under {workdir}")
+            return EXIT_FAILED
+        with progress.stage("write the report"):
+            summary = write_report(outcome, report)
+        print_summary(outcome, out)
+        out.print(f"report: {report}\nsummary: {summary}", highlight=False)
+        return 0 if outcome.ok else EXIT_FAILED
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted: every process the demo started is stopped[/]")
+        return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @click.command("demo")
 @click.option(
-    "-o",
-    "--output-dir",
-    type=click.Path(path_type=Path),
-    default=Path("edgeloop-demo"),
-    show_default=True,
-    help="Where the demo writes its artifacts (replaced each run).",
+    "--short", is_flag=True, help="CI mode: the host profile only (no ARM compile under qemu)."
 )
 @click.option(
-    "--profile",
-    "profiles",
-    multiple=True,
-    default=_DEFAULT_PROFILES,
-    show_default=True,
-    help="Profiles to compile for (repeatable).",
+    "--workdir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Work directory, emptied at the start of each run [default: the user data dir's "
+    "edgeloop/demo].",
 )
+@click.option("--no-arm", is_flag=True, help="Do not compile for the ARM profile.")
 @click.option(
-    "--no-emulation-setup",
-    is_flag=True,
-    help="Do not build the aarch64 qemu sysroot if it is missing.",
+    "--report",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Where the HTML report goes (summary.json next to it) [default: WORKDIR/report.html].",
 )
-@click.option(
-    "--no-delivery",
-    "delivery",
-    flag_value=False,
-    default=True,
-    help="Skip delivering the host artifact to an agent over MQTT.",
-)
-def demo_command(
-    output_dir: Path, profiles: tuple[str, ...], no_emulation_setup: bool, delivery: bool
-) -> None:
-    """Compile the example model for the host and ARM profiles, verify, and report; then
-    deliver the host artifact to an agent over a private MQTT broker and query it."""
-    from compiler import emulation
-    from compiler.cli import err_console, handle_errors, out_console, print_report
-    from compiler.pipeline import CompileRequest, compile_model
-    from compiler.settings import CompilerSettings
-    from compiler.signing import KeyPaths, generate_keys
+def demo_command(short: bool, workdir: Path | None, no_arm: bool, report: Path | None) -> None:
+    """Run the whole loop here: train, compile, deploy with a canary, OIP traffic, drift on
+    one device, alert, oracle relabel, retrain, redeploy; then a summary and an HTML report."""
+    from rich.console import Console
 
-    @handle_errors
-    def run() -> None:
-        settings = CompilerSettings()
-        keys = KeyPaths.in_dir(settings.keys_dir)
-        if not keys.private.exists():
-            generate_keys(settings.keys_dir)
-            err_console.print(f"created the default signing key in {settings.keys_dir}")
-        if not no_emulation_setup and emulation.find_sysroot("aarch64", settings.cache_dir) is None:
-            err_console.print("building the aarch64 Python sysroot for qemu (first run only)...")
-            emulation.ensure_sysroot("aarch64", settings.cache_dir)
-        model = example_model()
-        output_dir.mkdir(parents=True, exist_ok=True)
-        for name in profiles:
-            out = output_dir / name.replace("/", "__")
-            err_console.rule(f"[bold]{name}")
-            result = compile_model(
-                CompileRequest(
-                    model=model,
-                    profile=name,
-                    output=out,
-                    model_name="digits-cnn",
-                    trials=0,
-                    force=True,
-                ),
-                settings=settings,
-                step=lambda msg: err_console.print(f"[dim]·[/] {msg}", highlight=False),
-            )
-            print_report(
-                result.output,
-                result.artifact_id,
-                result.manifest.model_dump(mode="json"),
-                result.report,
-            )
-        if delivery and "generic/x86_64" in profiles:
-            _deliver(output_dir, settings, model, err_console, out_console)
-        out_console.print(
-            f"\nartifacts in {output_dir.resolve()}; "
-            f"verify one with: edgeloop artifact verify "
-            f"{output_dir / profiles[0].replace('/', '__')}"
-        )
-
-    run()
-    sys.exit(0)
-
-
-def _deliver(output_dir: Path, settings: Any, model: Path, err: Any, out: Any) -> None:
-    import shutil
-
-    from compiler.signing import KeyPaths
-    from edgeloop.delivery_demo import run_delivery
-
-    if shutil.which("mosquitto") is None:
-        err.print("skipping delivery: mosquitto is not installed (apt-get install mosquitto)")
-        return
-    err.rule("[bold]delivery over MQTT")
-    workdir = output_dir / "delivery"
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(parents=True)
-    result = run_delivery(
+    workdir = (workdir or default_workdir()).resolve()
+    report = (report or workdir / "report.html").resolve()
+    code = run_demo(
         workdir=workdir,
-        bundle=output_dir / "generic__x86_64",
-        public_key=KeyPaths.in_dir(settings.keys_dir).public,
-        onnx_model=model,
-        say=lambda msg: err.print(f"[dim]·[/] {msg}", highlight=False),
+        report=report,
+        short=short,
+        arm=not no_arm,
+        err=Console(stderr=True),
+        out=Console(),
     )
-    diff = (
-        max(abs(a - b) for a, b in zip(result.outputs, result.reference, strict=True))
-        if result.outputs
-        else float("nan")
-    )
-    out.print(
-        f"delivery: job {result.job_state} in {result.seconds:.2f} s ({result.chunks} chunks); "
-        f"agent answered OIP with model version {result.model_version}, "
-        f"max |agent - ONNX Runtime| = {diff:.2e}"
-        + (f"; reason: {result.job_reason}" if result.job_reason else ""),
-        highlight=False,
-    )
-    if result.job_state != "SUCCEEDED" or not diff < 1e-3:
-        raise SystemExit(1)
+    sys.exit(code)

@@ -157,6 +157,9 @@ class MosquittoProcess:
             [binary, "-c", str(self.config_file)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            # Its own session: a terminal's Ctrl-C reaches the owner, which stops the broker
+            # last (after the clients), instead of killing it under them.
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -191,6 +194,11 @@ class MosquittoProcess:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait(timeout=10)
+
+    @property
+    def pid(self) -> int | None:
+        """The broker's process id once started (None before)."""
+        return self._proc.pid if self._proc is not None else None
 
     @property
     def running(self) -> bool:
