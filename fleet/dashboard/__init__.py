@@ -4,7 +4,7 @@
 * :mod:`~fleet.dashboard.session`: signed session cookies (pure, stdlib ``hmac``)
 * :mod:`~fleet.dashboard.queries`: organization-scoped database reads (adapter)
 * :mod:`~fleet.dashboard.relabel`: the relabel queue from the cloud API (adapter, injectable)
-* :mod:`~fleet.dashboard.routes`: the pages, the login and the live JSON endpoint
+* :mod:`~fleet.dashboard.routes`: the pages, the login and the pages' live JSON views
 
 :func:`install` wires it into an app made by :func:`fleet.api.main.create_app`.
 """

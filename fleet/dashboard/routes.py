@@ -1,10 +1,14 @@
-"""The dashboard's pages and its live JSON endpoint (server-rendered Jinja2, no CDN).
+"""The dashboard's pages and their live JSON views (server-rendered Jinja2, no CDN).
+
+The overview, the devices page and a deployment's page are redrawn in place by
+``static/dashboard.js``, which polls their JSON views under ``/dashboard/api/``; each view is
+computed by the same function as the page it redraws, so both always show the same thing.
 
 Every page needs a dashboard session: a signed, HttpOnly, ``SameSite=Strict`` cookie naming
 the API key the operator signed in with (:mod:`fleet.dashboard.session`). On each request the
 key is looked up again, so a revoked key, a deleted organization or a key without
-``fleet:read`` ends the session at once; pages redirect to the login form, the JSON endpoint
-answers 401. Everything shown is read through :mod:`fleet.dashboard.queries` scoped to the
+``fleet:read`` ends the session at once; pages redirect to the login form, the JSON views
+answer 401. Everything shown is read through :mod:`fleet.dashboard.queries` scoped to the
 key's organization (another organization's id answers 404 like a missing one). The audit log
 needs ``admin``, as ``GET /audit`` does. The dashboard changes nothing but its own cookie and
 the audit entry of a sign-in; a sign-in posted from another site (its ``Origin`` names another
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -43,6 +47,9 @@ LOGIN = "/dashboard/login"
 TEMPLATES = Path(__file__).parent / "templates"
 AUDIT_PAGE = 50
 DEVICE_PAGE = 200
+OVERVIEW_ROLLOUTS = 20  # the newest deployments the overview looks for running ones in
+OVERVIEW_DRIFT = 5  # series with the highest latest score shown
+OVERVIEW_DRIFT_POINTS = 500  # the newest drift scores those are picked from
 TERMINAL_PHASES = frozenset({Phase.SUCCEEDED, Phase.ABORTED, Phase.CANCELED, Phase.ROLLED_BACK})
 
 # Served as an application mounted at /dashboard (fleet.dashboard.install), not as routes of
@@ -175,6 +182,11 @@ def _not_found(request: Request, viewer: Viewer, message: str) -> HTMLResponse:
     return _render(request, "error.html", {"message": message}, viewer=viewer, status_code=404)
 
 
+def _json(data: dict[str, Any], *, status_code: int = 200) -> JSONResponse:
+    """A live view (or its error) as JSON, never cached."""
+    return JSONResponse(data, status_code=status_code, headers={"Cache-Control": "no-store"})
+
+
 # ---------------------------------------------------------------- login
 
 
@@ -259,50 +271,129 @@ def logout(request: Request) -> Response:
 # ---------------------------------------------------------------- pages
 
 
+def _rollout_json(row: Deployment) -> dict[str, Any]:
+    public = deployments.to_public(row)
+    return {
+        "id": str(public.id),
+        "name": public.name,
+        "model_name": public.model_name,
+        "phase": public.phase,
+        "stage": public.stage,
+        "stages": len(public.stages),
+        "devices": len(public.devices),
+    }
+
+
+def overview_view(session: Session, viewer: Viewer, *, now: datetime) -> dict[str, Any]:
+    """What the overview shows and its poller redraws: counts, phases, running rollouts,
+    the highest latest drift scores and the devices not in their desired state."""
+    rows = queries.device_rows(session, org_id=viewer.org_id)
+    recent, _ = deployments.list_deployments(
+        session, org_id=viewer.org_id, phase=None, offset=0, limit=OVERVIEW_ROLLOUTS
+    )
+    points = queries.drift_points(session, org_id=viewer.org_id, limit=OVERVIEW_DRIFT_POINTS)
+    phases = queries.deployment_phases(session, org_id=viewer.org_id)
+    return {
+        "counts": views.device_counts(rows),
+        "phases": dict(sorted(phases.items())),
+        "rollouts": [_rollout_json(d) for d in recent if Phase(d.phase) not in TERMINAL_PHASES],
+        "top_drift": [
+            views.drift_point_json(p) for p in views.highest_latest(points, limit=OVERVIEW_DRIFT)
+        ],
+        "out_of_sync": [r.device_id for r in rows if not r.in_sync and not r.revoked],
+        "updated_at": now.isoformat(),
+    }
+
+
 @router.get("/")
 def overview(request: Request, session: SessionDep, viewer: ViewerDep) -> HTMLResponse:
-    """Counts: devices per status, deployments per phase, drift, active rollouts."""
-    rows = queries.device_rows(session, org_id=viewer.org_id)
-    active, _ = deployments.list_deployments(
-        session, org_id=viewer.org_id, phase=None, offset=0, limit=20
-    )
-    live = [deployments.to_public(d) for d in active if Phase(d.phase) not in TERMINAL_PHASES]
-    points = queries.drift_points(session, org_id=viewer.org_id, limit=500)
-    latest = [s.latest for s in views.drift_series(points)]
-    context = {
-        "counts": views.device_counts(rows),
-        "phases": queries.deployment_phases(session, org_id=viewer.org_id),
-        "live": live,
-        "top_drift": sorted(latest, key=lambda p: p.score, reverse=True)[:5],
-        "out_of_sync": [r for r in rows if not r.in_sync and not r.revoked],
-    }
+    """Counts: devices per status, deployments per phase, drift, active rollouts (live)."""
+    context = {"live": overview_view(session, viewer, now=datetime.now(UTC))}
     return _render(request, "overview.html", context, viewer=viewer)
+
+
+@router.get("/api/overview")
+def overview_json(session: SessionDep, viewer: JsonViewerDep) -> Response:
+    """The overview as JSON (the page polls it)."""
+    return _json(overview_view(session, viewer, now=datetime.now(UTC)))
+
+
+@dataclass(frozen=True)
+class DeviceFilters:
+    """The devices page's filters (query parameters of the page and of its JSON view)."""
+
+    status: str | None
+    profile: str | None
+    q: str | None
+
+    def as_dict(self) -> dict[str, str]:
+        return {"status": self.status or "", "profile": self.profile or "", "q": self.q or ""}
+
+
+def get_device_filters(
+    status: Annotated[str | None, Query(max_length=16)] = None,
+    profile: Annotated[str | None, Query(max_length=128)] = None,
+    q: Annotated[str | None, Query(max_length=64)] = None,
+) -> DeviceFilters:
+    """The devices filters of a request (``status``, ``profile``, ``q``: id contains)."""
+    return DeviceFilters(status=status or None, profile=profile or None, q=q or None)
+
+
+DeviceFiltersDep = Annotated[DeviceFilters, Depends(get_device_filters)]
+
+
+def devices_view(
+    session: Session, viewer: Viewer, filters: DeviceFilters, *, now: datetime
+) -> dict[str, Any]:
+    """What the devices page lists and its poller redraws: the matching devices (at most
+    :data:`DEVICE_PAGE`) as ``rows``, how many are ``shown``, ``more`` not shown, the
+    organization's ``total`` and ``profiles``.
+
+    Raises:
+        views.FilterError: ``filters.status`` is not a device status.
+    """
+    rows = queries.device_rows(session, org_id=viewer.org_id)
+    matching = views.filter_devices(
+        rows, status=filters.status, profile=filters.profile, query=filters.q
+    )
+    shown = matching[:DEVICE_PAGE]
+    data = {
+        "rows": [views.device_json(r, now=now) for r in shown],
+        "shown": len(shown),
+        "more": len(matching) - len(shown),
+        "total": len(rows),
+        "profiles": sorted({r.profile for r in rows}),
+        "updated_at": now.isoformat(),
+    }
+    return data
 
 
 @router.get("/devices")
 def devices_page(
-    request: Request,
-    session: SessionDep,
-    viewer: ViewerDep,
-    status: Annotated[str | None, Query(max_length=16)] = None,
-    profile: Annotated[str | None, Query(max_length=128)] = None,
-    q: Annotated[str | None, Query(max_length=64)] = None,
+    request: Request, session: SessionDep, viewer: ViewerDep, filters: DeviceFiltersDep
 ) -> HTMLResponse:
-    """Devices: status, profile, group, reported model versions, last heartbeat; filters."""
-    rows = queries.device_rows(session, org_id=viewer.org_id)
+    """Devices: status, profile, group, reported model versions, last heartbeat; filters (live)."""
     try:
-        shown = views.filter_devices(rows, status=status, profile=profile, query=q)
+        live = devices_view(session, viewer, filters, now=datetime.now(UTC))
     except views.FilterError as err:
         return _render(request, "error.html", {"message": str(err)}, viewer=viewer, status_code=422)
     context = {
-        "rows": shown[:DEVICE_PAGE],
-        "more": max(0, len(shown) - DEVICE_PAGE),
-        "total": len(rows),
+        "live": live,
         "statuses": views.DEVICE_STATUSES,
-        "profiles": sorted({r.profile for r in rows}),
-        "filters": {"status": status or "", "profile": profile or "", "q": q or ""},
+        "filters": filters.as_dict(),
+        "live_url": "/dashboard/api/devices?" + urlencode(filters.as_dict()),
     }
     return _render(request, "devices.html", context, viewer=viewer)
+
+
+@router.get("/api/devices")
+def devices_json(session: SessionDep, viewer: JsonViewerDep, filters: DeviceFiltersDep) -> Response:
+    """The devices page's rows as JSON, with the page's filters (the page polls it)."""
+    try:
+        live = devices_view(session, viewer, filters, now=datetime.now(UTC))
+    except views.FilterError as err:
+        return _json({"detail": str(err)}, status_code=422)
+    return _json(live)
 
 
 @router.get("/devices/{device_id}")
@@ -403,11 +494,11 @@ def deployment_json(session: SessionDep, viewer: JsonViewerDep, deployment_id: s
     """The live view of one deployment as JSON (the page polls it)."""
     row = _deployment(session, viewer, deployment_id)
     if row is None:
-        return JSONResponse(
+        return _json(
             {"detail": f"no deployment {deployment_id!r} in organization {viewer.org_name!r}"},
             status_code=404,
         )
-    return JSONResponse(live_view(row), headers={"Cache-Control": "no-store"})
+    return _json(live_view(row))
 
 
 @router.get("/drift")

@@ -1,7 +1,7 @@
 """What the dashboard pages show, computed from plain values (pure: no web framework, no DB).
 
 The adapters (:mod:`fleet.dashboard.queries`) turn rows into the inputs below; the routes
-hand the results to the templates and to the live JSON endpoint. Everything here is
+hand the results to the templates and to the live JSON views. Everything here is
 deterministic given its arguments (``now`` is passed in), so it is tested with tables.
 """
 
@@ -90,6 +90,20 @@ def device_counts(rows: Iterable[DeviceRow]) -> dict[str, int]:
         counts[row.status] += 1
         total += 1
     return {**counts, "total": total}
+
+
+def device_json(row: DeviceRow, *, now: datetime) -> dict[str, object]:
+    """One row of the devices page as its live JSON view sends it (``age`` already worded)."""
+    return {
+        "device_id": row.device_id,
+        "status": row.status,
+        "profile": row.profile,
+        "group": row.group,
+        "models": list(row.models),
+        "in_sync": row.in_sync,
+        "last_seen": row.last_seen.isoformat() if row.last_seen is not None else None,
+        "last_seen_age": age(row.last_seen, now=now),
+    }
 
 
 def age(when: datetime | None, *, now: datetime) -> str:
@@ -223,6 +237,25 @@ class DriftSeries:
     @property
     def latest(self) -> DriftPoint:
         return self.points[-1]
+
+
+def drift_point_json(point: DriftPoint) -> dict[str, object]:
+    """One drift score as the overview's live JSON view sends it."""
+    return {
+        "device_id": point.device_id,
+        "model_name": point.model_name,
+        "model_version": point.model_version,
+        "metric": point.metric,
+        "score": point.score,
+        "samples": point.samples,
+        "window_end": point.window_end.isoformat(),
+    }
+
+
+def highest_latest(points: Iterable[DriftPoint], *, limit: int) -> list[DriftPoint]:
+    """The latest score of each series, highest first, at most ``limit`` of them."""
+    latest = [s.latest for s in drift_series(points)]
+    return sorted(latest, key=lambda p: p.score, reverse=True)[:limit]
 
 
 def drift_series(points: Iterable[DriftPoint]) -> list[DriftSeries]:

@@ -150,6 +150,47 @@ def test_filter_devices_and_counts() -> None:
     assert views.age(None, now=seen) == "never"
 
 
+def test_live_json_of_devices_and_drift() -> None:
+    now = datetime(2026, 1, 1, 12, tzinfo=UTC)
+    seen = views.DeviceRow("a-1", GENERIC, "lab", False, True, now - timedelta(seconds=7),
+                           ("m 2", "n 1"), in_sync=False)  # fmt: skip
+    never = views.DeviceRow("b-1", PI, None, False, False, None)
+    assert views.device_json(seen, now=now) == {
+        "device_id": "a-1",
+        "status": "online",
+        "profile": GENERIC,
+        "group": "lab",
+        "models": ["m 2", "n 1"],
+        "in_sync": False,
+        "last_seen": "2026-01-01T11:59:53+00:00",
+        "last_seen_age": "7 s ago",
+    }
+    assert views.device_json(never, now=now)["last_seen"] is None
+    assert views.device_json(never, now=now)["last_seen_age"] == "never"
+
+    def point(device: str, version: str, score: float, minute: int) -> views.DriftPoint:
+        return views.DriftPoint(device, "m", version, "psi", score, 9, now.replace(minute=minute))
+
+    # The latest score of each series counts, not its highest; highest first, then cut.
+    points = [point("a", "1", 0.9, 1), point("a", "1", 0.1, 2), point("b", "1", 0.5, 1),
+              point("b", "2", 0.3, 3), point("c", "1", 0.2, 4)]  # fmt: skip
+    top = views.highest_latest(points, limit=3)
+    assert [(p.device_id, p.model_version, p.score) for p in top] == [
+        ("b", "1", 0.5),
+        ("b", "2", 0.3),
+        ("c", "1", 0.2),
+    ]
+    assert views.drift_point_json(top[0]) == {
+        "device_id": "b",
+        "model_name": "m",
+        "model_version": "1",
+        "metric": "psi",
+        "score": 0.5,
+        "samples": 9,
+        "window_end": "2026-01-01T12:01:00+00:00",
+    }
+
+
 def test_line_chart_escapes_and_scales() -> None:
     t = datetime(2026, 1, 1, tzinfo=UTC)
     points = [
@@ -608,6 +649,129 @@ def test_audit_needs_admin_and_other_orgs_objects_are_404(http: httpx.Client, st
     assert "gen-1" not in http.get("/dashboard/drift").text
 
 
+# ---------------------------------------------------------------- TestClient: live JSON views
+
+LIVE_JSON = ("/dashboard/api/overview", "/dashboard/api/devices")
+
+
+@pytest.fixture()
+def client(stack: Stack) -> Iterator[TestClient]:
+    """The running fleet app called in process (its lifespan already runs under uvicorn)."""
+    with_client = TestClient(stack.app, follow_redirects=False)
+    yield with_client
+    with_client.close()
+
+
+def _sign_in_client(client: TestClient, token: str) -> None:
+    client.cookies.clear()
+    response = client.post("/dashboard/login", data={"api_key": token})
+    assert response.status_code == 303, response.text
+
+
+def test_live_json_views_need_a_session(client: TestClient, stack: Stack) -> None:
+    forged = cookies.sign(b"x" * 32, key_id=stack.org_a.key_id, now=time.time())
+    for path in (*LIVE_JSON, "/dashboard/api/devices?status=online"):
+        client.cookies.clear()
+        response = client.get(path)
+        assert response.status_code == 401, path
+        assert "sign in" in response.json()["detail"] and "gen-1" not in response.text
+        client.cookies.set(COOKIE, forged)
+        assert client.get(path).status_code == 401, path
+    with stack.api(stack.org_a.token) as api:
+        temp = api.post("/api-keys", json={"name": "tmp", "scopes": ["fleet:read"]}).json()
+        _sign_in_client(client, temp["token"])
+        assert client.get(LIVE_JSON[0]).status_code == 200
+        assert api.delete(f"/api-keys/{temp['key_id']}").status_code == 200
+    for path in LIVE_JSON:  # the revoked key's session is over for the poller too
+        assert client.get(path).status_code == 401, path
+
+
+def test_overview_json_is_the_pages_data_of_the_organization(
+    client: TestClient, stack: Stack
+) -> None:
+    _sign_in_client(client, stack.read_a)
+    response = client.get("/dashboard/api/overview")
+    assert response.status_code == 200 and response.headers["cache-control"] == "no-store"
+    view = response.json()
+    assert view["counts"] == {"online": 1, "offline": 1, "never-seen": 2, "revoked": 0, "total": 4}
+    deployment = stack.deployment()
+    assert view["phases"] == {deployment["phase"]: 1}
+    running = deployment["phase"] not in ("SUCCEEDED", "ABORTED", "CANCELED", "ROLLED_BACK")
+    expected = {
+        "id": stack.deployment_id,
+        "name": "rollout-v2",
+        "model_name": "m",
+        "phase": deployment["phase"],
+        "stage": deployment["stage"],
+        "stages": 2,
+        "devices": 3,
+    }
+    assert view["rollouts"] == ([expected] if running else [])
+    top = [(p["device_id"], p["model_version"], p["metric"], p["score"]) for p in view["top_drift"]]
+    assert top == [("gen-1", "1", "psi", 0.31), ("gen-2", "1", "psi", 0.04)]
+    assert datetime.fromisoformat(view["top_drift"][0]["window_end"]) < datetime.now(UTC)
+    with stack.api(stack.org_a.token) as api:
+        pending = [
+            device_id
+            for device_id in ("gen-1", "gen-2", "gen-3", "pi-1")
+            if not api.get(f"/devices/{device_id}/state").json()["in_sync"]
+        ]
+    assert view["out_of_sync"] == pending and pending  # the rollout's devices wait for v2
+    page = client.get("/dashboard/").text
+    assert 'id="count-never-seen">2<' in page and 'data-live-view="overview"' in page
+    for device_id in pending:
+        assert f'<li data-device="{device_id}">' in page
+    assert 'data-live-url="/dashboard/api/overview"' in page
+
+    _sign_in_client(client, stack.org_b.token)
+    view = client.get("/dashboard/api/overview").json()
+    assert view["counts"] == {"online": 0, "offline": 0, "never-seen": 1, "revoked": 0, "total": 1}
+    assert view["phases"] == {} and view["rollouts"] == [] and view["out_of_sync"] == []
+    assert [(p["device_id"], p["score"]) for p in view["top_drift"]] == [("b-dev-1", 0.777)]
+
+
+def test_devices_json_follows_the_filters_and_the_organization(
+    client: TestClient, stack: Stack
+) -> None:
+    _sign_in_client(client, stack.org_a.token)
+    response = client.get("/dashboard/api/devices")
+    assert response.status_code == 200 and response.headers["cache-control"] == "no-store"
+    view = response.json()
+    rows = {r["device_id"]: r for r in view["rows"]}
+    assert list(rows) == ["gen-1", "gen-2", "gen-3", "pi-1"]
+    assert (view["shown"], view["more"], view["total"]) == (4, 0, 4)
+    assert view["profiles"] == sorted({GENERIC, PI})
+    gen1 = rows["gen-1"]
+    assert (gen1["status"], gen1["models"], gen1["group"]) == ("online", ["m 1"], "lab")
+    assert gen1["last_seen_age"].endswith("s ago") or gen1["last_seen_age"].endswith("min ago")
+    assert datetime.fromisoformat(gen1["last_seen"]) <= datetime.now(UTC)
+    assert rows["gen-2"]["status"] == "offline" and rows["gen-2"]["models"] == ["m 1"]
+    gen3 = rows["gen-3"]
+    assert (gen3["status"], gen3["last_seen"], gen3["last_seen_age"], gen3["models"]) == (
+        "never-seen",
+        None,
+        "never",
+        [],
+    )
+    assert rows["pi-1"]["profile"] == PI
+    page = client.get("/dashboard/devices", params={"status": "offline", "q": "GEN"})
+    assert 'data-live-url="/dashboard/api/devices?status=offline&amp;profile=&amp;q=GEN"' in (
+        page.text
+    )
+    offline = client.get("/dashboard/api/devices?status=offline&profile=&q=GEN").json()
+    assert [r["device_id"] for r in offline["rows"]] == ["gen-2"]
+    assert (offline["shown"], offline["total"]) == (1, 4)
+    by_profile = client.get("/dashboard/api/devices", params={"profile": PI}).json()
+    assert [r["device_id"] for r in by_profile["rows"]] == ["pi-1"]
+    bad = client.get("/dashboard/api/devices", params={"status": "asleep"})
+    assert bad.status_code == 422 and "choose from: online, offline" in bad.json()["detail"]
+
+    _sign_in_client(client, stack.org_b.token)
+    view = client.get("/dashboard/api/devices").json()
+    assert [r["device_id"] for r in view["rows"]] == ["b-dev-1"] and view["total"] == 1
+    assert "gen-" not in client.get("/dashboard/api/devices", params={"q": "gen"}).text
+
+
 def test_relabel_page_without_cloud(tmp_path: Path, keys: Keys) -> None:
     settings = ApiSettings(
         state_dir=tmp_path / "state",
@@ -670,6 +834,7 @@ def browser() -> Iterator[Any]:
         "--window-size=1360,900",
     ):
         options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # CSP violations land there
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(30)
     try:
@@ -711,6 +876,35 @@ def _text(driver: Any, css: str) -> str:
     return text
 
 
+def _device_cell(driver: Any, device_id: str, name: str, attribute: str | None = None) -> str:
+    """A field of a device's row on the devices page (its text, or an attribute)."""
+    from selenium.webdriver.common.by import By
+
+    cell = driver.find_element(
+        By.CSS_SELECTOR, f'#devices tr[data-device="{device_id}"] [data-field="{name}"]'
+    )
+    value: str = cell.text if attribute is None else cell.get_attribute(attribute)
+    return value
+
+
+def _csp_violations(driver: Any) -> list[str]:
+    return [
+        str(e["message"])
+        for e in driver.get_log("browser")
+        if "Content Security Policy" in str(e["message"])
+    ]
+
+
+def _enqueue_heartbeat(stack: Stack, device_id: str) -> None:
+    beat = heartbeat(device_id, version="1", artifact_id=stack.v1)
+    stack.executor.enqueue(protocol.heartbeat(device_id), beat)
+
+
+def _enqueue_offline(stack: Stack, device_id: str) -> None:
+    offline = Status(device_id=device_id, state="offline", agent_version="0.1.0")
+    stack.executor.enqueue(protocol.status(device_id), offline.to_bytes())
+
+
 @pytest.mark.slow
 def test_browser_login_overview_devices_drift_relabel_audit(browser: Any, stack: Stack) -> None:
     from selenium.webdriver.common.by import By
@@ -738,6 +932,43 @@ def test_browser_login_overview_devices_drift_relabel_audit(browser: Any, stack:
     assert "offline" in rows["gen-2"] and "never-seen" in rows["gen-3"]
     assert PI in rows["pi-1"] and "lab" in rows["pi-1"]
     _shoot(browser, stack, "03-devices")
+
+    # Devices come online, go offline and heartbeat: the page follows without a reload.
+    browser.execute_script("window.__notReloaded = true;")
+    gen2_seen = _device_cell(browser, "gen-2", "last-seen", "title")
+    _enqueue_heartbeat(stack, "gen-2")
+    _enqueue_offline(stack, "gen-1")
+    _wait(browser, lambda d: _device_cell(d, "gen-2", "status") == "online")
+    _wait(browser, lambda d: _device_cell(d, "gen-1", "status") == "offline")
+    assert _device_cell(browser, "gen-2", "last-seen", "title") > gen2_seen  # a newer heartbeat
+    assert "offline" in _device_cell(browser, "gen-1", "status", "class")
+    assert _device_cell(browser, "gen-2", "models") == "m 1"
+    assert _device_cell(browser, "gen-3", "status") == "never-seen"
+    assert browser.execute_script("return window.__notReloaded === true;")
+    _shoot(browser, stack, "03b-devices-live")
+
+    # So does the overview: gen-1 heartbeats again.
+    browser.get(stack.url + "/dashboard/")
+    assert (_text(browser, "#count-online"), _text(browser, "#count-offline")) == ("1", "1")
+    browser.execute_script("window.__notReloaded = true;")
+    _enqueue_heartbeat(stack, "gen-1")
+    _wait(browser, lambda d: (_text(d, "#count-online"), _text(d, "#count-offline")) == ("2", "0"))
+    assert browser.execute_script("return window.__notReloaded === true;")
+    assert _text(browser, "#live-status") == "live" and not _csp_violations(browser)
+
+    # A filtered list gains the row of a device that now matches (gen-2 offline again, as
+    # the tests below expect) and drops its "No devices match." line.
+    browser.get(stack.url + "/dashboard/devices?status=offline")
+    assert _text(browser, "#devices tbody") == "No devices match."
+    browser.execute_script("window.__notReloaded = true;")
+    _enqueue_offline(stack, "gen-2")
+    _wait(browser, lambda d: _device_cell(d, "gen-2", "status") == "offline")
+    row = browser.find_element(By.CSS_SELECTOR, '#devices tr[data-device="gen-2"]')
+    assert row.find_element(By.TAG_NAME, "a").get_attribute("href").endswith("/devices/gen-2")
+    assert _device_cell(browser, "gen-2", "models") == "m 1" and "ago" in row.text
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#devices tbody tr")) == 1
+    assert (_text(browser, "#shown"), _text(browser, "#total")) == ("1", "4")
+    assert browser.execute_script("return window.__notReloaded === true;")
 
     browser.find_element(By.CSS_SELECTOR, 'select[name="status"] option[value="online"]').click()
     browser.find_element(By.CSS_SELECTOR, ".filters button").click()
