@@ -5,7 +5,8 @@ For each N (100 and 1,000 by default), in one run, with a private Mosquitto
 
 * **API + executor**: ``fleet.api.main.create_app`` on SQLite (served in-process through
   Starlette's ``TestClient``) with the real broker adapter (``MosquittoPasswordFile``, so
-  every device registered through ``POST /devices`` becomes a broker user) and the real MQTT
+  every device registered through ``POST /devices/bulk`` becomes a broker user) and the
+  real MQTT
   deployment executor (``mqtt_executor``: event-driven, it steps when messages arrive).
 * **Simulated agents**: one separate worker process (this script with ``--worker``) holds N
   paho MQTT 5 connections, each authenticated as its own registered device user (the ACL lets
@@ -16,8 +17,9 @@ For each N (100 and 1,000 by default), in one run, with a private Mosquitto
   verify or activate it (no responder runs) and send no heartbeats.
 * **rollout**: ``POST /deployments`` (policy: canary 1 %, then one wave of the rest) to the
   group of N devices; the time from just before that request until the executor saved phase
-  SUCCEEDED with N devices SUCCEEDED (the deployment's ``updated_at``; ``GET
-  /deployments/{id}``, polled every 20 ms, notices it and is reported beside it).
+  SUCCEEDED with N devices SUCCEEDED (the deployment's ``updated_at``; a ``SELECT`` of the
+  row's phase every 20 ms notices it, reported beside it, then ``GET /deployments/{id}``
+  checks the N SUCCEEDED devices).
 * **raw fan-out**: N more paho connections in the same worker (as the ``fleet`` user: no
   device user may read a shared topic) subscribe to one topic; the time from publishing one
   QoS 1 message (``fleet`` user, this process) to its receipt by the last subscriber,
@@ -26,6 +28,10 @@ For each N (100 and 1,000 by default), in one run, with a private Mosquitto
 Ratio = rollout / raw fan-out (issue target <= 2). Then the sequential request rate of
 ``GET /devices?limit=min(N, 1000)`` with N devices (``--list-requests`` requests, in-process
 ``TestClient``, no network).
+
+Diagnostics printed per N: the executor's passes during the rollout (start after ``POST
+/deployments`` + duration / messages handled), its time starting jobs, handing notifies to
+paho and writing desired state, and the executor passes during the device listing.
 
 It prints numbers and asserts none: a benchmark, not a test. Usage::
 
@@ -281,7 +287,7 @@ def run_n(
     """Register N devices, roll out to them, time fan-out and device listing."""
     from fastapi.testclient import TestClient
     from sqlalchemy import Engine
-    from sqlmodel import Session
+    from sqlmodel import Session, select
 
     from compiler.signing import generate_keys, load_public_key
     from fleet.api.bootstrap import create_admin_key
@@ -290,6 +296,7 @@ def run_n(
     from fleet.broker import MosquittoProcess
     from fleet.broker_auth import MosquittoPasswordFile
     from fleet.executor import Executor, mqtt_executor
+    from fleet.models import Deployment
     from fleet.responder import BrokerConfig
     from fleet.store import ArtifactStore
 
@@ -308,6 +315,7 @@ def run_n(
     timers: dict[str, float] = {"perform": 0.0, "publish": 0.0, "set_desired": 0.0}
     profiler = cProfile.Profile() if profile is not None else None
     made: list[Executor] = []
+    pass_log: list[tuple[float, float, int]] = []
 
     def timed(name: str, fn: Any) -> Any:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -327,6 +335,17 @@ def run_n(
         session = executor.publisher
         session.publish_async = timed("publish", session.publish_async)  # type: ignore[attr-defined]
         executor._set_desired = timed("set_desired", executor._set_desired)  # type: ignore[method-assign]
+        # Diagnostics only: each pass's start (wall clock), duration and messages handled.
+        plain_tick = executor.tick
+
+        def timeline_tick() -> float | None:
+            start, queued = time.time(), len(executor._inbox)
+            try:
+                return plain_tick()
+            finally:
+                pass_log.append((start, time.time() - start, queued))
+
+        executor.tick = timeline_tick  # type: ignore[method-assign]
         if profiler is not None:
             tick = executor.tick
 
@@ -356,15 +375,21 @@ def run_n(
             group = client.post("/groups", headers=headers, json={"name": "bench"}).json()
             t = time.perf_counter()
             devices: dict[str, str] = {}
-            for i in range(n):
-                device_id = f"sim-{i:05d}"
+            ids = [f"sim-{i:05d}" for i in range(n)]
+            for start in range(0, n, 1000):  # POST /devices/bulk takes up to 1,000
                 response = client.post(
-                    "/devices",
+                    "/devices/bulk",
                     headers=headers,
-                    json={"device_id": device_id, "profile": PROFILE, "group_id": group["id"]},
+                    json={
+                        "devices": [
+                            {"device_id": d, "profile": PROFILE, "group_id": group["id"]}
+                            for d in ids[start : start + 1000]
+                        ]
+                    },
                 )
                 assert response.status_code == 201, response.text
-                devices[device_id] = response.json()["mqtt"]["password"]
+                for device in response.json()["data"]:
+                    devices[device["device_id"]] = device["mqtt"]["password"]
             register_s = time.perf_counter() - t
             print(f"  N={n}: registered in {register_s:.1f} s", flush=True)
             uploaded = client.post(
@@ -404,23 +429,35 @@ def run_n(
             assert created.status_code == 201, created.text
             deployment_id = created.json()["id"]
             deadline = time.monotonic() + 120 + n * 0.5
+            # Watch the row's phase column (one small SELECT every 20 ms), then read the whole
+            # deployment through the API once: polling GET /deployments/{id} itself (the
+            # N-device view) in the executor's process would compete with it for the GIL.
+            phase_of = select(Deployment.phase).where(Deployment.id == uuid.UUID(deployment_id))
             while True:
-                read = client.get(f"/deployments/{deployment_id}", headers=headers).json()
-                if read["phase"] == "SUCCEEDED" and read["counts"].get("SUCCEEDED") == n:
+                with Session(app.state.engine) as session:
+                    phase = session.exec(phase_of).first()
+                if phase in ("SUCCEEDED", "ABORTED", "CANCELED") or time.monotonic() > deadline:
                     break
-                if read["phase"] in ("ABORTED", "CANCELED") or time.monotonic() > deadline:
-                    raise RuntimeError(f"rollout did not succeed: {read['phase']} {read['counts']}")
                 time.sleep(0.02)
             shown_s = time.time() - t0
+            read = client.get(f"/deployments/{deployment_id}", headers=headers).json()
+            if read["phase"] != "SUCCEEDED" or read["counts"].get("SUCCEEDED") != n:
+                raise RuntimeError(f"rollout did not succeed: {read['phase']} {read['counts']}")
             passes, publish_failures = made[0].passes, made[0].publish_failures
             # The poll only notices the end; the executor stamped the SUCCEEDED save.
             rollout_s = datetime.fromisoformat(read["updated_at"]).timestamp() - t0
             stages = [len(s) for s in read["stages"]]
             print(
-                f"  N={n}: rollout {rollout_s:.3f} s (stages {stages}; the API poll saw it "
+                f"  N={n}: rollout {rollout_s:.3f} s (stages {stages}; the poll saw it "
                 f"at {shown_s:.3f} s; executor passes: {made[0].passes})",
                 flush=True,
             )
+            timeline = [
+                f"{start - t0:.2f}+{took:.2f}s/{queued}"
+                for start, took, queued in pass_log
+                if start >= t0
+            ]
+            print(f"  N={n}: executor passes (start+duration/messages): {' '.join(timeline)}")
             if profiler is not None and profile is not None:
                 out = profile.with_name(f"{profile.stem}-{n}{profile.suffix}")
                 profiler.dump_stats(out)
@@ -449,11 +486,17 @@ def run_n(
             limit = min(n, 1000)
             url = f"/devices?limit={limit}"
             assert client.get(url, headers=headers).json()["count"] == n
+            passes_before_list = made[0].passes
             t = time.perf_counter()
             for _ in range(list_requests):
                 response = client.get(url, headers=headers)
                 assert response.status_code == 200
             list_rate = list_requests / (time.perf_counter() - t)
+            print(
+                f"  N={n}: GET {url}: {list_rate:.1f} req/s (executor passes meanwhile: "
+                f"{made[0].passes - passes_before_list})",
+                flush=True,
+            )
 
             assert worker.stdin is not None
             worker.stdin.close()

@@ -217,6 +217,41 @@ def devices_register(
     click.echo(f"password: {device.mqtt.password}")
 
 
+@devices_group.command("register-bulk")
+@click.argument("devices_file", type=click.File("r"))
+@_api_options
+@handle_api_errors
+def devices_register_bulk(devices_file: Any, api_url: str | None, as_json: bool) -> None:
+    """Register every device of DEVICES_FILE at once (all or none; '-' reads stdin) and
+    print their MQTT credentials (shown only this once).
+
+    DEVICES_FILE is JSON: a list of objects with "device_id" and "profile", optionally
+    "group_id" and "tags" (or {"devices": [...]}, the API's body). At most 1000 per call.
+    """
+    name = getattr(devices_file, "name", "DEVICES_FILE")
+    try:
+        loaded = json.load(devices_file)
+    except json.JSONDecodeError as err:
+        raise click.BadParameter(f"{name} is not JSON: {err}", param_hint="DEVICES_FILE") from err
+    devices = loaded.get("devices") if isinstance(loaded, dict) else loaded
+    if not isinstance(devices, list) or not all(isinstance(d, dict) for d in devices):
+        raise click.BadParameter(
+            f'{name} must hold a JSON list of device objects (or {{"devices": [...]}})',
+            param_hint="DEVICES_FILE",
+        )
+    with open_client(_settings(api_url)) as fleet:
+        registered = fleet.register_devices(devices)
+    if as_json:
+        _emit_json(registered.model_dump(mode="json"))
+        return
+    err_console.print(
+        f"registered {registered.count} devices; MQTT credentials (shown once), "
+        "one 'username password' per line:"
+    )
+    for device in registered.data:
+        click.echo(f"{device.mqtt.username} {device.mqtt.password}")
+
+
 @devices_group.command("revoke")
 @click.argument("device_id")
 @_api_options

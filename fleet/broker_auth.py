@@ -33,7 +33,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -51,6 +51,15 @@ class BrokerAuth(Protocol):
 
     def remove_device(self, username: str) -> None:
         """Stop ``username`` from logging in (idempotent)."""
+        ...
+
+    def add_devices(self, logins: Mapping[str, str]) -> None:
+        """Let every username of ``logins`` log in with its password: all or none, with
+        one broker reload."""
+        ...
+
+    def remove_devices(self, usernames: Collection[str]) -> None:
+        """Stop every one of ``usernames`` from logging in (idempotent), one reload."""
         ...
 
 
@@ -144,15 +153,44 @@ class MosquittoPasswordFile:
         self._check(username)
         self._commit(username, None)
 
+    def add_devices(self, logins: Mapping[str, str]) -> None:
+        """:meth:`add_device` for many users: every name is checked before anything is
+        written, then all lines go into one rewrite and one reload.
+
+        Raises:
+            InvalidRequestError: a username is not a device id or is reserved (nothing written).
+            BrokerSyncError: hashing, the rewrite or the reload failed.
+        """
+        for username in logins:
+            self._check(username)
+        self._commit_many([(user, self._hash(user, password)) for user, password in logins.items()])
+
+    def remove_devices(self, usernames: Collection[str]) -> None:
+        """:meth:`remove_device` for many users, in one rewrite and one reload.
+
+        Raises:
+            InvalidRequestError: a username is not a device id or is reserved (nothing written).
+            BrokerSyncError: the rewrite or the reload failed.
+        """
+        for username in usernames:
+            self._check(username)
+        self._commit_many([(user, None) for user in usernames])
+
     # ------------------------------------------------------------ internals
 
     def _commit(self, username: str, line: str | None) -> None:
-        """Queue one change (a hashed line, or None to remove) and return once it is written
-        and the broker reloaded; whoever finds no write running writes every queued change."""
+        self._commit_many([(username, line)])
+
+    def _commit_many(self, changes: list[tuple[str, str | None]]) -> None:
+        """Queue changes (a hashed line, or None to remove) under one ticket and return once
+        they are written and the broker reloaded; whoever finds no write running writes every
+        queued change. One ticket's changes always land in the same rewrite."""
+        if not changes:
+            return
         with self._cond:
             ticket = self._next_ticket
             self._next_ticket += 1
-            self._pending.append((ticket, username, line))
+            self._pending.extend((ticket, username, line) for username, line in changes)
             while self._done_ticket < ticket:
                 if self._flushing:
                     self._cond.wait()
@@ -181,12 +219,16 @@ class MosquittoPasswordFile:
             return None
         try:
             with self._locked():
-                entries = self._entries()
+                before = self._entries()
+                # A dict keeps file order; a changed user moves to the end, as before (one
+                # pass over the batch instead of one scan of the file per change).
+                merged = dict(before)
                 for _, username, line in batch:
-                    entries = [(u, rest) for u, rest in entries if u != username]
+                    merged.pop(username, None)
                     if line is not None:
-                        entries.append((username, line))
-                if entries != self._entries():
+                        merged[username] = line
+                entries = list(merged.items())
+                if entries != before:
                     self._write(entries)
                     self.writes += 1
             self._reload()

@@ -293,6 +293,46 @@ def create_device(session: Session, *, org_id: uuid.UUID, device_in: DeviceCreat
     return device
 
 
+def create_devices(
+    session: Session, *, org_id: uuid.UUID, devices_in: list[DeviceCreate]
+) -> list[Device]:
+    """Add several devices in one flush (one multi-row INSERT); none if any is refused.
+
+    Raises:
+        ConflictError: device ids already registered (in any organization), all named.
+        InvalidRequestError: a ``group_id`` is not one of the organization's groups.
+    """
+    ids = [d.device_id for d in devices_in]
+    taken: list[str] = []
+    for start in range(0, len(ids), 500):  # keep the IN list under every driver's limit
+        chunk = ids[start : start + 500]
+        query = select(Device.device_id).where(col(Device.device_id).in_(chunk))
+        taken += session.exec(query).all()
+    if taken:
+        shown = ", ".join(repr(t) for t in sorted(taken)[:20])
+        more = f" and {len(taken) - 20} more" if len(taken) > 20 else ""
+        raise ConflictError(
+            f"{len(taken)} device id(s) already registered in the fleet: {shown}{more}; "
+            "device ids are unique across organizations, nothing was registered"
+        )
+    group_ids = {d.group_id for d in devices_in if d.group_id is not None}
+    if group_ids:
+        known = set(
+            session.exec(
+                select(Group.id).where(col(Group.id).in_(group_ids), Group.org_id == org_id)
+            ).all()
+        )
+        if missing := sorted(str(g) for g in group_ids - known):
+            raise InvalidRequestError(
+                f"group_id {missing[0]!r} is not a group of this organization; "
+                "list the groups with GET /groups"
+            )
+    devices = [Device.model_validate(d, update={"org_id": org_id}) for d in devices_in]
+    session.add_all(devices)
+    session.flush()
+    return devices
+
+
 def get_device(session: Session, *, org_id: uuid.UUID, device_id: str) -> Device | None:
     """The organization's device ``device_id``, or None."""
     return session.exec(
@@ -408,6 +448,12 @@ def add_audit(session: Session, *, org_id: uuid.UUID, entry: AuditLogCreate) -> 
     session.add(row)
     session.flush()
     return row
+
+
+def add_audits(session: Session, *, org_id: uuid.UUID, entries: list[AuditLogCreate]) -> None:
+    """Append audit entries in one flush."""
+    session.add_all([AuditLog.model_validate(e, update={"org_id": org_id}) for e in entries])
+    session.flush()
 
 
 def list_audit(

@@ -18,7 +18,7 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
-from sqlalchemy import bindparam, func, update
+from sqlalchemy import bindparam, func, insert, update
 from sqlmodel import Session, col, select
 
 from fleet import rollout
@@ -44,6 +44,7 @@ from fleet.rollout import (
     CannotRollback,
     Complete,
     DeviceInfo,
+    DeviceJob,
     Pause,
     Phase,
     RollbackDevice,
@@ -52,6 +53,7 @@ from fleet.rollout import (
 )
 
 _STATE: TypeAdapter[RolloutState] = TypeAdapter(RolloutState)
+_JOB: TypeAdapter[DeviceJob] = TypeAdapter(DeviceJob)
 _ACTIONS: dict[str, type[Any]] = {
     cls.__name__: cls
     for cls in (StartJob, CancelJob, RollbackDevice, CannotRollback, Abort, Pause, Complete)
@@ -70,6 +72,45 @@ def dump_state(state: RolloutState) -> dict[str, Any]:
     """The planner's state as JSON-ready data."""
     data: dict[str, Any] = _STATE.dump_python(state, mode="json")
     return data
+
+
+class StateDumper:
+    """:func:`dump_state` for successive states of one rollout, re-dumping only the devices
+    whose job changed.
+
+    The planner's steps copy only the :class:`~fleet.rollout.DeviceJob`s they change (frozen
+    dataclasses), so an unchanged job is the same object as in the last dumped state and its
+    JSON data is reused: a pass that moves a few jobs of a 100,000-device rollout dumps a few
+    jobs, not 100,000. The result equals :func:`dump_state` (tested).
+    """
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, tuple[DeviceJob, dict[str, Any]]] = {}
+        self._head: dict[str, Any] | None = None
+        self.unchanged = False
+        """Whether the last :meth:`dump` equals the one before it (never for the first)."""
+
+    def dump(self, state: RolloutState) -> dict[str, Any]:
+        """The state as JSON-ready data (the same as :func:`dump_state`)."""
+        cache: dict[str, tuple[DeviceJob, dict[str, Any]]] = {}
+        devices: dict[str, Any] = {}
+        redumped = 0
+        for device_id, job in state.devices.items():
+            hit = self._jobs.get(device_id)
+            if hit is not None and hit[0] is job:
+                data = hit[1]
+            else:
+                data = _JOB.dump_python(job, mode="json")
+                redumped += 1
+            devices[device_id] = data
+            cache[device_id] = (job, data)
+        same_devices = redumped == 0 and len(cache) == len(self._jobs)
+        self._jobs = cache
+        bare = dataclasses.replace(state, devices={})
+        head: dict[str, Any] = _STATE.dump_python(bare, mode="json")
+        self.unchanged = same_devices and self._head is not None and head == self._head
+        self._head = head
+        return {**head, "devices": devices}
 
 
 def load_state(data: dict[str, Any]) -> RolloutState:
@@ -136,8 +177,8 @@ def set_desired(
     session: Session, *, model_name: str, desired: Mapping[str, str | None]
 ) -> dict[str, str | None]:
     """Set (or, for None, clear) the desired artifact of ``model_name`` on many devices, in
-    few statements: one read of the current values, one batched UPDATE, inserts for devices
-    without a report row. Unregistered devices are skipped.
+    few statements: one read of the current values, one batched UPDATE, one batched INSERT
+    for devices without a report row. Unregistered devices are skipped.
 
     Returns:
         The previous desired artifact per device that was changed (to undo it).
@@ -159,6 +200,7 @@ def set_desired(
     )
     previous: dict[str, str | None] = {}
     changes = []
+    new_rows = []
     for device_id in orgs:
         models = dict(current.get(device_id) or {})
         previous[device_id] = models.get(model_name)
@@ -169,17 +211,27 @@ def set_desired(
         if device_id in current:
             changes.append({"key": device_id, "models": models})
         else:
-            session.add(
-                DeviceReport(device_id=device_id, org_id=orgs[device_id], desired_models=models)
+            new_rows.append(
+                {
+                    "device_id": device_id,
+                    "org_id": orgs[device_id],
+                    "online": False,
+                    "last_seen": None,
+                    "heartbeat": None,
+                    "reported_models": [],
+                    "desired_models": models,
+                }
             )
+    table = DeviceReport.__table__  # type: ignore[attr-defined]
     if changes:
-        table = DeviceReport.__table__  # type: ignore[attr-defined]
         session.execute(
             update(table)
             .where(table.c.device_id == bindparam("key"))
             .values(desired_models=bindparam("models")),
             changes,
         )
+    if new_rows:  # one executemany (multi-row INSERT), not one ORM object per device
+        session.execute(insert(table), new_rows)
     return previous
 
 
@@ -187,41 +239,56 @@ def reported_artifact(report: DeviceReport | None, model_name: str) -> dict[str,
     """The primary artifact of ``model_name`` the device last reported serving."""
     if report is None:
         return None
-    for model in report.reported_models:
+    return _primary(report.reported_models, model_name)
+
+
+def _primary(reported: Sequence[Any] | None, model_name: str) -> dict[str, Any] | None:
+    for model in reported or []:
         if model.get("name") == model_name and model.get("role", "primary") == "primary":
-            return model
+            found: dict[str, Any] = model
+            return found
     return None
 
 
 def device_infos(session: Session, *, org_id: uuid.UUID, model_name: str) -> list[DeviceInfo]:
     """Every unrevoked device of the organization, with its groups (names and ids), tags,
-    presence and the artifact of ``model_name`` it runs (reported, else desired)."""
-    groups = {g.id: g.name for g in session.exec(select(Group).where(Group.org_id == org_id))}
+    presence and the artifact of ``model_name`` it runs (reported, else desired).
+
+    Reads only the columns it needs (no ORM objects, not the stored heartbeats): this runs
+    in ``POST /deployments`` over the whole organization."""
+    groups = dict(session.exec(select(Group.id, Group.name).where(Group.org_id == org_id)).all())
     reports = {
-        r.device_id: r
-        for r in session.exec(select(DeviceReport).where(DeviceReport.org_id == org_id))
+        device_id: (online, reported, desired)
+        for device_id, online, reported, desired in session.exec(
+            select(
+                DeviceReport.device_id,
+                DeviceReport.online,
+                DeviceReport.reported_models,
+                DeviceReport.desired_models,
+            ).where(DeviceReport.org_id == org_id)
+        )
     }
     infos = []
-    query = select(Device).where(Device.org_id == org_id, col(Device.revoked).is_(False))
-    for device in session.exec(query):
-        report = reports.get(device.device_id)
-        model = reported_artifact(report, model_name)
-        current = model["artifact_id"] if model is not None else None
-        if current is None and report is not None:
-            current = report.desired_models.get(model_name)
-        member = (
-            frozenset({groups[device.group_id], str(device.group_id)})
-            if device.group_id in groups
-            else frozenset()
-        )
+    query = select(Device.device_id, Device.profile, Device.group_id, Device.tags).where(
+        Device.org_id == org_id, col(Device.revoked).is_(False)
+    )
+    for device_id, profile, group_id, tags in session.exec(query):
+        report = reports.get(device_id)
+        current = None
+        if report is not None:
+            model = _primary(report[1], model_name)
+            current = model["artifact_id"] if model is not None else None
+            if current is None:
+                current = (report[2] or {}).get(model_name)
+        member = frozenset({groups[group_id], str(group_id)}) if group_id in groups else frozenset()
         infos.append(
             DeviceInfo(
-                device_id=device.device_id,
-                profile=device.profile,
-                online=report.online if report is not None else False,
+                device_id=device_id,
+                profile=profile,
+                online=report[0] if report is not None else False,
                 current_artifact_id=current,
                 groups=member,
-                tags=dict(device.tags),
+                tags=dict(tags or {}),
             )
         )
     return infos
@@ -350,20 +417,23 @@ def save(
     deployment: Deployment,
     state: RolloutState,
     outbox: list[dict[str, Any]],
-) -> None:
-    """Store a new state and outbox if nobody saved since ``deployment`` was read.
+    dumped: dict[str, Any] | None = None,
+) -> int:
+    """Store a new state (``dumped``: its :func:`dump_state` data, if already made) and outbox
+    if nobody saved since ``deployment`` was read; returns the row's new version.
 
     Raises:
         StaleDeploymentError: the row's version moved on (re-read and retry).
     """
+    version = deployment.version + 1
     result = session.execute(
         update(Deployment)
         .where(col(Deployment.id) == deployment.id, col(Deployment.version) == deployment.version)
         .values(
-            state=dump_state(state),
+            state=dumped if dumped is not None else dump_state(state),
             outbox=outbox,
             phase=state.phase.value,
-            version=deployment.version + 1,
+            version=version,
             updated_at=utcnow(),
         )
         .execution_options(synchronize_session=False)
@@ -373,6 +443,7 @@ def save(
             f"deployment {str(deployment.id)!r} changed meanwhile; read it again and retry"
         )
     session.expire(deployment)
+    return version
 
 
 # ---------------------------------------------------------------- responses

@@ -6,9 +6,11 @@ nothing else, STYLE rule 12), an operator command or a new deployment (the API c
 :meth:`Executor.wake` after its commit), or the next timer of a deployment
 (:func:`fleet.rollout.next_due`: a job timeout, the end of an observe window, the rate
 schedule's next minute). ``interval`` (5 s) only bounds the sleep, for changes made by
-another process. Passes are coalesced: at least as long as the last pass took (at most
-0.25 s) separates two, so a stream of messages is handled in batches and the MQTT network
-thread, which shares the GIL, keeps at least half the time. Each pass (:meth:`Executor.tick`):
+another process. Passes are coalesced while messages keep arriving: the next pass waits as
+long as each 10 ms brings more messages, at most as long as the last pass took (at most
+0.25 s), so a stream is handled in batches and the MQTT network thread, which shares the GIL,
+gets time to move it; when the stream stops the pass starts at once. Each pass
+(:meth:`Executor.tick`):
 
 1. drains the queued messages: ``JobUpdate``s (``all_devices("jobs/update")``), heartbeats
    (``all_devices("heartbeat")``, stored as the device's report and turned into a
@@ -18,7 +20,12 @@ thread, which shares the GIL, keeps at least half the time. Each pass (:meth:`Ex
    previous pass ran is handled in one batch;
 2. for every active deployment: feeds its job updates to :func:`~fleet.rollout.apply_update`,
    calls :func:`~fleet.rollout.step`, saves the new state (conditional on the row's version;
-   a save that lost a race to the API is retried at once with the same updates);
+   a save that lost a race to the API is retried at once with the same updates). The state
+   is **incremental**: the executor keeps the state it saved last with the row's version and
+   reads the row without its state column while the version is still its own (a command
+   from the API, or another process, moves it on: then the row is read whole); a save dumps
+   only the jobs that changed (:class:`~fleet.deployments.StateDumper`), and a pass that
+   changed nothing and has nothing to do saves nothing;
 3. carries out the actions, after the commit, **a batch at a time**: those ``step`` returned
    and those operator commands left in the deployment's outbox.
 
@@ -55,7 +62,8 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from sqlalchemy import Engine
-from sqlmodel import Session
+from sqlalchemy.orm import defer
+from sqlmodel import Session, select
 
 from agent import protocol
 from agent.protocol import Heartbeat, JobUpdate, Status
@@ -111,6 +119,7 @@ class _NotConnected:
 
 _MIN_SLEEP = 0.005
 _MAX_COALESCE_S = 0.25
+_QUIET_S = 0.01
 
 
 class Executor:
@@ -159,6 +168,8 @@ class Executor:
         self.passes = 0
         self.publish_failures = 0
         self._unacked: list[_Unacked] = []
+        self._states: dict[uuid.UUID, _Cached] = {}
+        self.skipped_saves = 0
 
     # network thread / API ----------------------------------------------------
 
@@ -205,12 +216,21 @@ class Executor:
                 sleep = min(sleep, max(_MIN_SLEEP, due - self.clock()))
             ended = time.monotonic()
             self._wake.wait(sleep)
-            # Coalesce: leave at least as long as the last pass took between two passes, so
-            # messages arriving in a stream are handled in batches, and the MQTT network
-            # thread (which shares the GIL) gets at least half the time to move them.
-            rest = min(took, _MAX_COALESCE_S) - (time.monotonic() - ended)
-            if rest > 0:
-                self._stop.wait(rest)
+            # Coalesce while a stream of messages is still arriving: wait in steps of
+            # _QUIET_S for as long as each step brings more, at most as long as the last pass
+            # took (capped), so a burst is handled in batches and the MQTT network thread
+            # (which shares the GIL) gets time to move it; once the stream stops (the last
+            # job updates of a wave), the pass starts within _QUIET_S instead of waiting out
+            # the whole budget.
+            budget_end = ended + min(took, _MAX_COALESCE_S)
+            while not self._stop.is_set():
+                rest = budget_end - time.monotonic()
+                if rest <= 0:
+                    break
+                before = len(self._inbox)
+                self._stop.wait(min(_QUIET_S, rest))
+                if len(self._inbox) == before:
+                    break
             self._wake.clear()
             if self._stop.is_set():
                 break
@@ -349,10 +369,22 @@ class Executor:
     ) -> tuple[bool, float | None]:
         """Step one deployment; returns (saved, next timer)."""
         with Session(self.engine) as session:
-            deployment = session.get(Deployment, deployment_id)
+            # The row without its state column: the state of the version this executor saved
+            # last is in memory, and only a row another writer moved on is read whole.
+            deployment = session.exec(
+                select(Deployment)
+                .where(Deployment.id == deployment_id)
+                .options(defer(Deployment.state))  # type: ignore[arg-type]
+            ).first()
             if deployment is None:
+                self._states.pop(deployment_id, None)
                 return True, None
-            state = deployments.load_state(deployment.state)
+            cached = self._states.get(deployment_id)
+            if cached is not None and cached.version == deployment.version:
+                state = cached.state
+            else:
+                state = deployments.load_state(deployment.state)
+                cached = _Cached(deployment.version, state, deployments.StateDumper())
             prefix = f"{state.rollout_id}."
             mine = [u for u in updates if u.job_id.startswith(prefix)]
             jobs_before = state.devices
@@ -366,12 +398,33 @@ class Executor:
             )
             actions = [deployments.load_action(a) for a in deployment.outbox] + stepped
             model_name = deployment.model_name
+            dumped = cached.dumper.dump(state)
+            if cached.dumper.unchanged and not actions:
+                # Nothing to store or do (a pass woken by heartbeats or another deployment's
+                # messages): no rewrite of the whole state; the version stays ours.
+                self._states[deployment_id] = _Cached(deployment.version, state, cached.dumper)
+                self.skipped_saves += 1
+                return True, rollout.next_due(state, now=now)
             try:
-                deployments.save(session, deployment=deployment, state=state, outbox=[])
+                version = deployments.save(
+                    session,
+                    deployment=deployment,
+                    state=state,
+                    outbox=[],
+                    dumped=dumped,
+                )
                 session.commit()
             except deployments.StaleDeploymentError:
                 session.rollback()
+                self._states.pop(deployment_id, None)
                 return False, None
+            except BaseException:
+                self._states.pop(deployment_id, None)
+                raise
+        if state.phase.final:  # no more passes unless a command (a new version) comes
+            self._states.pop(deployment_id, None)
+        else:
+            self._states[deployment_id] = _Cached(version, state, cached.dumper)
         for before, update in observed:
             self._observe_job(before, update, now=now)
         self._perform_all(actions, state=state, model_name=model_name)
@@ -535,6 +588,15 @@ class Executor:
             previous = deployments.set_desired(session, model_name=model_name, desired=desired)
             session.commit()
         return previous
+
+
+@dataclass
+class _Cached:
+    """The state of a deployment as this executor last saved it (row ``version``)."""
+
+    version: int
+    state: RolloutState
+    dumper: deployments.StateDumper
 
 
 @dataclass

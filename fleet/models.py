@@ -306,6 +306,39 @@ class DevicesPublic(SQLModel):
     count: int
 
 
+MAX_BULK_DEVICES = 1000
+"""The most devices one ``POST /devices/bulk`` registers (one transaction, one broker reload)."""
+
+
+class DevicesBulkCreate(SQLModel):
+    """Devices to register together: all of them or none."""
+
+    devices: list[DeviceCreate] = Field(
+        min_length=1,
+        max_length=MAX_BULK_DEVICES,
+        description=f"1 to {MAX_BULK_DEVICES} devices, each id at most once.",
+    )
+
+    @field_validator("devices")
+    @classmethod
+    def _unique(cls, value: list[DeviceCreate]) -> list[DeviceCreate]:
+        seen: dict[str, int] = {}
+        for index, device in enumerate(value):
+            if (first := seen.setdefault(device.device_id, index)) != index:
+                raise ValueError(
+                    f"device id {device.device_id!r} is given twice (devices {first} and "
+                    f"{index}); each device id may appear once"
+                )
+        return value
+
+
+class DevicesRegistered(SQLModel):
+    """Registered devices with their MQTT credentials (shown only in this answer)."""
+
+    data: list[DeviceRegistered]
+    count: int
+
+
 # ---------------------------------------------------------------- artifacts
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import tempfile
 import uuid
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, TypeVar
@@ -48,6 +49,7 @@ from fleet.models import (
     DevicePublic,
     DeviceRegistered,
     DevicesPublic,
+    DevicesRegistered,
     DeviceStatePublic,
     GroupPublic,
     GroupsPublic,
@@ -287,6 +289,19 @@ class FleetClient:
         """
         body = {"device_id": device_id, "profile": profile, "group_id": group_id, "tags": tags}
         return self._call(DeviceRegistered, "POST", "/devices", json=_body(body))
+
+    def register_devices(self, devices: Sequence[Mapping[str, Any]]) -> DevicesRegistered:
+        """Register several devices at once (``POST /devices/bulk``), all or none; each item
+        has ``device_id`` and ``profile``, optionally ``group_id`` and ``tags``. The answer
+        carries every device's MQTT password, shown only this once.
+
+        Raises:
+            FleetValidationError: more than the API's maximum (1000), a duplicate id, an
+                invalid id, tags or an unknown profile (the API's message names the value).
+            FleetConflictError: ids already registered (all named); nothing was registered.
+        """
+        body = {"devices": [_body(dict(device)) for device in devices]}
+        return self._call(DevicesRegistered, "POST", "/devices/bulk", json=body)
 
     def update_device(
         self,

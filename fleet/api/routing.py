@@ -17,7 +17,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request, Response
@@ -39,9 +39,11 @@ MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 @dataclass
 class AuditContext:
-    """What the audit entry of the current request says it was about."""
+    """What the audit entry of the current request says it was about; a call that changes
+    many objects (bulk registration) names each in ``targets`` and gets one entry per target."""
 
     target: str
+    targets: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -132,16 +134,20 @@ def _finish(
             log.info("%s %s: %d before authentication", request.method, request.url.path, status)
         return
     audit: AuditContext = request.state.audit
-    entry = AuditLogCreate(
-        actor=principal.key_id,
-        action=action[:128],
-        target=audit.target[:512],
-        result=_result(status),
-        status_code=status,
-        detail=None if detail is None else detail[:1024],
-    )
+    entries = [
+        AuditLogCreate(
+            actor=principal.key_id,
+            action=action[:128],
+            target=target[:512],
+            result=_result(status),
+            status_code=status,
+            detail=None if detail is None else detail[:1024],
+        )
+        for target in (audit.targets or [audit.target])
+    ]
+    entry = entries[0]
     try:
-        crud.add_audit(session, org_id=principal.org_id, entry=entry)
+        crud.add_audits(session, org_id=principal.org_id, entries=entries)
         session.commit()
     except Exception:
         session.rollback()

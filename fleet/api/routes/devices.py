@@ -5,7 +5,9 @@ A device's id is its MQTT username, so it is unique in the whole fleet. Registra
 the device to the broker's password file and revocation or deletion removes it, both before
 the database commits: a broker failure answers 503 and leaves the database unchanged; a
 database failure after the broker changed undoes the broker change on registration, and on
-revocation leaves the device cut off (retrying finishes the job).
+revocation leaves the device cut off (retrying finishes the job). ``POST /devices/bulk``
+registers up to ``MAX_BULK_DEVICES`` devices the same way, all or none, in one transaction and
+one broker rewrite and reload.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from fleet.models import (
     DeviceCreate,
     DevicePublic,
     DeviceRegistered,
+    DevicesBulkCreate,
     DevicesPublic,
+    DevicesRegistered,
     DeviceStatePublic,
     DeviceUpdate,
     DriftScoreCreate,
@@ -76,6 +80,49 @@ def register_device(
         raise
     mqtt = MqttCredentials(username=device.device_id, password=password)
     return DeviceRegistered.model_validate(device, update={"mqtt": mqtt})
+
+
+@router.post(
+    "/bulk",
+    status_code=status.HTTP_201_CREATED,
+    dependencies=[Depends(require_scope(Scope.WRITE))],
+)
+def register_devices(
+    session: SessionDep,
+    org: OrgDep,
+    audit: AuditDep,
+    broker: BrokerAuthDep,
+    profiles: ProfilesDep,
+    bulk_in: DevicesBulkCreate,
+) -> DevicesRegistered:
+    """Register up to 1000 (``MAX_BULK_DEVICES``) devices at once, all or none, and return
+    each one's MQTT username and password (shown only now).
+
+    Every id and profile is checked and every id must be free before anything is stored; the
+    devices are inserted in one transaction and added to the broker in one password-file
+    rewrite and one reload. The audit log gets one entry per device.
+    """
+    audit.target = f"devices:bulk:{len(bulk_in.devices)}"
+    for index, device_in in enumerate(bulk_in.devices):
+        try:
+            _check_profile(device_in.profile, profiles)
+        except InvalidRequestError as err:
+            raise InvalidRequestError(f"devices[{index}] ({device_in.device_id!r}): {err}") from err
+    devices = crud.create_devices(session, org_id=org.id, devices_in=bulk_in.devices)
+    passwords = {d.device_id: credentials.new_device_password() for d in devices}
+    try:
+        broker.add_devices(passwords)
+        session.commit()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            broker.remove_devices(list(passwords))
+        raise
+    audit.targets = [f"device:{d.device_id}" for d in devices]
+    registered = []
+    for device in devices:
+        mqtt = MqttCredentials(username=device.device_id, password=passwords[device.device_id])
+        registered.append(DeviceRegistered.model_validate(device, update={"mqtt": mqtt}))
+    return DevicesRegistered(data=registered, count=len(registered))
 
 
 @router.get("", dependencies=[Depends(require_scope(Scope.READ))])

@@ -328,3 +328,41 @@ def test_mqtt_deploy_command_is_still_there() -> None:
     result = run("deploy", "--help")
     assert result.exit_code == 0
     assert "--device" in result.stdout and "--wait" in result.stdout
+
+
+def test_register_bulk_from_a_json_file(live_api: Api, tmp_path: Path) -> None:
+    devices = [{"device_id": f"bulk-{i}", "profile": PROFILE} for i in range(3)]
+    listing = tmp_path / "devices.json"
+    listing.write_text(json.dumps(devices))
+    result = run("devices", "register-bulk", str(listing))
+    assert result.exit_code == 0, result.output
+    logins = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    assert sorted(logins) == ["bulk-0", "bulk-1", "bulk-2"]
+    assert all(len(p) >= 16 for p in logins.values())
+    assert "registered 3 devices" in result.stderr
+    page = json.loads(run("devices", "list", "--json").stdout)
+    assert page["count"] == 3
+    # Again, plus a new one: a conflict naming the taken ids, nothing registered.
+    listing.write_text(json.dumps({"devices": [*devices, {"device_id": "n", "profile": PROFILE}]}))
+    again = run("devices", "register-bulk", str(listing), "--json")
+    assert again.exit_code == 1
+    assert "'bulk-0', 'bulk-1', 'bulk-2'" in again.stderr
+    assert json.loads(run("devices", "list", "--json").stdout)["count"] == 3
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("not json", "is not JSON"),
+        ('{"devices": 3}', "must hold a JSON list of device objects"),
+        ('[{"device_id": "a", "profile": "rpi4"}]', "unknown hardware profile 'rpi4'"),
+        ('[{"device_id": "a", "profile": "p"}, {"device_id": "a", "profile": "p"}]', "given twice"),
+    ],
+)
+def test_register_bulk_refusals(live_api: Api, tmp_path: Path, content: str, message: str) -> None:
+    listing = tmp_path / "devices.json"
+    listing.write_text(content)
+    result = run("devices", "register-bulk", str(listing))
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert json.loads(run("devices", "list", "--json").stdout)["count"] == 0

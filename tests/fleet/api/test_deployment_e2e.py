@@ -5,6 +5,7 @@ hosts or Zen 2 on AMD hosts."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -117,6 +118,7 @@ class World:
     client: TestClient
     headers: dict[str, str]
     agents: dict[str, AgentProcess]
+    responder: Responder
     artifacts: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def deploy(self, version: str, variants: dict[str, str] | None = None) -> str:
@@ -218,7 +220,7 @@ def world(tmp_path: Path, variants: Variants) -> Iterator[World]:
                 agents[device_id].start(wait=False)
             for agent in agents.values():
                 agent.wait_http()
-            world = World(client, headers, agents)
+            world = World(client, headers, agents, responder)
             for (profile, version), tar in sorted(variants.tars.items()):
                 uploaded = client.post(
                     "/artifacts", headers={**headers, **TAR}, content=tar.read_bytes()
@@ -282,3 +284,61 @@ def test_failing_canary_aborts_and_no_other_device_gets_a_job(world: World) -> N
         assert state["desired_models"] == {} and state["reported_models"] == [], state
         jobs = world.agents[device_id].state_dir / "jobs"
         assert [p for p in jobs.rglob("*") if p.is_file()] == [], device_id  # no job recorded
+
+
+def test_cancel_while_the_canary_downloads_stops_the_agent_and_keeps_its_model(
+    world: World,
+) -> None:
+    first = world.deploy("1")
+    assert world.wait_phase(first, {"SUCCEEDED", "ABORTED"})["phase"] == "SUCCEEDED"
+    world.wait_reported("1")
+    # No responder: the canary's download of version 2 asks for chunks nobody sends, so the
+    # job stays IN_PROGRESS (downloading) until the cancel reaches the agent.
+    world.responder.stop()
+    second = world.deploy("2")
+    canary = world.agents["avx-1"]
+    current = canary.state_dir / "jobs" / "current.json"
+    deadline = time.monotonic() + 30
+    while True:
+        read = world.client.get(f"/deployments/{second}", headers=world.headers).json()
+        devices = {d["device_id"]: d for d in read["devices"]}
+        if devices["avx-1"]["state"] == "IN_PROGRESS" and current.exists():
+            break
+        assert time.monotonic() < deadline, f"canary never started downloading: {read}"
+        time.sleep(0.1)
+    job_id = devices["avx-1"]["job_id"]
+    assert json.loads(current.read_text())["job"]["job_id"] == job_id
+
+    canceled = world.client.post(f"/deployments/{second}/cancel", headers=world.headers)
+    assert canceled.status_code == 200, canceled.text
+    done = world.wait_phase(second, {"CANCELED"}, timeout=10)
+    devices = {d["device_id"]: d for d in done["devices"]}
+    assert devices["avx-1"]["state"] == "CANCELED", done
+    for device_id in ("gen-1", "gen-2"):  # never started
+        assert devices[device_id]["state"] == "NOT_STARTED", done
+
+    # The agent stopped the job: recorded CANCELED (from the fleet's cancel, not a download
+    # timeout), no current job, the partial download gone.
+    record = canary.state_dir / "jobs" / "done" / f"{job_id}.json"
+    deadline = time.monotonic() + 10
+    while not record.exists():
+        assert time.monotonic() < deadline, f"agent did not end the job:\n{canary.log()}"
+        time.sleep(0.1)
+    result = json.loads(record.read_text())
+    assert (result["state"], result["reason"]) == ("CANCELED", "canceled by the fleet"), result
+    assert not current.exists()
+    transfers = canary.state_dir / "transfers"
+    assert not transfers.exists() or not [p for p in transfers.rglob("*") if p.is_file()]
+    # It keeps serving version 1, as its next heartbeats report; the others were not touched.
+    seen = world.client.get("/devices/avx-1/state", headers=world.headers).json()["last_seen"]
+    deadline = time.monotonic() + 10
+    while True:
+        state = world.client.get("/devices/avx-1/state", headers=world.headers).json()
+        if state["last_seen"] != seen:
+            break
+        assert time.monotonic() < deadline, "no heartbeat after the cancel"
+        time.sleep(0.2)
+    world.wait_reported("1")
+    for device_id in ("gen-1", "gen-2"):
+        jobs = world.agents[device_id].state_dir / "jobs" / "done"
+        assert not any(job_id.split(".")[0] in p.name for p in jobs.glob("*.json")), device_id

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from sqlmodel import Session
 
 from agent import protocol
 from agent.protocol import (
@@ -25,6 +27,7 @@ from agent.protocol import (
     Status,
 )
 from fleet.executor import Executor
+from fleet.models import Deployment
 from fleet.responder import BrokerError
 from fleet.rollout import (
     Abort,
@@ -517,3 +520,35 @@ def test_drift_gate_pauses_on_posted_scores(
     else:
         assert read["phase"] == "ROLLING"
         assert sorted(_by_device(rig.publisher.take())) == ["gen-1", "gen-2"]
+
+
+def _version(rig: Rig, deployment_id: str) -> int:
+    with Session(rig.executor.engine) as session:
+        row = session.get(Deployment, uuid.UUID(deployment_id))
+        assert row is not None
+        return row.version
+
+
+def test_idle_passes_keep_the_stored_state_and_commands_still_land(rig: Rig) -> None:
+    deployment_id = rig.create()
+    rig.tick()
+    canary = _by_device(rig.publisher.take())
+    rig.update(canary["avx-1"], "avx-1", JobState.IN_PROGRESS)
+    rig.tick()
+    saved = _version(rig, deployment_id)
+    skipped = rig.executor.skipped_saves
+    for _ in range(3):  # nothing new (e.g. heartbeats only): the state is not rewritten
+        rig.executor.enqueue(protocol.status("gen-1"), b"")
+        rig.executor.tick()
+    assert _version(rig, deployment_id) == saved
+    assert rig.executor.skipped_saves == skipped + 3
+    # The API moves the row on (pause): the executor reads it whole instead of its copy.
+    assert rig.command(deployment_id, "pause")["phase"] == "PAUSED"
+    rig.update(canary["avx-1"], "avx-1", JobState.SUCCEEDED)
+    rig.tick()
+    read = rig.read(deployment_id)
+    assert read["phase"] == "PAUSED" and read["counts"]["SUCCEEDED"] == 1  # type: ignore[index]
+    assert rig.publisher.take() == []  # paused: the rest is not started
+    assert rig.command(deployment_id, "resume")["phase"] in ("CANARY", "ROLLING")
+    rig.tick()
+    assert sorted(_by_device(rig.publisher.take())) == ["gen-1", "gen-2"]
