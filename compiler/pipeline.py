@@ -425,17 +425,34 @@ def compile_model(
                 "records_applied": tuning.records_applied,
                 "new_trials": tuning.new_trials,
             },
-            "source_model": {
-                "format": model.format,
-                "filename": req.model.name,
-                "sha256": model.sha256,
-            },
-            "created_at": datetime.now(UTC).replace(microsecond=0),
         }
-        say("signing and writing the bundle")
-        manifest = bundle.seal_bundle(
-            staging, req.output, manifest_fields=fields, private_key=private_key
-        )
+        return seal(staging, req, model, fields, private_key=private_key, report=report, say=say)
+
+
+def seal(
+    staging: Path,
+    req: CompileRequest,
+    model: SourceModel,
+    fields: dict[str, Any],
+    *,
+    private_key: Any,
+    report: dict[str, Any],
+    say: Callable[[str], None],
+) -> CompileResult:
+    """Add the source model and the time to the manifest ``fields``, sign, move into place."""
+    fields = {
+        **fields,
+        "source_model": {
+            "format": model.format,
+            "filename": req.model.name,
+            "sha256": model.sha256,
+        },
+        "created_at": datetime.now(UTC).replace(microsecond=0),
+    }
+    say("signing and writing the bundle")
+    manifest = bundle.seal_bundle(
+        staging, req.output, manifest_fields=fields, private_key=private_key
+    )
     return CompileResult(req.output, manifest, manifest.artifact_id, report)
 
 

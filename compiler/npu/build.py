@@ -23,7 +23,6 @@ import json
 import logging
 import platform
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,7 +68,7 @@ def compile_npu(
     Raises:
         CompilerError: a subclass naming what failed; nothing is written to ``req.output``.
     """
-    from compiler.pipeline import CompileResult
+    from compiler.pipeline import seal
 
     spec = profile.npu
     if spec is None:
@@ -190,18 +189,8 @@ def compile_npu(
             "outputs": [t.model_dump() for t in outputs],
             "toolchain": {"edgeloop": edgeloop.__version__},
             "tuning": {},
-            "source_model": {
-                "format": model.format,
-                "filename": req.model.name,
-                "sha256": model.sha256,
-            },
-            "created_at": datetime.now(UTC).replace(microsecond=0),
         }
-        say("signing and writing the bundle")
-        manifest = bundle.seal_bundle(
-            staging, req.output, manifest_fields=fields, private_key=private_key
-        )
-    return CompileResult(req.output, manifest, manifest.artifact_id, report)
+        return seal(staging, req, model, fields, private_key=private_key, report=report, say=say)
 
 
 def _verification_caveat(plan: SamplePlan) -> str | None:
