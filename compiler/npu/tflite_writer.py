@@ -1,10 +1,12 @@
-"""Serialize an int8 TFLite model (schema v3, ``TFL3``) with the ``tflite`` flatbuffers builders.
+"""Serialize a TFLite model (schema v3, ``TFL3``) with the ``tflite`` flatbuffers builders.
 
 Hand-written on purpose: the converters that emit int8 TFLite (TensorFlow's TFLiteConverter,
 onnx2tf) need TensorFlow (hundreds of MB, not in our extras), and litert-converter 0.5
 converts StableHLO/MLIR rather than ONNX and pins typing-extensions<4.13, which breaks
 pydantic. The model here is one subgraph of tensors and builtin operators, which is all the
-post-training quantizer in ``compiler.npu.lower`` produces.
+post-training quantizer in ``compiler.npu.lower`` produces. The float test models of the
+TFLite frontend (``tests/compiler/tflite_models.py``) are written with it too, hence the
+float tensors without quantization, dynamic dims (``shape_signature``) and custom op codes.
 """
 
 from __future__ import annotations
@@ -31,24 +33,29 @@ _TYPES = {
 
 @dataclass
 class Tensor:
-    """One tensor; constants carry ``data``, quantized ones ``qparams``."""
+    """One tensor; constants carry ``data``, quantized ones ``qparams``.
+
+    ``shape_signature`` (-1 marks a dynamic dim) is written only when given.
+    """
 
     name: str
     shape: list[int]
     dtype: np.dtype[Any]
     data: npt.NDArray[Any] | None = None
     qparams: QParams | None = None
+    shape_signature: list[int] | None = None
 
 
 @dataclass
 class Operator:
-    """One builtin operator (``code`` from ``tflite.BuiltinOperator``)."""
+    """One operator: ``code`` from ``tflite.BuiltinOperator``, ``custom_code`` for CUSTOM ops."""
 
     code: int
     inputs: list[int]
     outputs: list[int]
     options: OptionsFn | None = None
     name: str = ""
+    custom_code: str | None = None
 
 
 @dataclass
@@ -61,10 +68,19 @@ class Model:
     outputs: list[int] = field(default_factory=list)
 
     def tensor(
-        self, name: str, shape: list[int], dtype: str, qparams: QParams | None = None
+        self,
+        name: str,
+        shape: list[int],
+        dtype: str = "float32",
+        qparams: QParams | None = None,
+        *,
+        shape_signature: list[int] | None = None,
     ) -> int:
-        """Add an activation tensor; returns its index."""
-        self.tensors.append(Tensor(name, list(shape), np.dtype(dtype), None, qparams))
+        """Add an activation tensor (-1 in ``shape_signature`` marks a dynamic dim)."""
+        signature = list(shape_signature) if shape_signature is not None else None
+        self.tensors.append(
+            Tensor(name, list(shape), np.dtype(dtype), None, qparams, shape_signature=signature)
+        )
         return len(self.tensors) - 1
 
     def const(self, name: str, value: npt.NDArray[Any], qparams: QParams | None = None) -> int:
@@ -81,18 +97,20 @@ class Model:
         options: OptionsFn | None = None,
         *,
         name: str = "",
+        custom_code: str | None = None,
     ) -> None:
-        """Append an operator."""
-        self.operators.append(Operator(code, inputs, outputs, options, name))
+        """Append an operator (``custom_code`` names a ``BuiltinOperator.CUSTOM`` one)."""
+        self.operators.append(Operator(code, inputs, outputs, options, name, custom_code))
 
 
 def serialize(model: Model, *, description: str = "edgeloop int8 PTQ") -> bytes:
     """The .tflite flatbuffer of ``model``."""
     b = flatbuffers.Builder(4096)
-    codes: list[int] = []
+    # One OperatorCode per (builtin code, custom code) pair, in order of first use.
+    codes: list[tuple[int, str | None]] = []
     for o in model.operators:
-        if o.code not in codes:
-            codes.append(o.code)
+        if (o.code, o.custom_code) not in codes:
+            codes.append((o.code, o.custom_code))
     buffer_of: dict[int, int] = {}
     buffers = [_buffer(b, None)]
     for index, t in enumerate(model.tensors):
@@ -103,9 +121,14 @@ def serialize(model: Model, *, description: str = "edgeloop int8 PTQ") -> bytes:
     for index, t in enumerate(model.tensors):
         name = b.CreateString(t.name)
         shape = _ints(b, tflite.TensorStartShapeVector, t.shape)
+        signature = None
+        if t.shape_signature is not None:
+            signature = _ints(b, tflite.TensorStartShapeSignatureVector, t.shape_signature)
         quant = _quantization(b, t.qparams) if t.qparams is not None else None
         tflite.TensorStart(b)
         tflite.TensorAddShape(b, shape)
+        if signature is not None:
+            tflite.TensorAddShapeSignature(b, signature)
         tflite.TensorAddType(b, _TYPES[t.dtype])
         tflite.TensorAddBuffer(b, buffer_of.get(index, 0))
         tflite.TensorAddName(b, name)
@@ -118,7 +141,7 @@ def serialize(model: Model, *, description: str = "edgeloop int8 PTQ") -> bytes:
         ins = _ints(b, tflite.OperatorStartInputsVector, o.inputs)
         outs = _ints(b, tflite.OperatorStartOutputsVector, o.outputs)
         tflite.OperatorStart(b)
-        tflite.OperatorAddOpcodeIndex(b, codes.index(o.code))
+        tflite.OperatorAddOpcodeIndex(b, codes.index((o.code, o.custom_code)))
         tflite.OperatorAddInputs(b, ins)
         tflite.OperatorAddOutputs(b, outs)
         if options is not None:
@@ -138,12 +161,15 @@ def serialize(model: Model, *, description: str = "edgeloop int8 PTQ") -> bytes:
     tflite.SubGraphAddName(b, graph_name)
     subgraph = tflite.SubGraphEnd(b)
     code_tables = []
-    for code in codes:
+    for code, custom in codes:
+        custom_name = b.CreateString(custom) if custom is not None else None
         tflite.OperatorCodeStart(b)
         # Codes above 127 keep 127 (PLACEHOLDER_FOR_GREATER_OP_CODES) in the int8 field.
         tflite.OperatorCodeAddDeprecatedBuiltinCode(b, min(code, 127))
         tflite.OperatorCodeAddBuiltinCode(b, code)
         tflite.OperatorCodeAddVersion(b, 1)
+        if custom_name is not None:
+            tflite.OperatorCodeAddCustomCode(b, custom_name)
         code_tables.append(tflite.OperatorCodeEnd(b))
     subgraphs = _tables(b, tflite.ModelStartSubgraphsVector, [subgraph])
     op_codes = _tables(b, tflite.ModelStartOperatorCodesVector, code_tables)
