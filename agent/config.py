@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import (
@@ -21,6 +21,10 @@ from pydantic_settings import (
 from agent.protocol import DEFAULT_CHUNK_SIZE, check_device_id
 
 _HOOK_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+MqttProtocol = Literal["5", "3.1.1"]
+"""The MQTT version a client speaks: "5" (the default and the production path) or "3.1.1"
+(for brokers without MQTT 5, such as the demo's embedded amqtt broker; docs/protocol.md)."""
 
 
 class _Section(BaseModel):
@@ -41,6 +45,18 @@ class BrokerSettings(_Section):
     session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0)
     reconnect_min_s: float = Field(default=0.5, gt=0)
     reconnect_max_s: float = Field(default=60.0, gt=0)
+    protocol: MqttProtocol = Field(
+        default="5",
+        description='MQTT version: "5", or "3.1.1" for a broker without MQTT 5 (a persistent '
+        "session by clean_session=false, kept as long as the broker keeps it; no "
+        "session_expiry_s, no properties)",
+    )
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol(cls, value: object) -> object:
+        # TOML or an environment variable may give the version as a number (5, 3.1.1 is not).
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 class TransferSettings(_Section):

@@ -1,7 +1,8 @@
-"""The agent's MQTT adapter (paho-mqtt 2.x, MQTT 5).
+"""The agent's MQTT adapter (paho-mqtt 2.x, MQTT 5 or 3.1.1).
 
 Owns the network thread: connects with a retained "offline" LWT set *before* connecting,
-a persistent session (``clean_start=False`` + session expiry), and reconnects with
+a persistent session (MQTT 5: ``clean_start=False`` + session expiry; 3.1.1, for brokers
+without MQTT 5 such as the demo's embedded one: ``clean_session=False``), and reconnects with
 exponential backoff and full jitter (``agent.backoff``; paho's own reconnect has no jitter,
 so this module drives ``Client.loop`` itself). Callbacks only enqueue; the daemon's worker
 thread does the work. Every wait is bounded.
@@ -19,13 +20,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent import protocol
 from agent.backoff import backoff_delay
-from agent.config import BrokerSettings
+from agent.config import BrokerSettings, MqttProtocol
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,23 @@ class Connected:
 
 
 Event = Inbound | Connected
+
+
+def paho_protocol(version: MqttProtocol) -> MQTTProtocolVersion:
+    """paho's protocol constant for a configured MQTT version."""
+    return MQTTProtocolVersion.MQTTv5 if version == "5" else MQTTProtocolVersion.MQTTv311
+
+
+def unshared(topic_filter: str) -> str:
+    """The plain filter of a shared subscription (``$share/<group>/<filter>`` -> ``<filter>``);
+    any other filter unchanged. MQTT 3.1.1 has no shared subscriptions: a 3.1.1 client
+    subscribes to the plain filter and gets every message (so one consumer per group)."""
+    if not topic_filter.startswith("$share/"):
+        return topic_filter
+    parts = topic_filter.split("/", 2)
+    if len(parts) < 3 or not parts[1] or not parts[2]:
+        raise ValueError(f"malformed shared subscription {topic_filter!r}")
+    return parts[2]
 
 
 def set_tcp_nodelay(client: mqtt.Client) -> None:
@@ -95,10 +113,13 @@ class MqttLink:
 
     def _make_client(self) -> mqtt.Client:
         s = self._settings
+        v311 = s.protocol == "3.1.1"
         client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=self._device_id,
-            protocol=mqtt.MQTTv5,
+            protocol=paho_protocol(s.protocol),
+            # MQTT 3.1.1's persistent session (MQTT 5 sets clean_start at connect instead).
+            clean_session=False if v311 else None,
         )
         if s.username is not None:
             client.username_pw_set(s.username, s.password)
@@ -187,7 +208,10 @@ class MqttLink:
         first = True
         while not self._stop.is_set():
             try:
-                if first:
+                if first and s.protocol == "3.1.1":
+                    self._client.connect(s.host, s.port, keepalive=s.keepalive_s)
+                    first = False
+                elif first:
                     self._client.connect(
                         s.host,
                         s.port,

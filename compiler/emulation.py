@@ -39,7 +39,8 @@ from compiler.errors import CompilerError
 BUILD_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build-arm-sysroot.sh"
 #: Written last by the build script; a sysroot without it is not ready.
 STAMP_NAME = ".edgeloop-sysroot-stamp"
-STAMP_FORMAT = "1"
+#: 2: the sysroot also carries the device agent's dependencies (agent/emulation.py).
+STAMP_FORMAT = "2"
 PYTHON_VERSION = "3.11"
 
 _ARCH_ALIASES: Mapping[str, str] = {

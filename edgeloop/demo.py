@@ -1,15 +1,18 @@
 """``edgeloop demo``: the whole loop on this machine, with embedded defaults only.
 
-Starts Mosquitto, the fleet API (SQLite, local artifact store), the cloud API with one
-worker process and the drift monitor, and three agents; trains the digits model, compiles it
-for the host (and an ARM profile, verified under qemu when the aarch64 sysroot exists),
-rolls it out with a canary, sends OIP traffic, inverts the inputs of one device, shows the
-drift alert, relabels that device's captured samples with an oracle, retrains, redeploys
-through a canary and measures accuracy again. Ends with a summary table, ``report.html``
-(self-contained, four plots) and ``summary.json``. The library side is ``edgeloop.loop``.
+Starts a broker (Mosquitto, else the embedded amqtt one, MQTT 3.1.1: --broker), the fleet
+API (SQLite, local artifact store), the cloud API with one worker process and the drift
+monitor, and three agents (without --short or --no-arm, and when the aarch64 sysroot and
+qemu are here, cam-3 is an emulated Raspberry Pi 4: its agent runs under qemu-aarch64 and
+serves the ARM artifact); trains the digits model, compiles it for the host (and an ARM
+profile, verified under qemu when the aarch64 sysroot exists), rolls it out with a canary,
+sends OIP traffic, inverts the inputs of one device, shows the drift alert, relabels that
+device's captured samples with an oracle, retrains, redeploys through a canary and measures
+accuracy again. Ends with a summary table, ``report.html`` (self-contained, four plots) and
+``summary.json``. The library side is ``edgeloop.loop``.
 
 Exit codes: 0 the loop did its job, 1 a step failed or a check did not pass, 2 usage,
-5 a missing dependency (Mosquitto, matplotlib), 130 interrupted (Ctrl-C).
+5 a missing dependency (the broker asked for, matplotlib), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -74,8 +77,21 @@ class _Interrupts:
         self.console.print("[yellow]still stopping the demo's processes...[/]")
 
 
-def run_demo(*, workdir: Path, report: Path, short: bool, arm: bool, err: Any, out: Any) -> int:
-    """Run the demo end to end; returns the exit code (see the module docstring)."""
+def run_demo(
+    *,
+    workdir: Path,
+    report: Path,
+    short: bool,
+    arm: bool,
+    err: Any,
+    out: Any,
+    broker: str = "auto",
+) -> int:
+    """Run the demo end to end; returns the exit code (see the module docstring).
+
+    ``broker``: ``auto`` (Mosquitto if installed, else the embedded amqtt broker, MQTT
+    3.1.1), ``mosquitto`` or ``embedded``.
+    """
     from edgeloop.loop.config import make_config
     from edgeloop.loop.report import print_summary, write_report
     from edgeloop.loop.scenario import LoopError, run_loop
@@ -88,14 +104,21 @@ def run_demo(*, workdir: Path, report: Path, short: bool, arm: bool, err: Any, o
         return EXIT_MISSING
     config = make_config(short=short, arm=arm)
     if config.arm_profile:
+        from agent.emulation import unavailable_reason
         from compiler import emulation
         from compiler.settings import CompilerSettings
 
-        if emulation.find_sysroot("aarch64", CompilerSettings().cache_dir) is None:
+        cache_dir = CompilerSettings().cache_dir
+        if emulation.find_sysroot("aarch64", cache_dir) is None:
             err.print(
                 f"[yellow]no aarch64 sysroot: the {config.arm_profile} artifact is compiled "
-                "but not executed (build it: python -m compiler.emulation, see docs/demo.md)[/]"
+                "but not executed, and every agent runs the host profile (build it: "
+                "scripts/build-arm-sysroot.sh, see docs/demo.md)[/]"
             )
+        elif (why := unavailable_reason(cache_dir)) is not None:
+            err.print(f"[yellow]no emulated ARM device: {why}[/]")
+        else:
+            config = make_config(short=short, arm=arm, emulate=True)
     interrupts = _Interrupts(err)
     previous = signal.signal(signal.SIGINT, interrupts)
     try:
@@ -111,7 +134,9 @@ def run_demo(*, workdir: Path, report: Path, short: bool, arm: bool, err: Any, o
 
         try:
             with progress.stage("start broker, fleet, cloud and agents"):
-                stack_cm = start_stack(workdir, config, state=state, say=progress.note)
+                stack_cm = start_stack(
+                    workdir, config, state=state, say=progress.note, broker_choice=broker
+                )
                 stack = stack_cm.__enter__()
             try:
                 outcome = run_loop(stack, config, progress)
@@ -158,7 +183,17 @@ def run_demo(*, workdir: Path, report: Path, short: bool, arm: bool, err: Any, o
     default=None,
     help="Where the HTML report goes (summary.json next to it) [default: WORKDIR/report.html].",
 )
-def demo_command(short: bool, workdir: Path | None, no_arm: bool, report: Path | None) -> None:
+@click.option(
+    "--broker",
+    type=click.Choice(["auto", "mosquitto", "embedded"]),
+    default="auto",
+    show_default=True,
+    help="MQTT broker: Mosquitto (MQTT 5), the embedded amqtt broker (MQTT 3.1.1, no "
+    "shared subscriptions; pip install 'edgeloop[demo]'), or auto: Mosquitto if installed.",
+)
+def demo_command(
+    short: bool, workdir: Path | None, no_arm: bool, report: Path | None, broker: str
+) -> None:
     """Run the whole loop here: train, compile, deploy with a canary, OIP traffic, drift on
     one device, alert, oracle relabel, retrain, redeploy; then a summary and an HTML report."""
     from rich.console import Console
@@ -172,5 +207,6 @@ def demo_command(short: bool, workdir: Path | None, no_arm: bool, report: Path |
         arm=not no_arm,
         err=Console(stderr=True),
         out=Console(),
+        broker=broker,
     )
     sys.exit(code)

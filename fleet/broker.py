@@ -4,20 +4,25 @@ The fleet owns the broker's authorisation: a password file and an ACL that confi
 device to its own topic subtree (``pattern`` rules on ``%u``: the device id is the
 username). Production brokers are started by their service manager from the files
 ``write_config`` produces; ``MosquittoProcess`` starts one for tests and the demo.
+``EmbeddedBrokerProcess`` starts the demo's fallback without Mosquitto: amqtt (MQTT 3.1.1
+only, ``fleet.embedded_broker``) with the same password file and ACL.
 """
 
 from __future__ import annotations
 
 import getpass
+import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent import protocol
+from agent.config import MqttProtocol
 
 FLEET_USER = "fleet"
 RESPONDER_USER = "responder"
@@ -178,6 +183,142 @@ class MosquittoProcess:
         """Re-read passwords and ACL (SIGHUP)."""
         if self._proc is not None:
             self._proc.send_signal(signal.SIGHUP)
+
+    def kill(self) -> None:
+        """Kill the broker hard (SIGKILL), as a crash would."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        """Stop the broker cleanly (SIGTERM)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(timeout=10)
+
+    @property
+    def pid(self) -> int | None:
+        """The broker's process id once started (None before)."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        """Whether the process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+
+def _wait_listening(proc: subprocess.Popen[bytes], port: int, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on {port} within {timeout} s")
+
+
+@dataclass
+class EmbeddedBrokerProcess:
+    """The demo's broker without Mosquitto: ``python -m fleet.embedded_broker`` (amqtt, MQTT
+    3.1.1 only) in ``workdir``, with the generated users (``$7$`` hashes, the format
+    ``fleet.broker_auth.MosquittoPasswordFile`` maintains) and :func:`render_acl`'s ACL.
+
+    Same interface as :class:`MosquittoProcess`. Clients must connect with MQTT 3.1.1
+    (``protocol``). The broker re-reads the password file whenever it changes, so
+    :meth:`reload` has nothing to do.
+    """
+
+    workdir: Path
+    users: dict[str, str] = field(default_factory=dict)
+    port: int = 0
+    protocol: MqttProtocol = "3.1.1"
+    """What its clients must speak (amqtt 0.12 refuses MQTT 5)."""
+    _proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def password_file(self) -> Path:
+        """The password file (``user:$7$...`` lines)."""
+        return self.workdir / "passwd"
+
+    @property
+    def acl_file(self) -> Path:
+        """The ACL file."""
+        return self.workdir / "acl"
+
+    @property
+    def log_file(self) -> Path:
+        """The broker's log."""
+        return self.workdir / "amqtt.log"
+
+    def write_config(self) -> None:
+        """Write the password file (hashed in-process) and the ACL."""
+        from fleet.broker_auth import mosquitto_hash
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write("".join(f"{u}:{mosquitto_hash(p)}\n" for u, p in self.users.items()))
+        self.acl_file.write_text(render_acl())
+
+    def add_user(self, username: str, password: str) -> None:
+        """Add a user; the running broker sees it at the next connect."""
+        self.users[username] = password
+        if self.password_file.exists():
+            self.write_config()
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start the broker and wait until it accepts connections.
+
+        Raises:
+            RuntimeError: amqtt is not installed, or the broker exited or did not listen.
+        """
+        import importlib.util
+
+        if importlib.util.find_spec("amqtt") is None:
+            raise RuntimeError("amqtt is not installed: pip install 'edgeloop[demo]'")
+        if not self.password_file.exists():
+            self.write_config()
+        repo = str(Path(__file__).resolve().parents[1])
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)
+        stderr = (self.workdir / "amqtt.stderr").open("ab")
+        self._proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fleet.embedded_broker",
+                "--port",
+                str(self.port),
+                "--password-file",
+                str(self.password_file),
+                "--acl-file",
+                str(self.acl_file),
+                "--log-file",
+                str(self.log_file),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env=env,
+            # Its own session, as MosquittoProcess: the owner stops it last.
+            start_new_session=True,
+        )
+        stderr.close()
+        try:
+            _wait_listening(self._proc, self.port, timeout, "the embedded broker (amqtt)")
+        except RuntimeError as err:
+            self.stop()
+            raise RuntimeError(f"{err}; log: {self.log_file}") from err
+
+    def reload(self) -> None:
+        """Nothing to do: the broker re-reads the password file when it changes."""
 
     def kill(self) -> None:
         """Kill the broker hard (SIGKILL), as a crash would."""

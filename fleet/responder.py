@@ -1,10 +1,11 @@
 """The chunk responder: answers devices' ``ChunkRequest``s with chunk frames over MQTT.
 
 Responders share the subscription ``protocol.responder_subscription()``, so running more of
-them spreads the load. The device id comes from the topic (which the broker's ACL ties to
-the username), never from the payload. The paho network thread only enqueues; one worker
-thread decodes, checks the entitlement and publishes frames, with at most ``window``
-frames (and ``window_bytes`` bytes) awaiting their PUBACK.
+them spreads the load (over MQTT 5; a 3.1.1 client, for a broker without MQTT 5, subscribes to
+the plain filter, so run one responder per broker then). The device id comes from the topic
+(which the broker's ACL ties to the username), never from the payload. The paho network
+thread only enqueues; one worker thread decodes, checks the entitlement and publishes frames,
+with at most ``window`` frames (and ``window_bytes`` bytes) awaiting their PUBACK.
 
 :func:`plan_chunks` is the pure core (which chunks, which error frames); :class:`MqttSession`
 is the small paho adapter that :mod:`fleet.jobs` reuses.
@@ -36,7 +37,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent import protocol
-from agent.mqtt import set_tcp_nodelay
+from agent.config import MqttProtocol
+from agent.mqtt import paho_protocol, set_tcp_nodelay, unshared
 from agent.protocol import ChunkFrame, ChunkRequest, TransferInfo
 from fleet.store import Entitlements, StoreError
 
@@ -105,6 +107,10 @@ class BrokerConfig:
     client_id: str | None = None
     tls_ca: Path | None = None
     keepalive: int = 30
+    protocol: MqttProtocol = "5"
+    """"5", or "3.1.1" for a broker without MQTT 5 (the demo's embedded one): a persistent
+    session is then ``clean_session=False`` (no expiry of our choosing) and a shared
+    subscription ``$share/<group>/<filter>`` becomes the plain ``<filter>``."""
 
 
 @dataclass
@@ -144,8 +150,9 @@ class Outgoing:
 
 
 class MqttSession:
-    """A paho-mqtt 2.x (MQTT 5) client that reconnects by itself with exponential backoff,
-    re-subscribes after every CONNACK, and reports readiness and refusals through events.
+    """A paho-mqtt 2.x client (MQTT 5, or 3.1.1 by ``BrokerConfig.protocol``) that reconnects
+    by itself with exponential backoff, re-subscribes after every CONNACK, and reports
+    readiness and refusals through events.
 
     Callbacks only set events, record reason codes or call ``on_message`` (which must only
     enqueue).
@@ -173,6 +180,9 @@ class MqttSession:
             raise ValueError("a persistent session (session_expiry_s) needs a fixed client_id")
         self.config = config
         self.session_expiry_s = session_expiry_s
+        if config.protocol == "3.1.1":
+            # No shared subscriptions in 3.1.1: every consumer gets every message.
+            subscriptions = tuple(unshared(topic) for topic in subscriptions)
         self.subscriptions = subscriptions
         self.client_id = config.client_id or f"edgeloop-{role}-{uuid.uuid4().hex[:12]}"
         self._on_message = on_message
@@ -186,7 +196,9 @@ class MqttSession:
         client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
-            protocol=mqtt.MQTTv5,
+            protocol=paho_protocol(config.protocol),
+            # 3.1.1 sets the session's persistence here; MQTT 5 at connect (clean_start).
+            clean_session=(session_expiry_s is None) if config.protocol == "3.1.1" else None,
         )
         client.username_pw_set(config.username, config.password)
         if config.tls_ca is not None:
@@ -301,17 +313,23 @@ class MqttSession:
             BrokerError: refused (bad credentials, ACL), or not ready within ``timeout``.
         """
         self._started = True
-        properties = None
-        if self.session_expiry_s is not None:
-            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            properties.SessionExpiryInterval = self.session_expiry_s
-        self.client.connect_async(
-            self.config.host,
-            self.config.port,
-            keepalive=self.config.keepalive,
-            clean_start=self.session_expiry_s is None,
-            properties=properties,
-        )
+        if self.config.protocol == "3.1.1":
+            # clean_session was set on the client; 3.1.1 has no properties, no clean_start.
+            self.client.connect_async(
+                self.config.host, self.config.port, keepalive=self.config.keepalive
+            )
+        else:
+            properties = None
+            if self.session_expiry_s is not None:
+                properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                properties.SessionExpiryInterval = self.session_expiry_s
+            self.client.connect_async(
+                self.config.host,
+                self.config.port,
+                keepalive=self.config.keepalive,
+                clean_start=self.session_expiry_s is None,
+                properties=properties,
+            )
         self.client.loop_start()
         if timeout is not None:
             self.wait_ready(timeout)
@@ -434,6 +452,7 @@ class Responder:
         publish_timeout: float = 10.0,
         tls_ca: Path | None = None,
         session_expiry_s: int = 300,
+        mqtt_protocol: MqttProtocol = "5",
     ) -> None:
         """Configure a responder; :meth:`start` connects.
 
@@ -456,7 +475,10 @@ class Responder:
             publish_timeout: how long the worker waits for one PUBACK.
             tls_ca: CA bundle; enables TLS.
             session_expiry_s: how long the broker keeps a persistent session (with a
-                ``client_id``) after a disconnect.
+                ``client_id``) after a disconnect (MQTT 5 only; a 3.1.1 broker keeps it as
+                long as it is configured to).
+            mqtt_protocol: "5", or "3.1.1" for a broker without MQTT 5: the responder then
+                subscribes to the plain (unshared) request filter, so it must be the only one.
 
         Raises:
             ValueError: a limit below 1, naming it.
@@ -490,6 +512,7 @@ class Responder:
                 password=password,
                 client_id=client_id,
                 tls_ca=tls_ca,
+                protocol=mqtt_protocol,
             ),
             role="responder",
             subscriptions=(protocol.responder_subscription(),),

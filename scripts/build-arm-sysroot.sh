@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Build the aarch64 Python sysroot that runs compiled TVM artifacts under qemu-user.
+# Build the aarch64 Python sysroot that runs compiled TVM artifacts and the device agent
+# under qemu-user.
 #
 # Usage: scripts/build-arm-sysroot.sh [DEST]
 #
 # DEST defaults to ${EDGELOOP_CACHE_DIR:-~/.cache/edgeloop}/sysroots/aarch64. The result is a cache,
 # never committed: Debian bookworm arm64 python3.11 and the libraries it needs (unpacked with
-# dpkg -x, never configured) plus the aarch64 wheels of the TVM runtime and numpy in DEST/site.
-# compiler/emulation.py calls this script and runs Python in DEST with
-#   qemu-aarch64-static -L DEST DEST/usr/bin/python3.11   (PYTHONPATH=DEST/site).
+# dpkg -x, never configured) plus, in DEST/site, the aarch64 wheels of the TVM runtime and
+# numpy and of everything `edgeloop-agent run` imports (the core dependencies and the agent
+# extra of pyproject.toml). compiler/emulation.py calls this script and runs Python in DEST with
+#   qemu-aarch64-static -L DEST DEST/usr/bin/python3.11   (PYTHONPATH=DEST/site);
+# agent/emulation.py runs the agent that way (PYTHONPATH=DEST/site:<the repo>).
 #
 # Idempotent: exits at once when DEST carries a stamp written by this exact script (the stamp
 # records the script's sha256, so editing a pin below forces a rebuild). A build happens in a
@@ -27,15 +30,45 @@ readonly DEB_ARCH=arm64
 readonly ROOT_PACKAGES=(python3.11-minimal libpython3.11-stdlib libstdc++6 install-info)
 readonly PY_VERSION=3.11
 readonly WHEELS=(
+  # the TVM runtime (compiler/runner_main.py, the agent's TVM runtime)
   apache-tvm==0.27.0.post1
   apache-tvm-ffi==0.1.14.post0
   numpy==2.4.6
   ml_dtypes==0.6.0
   typing_extensions==4.15.0
+  # the device agent: the core dependencies and the agent extra of pyproject.toml. pydantic is
+  # pinned to 2.12.5 because its pydantic-core 2.41.5 has aarch64 wheels in every index we use
+  # (the host's pydantic-core 2.46.x has none in some); the agent needs nothing newer.
+  pydantic==2.12.5
+  pydantic-core==2.41.5
+  pydantic-settings==2.14.1
+  python-dotenv==1.2.4
+  annotated-types==0.7.0
+  typing-inspection==0.4.2
+  click==8.4.0
+  cryptography==48.0.0
+  cffi==2.0.0
+  pycparser==3.0
+  paho-mqtt==2.2.0
+  prometheus-client==0.26.0
+  PyYAML==6.0.3
+  platformdirs==4.14.8
+  packaging==26.2
+  rich==15.0.0
+  markdown-it-py==4.3.0
+  mdurl==0.1.2
+  pygments==2.20.0
 )
+# Byte-compiled ahead of time with the host's python3.11 (bytecode is the same on every arch of
+# one CPython minor version), so the emulated agent never compiles them at start-up.
+readonly PRECOMPILED=(pydantic pydantic_core pydantic_settings dotenv annotated_types
+  typing_inspection click cryptography cffi pycparser paho prometheus_client yaml
+  platformdirs packaging)
 readonly WHEEL_PLATFORMS=(manylinux_2_28_aarch64 manylinux_2_17_aarch64 manylinux2014_aarch64)
 readonly STAMP_NAME=.edgeloop-sysroot-stamp
-readonly STAMP_FORMAT=1
+# 2: the sysroot also carries the agent's dependencies (compiler/emulation.py and
+# agent/emulation.py accept only this format, so older caches rebuild).
+readonly STAMP_FORMAT=2
 # ----------------------------------------------------------------------------------------------
 
 log() { printf '[build-arm-sysroot] %s\n' "$*" >&2; }
@@ -46,7 +79,7 @@ need() {  # need COMMAND HINT
 }
 
 if [[ $# -gt 1 || ${1:-} == -h || ${1:-} == --help ]]; then
-  sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
   [[ $# -gt 1 ]] && exit 2
   exit 0
 fi
@@ -174,8 +207,17 @@ find "$ROOT" -depth -type d \( -name __pycache__ -o -name tests \) -exec rm -rf 
 [[ -f $ROOT/site/tvm/lib/libtvm_runtime.so && -f $ROOT/site/tvm_ffi/lib/libtvm_ffi_testing.so ]] \
   || die "pruning removed a runtime library"
 
+if [[ $("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])') == "$PY_VERSION" ]]; then
+  log "byte-compiling the agent's dependencies with the host python$PY_VERSION"
+  for package in "${PRECOMPILED[@]}"; do
+    [[ -d $ROOT/site/$package ]] || die "wheel unpacked no site/$package"
+    "$PYTHON" -m compileall -q -j 0 "$ROOT/site/$package" >&2
+  done
+fi
+
 # The smoke test proves the sysroot imports what compiler/runner_main.py needs, on aarch64, in
-# runtime-only mode; as a side effect it leaves .pyc files for exactly those modules, which
+# runtime-only mode, and that the agent's compiled dependencies (pydantic-core, cryptography,
+# PyYAML) load on aarch64; as a side effect it leaves .pyc files for exactly those modules, which
 # roughly halves the start-up of every later emulated run (runs then write no bytecode).
 log "smoke test under qemu-aarch64-static"
 SMOKE='
@@ -190,7 +232,17 @@ with tempfile.TemporaryDirectory() as d:
     np.save(os.path.join(d, "a.npy"), np.arange(3, dtype="float32"))
     arr = runtime.tensor(np.load(os.path.join(d, "a.npy")), tvm.cpu(0))
     assert arr.numpy().tolist() == [0.0, 1.0, 2.0]
-print(f"python {platform.python_version()}, numpy {np.__version__}, tvm {tvm.__version__}")
+import pydantic, pydantic_core, pydantic_settings, paho.mqtt.client, prometheus_client
+import click, yaml, platformdirs, packaging.version, rich
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+key = Ed25519PrivateKey.generate()
+key.public_key().verify(key.sign(b"edgeloop"), b"edgeloop")
+assert yaml.safe_load("a: [1, 2]") == {"a": [1, 2]}
+class M(pydantic.BaseModel):
+    n: int
+assert M.model_validate({"n": "3"}).n == 3
+print(f"python {platform.python_version()}, numpy {np.__version__}, tvm {tvm.__version__}, "
+      f"pydantic {pydantic.VERSION} (core {pydantic_core.__version__})")
 '
 env -i PATH=/usr/bin:/bin HOME="$WORK" PYTHONNOUSERSITE=1 PYTHONPATH="$ROOT/site" \
   TVM_USE_RUNTIME_LIB=1 \

@@ -114,6 +114,39 @@ def test_short_mode_drops_the_arm_profile() -> None:
     assert full.clean_devices == ("cam-1", "cam-3") and full.shifted == "cam-2"
 
 
+def test_the_emulated_arm_device_needs_the_arm_profile() -> None:
+    assert make_config(short=True, arm=True, emulate=True).emulated == ()
+    assert make_config(short=False, arm=False, emulate=True).emulated == ()
+    assert make_config(short=False, arm=True).emulated == ()
+    full = make_config(short=False, arm=True, emulate=True)
+    assert full.emulated == ("cam-3",)
+    assert config_json(full)["device_profiles"] == {
+        "cam-1": "generic/x86_64",
+        "cam-2": "generic/x86_64",
+        "cam-3": "raspberry-pi/4b-aarch64",
+    }
+
+
+def test_each_device_must_serve_its_profiles_retrained_artifact() -> None:
+    full = make_config(short=False, arm=True, emulate=True)
+    outcome = good_outcome()
+    outcome.config = config_json(full)
+    outcome.v1_variants = {"generic/x86_64": "a" * 64, "raspberry-pi/4b-aarch64": "c" * 64}
+    outcome.v2_variants = {"generic/x86_64": "b" * 64, "raspberry-pi/4b-aarch64": "d" * 64}
+    outcome.serving_after = {"cam-1": ["b" * 64], "cam-2": ["b" * 64], "cam-3": ["d" * 64]}
+    assert outcome.ok, outcome.checks()
+    rows = dict(summary_rows(outcome))
+    assert rows["cam-3 (emulated)"] == "aarch64 under qemu-user, raspberry-pi/4b-aarch64"
+    assert rows["v2 artifact for raspberry-pi/4b-aarch64"] == "d" * 16
+    check = "every device serves the retrained model"
+    outcome.serving_after["cam-3"] = ["b" * 64]  # the x86_64 artifact on the ARM device
+    assert not outcome.checks()[check]
+    outcome.serving_after["cam-3"] = ["d" * 64]
+    outcome.v2_variants["raspberry-pi/4b-aarch64"] = "c" * 64  # v1's ARM artifact again
+    outcome.serving_after["cam-3"] = ["c" * 64]
+    assert not outcome.checks()[check]
+
+
 def test_the_report_is_self_contained_with_every_plot(tmp_path: Path) -> None:
     outcome = good_outcome()
     summary = write_report(outcome, tmp_path / "out" / "report.html")
@@ -171,11 +204,13 @@ def test_a_foreign_workdir_is_a_usage_error(tmp_path: Path) -> None:
     assert (tmp_path / "precious.txt").exists()
 
 
-def test_a_missing_mosquitto_is_a_missing_dependency(tmp_path: Path) -> None:
+def test_asking_for_a_missing_mosquitto_is_a_missing_dependency(tmp_path: Path) -> None:
+    """``--broker mosquitto`` without it exits 5 (``auto`` would fall back to amqtt)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGELOOP_")}
     env["PATH"] = str(tmp_path / "empty-bin")  # no mosquitto (the interpreter is absolute)
     result = subprocess.run(
-        [sys.executable, "-m", "edgeloop", "demo", "--short", "--workdir", str(tmp_path / "w")],
+        [sys.executable, "-m", "edgeloop", "demo", "--short", "--broker", "mosquitto"]
+        + ["--workdir", str(tmp_path / "w")],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -40,6 +40,9 @@ class LoopConfig:
     arm_profile: str | None = ARM_PROFILE
     devices: tuple[str, ...] = ("cam-1", "cam-2", "cam-3")
     shifted: str = "cam-2"
+    # Devices that run as emulated aarch64 devices (the agent under qemu-aarch64, profile
+    # ``arm_profile``); the others run the host profile natively.
+    emulated: tuple[str, ...] = ()
     training: dict[str, Any] = field(default_factory=lambda: dict(SMALL_MLP))
     retraining: dict[str, Any] = field(default_factory=lambda: dict(RETRAIN_MLP))
     warmup: tuple[int, int] = (0, 150)
@@ -64,20 +67,39 @@ class LoopConfig:
     def clean_devices(self) -> tuple[str, ...]:
         return tuple(d for d in self.devices if d != self.shifted)
 
+    def profile_of(self, device_id: str) -> str:
+        """The hardware profile ``device_id`` registers with (and gets artifacts for)."""
+        if device_id in self.emulated and self.arm_profile:
+            return self.arm_profile
+        return self.host_profile
 
-def make_config(*, short: bool, arm: bool) -> LoopConfig:
+    @property
+    def device_profiles(self) -> dict[str, str]:
+        return {d: self.profile_of(d) for d in self.devices}
+
+
+#: The device that becomes the emulated aarch64 device when emulation is possible.
+EMULATED_DEVICE = "cam-3"
+
+
+def make_config(*, short: bool, arm: bool, emulate: bool = False) -> LoopConfig:
     """The demo's plan: ``short`` for CI (host profile only), ``arm`` adds the ARM profile.
 
     Short mode keeps the traffic the drift and accuracy checks need and drops the ARM
     compile (its verification under qemu costs about a minute per model version).
+    ``emulate`` (only with the ARM profile) makes ``EMULATED_DEVICE`` an emulated aarch64
+    device: its agent runs under qemu-aarch64 and is served the ARM artifact.
     """
-    return LoopConfig(arm_profile=ARM_PROFILE if arm and not short else None)
+    arm_profile = ARM_PROFILE if arm and not short else None
+    emulated = (EMULATED_DEVICE,) if emulate and arm_profile else ()
+    return LoopConfig(arm_profile=arm_profile, emulated=emulated)
 
 
 def config_json(config: LoopConfig) -> dict[str, Any]:
-    """``config`` as JSON data (``Outcome.config``), its derived profile list included."""
+    """``config`` as JSON data (``Outcome.config``), its derived profiles included."""
     data = asdict(config)
     data["profiles"] = list(config.profiles)
+    data["device_profiles"] = config.device_profiles
     return data
 
 
@@ -88,8 +110,12 @@ class Outcome:
     config: dict[str, Any]
     started_at: str = ""  # UTC, ISO 8601: time zero of ``timeline`` and ``stages``
     compiled: dict[str, dict[str, str]] = field(default_factory=dict)  # v1, per profile
-    v1: str = ""
+    v1: str = ""  # the host profile's artifact of each version
     v2: str = ""
+    # Every profile's artifact of each version (profile -> artifact id); when empty, every
+    # device is expected to serve ``v1`` / ``v2``.
+    v1_variants: dict[str, str] = field(default_factory=dict)
+    v2_variants: dict[str, str] = field(default_factory=dict)
     accuracy_clean: float = float("nan")
     accuracy_before: float = float("nan")
     accuracy_after: float = float("nan")
@@ -130,11 +156,17 @@ class Outcome:
             and sum(self.canary_stages) == len(cfg["devices"]),
             "every device serves the retrained model": bool(self.v2)
             and self.v2 != self.v1
-            and all(v == [self.v2] for v in self.serving_after.values())
+            and not set(self.v2_variants.values()) & set(self.v1_variants.values())
+            and all(v == [self.expected_v2(d)] for d, v in self.serving_after.items())
             and sorted(self.serving_after) == sorted(cfg["devices"]),
             "accuracy on shifted data up by the margin": self.accuracy_after
             >= self.accuracy_before + cfg["margin"],
         }
+
+    def expected_v2(self, device_id: str) -> str:
+        """The retrained artifact ``device_id`` must serve: its profile's variant."""
+        profile = self.config.get("device_profiles", {}).get(device_id)
+        return self.v2_variants.get(profile, self.v2) if profile else self.v2
 
     @property
     def ok(self) -> bool:

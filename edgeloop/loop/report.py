@@ -99,7 +99,9 @@ def plot_latency(outcome: Outcome) -> str:
     devices = [d for d in outcome.latency_ms if outcome.latency_ms[d]]
     if devices:
         ax.boxplot([outcome.latency_ms[d] for d in devices], showfliers=False)
-        ax.set_xticks(range(1, len(devices) + 1), devices)
+        emulated = set(outcome.config.get("emulated", []))
+        labels = [f"{d}\n(aarch64, qemu)" if d in emulated else d for d in devices]
+        ax.set_xticks(range(1, len(devices) + 1), labels)
     ax.set_ylabel("ms per OIP request")
     ax.set_title("inference latency per device (through the OIP API)")
     return _png(fig)
@@ -155,6 +157,10 @@ def summary_rows(outcome: Outcome) -> list[tuple[str, str]]:
     cfg = outcome.config
     rows = [
         ("devices", ", ".join(cfg["devices"]) + f" (shifted: {cfg['shifted']})"),
+        *(
+            (f"{d} (emulated)", f"aarch64 under qemu-user, {cfg['device_profiles'][d]}")
+            for d in cfg.get("emulated", [])
+        ),
         ("profiles", ", ".join(cfg["profiles"])),
         ("v1 artifact", outcome.v1[:16]),
         *((f"compiled for {p}", c["verification"]) for p, c in outcome.compiled.items()),
@@ -167,6 +173,11 @@ def summary_rows(outcome: Outcome) -> list[tuple[str, str]]:
         ("retrain run", f"{outcome.retrain_state} (v{outcome.retrain_version})"),
         ("canary stages", " -> ".join(str(n) for n in outcome.canary_stages) or "-"),
         ("v2 artifact", outcome.v2[:16]),
+        *(
+            (f"v2 artifact for {p}", a[:16])
+            for p, a in outcome.v2_variants.items()
+            if p != cfg["host_profile"]
+        ),
         ("accuracy clean (v1)", f"{outcome.accuracy_clean:.3f}"),
         (
             "accuracy shifted",

@@ -18,6 +18,7 @@ job (drift only where shifted, accuracy up) is judged by ``Outcome.checks``.
 from __future__ import annotations
 
 import base64
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -162,16 +163,30 @@ class Scenario:
             ]
         return out
 
-    def wait_serving(self, artifact_id: str, timeout_s: float = 60) -> dict[str, list[str]]:
+    def wanted(self, variants: dict[str, str]) -> dict[str, list[str]]:
+        """Device id -> the one artifact of ``variants`` (profile -> id) it must serve."""
+        return {d: [variants[self.config.profile_of(d)]] for d in self.config.devices}
+
+    def wait_serving(
+        self, variants: dict[str, str], timeout_s: float = 120
+    ) -> dict[str, list[str]]:
+        """Wait until every device serves its profile's artifact of ``variants``."""
+        wanted = self.wanted(variants)
+
         def done() -> dict[str, list[str]] | None:
             now = self.serving()
-            return now if all(v == [artifact_id] for v in now.values()) else None
+            return now if now == wanted else None
 
         return wait_until(
             done,
             timeout_s=timeout_s,
-            what=lambda: f"agents serve {self.serving()}, wanted {artifact_id}",
+            what=lambda: f"agents serve {self.serving()}, wanted {wanted}",
         )
+
+    @property
+    def rollout_timeout_s(self) -> float:
+        """A deployment's time limit: an emulated device loads its artifact under qemu."""
+        return 300.0 if self.config.emulated else 180.0
 
     def predict(self, device_id: str, images: npt.NDArray[np.float32]) -> npt.NDArray[np.int64]:
         """Top-1 classes of ``images`` (one OIP request each) through the device's server."""
@@ -284,6 +299,16 @@ class Scenario:
                 f"{outcome['profile']}: artifact {outcome['artifact_id'][:12]}, {verified}"
             )
         self.outcome.v1 = self.variants[cfg.host_profile]
+        self.outcome.v1_variants = dict(self.variants)
+        self.outcome.facts["devices"] = {
+            d: {
+                "profile": a.profile,
+                "emulated": a.emulated,
+                "arch": a.arch,
+                "executable": _executable(a.proc.pid if a.proc else None),
+            }
+            for d, a in self.stack.agents.items()
+        }
 
     def deploy_v1(self) -> None:
         cfg = self.config
@@ -300,8 +325,8 @@ class Scenario:
             ),
             201,
         )
-        self.wait_deployment(first["id"], timeout_s=180)
-        self.wait_serving(self.outcome.v1)
+        self.wait_deployment(first["id"], timeout_s=self.rollout_timeout_s)
+        self.wait_serving(self.variants)
 
     def measure_before(self, x: npt.NDArray[np.float32], y: npt.NDArray[np.int64]) -> None:
         cfg = self.config
@@ -496,13 +521,16 @@ class Scenario:
         }
         datasets = self.ok(cloud.get("/datasets", params={"name": f"{cfg.model}-relabeled"}))
         self.outcome.facts["relabeled_dataset_sizes"] = [d["n_samples"] for d in datasets["data"]]
-        rolled = self.wait_deployment(run["deployment_id"], timeout_s=180)
+        rolled = self.wait_deployment(run["deployment_id"], timeout_s=self.rollout_timeout_s)
         self.outcome.canary_stages = [len(s) for s in rolled["stages"]]
-        host_devices = {d["artifact_id"] for d in rolled["devices"]}
-        if len(host_devices) != 1:
-            raise LoopError(f"the redeployment sent several artifacts: {rolled['devices']}")
-        self.outcome.v2 = host_devices.pop()
-        self.outcome.serving_after = self.wait_serving(self.outcome.v2)
+        sent: dict[str, set[str]] = {}  # profile -> the artifacts its devices got
+        for device in rolled["devices"]:
+            sent.setdefault(cfg.profile_of(device["device_id"]), set()).add(device["artifact_id"])
+        if any(len(ids) != 1 for ids in sent.values()) or cfg.host_profile not in sent:
+            raise LoopError(f"the redeployment sent unexpected artifacts: {rolled['devices']}")
+        self.outcome.v2_variants = {profile: ids.pop() for profile, ids in sent.items()}
+        self.outcome.v2 = self.outcome.v2_variants[cfg.host_profile]
+        self.outcome.serving_after = self.wait_serving(self.outcome.v2_variants)
 
     def measure_after(self, x: npt.NDArray[np.float32], y: npt.NDArray[np.int64]) -> None:
         cfg = self.config
@@ -512,6 +540,16 @@ class Scenario:
         self.progress.note(
             f"accuracy on shifted data: {self.outcome.accuracy_before:.3f} -> {after:.3f}"
         )
+
+
+def _executable(pid: int | None) -> str:
+    """What ``/proc/PID/exe`` points to (qemu for an emulated device), or why not known."""
+    if pid is None:
+        return "not started"
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError as err:
+        return f"unknown ({err.strerror})"
 
 
 def _verification(bundle: Path) -> str:

@@ -1,10 +1,14 @@
 """The running loop: broker, fleet API, cloud API + worker, ingest/drift monitor, agents.
 
 Everything is real and private to one work directory, on embedded defaults: SQLite
-databases, the fleet's local artifact store, Mosquitto started on a free port with generated
-users and the fleet's ACL. The fleet and cloud APIs run under uvicorn in threads of this
-process; the cloud worker and each agent are subprocesses in their own sessions (so a
-terminal's Ctrl-C reaches only this process, which stops them in order).
+databases, the fleet's local artifact store, a broker started on a free port with generated
+users and the fleet's ACL: Mosquitto when installed, else the embedded amqtt broker (MQTT
+3.1.1, so every client of the run speaks 3.1.1; ``choose_broker``). The fleet and cloud
+APIs run under uvicorn in threads of this process; the cloud worker and each agent are
+subprocesses in their own sessions (so a terminal's Ctrl-C reaches only this process, which
+stops them in order). An agent listed in ``LoopConfig.emulated`` runs as an emulated aarch64
+device: ``python -m agent`` under qemu-aarch64 in the cached sysroot (``agent/emulation.py``),
+registered with the ARM profile.
 
 ``start_stack`` is a context manager: leaving it (normally, on an error or on
 KeyboardInterrupt) stops every child process and thread it started.
@@ -12,10 +16,12 @@ KeyboardInterrupt) stops every child process and thread it started.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -26,12 +32,15 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from edgeloop.loop.config import LoopConfig
+
+if TYPE_CHECKING:
+    from agent.config import MqttProtocol
 
 REPO = Path(__file__).resolve().parents[2]
 STATE_FILE = "demo-state.json"
@@ -143,6 +152,21 @@ def _stop_process(proc: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT_S
             proc.wait(timeout=timeout)
 
 
+def _stop_group(proc: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM to the process group of ``proc`` (started in its own session), then SIGKILL
+    to the group after ``timeout``; the process is reaped either way."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever is left in the group
+    proc.wait(timeout=timeout)
+
+
 def _child_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGELOOP_")}
     path = env.get("PYTHONPATH")
@@ -154,7 +178,11 @@ def _child_env(**extra: str) -> dict[str, str]:
 
 @dataclass
 class Agent:
-    """``python -m agent run`` for one device, as a separate process."""
+    """``python -m agent run`` for one device, as a separate process (in its own session).
+
+    With ``sysroot`` set, the process is an emulated aarch64 device: the agent under
+    qemu-aarch64 with that sysroot's python3.11 (``agent/emulation.py``).
+    """
 
     device_id: str
     profile: str
@@ -162,8 +190,21 @@ class Agent:
     password: str
     broker_port: int
     trusted_key: Path
+    sysroot: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
     latencies_ms: list[float] = field(default_factory=list)
+    mqtt_protocol: MqttProtocol = "5"
+
+    @property
+    def emulated(self) -> bool:
+        return self.sysroot is not None
+
+    @property
+    def arch(self) -> str:
+        """``aarch64 (qemu)`` for an emulated device, else the host's machine name."""
+        import platform
+
+        return "aarch64 (qemu)" if self.emulated else platform.machine()
 
     @property
     def state_dir(self) -> Path:
@@ -184,22 +225,33 @@ class Agent:
             f'[broker]\nhost = "127.0.0.1"\nport = {self.broker_port}\n'
             f'username = "{self.device_id}"\npassword = "{self.password}"\n'
             "keepalive_s = 2\nreconnect_min_s = 0.2\nreconnect_max_s = 2.0\n"
+            f'protocol = "{self.mqtt_protocol}"\n'
             '[http]\nhost = "127.0.0.1"\nport = 0\n'
         )
+        args = ["-v", "run", "--config", str(config)]
+        if self.sysroot is not None:
+            from agent.emulation import agent_command
+
+            argv, env = agent_command(self.sysroot, args, base_env=_child_env())
+        else:
+            argv, env = [sys.executable, "-m", "agent", *args], _child_env()
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "-v", "run", "--config", str(config)],
-            cwd=REPO,
-            stdout=log,
-            stderr=log,
-            env=_child_env(),
-            start_new_session=True,
+            argv, cwd=REPO, stdout=log, stderr=log, env=env, start_new_session=True
         )
         log.close()
         return self.proc.pid
 
-    def wait_http(self, timeout: float = 90.0) -> int:
-        """Wait for the agent's OIP server; returns its port."""
+    def wait_http(self, timeout: float | None = None) -> int:
+        """Wait for the agent's OIP server; returns its port.
+
+        ``timeout`` defaults to 90 s, or ``agent.emulation.START_TIMEOUT_S`` for an
+        emulated device (every import runs under qemu).
+        """
+        if timeout is None:
+            from agent.emulation import START_TIMEOUT_S as EMULATED_START_S
+
+            timeout = EMULATED_START_S if self.emulated else 90.0
         deadline = time.monotonic() + timeout
         port_file = self.state_dir / "http.port"
         while time.monotonic() < deadline:
@@ -222,7 +274,7 @@ class Agent:
 
     def stop(self) -> None:
         if self.proc is not None:
-            _stop_process(self.proc)
+            _stop_group(self.proc)
 
     def infer(self, model: str, name: str, x: npt.NDArray[np.float32]) -> list[float]:
         """One OIP v2 request; returns the first output (and records the latency)."""
@@ -248,6 +300,25 @@ class Agent:
             result: dict[str, Any] = json.loads(response.read())
         self.latencies_ms.append((time.perf_counter() - started) * 1000.0)
         return [float(v) for v in result["outputs"][0]["data"]]
+
+
+def _emulation_sysroot(config: LoopConfig) -> Path | None:
+    """The aarch64 sysroot the emulated devices run in; ``None`` when there are none.
+
+    Raises:
+        DemoSetupError: ``config`` names emulated devices but they cannot run here.
+    """
+    if not config.emulated:
+        return None
+    from agent.emulation import find_agent_sysroot, unavailable_reason
+    from compiler.settings import CompilerSettings
+
+    cache_dir = CompilerSettings().cache_dir
+    why = unavailable_reason(cache_dir)
+    sysroot = find_agent_sysroot(cache_dir)
+    if why is not None or sysroot is None:
+        raise DemoSetupError(f"cannot emulate {', '.join(config.emulated)}: {why}")
+    return sysroot
 
 
 class WorkerProcess:
@@ -290,6 +361,40 @@ class Stack:
         return "\n".join(parts)
 
 
+BROKERS = ("auto", "mosquitto", "embedded")
+
+
+def choose_broker(choice: str) -> str:
+    """``mosquitto`` or ``embedded`` for ``--broker`` ``auto|mosquitto|embedded``: auto is
+    Mosquitto when ``mosquitto`` is on PATH, else the embedded amqtt broker (MQTT 3.1.1).
+
+    Raises:
+        DemoSetupError: the broker asked for (or, for auto, either) is not installed.
+        ValueError: an unknown choice.
+    """
+    import importlib.util
+
+    if choice not in BROKERS:
+        raise ValueError(f"broker must be one of {', '.join(BROKERS)}, got {choice!r}")
+    mosquitto = shutil.which("mosquitto") is not None
+    amqtt = importlib.util.find_spec("amqtt") is not None
+    if choice == "mosquitto" and not mosquitto:
+        raise DemoSetupError(
+            "mosquitto is not installed (apt-get install mosquitto); --broker mosquitto asks "
+            "for it (MQTT 5; --broker embedded runs amqtt, MQTT 3.1.1; docs/demo.md)"
+        )
+    if choice == "embedded" and not amqtt:
+        raise DemoSetupError("amqtt is not installed (pip install 'edgeloop[demo]')")
+    if choice == "auto" and not (mosquitto or amqtt):
+        raise DemoSetupError(
+            "mosquitto is not installed, nor is amqtt: apt-get install mosquitto, or pip "
+            "install 'edgeloop[demo]' for the embedded MQTT 3.1.1 broker (docs/demo.md)"
+        )
+    if choice == "auto":
+        return "mosquitto" if mosquitto else "embedded"
+    return choice
+
+
 @contextmanager
 def start_stack(
     workdir: Path,
@@ -297,11 +402,15 @@ def start_stack(
     *,
     state: StateFile,
     say: Callable[[str], None],
+    broker_choice: str = "auto",
 ) -> Iterator[Stack]:
     """Start broker, fleet, cloud, worker, ingestor and agents under ``workdir``.
 
+    ``broker_choice``: ``auto`` (Mosquitto if installed, else the embedded amqtt broker),
+    ``mosquitto`` or ``embedded``; with the embedded one every client speaks MQTT 3.1.1.
+
     Raises:
-        DemoSetupError: Mosquitto is missing, or a component does not start.
+        DemoSetupError: the broker is missing, or a component does not start.
     """
     import httpx
     import torch
@@ -319,17 +428,14 @@ def start_stack(
     from fleet.api.bootstrap import create_admin_key
     from fleet.api.main import create_app as create_fleet_app
     from fleet.api.settings import ApiSettings
-    from fleet.broker import MosquittoProcess
+    from fleet.broker import EmbeddedBrokerProcess, MosquittoProcess
     from fleet.broker_auth import MosquittoPasswordFile
     from fleet.executor import Executor, mqtt_executor
-    from fleet.responder import BrokerConfig, Responder
+    from fleet.responder import BrokerConfig, MqttSession, Responder
     from fleet.store import ArtifactStore
 
-    if shutil.which("mosquitto") is None:
-        raise DemoSetupError(
-            "mosquitto is not installed (apt-get install mosquitto); the demo's agents speak "
-            "MQTT 5, which no embedded Python broker supports (docs/demo.md)"
-        )
+    kind = choose_broker(broker_choice)
+    mqtt_protocol: MqttProtocol = "5" if kind == "mosquitto" else "3.1.1"
     users = {"fleet": secrets.token_hex(12), "responder": secrets.token_hex(12)}
     keys = generate_keys(workdir / "keys")
     with ExitStack() as stack:
@@ -337,17 +443,32 @@ def start_stack(
         torch.set_num_threads(1)
         stack.callback(torch.set_num_threads, threads)
 
-        say("starting Mosquitto (generated users and ACL) on a free port")
-        broker = MosquittoProcess(workdir / "broker", users=dict(users))
-        broker.start()
+        broker: MosquittoProcess | EmbeddedBrokerProcess
+        if kind == "mosquitto":
+            say("broker: Mosquitto, MQTT 5 (generated users and ACL) on a free port")
+            broker = MosquittoProcess(workdir / "broker", users=dict(users))
+        else:
+            say(
+                "broker: embedded amqtt, MQTT 3.1.1 (Mosquitto not used: "
+                + ("--broker embedded" if broker_choice == "embedded" else "not installed")
+                + "); generated users and the fleet's ACL; every client speaks 3.1.1, "
+                "one responder and one ingest consumer (no shared subscriptions)"
+            )
+            broker = EmbeddedBrokerProcess(workdir / "broker", users=dict(users))
+        try:
+            broker.start()
+        except RuntimeError as err:
+            raise DemoSetupError(f"the broker did not start: {err}") from err
         stack.callback(broker.stop)
         state.port("mqtt", broker.port)
         if broker.pid is not None:
-            state.child("mosquitto", broker.pid)
+            state.child(kind if kind == "mosquitto" else "amqtt", broker.pid)
 
         store = ArtifactStore(workdir / "fleet" / "store", load_public_key(keys.public))
         stack.callback(store.close)
-        broker_config = BrokerConfig("127.0.0.1", broker.port, "fleet", users["fleet"])
+        broker_config = BrokerConfig(
+            "127.0.0.1", broker.port, "fleet", users["fleet"], protocol=mqtt_protocol
+        )
 
         def make_executor(engine: Any, store: ArtifactStore) -> Executor:
             executor = mqtt_executor(broker_config, engine=engine, store=store)
@@ -374,6 +495,7 @@ def start_stack(
             port=broker.port,
             username="responder",
             password=users["responder"],
+            mqtt_protocol=mqtt_protocol,
         )
         responder.start(timeout=10)
         stack.callback(responder.stop)
@@ -392,27 +514,33 @@ def start_stack(
         if group.status_code != 201:
             raise DemoSetupError(f"creating group {config.group!r}: {group.text}")
 
+        sysroot = _emulation_sysroot(config)
         agents: dict[str, Agent] = {}
         for device_id in config.devices:
+            profile = config.profile_of(device_id)
             registered = fleet.post(
                 "/devices",
-                json={
-                    "device_id": device_id,
-                    "profile": config.host_profile,
-                    "group_id": group.json()["id"],
-                },
+                json={"device_id": device_id, "profile": profile, "group_id": group.json()["id"]},
             )
             if registered.status_code != 201:
                 raise DemoSetupError(f"registering {device_id}: {registered.text}")
             agents[device_id] = Agent(
                 device_id,
-                config.host_profile,
+                profile,
                 workdir / "devices",
                 registered.json()["mqtt"]["password"],
                 broker.port,
                 keys.public,
+                sysroot=sysroot if device_id in config.emulated else None,
+                mqtt_protocol=mqtt_protocol,
             )
         say(f"starting {len(agents)} agents: {', '.join(agents)}")
+        for agent in agents.values():
+            if agent.emulated:
+                say(
+                    f"{agent.device_id} is an emulated {agent.profile} device: the agent "
+                    "under qemu-aarch64 (start-up takes a while)"
+                )
         for name, agent in agents.items():
             state.child(f"agent:{name}", agent.start())
             stack.callback(agent.stop)
@@ -437,9 +565,13 @@ def start_stack(
             tuning_db=workdir / "cloud" / "tuning",
         )
         cloud_app = create_cloud_app(settings, profiles=list(config.profiles))
-        publisher = mqtt_publisher(
-            DataloopSettings(broker_port=broker.port, broker_password=SecretStr(users["fleet"]))
-        )
+        if mqtt_protocol == "5":
+            publisher = mqtt_publisher(
+                DataloopSettings(broker_port=broker.port, broker_password=SecretStr(users["fleet"]))
+            )
+        else:  # DataloopSettings has no protocol setting: the same session, in 3.1.1
+            publisher = MqttSession(broker_config, role="capture-policy")
+            publisher.start(timeout=10)
         stack.callback(publisher.stop)
         cloud_app.state.capture_publisher = publisher
         cloud_server = stack.enter_context(LiveServer(cloud_app))

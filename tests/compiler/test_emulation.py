@@ -64,7 +64,7 @@ def _fake_sysroot(cache: Path, *, stamp: str | None, python: bool = True) -> Pat
 
 
 def _good_stamp(script: Path = emulation.BUILD_SCRIPT) -> str:
-    return f"format=1\narch=aarch64\nrecipe_sha256={recipe_digest(script)}\nwheel:numpy==2.4.6\n"
+    return f"format=2\narch=aarch64\nrecipe_sha256={recipe_digest(script)}\nwheel:numpy==2.4.6\n"
 
 
 # ---- architecture table ----------------------------------------------------------------------
@@ -170,12 +170,13 @@ def test_find_sysroot_accepts_a_stamped_sysroot(tmp_path: Path) -> None:
     ("stamp", "python"),
     [
         (None, True),  # never finished: no stamp
-        ("format=2\narch=aarch64\nrecipe_sha256={digest}\n", True),
-        ("format=1\narch=armv7\nrecipe_sha256={digest}\n", True),
-        ("format=1\narch=aarch64\nrecipe_sha256=0000\n", True),  # built by another recipe
-        ("format=1\narch=aarch64\n", True),
+        ("format=3\narch=aarch64\nrecipe_sha256={digest}\n", True),
+        ("format=1\narch=aarch64\nrecipe_sha256={digest}\n", True),  # no agent deps yet
+        ("format=2\narch=armv7\nrecipe_sha256={digest}\n", True),
+        ("format=2\narch=aarch64\nrecipe_sha256=0000\n", True),  # built by another recipe
+        ("format=2\narch=aarch64\n", True),
         ("garbage", True),
-        ("format=1\narch=aarch64\nrecipe_sha256={digest}\n", False),  # interpreter missing
+        ("format=2\narch=aarch64\nrecipe_sha256={digest}\n", False),  # interpreter missing
     ],
 )
 def test_find_sysroot_rejects(tmp_path: Path, stamp: str | None, python: bool) -> None:
@@ -189,7 +190,7 @@ def test_find_sysroot_missing_cache(tmp_path: Path) -> None:
 
 
 def test_find_sysroot_without_the_script_checks_format_and_arch_only(tmp_path: Path) -> None:
-    root = _fake_sysroot(tmp_path, stamp="format=1\narch=aarch64\nrecipe_sha256=old\n")
+    root = _fake_sysroot(tmp_path, stamp="format=2\narch=aarch64\nrecipe_sha256=old\n")
     assert find_sysroot("aarch64", tmp_path, script=tmp_path / "absent.sh") == root
 
 
@@ -211,7 +212,7 @@ def _stand_in_script(tmp_path: Path, body: str) -> Path:
 _WRITES_SYSROOT = """
 echo "building $1" >&2
 mkdir -p "$1/usr/bin" && touch "$1/usr/bin/python3.11"
-printf 'format=1\\narch=aarch64\\nrecipe_sha256=%s\\n' "$(sha256sum "$0" | cut -d' ' -f1)" \\
+printf 'format=2\\narch=aarch64\\nrecipe_sha256=%s\\n' "$(sha256sum "$0" | cut -d' ' -f1)" \\
   > "$1/.edgeloop-sysroot-stamp"
 """
 
