@@ -86,6 +86,7 @@ def run_demo(
     err: Any,
     out: Any,
     broker: str = "auto",
+    keep_running: bool = False,
 ) -> int:
     """Run the demo end to end; returns the exit code (see the module docstring).
 
@@ -140,6 +141,12 @@ def run_demo(
                 stack = stack_cm.__enter__()
             try:
                 outcome = run_loop(stack, config, progress)
+                if keep_running:
+                    with progress.stage("write the report"):
+                        write_report(outcome, report)
+                    print_summary(outcome, out)
+                    _serve_until_interrupted(stack, report, out)
+                    interrupts.count = 0  # that Ctrl-C ended the look around, not the demo
             except BaseException:
                 with progress.stage("stop every service"):
                     stack_cm.__exit__(*sys.exc_info())
@@ -155,7 +162,8 @@ def run_demo(
             return EXIT_FAILED
         with progress.stage("write the report"):
             summary = write_report(outcome, report)
-        print_summary(outcome, out)
+        if not keep_running:
+            print_summary(outcome, out)
         out.print(f"report: {report}\nsummary: {summary}", highlight=False)
         return 0 if outcome.ok else EXIT_FAILED
     except KeyboardInterrupt:
@@ -163,6 +171,23 @@ def run_demo(
         return EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _serve_until_interrupted(stack: Any, report: Path, out: Any) -> None:
+    """Leave every service up for a look around (the dashboard) until Ctrl-C."""
+    out.print(
+        f"\n[bold]the services keep running[/] (Ctrl-C stops them)\n"
+        f"  dashboard: {stack.fleet_url}/dashboard/  (sign in with the admin key below)\n"
+        f"  admin key: {stack.fleet_token}\n"
+        f"  fleet API: {stack.fleet_url}/docs   cloud API: {stack.cloud_url}/docs\n"
+        f"  report:    {report}",
+        highlight=False,
+    )
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        out.print("stopping the services", highlight=False)
 
 
 @click.command("demo")
@@ -191,8 +216,19 @@ def run_demo(
     help="MQTT broker: Mosquitto (MQTT 5), the embedded amqtt broker (MQTT 3.1.1, no "
     "shared subscriptions; pip install 'edgeloop[demo]'), or auto: Mosquitto if installed.",
 )
+@click.option(
+    "--keep-running",
+    is_flag=True,
+    help="After the loop, keep the services up and print the dashboard's address and an "
+    "admin key; Ctrl-C stops them.",
+)
 def demo_command(
-    short: bool, workdir: Path | None, no_arm: bool, report: Path | None, broker: str
+    short: bool,
+    workdir: Path | None,
+    no_arm: bool,
+    report: Path | None,
+    broker: str,
+    keep_running: bool,
 ) -> None:
     """Run the whole loop here: train, compile, deploy with a canary, OIP traffic, drift on
     one device, alert, oracle relabel, retrain, redeploy; then a summary and an HTML report."""
@@ -208,5 +244,6 @@ def demo_command(
         err=Console(stderr=True),
         out=Console(),
         broker=broker,
+        keep_running=keep_running,
     )
     sys.exit(code)

@@ -225,12 +225,13 @@ def test_asking_for_a_missing_mosquitto_is_a_missing_dependency(tmp_path: Path) 
 # --------------------------------------------------------------------------- the real loop
 
 
-def _demo(workdir: Path, log: Path) -> subprocess.Popen[str]:
+def _demo(workdir: Path, log: Path, *extra: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGELOOP_")}
-    env["COLUMNS"] = "120"
+    env["COLUMNS"] = "200"
     with log.open("w") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "edgeloop", "demo", "--short", "--workdir", str(workdir)],
+            [sys.executable, "-m", "edgeloop", "demo", "--short", "--workdir", str(workdir)]
+            + list(extra),
             cwd=ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -312,6 +313,28 @@ def test_ctrl_c_stops_every_process_and_frees_the_ports(workdir: Path, tmp_path:
                 pytest.fail(f"{name}'s port {port} is still taken: {err}")
 
 
+def _look_at_the_dashboard(output: str) -> None:
+    """``--keep-running`` printed the dashboard and a key: the fleet and the queue are there."""
+    import httpx
+
+    url = re.search(r"dashboard: (\S+)/dashboard/", output)
+    key = re.search(r"admin key: (\S+)", output)
+    assert url and key, output
+    with httpx.Client(base_url=url.group(1), timeout=30, follow_redirects=True) as client:
+        page = client.post("/dashboard/login", data={"api_key": key.group(1), "next": ""})
+        assert page.status_code == 200, page.text
+        devices = client.get("/dashboard/devices").text
+        assert all(f"cam-{i}" in devices for i in (1, 2, 3)), devices
+        assert "online" in devices
+        deployments = client.get("/dashboard/deployments").text
+        assert "digits-v1" in deployments and "SUCCEEDED" in deployments, deployments
+        drift = client.get("/dashboard/drift").text
+        assert "cam-2" in drift and "ks" in drift, drift
+        relabel = client.get("/dashboard/relabel", params={"state": "labeled"}).text
+        assert "cloud service is not configured" not in relabel, relabel
+        assert "labeled tasks" in relabel and "cam-2" in relabel, relabel
+
+
 @pytest.mark.slow
 @pytest.mark.mqtt
 def test_demo_runs_the_whole_loop_and_reports(workdir: Path, tmp_path: Path) -> None:
@@ -320,9 +343,16 @@ def test_demo_runs_the_whole_loop_and_reports(workdir: Path, tmp_path: Path) -> 
     interrupted_before = leftover.exists()
     log = tmp_path / "demo.log"
     started = time.monotonic()
-    demo = _demo(workdir, log)
+    demo = _demo(workdir, log, "--keep-running")
     try:
-        rc = demo.wait(timeout=600)
+        deadline = time.monotonic() + 600
+        while "admin key: " not in log.read_text():
+            assert demo.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        time.sleep(0.5)
+        _look_at_the_dashboard(log.read_text())
+        demo.send_signal(signal.SIGINT)  # ends the look around: a normal exit
+        rc = demo.wait(timeout=120)
     finally:
         if demo.poll() is None:
             demo.send_signal(signal.SIGINT)

@@ -353,6 +353,7 @@ class Stack:
     worker: WorkerProcess
     fleet_url: str
     cloud_url: str
+    fleet_token: str  # the demo organization's admin key (the dashboard's login)
 
     def logs(self) -> str:
         """The tails of the worker's and the agents' logs (for error messages)."""
@@ -430,6 +431,7 @@ def start_stack(
     from fleet.api.settings import ApiSettings
     from fleet.broker import EmbeddedBrokerProcess, MosquittoProcess
     from fleet.broker_auth import MosquittoPasswordFile
+    from fleet.dashboard.relabel import CloudRelabelSource
     from fleet.executor import Executor, mqtt_executor
     from fleet.responder import BrokerConfig, MqttSession, Responder
     from fleet.store import ArtifactStore
@@ -576,6 +578,8 @@ def start_stack(
         cloud_app.state.capture_publisher = publisher
         cloud_server = stack.enter_context(LiveServer(cloud_app))
         state.port("cloud", cloud_server.port)
+        # The dashboard's relabel page reads the queue from the cloud API started just now.
+        fleet_app.state.relabel_source = CloudRelabelSource(cloud_server.url, token)
         cloud = stack.enter_context(
             httpx.Client(
                 base_url=cloud_server.url,
@@ -615,4 +619,4 @@ def start_stack(
         )
         ingestor.start(timeout=10)
         stack.callback(ingestor.stop)
-        yield Stack(cloud, fleet, agents, worker, fleet_server.url, cloud_server.url)
+        yield Stack(cloud, fleet, agents, worker, fleet_server.url, cloud_server.url, fleet_token)
