@@ -102,8 +102,40 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+class _BrokerChild:
+    """Stopping, killing and watching a broker process (``_proc``), either kind."""
+
+    _proc: subprocess.Popen[bytes] | None
+
+    def kill(self) -> None:
+        """Kill the broker hard (SIGKILL), as a crash would."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        """Stop the broker cleanly (SIGTERM)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(timeout=10)
+
+    @property
+    def pid(self) -> int | None:
+        """The broker's process id once started (None before)."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        """Whether the process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+
 @dataclass
-class MosquittoProcess:
+class MosquittoProcess(_BrokerChild):
     """A Mosquitto broker with generated config, users and ACL, in ``workdir``."""
 
     workdir: Path
@@ -184,32 +216,6 @@ class MosquittoProcess:
         if self._proc is not None:
             self._proc.send_signal(signal.SIGHUP)
 
-    def kill(self) -> None:
-        """Kill the broker hard (SIGKILL), as a crash would."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        """Stop the broker cleanly (SIGTERM)."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout=10)
-
-    @property
-    def pid(self) -> int | None:
-        """The broker's process id once started (None before)."""
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        """Whether the process is alive."""
-        return self._proc is not None and self._proc.poll() is None
-
 
 def _wait_listening(proc: subprocess.Popen[bytes], port: int, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
@@ -225,7 +231,7 @@ def _wait_listening(proc: subprocess.Popen[bytes], port: int, timeout: float, wh
 
 
 @dataclass
-class EmbeddedBrokerProcess:
+class EmbeddedBrokerProcess(_BrokerChild):
     """The demo's broker without Mosquitto: ``python -m fleet.embedded_broker`` (amqtt, MQTT
     3.1.1 only) in ``workdir``, with the generated users (``$7$`` hashes, the format
     ``fleet.broker_auth.MosquittoPasswordFile`` maintains) and :func:`render_acl`'s ACL.
@@ -319,29 +325,3 @@ class EmbeddedBrokerProcess:
 
     def reload(self) -> None:
         """Nothing to do: the broker re-reads the password file when it changes."""
-
-    def kill(self) -> None:
-        """Kill the broker hard (SIGKILL), as a crash would."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        """Stop the broker cleanly (SIGTERM)."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout=10)
-
-    @property
-    def pid(self) -> int | None:
-        """The broker's process id once started (None before)."""
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        """Whether the process is alive."""
-        return self._proc is not None and self._proc.poll() is None
