@@ -22,7 +22,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from edgeloop.live_server import LiveServer as _LiveServer
 from edgeloop.loop.config import LoopConfig
 
 if TYPE_CHECKING:
@@ -103,42 +103,11 @@ class StateFile:
         tmp.replace(self.path)
 
 
-class LiveServer:
-    """An ASGI app under uvicorn in a thread, on a socket bound to a free port first."""
+class LiveServer(_LiveServer):
+    """:class:`edgeloop.live_server.LiveServer` failing with :class:`DemoSetupError`."""
 
     def __init__(self, app: Any) -> None:
-        import uvicorn
-
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", 0))
-        self.port = int(self._sock.getsockname()[1])
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        # uvicorn installs signal handlers only in the main thread; this one is not.
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True
-        )
-
-    def __enter__(self) -> LiveServer:
-        self._thread.start()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not self._server.started:
-            if not self._thread.is_alive():
-                raise DemoSetupError(f"uvicorn at {self.url} exited while starting")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise DemoSetupError(f"uvicorn at {self.url} not started in {START_TIMEOUT_S} s")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=STOP_TIMEOUT_S)
-        self._sock.close()
+        super().__init__(app, error=DemoSetupError)
 
 
 def _stop_process(proc: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT_S) -> None:

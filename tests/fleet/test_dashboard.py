@@ -28,7 +28,6 @@ from typing import Any, cast
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 
 warnings.filterwarnings("ignore", message=r".*httpx.*starlette\.testclient", category=Warning)
 
@@ -49,6 +48,7 @@ from agent.protocol import (  # noqa: E402
     Status,
 )
 from compiler.signing import generate_keys, load_private_key, load_public_key  # noqa: E402
+from edgeloop.live_server import LiveServer  # noqa: E402
 from fleet.api.bootstrap import create_admin_key  # noqa: E402
 from fleet.api.main import create_app  # noqa: E402
 from fleet.api.settings import ApiSettings  # noqa: E402
@@ -226,35 +226,6 @@ def test_page(number: int, count: int, offset: int, pages: int, prev: bool, next
 
 
 # ---------------------------------------------------------------- the stack
-
-
-class LiveServer:
-    """``app`` under uvicorn in a thread on a free port (as tests/fleet/api/test_api_cli)."""
-
-    def __init__(self, app: FastAPI) -> None:
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True
-        )
-
-    def __enter__(self) -> LiveServer:
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.__exit__()
-                raise RuntimeError(f"uvicorn at {self.url} did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=15)
-        self._sock.close()
 
 
 @dataclass

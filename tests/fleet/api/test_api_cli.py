@@ -1,78 +1,29 @@
 """``edgeloop fleet devices|artifacts ...`` against the API served by uvicorn on a free port.
 
 Each command and each error path: the exit code (STYLE rule 9) and a message that says what
-to do. :class:`LiveServer` is also what ``test_schemathesis`` and ``test_sdk`` run the app in.
+to do. The app runs in :class:`edgeloop.live_server.LiveServer` (so do other API tests).
 """
 
 from __future__ import annotations
 
 import json
 import socket
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 import pytest
-import uvicorn
 from click.testing import CliRunner, Result
 from fastapi import FastAPI
 from sqlmodel import Session
 
 from edgeloop.cli import cli
+from edgeloop.live_server import LiveServer
 from fleet.api.bootstrap import create_admin_key
 from fleet.api_cli import ApiClientSettings
 
 from ..conftest import BundleFactory
 from .conftest import PROFILE, TarFactory
-
-START_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 15.0
-
-
-class LiveServer:
-    """``app`` under uvicorn in a thread, on a socket bound to a free port before it starts."""
-
-    def __init__(self, app: FastAPI) -> None:
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", 0))
-        port = self._sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="on")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True
-        )
-
-    def __enter__(self) -> LiveServer:
-        self._thread.start()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not self._server.started:
-            if not self._thread.is_alive():
-                raise RuntimeError(f"uvicorn at {self.url} exited while starting")
-            if time.monotonic() > deadline:
-                self._stop()
-                raise TimeoutError(f"uvicorn at {self.url} not started in {START_TIMEOUT_S} s")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._stop()
-
-    def _stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=STOP_TIMEOUT_S)
-        self._sock.close()
-        if self._thread.is_alive():
-            raise TimeoutError(f"uvicorn at {self.url} did not stop in {STOP_TIMEOUT_S} s")
 
 
 def free_url() -> str:
