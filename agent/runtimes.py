@@ -371,29 +371,24 @@ class _TvmModel(LoadedModel):
         if cuda_arch is not None:
             self._device = _cuda_device(tvm_runtime, cuda_arch)
             self.device_name = f"cuda {self._device.device_name}"
+        # The compiler times artifacts through the same caller (compiler/runner_main.py):
+        # inputs copied into tensors bound once to a saved closure of "main", outputs copied
+        # out through DLPack; CUDA artifacts take the plain conversions.
+        from compiler.runner_main import VmCaller
+
         try:
             if cuda_arch is None:
                 self._device = tvm_runtime.cpu(0)
             vm = VirtualMachine(tvm_runtime.load_module(str(lib_path)), self._device)
-            self._main = vm["main"]
+            self._call = VmCaller(
+                vm, self._device, "main", [(tuple(s.shape), s.dtype) for s in signature.inputs]
+            )
         except Exception as err:
             raise ModelLoadError(f"TVM cannot load {lib_path}: {err}") from err
-        self._vm = vm  # the function keeps a reference, but make the owner explicit
-        self._tensor = tvm_runtime.tensor
+        self._vm = vm  # the caller keeps a reference, but make the owner explicit
 
     def _run(self, inputs: list[Array]) -> list[Array]:
-        args = [self._tensor(np.ascontiguousarray(x), self._device) for x in inputs]
-        return _flatten_tvm(self._main(*args))
-
-
-def _flatten_tvm(result: Any) -> list[Array]:
-    """Flatten a VM result (a tensor, or nested tuples of tensors) into numpy arrays."""
-    if hasattr(result, "numpy"):
-        return [np.asarray(result.numpy())]
-    flat: list[Array] = []
-    for item in result:
-        flat.extend(_flatten_tvm(item))
-    return flat
+        return self._call(inputs)
 
 
 class _OrtModel(LoadedModel):

@@ -202,6 +202,7 @@ class Options:
     json_out: Path | None
     verbose: int
     quick: bool
+    weight_prepack: bool = False
 
 
 def _say(message: str) -> None:
@@ -288,6 +289,7 @@ def bench_model(
             tuning_db=tuning_db,
             progress=_progress_printer(f"{spec.name} / {profile_name}"),
             runner_threads=opts.threads,
+            weight_prepack=opts.weight_prepack,
         )
         result.tuning = stats.to_dict()
         _say(
@@ -614,6 +616,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         action="store_false",
         help="skip the edgeloop compile --runtime auto check",
     )
+    parser.add_argument(
+        "--weight-prepack",
+        action="store_true",
+        help="tuned build with build_library(weight_prepack=True): tuning picks the weights' "
+        "layout, folded at compile time (its own tuning records; off by default)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--json",
@@ -676,6 +684,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         json_out=args.json_out,
         verbose=args.verbose,
         quick=args.quick,
+        weight_prepack=args.weight_prepack,
     )
 
 

@@ -15,12 +15,16 @@ Runner protocol (shared with the C++ armv7 runner, see docs/artifact-format.md):
 
 The runner writes ``WORKDIR/s{k}_out{j}.npy`` for every output ``j`` of every sample and
 ``WORKDIR/result.json``: ``{"num_outputs": J, "latency_ms": [...], "machine": "...",
-"runtime": "tvm <version>", "num_threads": T}``; latencies are measured on sample 0 after
-``W`` warm-up runs; ``num_threads`` is what TVM's runtime reports using. The C++ armv7
+"runtime": "tvm <version>", "num_threads": T, "call_path": "saved-closure" | "plain"}``;
+latencies are measured on sample 0 after ``W`` warm-up runs; ``num_threads`` is what TVM's
+runtime reports using, ``call_path`` how :class:`VmCaller` called it. The C++ armv7
 runner ignores ``num_threads`` and reads ``TVM_NUM_THREADS`` from its environment.
 
 ONNX Runtime is timed by the compiler in its own process, never here: in one process with
 TVM at 2 threads on 2 cores it made TVM 20-50x slower (docs/benchmarks.md).
+
+Calls go through :class:`VmCaller`, which the agent's TVM runtime uses too
+(``agent/runtimes.py``), so that the compiler times the call path a device serves with.
 """
 
 from __future__ import annotations
@@ -35,6 +39,74 @@ from collections.abc import Callable
 os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
 
 import numpy as np  # noqa: E402
+
+_SAVED_NAME = "__edgeloop_saved_{}"
+_DLPACK_CPU = 1  # DLDeviceType kDLCPU
+
+
+class VmCaller:
+    """Call a Relax VM function with numpy arrays and get numpy arrays back, cheaply.
+
+    On a CPU device the inputs go into tensors allocated once (``np.copyto`` into numpy
+    views of them, valid for any strides and alignment), the function is called as a closure
+    saved with those tensors bound (``VirtualMachine.save_function``: no argument conversion
+    or name lookup per call), and each output is copied out of its tensor through DLPack
+    instead of ``Tensor.numpy()``. That is 2-3 us of fixed cost per call instead of 15-20
+    (docs/benchmarks.md). The copy keeps returned arrays independent of the VM's memory.
+    Other devices, or a runtime without ``save_function`` or numpy without DLPack, take the
+    plain path: ``runtime.tensor`` per input, ``vm[entry](...)``, ``.numpy()`` per output.
+
+    Not thread-safe: the bound input tensors are shared by all calls (callers serialise).
+    """
+
+    def __init__(
+        self,
+        vm: object,
+        device: object,
+        entry: str,
+        inputs: list[tuple[tuple[int, ...], str]],
+    ) -> None:
+        from tvm import runtime
+
+        self._tensor = runtime.tensor
+        self._device = device
+        self._entry = vm[entry]  # type: ignore[index]
+        self._views: list[np.ndarray] | None = None
+        self._saved: Callable[[], object] | None = None
+        self.fast = False
+        on_cpu = device.dlpack_device_type() == _DLPACK_CPU  # type: ignore[attr-defined]
+        if not on_cpu or not hasattr(np, "from_dlpack"):
+            return
+        try:
+            buffers = [runtime.empty(shape, dtype, device) for shape, dtype in inputs]
+            views = [np.from_dlpack(b) for b in buffers]
+            name = _SAVED_NAME.format(entry)
+            vm.save_function(entry, name, *buffers)  # type: ignore[attr-defined]
+            self._saved = vm[name]  # type: ignore[index]
+        except Exception:  # an older runtime: keep the plain path
+            return
+        self._views = views
+        self._buffers = buffers  # the closure holds them too; keep the owner explicit
+        self.fast = True
+
+    def __call__(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """Run the function on ``arrays`` (shapes and dtypes as declared)."""
+        if self._saved is None or self._views is None:
+            args = [self._tensor(np.ascontiguousarray(a), self._device) for a in arrays]
+            return _flatten(self._entry(*args))
+        for view, array in zip(self._views, arrays, strict=True):
+            np.copyto(view, array, casting="no")
+        return _flatten_copy(self._saved())
+
+
+def _flatten_copy(result: object) -> list[np.ndarray]:
+    """CPU outputs as numpy copies through DLPack (cheaper than ``Tensor.numpy()``)."""
+    if hasattr(result, "__dlpack__"):
+        return [np.from_dlpack(result).copy()]
+    flat: list[np.ndarray] = []
+    for item in result:  # type: ignore[attr-defined]
+        flat.extend(_flatten_copy(item))
+    return flat
 
 
 def _flatten(result: object) -> list[np.ndarray]:
@@ -87,27 +159,28 @@ def main(workdir: str) -> int:
         ctypes.CDLL(os.path.join(lib_dir, "libtvm_runtime_cuda.so"), mode=ctypes.RTLD_GLOBAL)
         dev = tvm.cuda(0)
     vm = VirtualMachine(runtime.load_module(request["lib"]), dev)
-    entry = vm[request.get("entry", "main")]
 
-    def load(k: int) -> list[object]:
+    def load(k: int) -> list[np.ndarray]:
         return [
-            runtime.tensor(np.load(os.path.join(workdir, f"s{k}_in{i}.npy")), dev)
-            for i in range(request["num_inputs"])
+            np.load(os.path.join(workdir, f"s{k}_in{i}.npy")) for i in range(request["num_inputs"])
         ]
 
+    arrays = load(0)
+    caller = VmCaller(
+        vm, dev, request.get("entry", "main"), [(a.shape, str(a.dtype)) for a in arrays]
+    )
     num_outputs = 0
     for k in range(request["num_samples"]):
-        outputs = _flatten(entry(*load(k)))
+        outputs = caller(load(k))
         num_outputs = len(outputs)
         for j, out in enumerate(outputs):
             np.save(os.path.join(workdir, f"s{k}_out{j}.npy"), out)
 
     # Timed like a serving call (and like ONNX Runtime's session.run, which the compiler
-    # compares against): numpy inputs in, numpy outputs out, conversions included.
-    arrays = [np.load(os.path.join(workdir, f"s0_in{i}.npy")) for i in range(request["num_inputs"])]
-
+    # compares against): numpy inputs in, numpy outputs out, conversions included, through
+    # the same VmCaller the agent serves with.
     def call() -> list[np.ndarray]:
-        return _flatten(entry(*[runtime.tensor(a, dev) for a in arrays]))
+        return caller(arrays)
 
     for _ in range(request.get("warmup", 1)):
         call()
@@ -117,6 +190,7 @@ def main(workdir: str) -> int:
         "machine": platform.machine(),
         "runtime": f"tvm {tvm.__version__}",
         "num_threads": _tvm_threads(tvm),
+        "call_path": "saved-closure" if caller.fast else "plain",
     }
     if request.get("device") == "cuda":
         result["gpu"] = str(dev.device_name)

@@ -65,6 +65,8 @@ class TuningStats:
     # Per task tuned: name, weight, flops, max_useful (None: unbounded) and its trial budget.
     budget: list[dict[str, Any]] = field(default_factory=list)
     runner_threads: int | None = None
+    # Weights laid out for the tuned schedules at compile time (``build_library``).
+    weight_prepack: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -101,7 +103,7 @@ def _locked(db_root: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _prepare(mod: Any, target: Any, *, gpu: bool) -> Any:
+def _prepare(mod: Any, target: Any, *, gpu: bool, weight_prepack: bool = False) -> Any:
     import tvm
     from tvm import relax
 
@@ -111,6 +113,9 @@ def _prepare(mod: Any, target: Any, *, gpu: bool) -> Any:
                 relax.transform.DecomposeOpsForInference(),
                 relax.transform.CanonicalizeBindings(),
                 relax.get_pipeline("zero"),
+                # Weights (Relax constants) become layout-free buffers: MetaSchedule may then
+                # pick their layout (its RewriteLayout postprocessor), see _fold_prepacked.
+                *([relax.transform.AttachAttrLayoutFreeBuffers()] if weight_prepack else []),
             ]
         )(mod)
         if gpu:
@@ -302,12 +307,42 @@ def _apply_database(mod: Any, target: Any, db_dir: Path, stats: TuningStats) -> 
     for task in ms.relax_integration.extract_tasks(mod, target):
         record = database.query_tuning_record(task.dispatched[0], target, task.task_name)
         if record is not None:
-            records.append(json.dumps(_json_ready(record.as_json()), sort_keys=True))
+            records.append(json.dumps(_record_json(record), sort_keys=True))
     stats.records_applied = len(records)
     if records:
         stats.database_digest = hashlib.sha256("\n".join(sorted(records)).encode()).hexdigest()
     with target, database:
         return relax.transform.MetaScheduleApplyDatabase(str(db_dir))(mod)
+
+
+def _record_json(record: Any) -> Any:
+    """A tuning record as plain JSON (for the database digest).
+
+    ``TuningRecord.as_json()`` rejects records whose trace holds an ``IndexMap`` (the weight
+    layout rewrites of prepacked builds); those take the raw FFI form, index maps as text.
+    """
+    try:
+        return _json_ready(record.as_json())
+    except TypeError:
+        from tvm.s_tir.meta_schedule import _ffi_api as ms_ffi
+
+        return _json_ready(ms_ffi.TuningRecordAsJSON(record))
+
+
+def _fold_prepacked(mod: Any, target: Any) -> Any:
+    """Split tuned layout rewrites of the weights out of the kernels and fold them.
+
+    What ``relax.pipeline.static_shape_tuning_pipeline(cpu_weight_prepack=True)`` does after
+    applying the database; the weights are constants here, so ``FoldConstant`` runs the
+    rewrites at compile time (on this machine) and ``main`` keeps its interface.
+    """
+    import tvm
+    from tvm import relax
+
+    with target:
+        return tvm.transform.Sequential(
+            [relax.transform.SplitLayoutRewritePreproc(), relax.transform.FoldConstant()]
+        )(mod)
 
 
 def _json_ready(value: Any) -> Any:
@@ -331,6 +366,7 @@ def build_library(
     tuning_db: Path | None,
     progress: TuningProgress | None = None,
     runner_threads: int | None = None,
+    weight_prepack: bool = False,
 ) -> TuningStats:
     """Compile ``relax_mod`` for ``profile`` into the shared library ``out_path``.
 
@@ -338,6 +374,10 @@ def build_library(
     already in ``tuning_db`` for this target. ``runner_threads`` is the TVM thread count
     candidates are measured with (None: TVM's default); ``progress`` gets
     ``(trials done, trials planned)`` after every measured trial and ends at the total.
+    ``weight_prepack`` lets tuning choose the weights' memory layout, rewritten once at
+    compile time (CPU profiles without a cross compiler and with a tuning database only,
+    since the rewrite runs on this machine; ignored otherwise). Its tasks differ from those
+    of a plain build, so it tunes and reuses records of its own.
 
     Raises:
         UsageError: tuning asked for a CUDA target (needs a GPU to measure on).
@@ -355,9 +395,11 @@ def build_library(
             f"--trials {trials} for {profile.name}: tuning a CUDA target needs a GPU to measure "
             "on; compile with --trials 0 (default GPU schedules) on this machine"
         )
+    prepack = weight_prepack and not gpu and not profile.cross_compiler and tuning_db is not None
+    stats.weight_prepack = prepack
     with _fast_inspect.installed():
         try:
-            mod = _prepare(relax_mod, target, gpu=gpu)
+            mod = _prepare(relax_mod, target, gpu=gpu, weight_prepack=prepack)
         except Exception as err:
             raise BuildFailedError(
                 f"TVM could not lower the model for {profile.name}: {err}"
@@ -382,6 +424,13 @@ def build_library(
                     runner_threads=runner_threads,
                 )
                 mod = _apply_database(mod, target, db_dir, stats)
+            if prepack:
+                try:
+                    mod = _fold_prepacked(mod, target)
+                except Exception as err:
+                    raise BuildFailedError(
+                        f"TVM could not prepack the weights for {profile.name}: {err}"
+                    ) from err
         try:
             if gpu:
                 from compiler.cuda import nvcc_jit

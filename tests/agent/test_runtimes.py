@@ -255,6 +255,28 @@ def test_runtime_matches_onnxruntime_on_the_source(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", ["cnn", "mlp"])
+def test_tvm_fast_call_path_keeps_results_apart(kind: str, artifacts: Artifacts) -> None:
+    """The saved-closure path (bound input tensors, DLPack outputs) gives independent arrays."""
+    b = artifacts.bundles[(kind, "tvm")]
+    model = runtimes.load(b.path, b.manifest)
+    assert model._call.fast  # type: ignore[attr-defined]
+    shape = b.manifest.inputs[0].shape
+    x1, x2 = _sample(shape, 1), _sample(shape, 2)
+    (out1,) = model.infer([x1])
+    kept = out1.copy()
+    # A non-contiguous input of the same values, then another input: out1 must not move.
+    strided = np.empty([*shape[:-1], shape[-1] * 2], np.float32)[..., ::2]
+    strided[...] = x2
+    (out2,) = model.infer([strided])
+    x1[...] = 0.0
+    np.testing.assert_array_equal(out1, kept)
+    assert not np.shares_memory(out1, out2)
+    np.testing.assert_allclose(out1, artifacts.reference(kind, _sample(shape, 1)), atol=1e-5)
+    np.testing.assert_allclose(out2, artifacts.reference(kind, x2), atol=1e-5)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("runtime", ["tvm", "onnxruntime"])
 def test_self_test_warms_up(runtime: str, artifacts: Artifacts) -> None:
     b = artifacts.bundles[("cnn", runtime)]

@@ -525,3 +525,43 @@ def test_agent_imports_nothing_heavy() -> None:
     )
     proc = subprocess.run(["python3", "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.tuning
+@pytest.mark.timeout(1800)
+def test_weight_prepack_build_runs_and_matches_onnxruntime(model_dir: Path, tmp_path: Path) -> None:
+    """Weights laid out by tuning and folded at compile time: same outputs, own records."""
+    import onnxruntime as ort
+
+    from compiler import execution
+    from compiler.frontends import load_model
+    from compiler.profiles import ProfileRegistry
+    from compiler.tvm_builder import build_library
+
+    settings = CompilerSettings()
+    profile = ProfileRegistry(settings.profile_roots()).get("generic/x86_64")
+    model = load_model(model_dir / "mlp.onnx")
+    db = tmp_path / "tuning-db"
+    lib = tmp_path / "prepacked.so"
+    first = build_library(
+        model.to_relax(), profile, out_path=lib, trials=6, tuning_db=db, weight_prepack=True
+    )
+    assert first.weight_prepack and first.new_trials > 0
+    assert first.records_applied == first.tasks_total and first.database_digest
+    spec = model.inputs[0]
+    x = np.random.default_rng(0).standard_normal(spec.shape).astype(np.float32)
+    host = execution.detect_host()
+    plan = execution.plan_execution(profile, host)
+    result = execution.run_library(lib, [[x]], plan, host, warmup=1, repeat=3)
+    session = ort.InferenceSession(str(model_dir / "mlp.onnx"), providers=["CPUExecutionProvider"])
+    (expected,) = session.run(None, {session.get_inputs()[0].name: x})
+    np.testing.assert_allclose(result.outputs[0][0], expected, atol=1e-5, rtol=1e-5)
+    again = build_library(
+        model.to_relax(), profile, out_path=lib, trials=6, tuning_db=db, weight_prepack=True
+    )
+    assert again.new_trials == 0 and again.database_digest == first.database_digest
+    # A plain build's tasks are different workloads: the prepacked records do not serve it.
+    plain = build_library(
+        model.to_relax(), profile, out_path=tmp_path / "plain.so", trials=0, tuning_db=db
+    )
+    assert not plain.weight_prepack and plain.records_applied == 0
