@@ -191,6 +191,12 @@ def keys_generate(output_dir: Path | None, force: bool) -> None:
     help="Persistent tuning database directory (default: $EDGELOOP_CACHE_DIR/tuning).",
 )
 @click.option(
+    "--weight-prepack",
+    is_flag=True,
+    help="Let tuning choose the weights' memory layout, rewritten once at build time (CPU "
+    "profiles built natively; needs --trials > 0; faster dense layers, sometimes slower convs).",
+)
+@click.option(
     "--runtime",
     type=str,
     default="auto",
@@ -242,6 +248,7 @@ def compile_command(
     output: Path,
     trials: int | None,
     tuning_db: Path | None,
+    weight_prepack: bool,
     runtime: str,
     input_shapes: tuple[str, ...],
     calibration_data: Path | None,
@@ -265,6 +272,7 @@ def compile_command(
         model_version=model_version,
         trials=trials,
         tuning_db=tuning_db,
+        weight_prepack=weight_prepack,
         runtime=runtime,
         input_shapes=parse_input_shapes(input_shapes),
         calibration_data=calibration_data,

@@ -74,6 +74,7 @@ class CompileRequest:
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     calibration_data: Path | None = None
     eval_data: Path | None = None  # NPU profiles: int8 accuracy inputs (compiler/npu/data.py)
+    weight_prepack: bool = False  # tuning picks the weights' layout (compiler/tvm_builder.py)
     samples: int | None = None
     signing_key: Path | None = None
     force: bool = False
@@ -289,6 +290,11 @@ def compile_model(
             f"{profile.isa} code cannot be timed on this machine ({plan.reason or plan.where}); "
             "compile with --trials 0 here, or tune on a machine of that kind"
         )
+    if req.weight_prepack and trials == 0:
+        raise UsageError(
+            "--weight-prepack needs tuning (the layouts come from MetaSchedule's records); "
+            "give --trials N with N > 0"
+        )
     tuning = TuningStats()
     with bundle.staging_dir(req.output, overwrite=req.force) as staging:
         build_tvm = req.runtime != "onnxruntime"
@@ -303,6 +309,7 @@ def compile_model(
                 tuning_db=req.tuning_db or settings.tuning_db_dir,
                 progress=tuning_progress,
                 runner_threads=threads.count,
+                weight_prepack=req.weight_prepack,
             )
             report["tuning"] = tuning.to_dict()
             report["static_checks"] = _static_checks(staging / LIBRARY_FILE, profile)

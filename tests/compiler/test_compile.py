@@ -400,6 +400,11 @@ def test_dynamic_shape_needs_input_shape(
         ),
         (["--profile", "generic/x86_64", "--trials", "-1"], 2, "--trials -1 is negative"),
         (
+            ["--profile", "generic/x86_64", "--trials", "0", "--weight-prepack"],
+            2,
+            "--weight-prepack needs tuning",
+        ),
+        (
             ["--profile", "raspberry-pi/4b-aarch64", "--trials", "8"],
             2,
             "cannot be timed on this machine",
