@@ -488,6 +488,24 @@ def nvcc_jit(arch: str) -> Iterator[None]:
             tvm_ffi.remove_global_func(name)
 
 
+def install_nvcc_callback(arch: str) -> None:
+    """Register the nvcc-fatbin ``tvm_callback_cuda_compile`` for ``arch`` in this process.
+
+    The initializer of MetaSchedule's builder workers when tuning a CUDA target: each
+    candidate is then compiled by the same nvcc, for the same arch, as the shipped artifact
+    (TVM's own callback would pick NVRTC and guess the arch). Not undone: the workers are
+    MetaSchedule's own processes.
+    """
+    import tvm_ffi
+
+    nvcc = find_nvcc()
+
+    def compile_source(code: str, *_target: Any) -> bytes:
+        return nvcc_fatbin(code, arch, nvcc=nvcc)
+
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_source, override=True)
+
+
 def fatbin_packer(arch: str) -> Callable[[Any, bool, str, str], str]:
     """An ``fpack_imports`` for ``export_library`` that ships nvcc fatbins, not CUDA source.
 

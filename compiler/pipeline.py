@@ -191,6 +191,25 @@ def resolve_profile(registry: ProfileRegistry, name: str, runtime: str) -> Hardw
     return profile
 
 
+def cuda_tuning_refusal(
+    profile: HardwareProfile, plan: execution.ExecutionPlan, trials: int
+) -> str | None:
+    """Why ``--trials`` cannot tune this CUDA profile here, or None when it can (pure).
+
+    MetaSchedule measures every candidate, so a CUDA target is tuned only where the plan
+    runs the artifact on a CUDA GPU of this machine (mode ``cuda``: a GPU, and host code
+    this machine runs natively). CPU profiles are not decided here (None).
+    """
+    if trials <= 0 or not profile.has_gpu or plan.mode == "cuda":
+        return None
+    return (
+        f"--trials {trials} for {profile.name}: MetaSchedule tuning of a CUDA target needs a "
+        "CUDA GPU on this machine to measure on, with the profile's host code running "
+        f"natively; {plan.reason or plan.where}. Compile with --trials 0 (TVM's default GPU "
+        "schedules) here, or tune on a machine with such a GPU"
+    )
+
+
 def compile_model(
     req: CompileRequest,
     *,
@@ -278,13 +297,10 @@ def compile_model(
         "latency": {},
     }
     comparison: dict[str, Any] = {"threads": threads.to_dict()}
-    if trials > 0 and profile.has_gpu:
-        raise UsageError(
-            f"--trials {trials} for {profile.name}: MetaSchedule tuning of CUDA targets is not "
-            "supported (it needs a GPU to measure on, and a runner that loads CUDA modules); "
-            "compile with --trials 0 (TVM's default GPU schedules)"
-        )
-    if trials > 0 and plan.mode != "native":
+    refusal = cuda_tuning_refusal(profile, plan, trials)
+    if refusal is not None:
+        raise UsageError(refusal)
+    if trials > 0 and plan.mode != "native" and not profile.has_gpu:
         raise UsageError(
             f"--trials {trials} for {profile.name}: tuning measures candidates on the target, and "
             f"{profile.isa} code cannot be timed on this machine ({plan.reason or plan.where}); "

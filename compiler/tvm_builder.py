@@ -18,6 +18,15 @@ Tuning budget and progress are planned by the pure ``compiler.tuning_plan``: tri
 tasks by weight x FLOPs, tasks with one possible schedule get one trial, and tasks with the
 same budget are tuned together (MetaSchedule takes one per-task limit per call) with one
 shared cost model. MetaSchedule's runner measures on ``runner_threads`` TVM threads.
+
+CUDA targets (unverified on hardware: no GPU has run this path yet) take the same
+database, keyed the same way: tasks are extracted from the model *before* TVM's default
+GPU schedules (``tvm.s_tir.dlight``), MetaSchedule's CUDA design space obeys the target's
+``max_threads_per_block`` / ``max_shared_memory_per_block`` / ``thread_warp_size`` (from
+the profile), builder workers compile candidates with the artifact's nvcc for the profile's
+arch (``compiler.cuda.install_nvcc_callback``), and ``LocalRunner`` measures them on
+``cuda(0)`` (MetaSchedule takes the device from the target's kind). Functions that have no
+record after tuning get dlight's schedules (it skips those the database scheduled).
 """
 
 from __future__ import annotations
@@ -103,7 +112,7 @@ def _locked(db_root: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _prepare(mod: Any, target: Any, *, gpu: bool, weight_prepack: bool = False) -> Any:
+def _prepare(mod: Any, target: Any, *, weight_prepack: bool = False) -> Any:
     import tvm
     from tvm import relax
 
@@ -118,17 +127,40 @@ def _prepare(mod: Any, target: Any, *, gpu: bool, weight_prepack: bool = False) 
                 *([relax.transform.AttachAttrLayoutFreeBuffers()] if weight_prepack else []),
             ]
         )(mod)
-        if gpu:
-            from tvm.s_tir import dlight as dl
-
-            mod = dl.ApplyDefaultSchedule(
-                dl.gpu.Matmul(),
-                dl.gpu.GEMV(),
-                dl.gpu.Reduction(),
-                dl.gpu.GeneralReduction(),
-                dl.gpu.Fallback(),
-            )(mod)
     return mod
+
+
+def _default_gpu_schedules(mod: Any, target: Any) -> Any:
+    """TVM's default GPU schedules for every function not scheduled yet (by tuning records)."""
+    from tvm.s_tir import dlight as dl
+
+    with target:
+        return dl.ApplyDefaultSchedule(
+            dl.gpu.Matmul(),
+            dl.gpu.GEMV(),
+            dl.gpu.Reduction(),
+            dl.gpu.GeneralReduction(),
+            dl.gpu.Fallback(),
+        )(mod)
+
+
+def _builder_worker_init(cuda_arch: str | None) -> None:
+    """Initializer of MetaSchedule's builder workers (pickled by reference)."""
+    _fast_inspect.install()
+    if cuda_arch is not None:
+        from compiler.cuda import install_nvcc_callback
+
+        install_nvcc_callback(cuda_arch)
+
+
+def cuda_device_present() -> bool:
+    """Whether TVM sees a CUDA device here (False without the driver or its plugin)."""
+    import tvm
+
+    try:
+        return bool(tvm.cuda(0).exist)
+    except Exception:  # no CUDA device API registered in this TVM
+        return False
 
 
 def _progress_callback(tracker: ProgressTracker) -> Any:
@@ -209,7 +241,9 @@ def _tune(
     progress: TuningProgress | None,
     stats: TuningStats,
     runner_threads: int | None,
+    cuda_arch: str | None = None,
 ) -> None:
+    """Tune the tasks of ``mod`` that have no record; ``cuda_arch`` for CUDA targets."""
     from tvm.s_tir import meta_schedule as ms
 
     database = ms.database.JSONDatabase(work_dir=str(db_dir))
@@ -250,7 +284,8 @@ def _tune(
     callbacks.append(_progress_callback(tracker))
     tracker.start()
     builder = ms.builder.LocalBuilder(
-        timeout_sec=BUILDER_TIMEOUT_S, initializer=_fast_inspect.install
+        timeout_sec=BUILDER_TIMEOUT_S,
+        initializer=functools.partial(_builder_worker_init, cuda_arch),
     )
     runner = _counting_runner(
         ms.runner.LocalRunner(
@@ -379,8 +414,12 @@ def build_library(
     since the rewrite runs on this machine; ignored otherwise). Its tasks differ from those
     of a plain build, so it tunes and reuses records of its own.
 
+    CUDA profiles tune too (``trials > 0``) when TVM sees a CUDA device here to measure on
+    (unverified on hardware); records for the target are applied in any case, and dlight's
+    default schedules cover what they do not.
+
     Raises:
-        UsageError: tuning asked for a CUDA target (needs a GPU to measure on).
+        UsageError: tuning asked for a CUDA target and TVM sees no CUDA device here.
         BuildFailedError: TVM compilation, tuning or (cross-)linking failed.
     """
     import tvm
@@ -390,21 +429,23 @@ def build_library(
     target_dict = effective_target(profile)
     target = tvm.target.Target(target_dict)
     gpu = profile.has_gpu
-    if gpu and trials > 0:
+    cuda_arch = str(profile.tvm["arch"]) if gpu else None
+    if gpu and trials > 0 and tuning_db is not None and not cuda_device_present():
         raise UsageError(
-            f"--trials {trials} for {profile.name}: tuning a CUDA target needs a GPU to measure "
-            "on; compile with --trials 0 (default GPU schedules) on this machine"
+            f"--trials {trials} for {profile.name}: MetaSchedule tuning of a CUDA target needs "
+            "a CUDA GPU on this machine to measure on, and TVM sees none; compile with "
+            "--trials 0 (TVM's default GPU schedules) here"
         )
     prepack = weight_prepack and not gpu and not profile.cross_compiler and tuning_db is not None
     stats.weight_prepack = prepack
     with _fast_inspect.installed():
         try:
-            mod = _prepare(relax_mod, target, gpu=gpu, weight_prepack=prepack)
+            mod = _prepare(relax_mod, target, weight_prepack=prepack)
         except Exception as err:
             raise BuildFailedError(
                 f"TVM could not lower the model for {profile.name}: {err}"
             ) from err
-        if tuning_db is not None and not gpu:
+        if tuning_db is not None:
             key = target_key(target_dict)
             stats.target_key = key
             db_dir = tuning_db / key
@@ -421,7 +462,9 @@ def build_library(
                     max_trials_per_task=profile.tuning.max_trials_per_task,
                     progress=progress,
                     stats=stats,
-                    runner_threads=runner_threads,
+                    # CUDA candidates run on the GPU; TVM's CPU threads only launch them.
+                    runner_threads=None if gpu else runner_threads,
+                    cuda_arch=cuda_arch,
                 )
                 mod = _apply_database(mod, target, db_dir, stats)
             if prepack:
@@ -431,6 +474,13 @@ def build_library(
                     raise BuildFailedError(
                         f"TVM could not prepack the weights for {profile.name}: {err}"
                     ) from err
+        if gpu:
+            try:
+                mod = _default_gpu_schedules(mod, target)
+            except Exception as err:
+                raise BuildFailedError(
+                    f"TVM's default GPU schedules failed for {profile.name}: {err}"
+                ) from err
         try:
             if gpu:
                 from compiler.cuda import nvcc_jit

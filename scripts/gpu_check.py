@@ -13,6 +13,15 @@ Two halves, run on two machines:
     its outputs with the references, times it against PyTorch CUDA eager on the same model
     and weights, and writes ``gpu_check.json`` and ``gpu_check.md`` to OUT.
 
+``tune`` (on the lent GPU machine, before ``check``; needs TVM's *compiler*, not the agent's
+runtime-only TVM, so it runs from the checkout in its own process)
+    compiles the small model (mlp) for nvidia/h100 twice through ``compile_model`` on this
+    machine's GPU: ``--trials 0`` (dlight's default schedules) and ``--trials TUNE_TRIALS``
+    (MetaSchedule tuning of the CUDA target, measured on the GPU, dlight for the rest), each
+    with a fresh tuning database, and writes both accuracy gates and latencies to
+    ``gpu_tune.json``, which ``check`` folds into its JSON and markdown. Where TVM's compiler,
+    xgboost or cryptography cannot be imported it records why and skips.
+
 Latency method: both sides are timed like a serving call, numpy in and numpy out (host to
 device copy, run, device to host copy), median of ``--runs`` calls after ``--warmup``; the
 PyTorch figure with the input already on the GPU is reported beside it.
@@ -28,6 +37,7 @@ import platform
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
@@ -39,6 +49,8 @@ REPO = Path(__file__).resolve().parents[1]
 KINDS = ("cnn", "mlp")
 GPU_PROFILES = ("nvidia/h100", "nvidia/jetson-orin-nano")
 SAMPLES = 4
+TUNE_MODEL, TUNE_PROFILE, TUNE_TRIALS = "mlp", "nvidia/h100", 16
+TUNE_FILE = "gpu_tune.json"
 
 
 def _models_module(repo: Path) -> ModuleType:
@@ -99,6 +111,128 @@ def prepare(data: Path, profiles: list[str]) -> None:
                 file=sys.stderr,
             )
     (data / "index.json").write_text(json.dumps(index, indent=2))
+
+
+def _tune_row(report: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    verification = report["verification"]
+    accuracy = report.get("accuracy") or {}
+    tuning = report.get("tuning") or {}
+    return {
+        "executed": verification["executed"],
+        "where": verification["where"],
+        "gpu": verification.get("gpu"),
+        "latency_median_ms": (report["latency"].get("tvm") or {}).get("median_ms"),
+        "max_abs_error": max(
+            (a.get("max_abs_error", 0.0) for a in accuracy.values()), default=None
+        ),
+        # compile_model raises AccuracyGateError on a violation: a gate that ran passed.
+        "accuracy_passed": bool(verification["executed"] and accuracy),
+        "tasks_total": tuning.get("tasks_total"),
+        "new_trials": tuning.get("new_trials"),
+        "records_applied": tuning.get("records_applied"),
+        "untuned_tasks": tuning.get("untuned_tasks"),
+        "compile_wall_s": round(wall_s, 1),
+    }
+
+
+def tune(data: Path, out: Path, *, trials: int) -> int:
+    """dlight vs MetaSchedule-tuned CUDA build of the small model, on this machine's GPU."""
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {
+        "model": TUNE_MODEL,
+        "profile": TUNE_PROFILE,
+        "trials": trials,
+        # Overwritten when it ends: a run killed by its timeout leaves this behind.
+        "status": "started (did not finish: killed by its timeout?)",
+    }
+    path = out / TUNE_FILE
+    path.write_text(json.dumps(result, indent=2))
+    try:
+        import cryptography  # noqa: F401  (signing the bundles)
+        import tvm.relax  # noqa: F401  (TVM's compiler, not the runtime-only package)
+        import xgboost  # noqa: F401  (MetaSchedule's cost model)
+    except ImportError as err:
+        result["status"] = f"skipped: the compiler stack cannot be imported here ({err})"
+        path.write_text(json.dumps(result, indent=2))
+        print(f"gpu_check tune: {result['status']}", file=sys.stderr)
+        return 0
+    sys.path.insert(0, str(REPO))
+    from compiler.execution import detect_host
+    from compiler.pipeline import CompileRequest, compile_model
+    from compiler.settings import CompilerSettings
+    from compiler.signing import generate_keys
+
+    # Bundles and databases stay off OUT (only a few files come back from the machine).
+    work = Path(tempfile.mkdtemp(prefix="edgeloop-gpu-tune-"))
+    key = generate_keys(work / "keys").private
+    host = detect_host()
+    result["host_has_cuda_gpu"] = host.has_cuda_gpu
+    onnx_path = data / f"{TUNE_MODEL}.onnx"
+    rows: dict[str, Any] = {}
+    try:
+        for name, n in (("dlight", 0), ("tuned", trials)):
+            settings = CompilerSettings(config_dir=work / "config", tuning_db=work / f"db-{name}")
+            start = time.perf_counter()
+            report = compile_model(
+                CompileRequest(
+                    model=onnx_path,
+                    profile=TUNE_PROFILE,
+                    output=work / name,
+                    signing_key=key,
+                    trials=n,
+                    force=True,
+                ),
+                settings=settings,
+                host=host,
+            ).report
+            rows[name] = _tune_row(report, time.perf_counter() - start)
+            print(f"gpu_check tune: {name}: {rows[name]}", file=sys.stderr)
+    except Exception as err:  # record it; `check` still runs
+        result.update(rows=rows, status=f"error: {type(err).__name__}: {err}")
+        path.write_text(json.dumps(result, indent=2))
+        print(f"gpu_check tune: {result['status']}", file=sys.stderr)
+        return 1
+    dlight, tuned = rows["dlight"], rows["tuned"]
+    ok = bool(dlight["accuracy_passed"] and tuned["accuracy_passed"] and tuned["new_trials"])
+    speedup = (
+        round(dlight["latency_median_ms"] / tuned["latency_median_ms"], 3)
+        if dlight["latency_median_ms"] and tuned["latency_median_ms"]
+        else None
+    )
+    result.update(
+        rows=rows,
+        speedup_tuned_over_dlight=speedup,
+        status="ok" if ok else "FAILED (accuracy, or no trial was measured)",
+    )
+    path.write_text(json.dumps(result, indent=2))
+    return 0 if ok else 1
+
+
+def _tune_markdown(tune_result: dict[str, Any] | None) -> list[str]:
+    if tune_result is None:
+        return ["", "CUDA tuning: not run (no gpu_tune.json)"]
+    head = (
+        f"CUDA tuning ({tune_result['model']} for {tune_result['profile']}, "
+        f"{tune_result['trials']} trials): {tune_result['status']}"
+    )
+    rows = tune_result.get("rows") or {}
+    if not rows:
+        return ["", head]
+    lines = [
+        "",
+        head
+        + f"; tuned speedup over dlight: {tune_result.get('speedup_tuned_over_dlight') or '-'}",
+        "",
+        "| build | accuracy | max abs err | median ms | new trials | records applied | compile s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in rows.items():
+        lines.append(
+            f"| {name} | {'ok' if r['accuracy_passed'] else 'not run'} | {r['max_abs_error']} | "
+            f"{r['latency_median_ms']} | {r['new_trials']} | {r['records_applied']} | "
+            f"{r['compile_wall_s']} |"
+        )
+    return lines
 
 
 def _median_ms(call: Any, *, warmup: int, runs: int, sync: Any = None) -> float:
@@ -227,6 +361,12 @@ def check(data: Path, out: Path, *, repo: Path, warmup: int, runs: int) -> int:
             row["status"] = f"error: {type(err).__name__}: {err}"
             ok = False
         failed = failed or not ok
+    tune_path = out / TUNE_FILE
+    tune_result = json.loads(tune_path.read_text()) if tune_path.is_file() else None
+    if tune_result is not None and not str(tune_result.get("status", "")).startswith(
+        ("ok", "skipped")
+    ):
+        failed = True
     result = {
         "gpu": gpu,
         "machine": machine,
@@ -236,6 +376,7 @@ def check(data: Path, out: Path, *, repo: Path, warmup: int, runs: int) -> int:
         "method": "median of numpy-in/numpy-out calls (H2D + run + D2H) for both; "
         "torch_eager_on_gpu_ms keeps the input on the GPU",
         "results": rows,
+        "cuda_tuning": tune_result,
     }
     (out / "gpu_check.json").write_text(json.dumps(result, indent=2))
     lines = [
@@ -251,6 +392,7 @@ def check(data: Path, out: Path, *, repo: Path, warmup: int, runs: int) -> int:
             f"{r.get('tvm_ms', '-')} | {r.get('torch_eager_ms', '-')} | "
             f"{r.get('ratio_tvm_over_torch', '-')} | {r.get('torch_eager_on_gpu_ms', '-')} |"
         )
+    lines += _tune_markdown(tune_result)
     (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 1 if failed else 0
@@ -268,7 +410,13 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--repo", type=Path, default=REPO)
     c.add_argument("--warmup", type=int, default=20)
     c.add_argument("--runs", type=int, default=200)
+    t = sub.add_parser("tune", help="dlight vs tuned CUDA build on this machine's GPU")
+    t.add_argument("--data", type=Path, required=True)
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--trials", type=int, default=TUNE_TRIALS)
     args = parser.parse_args(argv)
+    if args.command == "tune":
+        return tune(args.data.resolve(), args.out, trials=args.trials)
     if args.command == "prepare":
         prepare(args.data.resolve(), args.profile or list(GPU_PROFILES))
         return 0

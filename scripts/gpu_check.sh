@@ -22,6 +22,18 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 # TVM's CUDA plugin needs libcudart.so.13: the toolkit's, else the one pip installed for torch.
 PIP_CUDA="$(python3 -c "import glob, site; print(':'.join(sorted(glob.glob(site.getsitepackages()[0] + '/nvidia/*/lib'))))" 2>/dev/null || true)"
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64${PIP_CUDA:+:$PIP_CUDA}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# CUDA tuning (unverified on hardware until this runs on a GPU): dlight vs MetaSchedule-tuned
+# build of the small model, through the compiler in this checkout. It needs TVM's compiler,
+# xgboost and cryptography: those installed here, or a site carried in $DATA/compiler-site
+# (TUNE_SITE). Without them it records why in gpu_tune.json and skips. GPU_CHECK_TUNE=0 skips
+# it; TUNE_TIMEOUT_S bounds it so the whole check stays under 10 minutes.
+if [ "${GPU_CHECK_TUNE:-1}" != 0 ]; then
+    TUNE_SITE="${TUNE_SITE:-$DATA/compiler-site}"
+    (cd "$REPO" && PYTHONPATH="$REPO${TUNE_SITE:+:$TUNE_SITE}" PYTHONUNBUFFERED=1 \
+        timeout "${TUNE_TIMEOUT_S:-420}" python3 scripts/gpu_check.py tune \
+            --data "$DATA" --out "$OUT" --trials "${TUNE_TRIALS:-16}") 2>&1 | tee "$OUT/gpu_tune.log" \
+        || echo "gpu_check: the tuning step failed or timed out (see gpu_tune.json)" >&2
+fi
 # Runtime-only TVM, as on a device; run outside the checkout so `agent` comes from the wheel.
 export PYTHONPATH="$SITE" TVM_USE_RUNTIME_LIB=1 PYTHONUNBUFFERED=1
 cd /tmp

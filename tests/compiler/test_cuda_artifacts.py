@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -97,6 +98,16 @@ def test_report_states_device_code_and_hardware(
     code = report["static_checks"]["device_code"]
     assert code["format"] == "fatbin" and code["sass_archs"] == [arch]
     assert code["cuda_source"] is False and code["needs_compiler_at_load"] is False
+    # CUDA targets share the tuning database layout of CPU targets: one directory per target.
+    from compiler.profiles import ProfileRegistry
+    from compiler.tvm_builder import effective_target, target_key
+
+    registry = ProfileRegistry([Path(__file__).resolve().parents[2] / "hw-profiles"])
+    target = effective_target(registry.get(profile))
+    assert report["tuning"]["target_key"] == target_key(target)
+    assert report["tuning"]["new_trials"] == 0 and report["tuning"]["tasks_total"] >= 3
+    target_json = out.parent / "tuning" / target_key(target) / "target.json"
+    assert json.loads(target_json.read_text())["arch"] == arch
     if not HAS_GPU:
         assert report["verification"]["executed"] is False
         assert report["verification"]["hardware"] == "not verified on hardware"
@@ -319,8 +330,15 @@ def test_gpu_execution_plan(
         assert plan.reason is None and plan.where.startswith("cuda sm_")
 
 
-def test_tuning_a_cuda_profile_is_refused(tmp_path: Path) -> None:
+def _registry() -> Any:
+    from compiler.profiles import ProfileRegistry
+
+    return ProfileRegistry([Path(__file__).resolve().parents[2] / "hw-profiles"])
+
+
+def test_tuning_a_cuda_profile_is_refused_without_a_gpu(tmp_path: Path) -> None:
     from compiler.errors import UsageError
+    from compiler.execution import HostFacts
 
     model = models.export_onnx("mlp", tmp_path / "mlp.onnx")
     key = generate_keys(tmp_path / "keys").private
@@ -328,9 +346,114 @@ def test_tuning_a_cuda_profile_is_refused(tmp_path: Path) -> None:
     request = CompileRequest(
         model=model, profile="nvidia/l4", output=tmp_path / "out", signing_key=key, trials=4
     )
-    with pytest.raises(UsageError, match="--trials 4 for nvidia/l4: MetaSchedule tuning of CUDA"):
-        compile_model(request, settings=settings)
+    no_gpu = HostFacts("x86_64", frozenset({"avx2", "fma"}), has_cuda_gpu=False)
+    with pytest.raises(
+        UsageError,
+        match="--trials 4 for nvidia/l4: MetaSchedule tuning of a CUDA target needs a CUDA GPU "
+        "on this machine to measure on.*no CUDA GPU on this machine",
+    ):
+        compile_model(request, settings=settings, host=no_gpu)
     assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "tuning").exists()
+
+
+@pytest.mark.parametrize(
+    ("profile", "host", "trials", "refused"),
+    [
+        # No GPU: refused, whatever the host ISA.
+        ("nvidia/h100", ("x86_64", False), 16, "no CUDA GPU on this machine"),
+        ("nvidia/jetson-orin-nano", ("aarch64", False), 16, "no CUDA GPU on this machine"),
+        # A GPU, but host code this machine cannot run natively: refused.
+        ("nvidia/jetson-orin-nano", ("x86_64", True), 16, "its host code is aarch64"),
+        ("nvidia/h100", ("aarch64", True), 1, "its host code is x86_64"),
+        # A GPU and native host code: tuned.
+        ("nvidia/h100", ("x86_64", True), 16, None),
+        ("nvidia/a100", ("x86_64", True), 1, None),
+        ("nvidia/jetson-orin-nano", ("aarch64", True), 16, None),
+        # No tuning asked for: nothing to refuse, GPU or not.
+        ("nvidia/h100", ("x86_64", False), 0, None),
+        ("nvidia/jetson-orin-nano", ("x86_64", True), 0, None),
+        # CPU profiles are not decided by the CUDA rule.
+        ("generic/x86_64", ("x86_64", False), 16, None),
+        ("raspberry-pi/4b-aarch64", ("x86_64", True), 16, None),
+    ],
+)
+def test_cuda_tuning_decision(
+    profile: str, host: tuple[str, bool], trials: int, refused: str | None
+) -> None:
+    from compiler.execution import HostFacts, plan_execution
+    from compiler.pipeline import cuda_tuning_refusal
+
+    hw = _registry().get(profile)
+    facts = HostFacts(host[0], frozenset({"avx2", "fma", "asimd"}), has_cuda_gpu=host[1])
+    reason = cuda_tuning_refusal(hw, plan_execution(hw, facts), trials)
+    if refused is None:
+        assert reason is None
+    else:
+        assert reason is not None
+        assert reason.startswith(f"--trials {trials} for {profile}: ")
+        assert "needs a CUDA GPU on this machine to measure on" in reason
+        assert refused in reason and "--trials 0" in reason
+
+
+@pytest.mark.skipif(HAS_GPU, reason="this machine has a CUDA GPU; the refusal needs none")
+def test_build_library_refuses_cuda_tuning_when_tvm_sees_no_device(tmp_path: Path) -> None:
+    from compiler.errors import UsageError
+    from compiler.frontends import load_model
+    from compiler.tvm_builder import build_library, cuda_device_present
+
+    assert cuda_device_present() is False
+    relax_mod = load_model(models.export_onnx("mlp", tmp_path / "mlp.onnx")).to_relax()
+    with pytest.raises(UsageError, match="needs a CUDA GPU on this machine.*TVM sees none"):
+        build_library(
+            relax_mod,
+            _registry().get("nvidia/h100"),
+            out_path=tmp_path / "model.so",
+            trials=4,
+            tuning_db=tmp_path / "tuning",
+        )
+    assert not (tmp_path / "model.so").exists()
+
+
+def test_cuda_tuning_tasks_and_design_space_without_a_gpu(tmp_path: Path) -> None:
+    """What tuning would measure for a CUDA target is built here, without a device."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from compiler import tvm_builder
+    from compiler.frontends import load_model
+
+    profile = _registry().get("nvidia/h100")
+    target = tvm.target.Target(tvm_builder.effective_target(profile))
+    relax_mod = load_model(models.export_onnx("mlp", tmp_path / "mlp.onnx")).to_relax()
+    mod = tvm_builder._prepare(relax_mod, target)
+    tasks = ms.relax_integration.extract_tasks(mod, target)
+    # Tasks come from the model before dlight: one per fused matmul layer of the MLP.
+    assert sorted(t.task_name for t in tasks) == [
+        "fused_matmul1_add_tir_tanh",
+        "fused_matmul2_add1",
+        "fused_matmul_add_relu",
+    ]
+    assert all(t.target.kind.name == "cuda" for t in tasks)
+    contexts, _weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        tasks, work_dir=str(tmp_path / "ms"), num_threads=1
+    )
+    costs = tvm_builder.task_costs(tasks, contexts)
+    assert all(c.flops > 0 and c.max_useful is None for c in costs)  # sampled: tunable
+    limit = int(profile.tvm["max_threads_per_block"])
+    for context in contexts:
+        # Candidates breaking the target's thread / shared-memory limits are rejected.
+        postprocs = [type(p).__name__ for p in context.space_generator.postprocs]
+        assert "VerifyGPUCode" in postprocs
+        for space in context.generate_design_space():
+            script = space.mod.script()
+            # MetaSchedule's CUDA space: kernels on blockIdx/threadIdx, operands in shared memory.
+            assert 'thread="blockIdx.x"' in script and 'thread="threadIdx.x"' in script
+            assert 'scope="shared"' in script
+            threads = re.findall(
+                r'thread_binding\(T\.int64\((\d+)\), thread="threadIdx\.x"', script
+            )
+            assert threads and all(0 < int(n) <= limit for n in threads)
 
 
 @needs_nvcc
