@@ -36,9 +36,7 @@ import sys
 import time
 from collections.abc import Callable
 
-os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 _SAVED_NAME = "__edgeloop_saved_{}"
 _DLPACK_CPU = 1  # DLDeviceType kDLCPU
@@ -200,6 +198,10 @@ def main(workdir: str) -> int:
 
 
 if __name__ == "__main__":
+    # Only as the runner process: imported (the agent and the compiler use VmCaller) it must
+    # not touch the environment, or every later subprocess (MetaSchedule workers, the cloud
+    # worker) would inherit runtime-only TVM. TVM itself is imported inside main().
+    os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
     if len(sys.argv) != 2:
         print("usage: runner_main.py WORKDIR", file=sys.stderr)
         sys.exit(2)

@@ -152,7 +152,12 @@ def test_policy_to_samples_and_sketches_and_malformed_desired_state(
     wait_for(
         lambda: sum(s.counts.n_samples for s in collector.sketches()) == 10, what="sketches of 10"
     )
-    samples = collector.samples()
+    # Arrival order is not capture order (a batch whose PUBACK is late under load is sent again
+    # after the next one): match each sample to the request it captured by its input.
+    by_input = {x.tobytes(): i for i, x in enumerate(xs)}
+    captured = {by_input[decode_tensor(s.inputs[0]).tobytes()]: s for s in collector.samples()}
+    assert sorted(captured) == [1, 3, 5, 7, 9]  # every 2nd request, counted from the first
+    samples = [captured[i] for i in sorted(captured)]
     assert len({s.sample_id for s in samples}) == 5
     for sample, x, answer in zip(samples, xs[1::2], answers[1::2], strict=True):
         assert (sample.device_id, sample.model, sample.version, sample.reason) == (

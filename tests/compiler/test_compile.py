@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -570,3 +571,16 @@ def test_weight_prepack_build_runs_and_matches_onnxruntime(model_dir: Path, tmp_
         model.to_relax(), profile, out_path=tmp_path / "plain.so", trials=0, tuning_db=db
     )
     assert not plain.weight_prepack and plain.records_applied == 0
+
+
+def test_importing_the_runner_leaves_the_environment_alone() -> None:
+    """The agent imports VmCaller from the runner script; that must not make every later
+    subprocess (MetaSchedule's workers, the cloud worker) load runtime-only TVM."""
+    code = (
+        "import os\n"
+        "os.environ.pop('TVM_USE_RUNTIME_LIB', None)\n"
+        "import compiler.runner_main\n"
+        "assert 'TVM_USE_RUNTIME_LIB' not in os.environ, os.environ['TVM_USE_RUNTIME_LIB']\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
