@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -302,3 +303,32 @@ def make_tar(make_bundle: BundleFactory, tmp_path: Path) -> TarFactory:
         return out
 
     return make
+
+
+@dataclass
+class BrokeredApi:
+    """The API on a real Mosquitto whose password file it edits (SIGHUP on change)."""
+
+    broker: Any  # fleet.broker.MosquittoProcess
+    client: TestClient
+    headers: dict[str, str]
+
+
+@pytest.fixture()
+def brokered_api(
+    tmp_path: Path, settings: ApiSettings, artifact_store: ArtifactStore
+) -> Iterator[BrokeredApi]:
+    """A real broker with the service user ``fleet``, and an admin of ``mqtt-org``."""
+    from fleet.broker import MosquittoProcess
+
+    broker = MosquittoProcess(tmp_path / "mosquitto", users={"fleet": "fleet-pw"})
+    broker.start()
+    try:
+        adapter = MosquittoPasswordFile(broker.workdir / "passwd", reload=broker.reload)
+        app = create_app(settings, store=artifact_store, broker_auth=adapter)
+        with TestClient(app) as client:
+            with Session(app.state.engine) as session:
+                headers = auth(create_admin_key(session, "mqtt-org").token)
+            yield BrokeredApi(broker, client, headers)
+    finally:
+        broker.stop()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import uuid
-from pathlib import Path
 
 import pytest
 from fastapi import FastAPI
@@ -13,13 +12,12 @@ from sqlmodel import Session, select
 
 from fleet.api.main import create_app
 from fleet.api.settings import ApiSettings
-from fleet.broker import MosquittoProcess
 from fleet.broker_auth import MosquittoPasswordFile
 from fleet.errors import BrokerSyncError
 from fleet.models import Device
 from fleet.store import ArtifactStore
 
-from .conftest import PROFILE, KeyFactory, Org, Reloads, auth
+from .conftest import PROFILE, BrokeredApi, KeyFactory, Org, Reloads, auth
 
 DEVICE = {"device_id": "dev-1", "profile": PROFILE, "tags": {"site": "lab"}}
 
@@ -229,7 +227,7 @@ class MqttSession:
         self.client.loop_stop()
 
 
-def _connect(port: int, username: str, password: str) -> str:
+def connect_reason(port: int, username: str, password: str) -> str:
     """Connect and disconnect; the CONNACK reason as text ('Success' or why not)."""
     session = MqttSession(port, username, password)
     session.close()
@@ -238,35 +236,24 @@ def _connect(port: int, username: str, password: str) -> str:
 
 @pytest.mark.mqtt
 def test_registered_device_connects_to_mosquitto_and_revocation_cuts_it_off(
-    tmp_path: Path, settings: ApiSettings, artifact_store: ArtifactStore
+    brokered_api: BrokeredApi,
 ) -> None:
-    broker = MosquittoProcess(tmp_path / "mosquitto", users={"fleet": "fleet-pw"})
-    broker.start()
+    # The adapter edits the broker's own password file and reloads it with SIGHUP.
+    broker, client, headers = brokered_api.broker, brokered_api.client, brokered_api.headers
+    registered = client.post("/devices", headers=headers, json=DEVICE)
+    assert registered.status_code == 201
+    password = registered.json()["mqtt"]["password"]
+    assert connect_reason(broker.port, "dev-1", password) == "Success"
+    assert connect_reason(broker.port, "dev-1", "wrong") != "Success"
+    assert connect_reason(broker.port, "fleet", "fleet-pw") == "Success"  # untouched
+
+    online = MqttSession(broker.port, "dev-1", password)
     try:
-        # The adapter edits the broker's own password file and reloads it with SIGHUP.
-        adapter = MosquittoPasswordFile(broker.workdir / "passwd", reload=broker.reload)
-        app = create_app(settings, store=artifact_store, broker_auth=adapter)
-        with TestClient(app) as client:
-            from fleet.api.bootstrap import create_admin_key
-
-            with Session(app.state.engine) as session:
-                headers = auth(create_admin_key(session, "mqtt-org").token)
-            registered = client.post("/devices", headers=headers, json=DEVICE)
-            assert registered.status_code == 201
-            password = registered.json()["mqtt"]["password"]
-            assert _connect(broker.port, "dev-1", password) == "Success"
-            assert _connect(broker.port, "dev-1", "wrong") != "Success"
-            assert _connect(broker.port, "fleet", "fleet-pw") == "Success"  # untouched
-
-            online = MqttSession(broker.port, "dev-1", password)
-            try:
-                assert online.reason == "Success" and not online.dropped.is_set()
-                assert client.post("/devices/dev-1/revoke", headers=headers).status_code == 200
-                # The reload re-checks open sessions: the connected device is dropped too.
-                assert online.dropped.wait(5.0), "revoked device still connected after reload"
-            finally:
-                online.close()
-            assert _connect(broker.port, "dev-1", password) != "Success"
-            assert _connect(broker.port, "fleet", "fleet-pw") == "Success"
+        assert online.reason == "Success" and not online.dropped.is_set()
+        assert client.post("/devices/dev-1/revoke", headers=headers).status_code == 200
+        # The reload re-checks open sessions: the connected device is dropped too.
+        assert online.dropped.wait(5.0), "revoked device still connected after reload"
     finally:
-        broker.stop()
+        online.close()
+    assert connect_reason(broker.port, "dev-1", password) != "Success"
+    assert connect_reason(broker.port, "fleet", "fleet-pw") == "Success"

@@ -3,25 +3,19 @@ reload, one audit entry per device, bad input named with nothing stored."""
 
 from __future__ import annotations
 
-import time
 import uuid
-from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
-from fleet.api.main import create_app
-from fleet.api.settings import ApiSettings
-from fleet.broker import MosquittoProcess
 from fleet.broker_auth import MosquittoPasswordFile
 from fleet.errors import BrokerSyncError
 from fleet.models import MAX_BULK_DEVICES, Device
-from fleet.store import ArtifactStore
 
-from .conftest import PROFILE, KeyFactory, Org, Reloads, auth
+from .conftest import PROFILE, BrokeredApi, KeyFactory, Org, Reloads, auth
+from .test_devices import connect_reason
 from .test_sdk import AppTransport
 
 
@@ -183,45 +177,16 @@ def test_sdk_register_devices(app: FastAPI, client: TestClient, org_a: Org) -> N
     assert _rows(app) == ["bulk-0", "bulk-1", "bulk-2"]
 
 
-def _connects(port: int, username: str, password: str) -> bool:
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.username_pw_set(username, password)
-    try:
-        client.connect("127.0.0.1", port)
-        client.loop_start()
-        for _ in range(100):
-            if client.is_connected():
-                return True
-            time.sleep(0.02)
-        return False
-    finally:
-        client.disconnect()
-        client.loop_stop()
-
-
 @pytest.mark.mqtt
-def test_bulk_registered_devices_log_in_to_mosquitto(
-    tmp_path: Path, settings: ApiSettings, artifact_store: ArtifactStore
-) -> None:
-    broker = MosquittoProcess(tmp_path / "mosquitto", users={"fleet": "fleet-pw"})
-    broker.start()
-    try:
-        adapter = MosquittoPasswordFile(broker.workdir / "passwd", reload=broker.reload)
-        app = create_app(settings, store=artifact_store, broker_auth=adapter)
-        with TestClient(app) as client:
-            from fleet.api.bootstrap import create_admin_key
-
-            with Session(app.state.engine) as session:
-                headers = auth(create_admin_key(session, "mqtt-org").token)
-            response = client.post("/devices/bulk", headers=headers, json={"devices": _devices(5)})
-            assert response.status_code == 201, response.text
-            for device in response.json()["data"]:
-                mqtt_login = device["mqtt"]
-                assert _connects(broker.port, mqtt_login["username"], mqtt_login["password"])
-            assert not _connects(broker.port, "bulk-0", "wrong")
-            assert _connects(broker.port, "fleet", "fleet-pw")  # untouched
-    finally:
-        broker.stop()
+def test_bulk_registered_devices_log_in_to_mosquitto(brokered_api: BrokeredApi) -> None:
+    broker, client, headers = brokered_api.broker, brokered_api.client, brokered_api.headers
+    response = client.post("/devices/bulk", headers=headers, json={"devices": _devices(5)})
+    assert response.status_code == 201, response.text
+    for device in response.json()["data"]:
+        login = device["mqtt"]
+        assert connect_reason(broker.port, login["username"], login["password"]) == "Success"
+    assert connect_reason(broker.port, "bulk-0", "wrong") != "Success"
+    assert connect_reason(broker.port, "fleet", "fleet-pw") == "Success"  # untouched
 
 
 def test_bulk_cannot_place_devices_in_another_organizations_group(
