@@ -421,49 +421,59 @@ def compile_model(
         if runtime == "onnxruntime":
             (staging / LIBRARY_FILE).unlink(missing_ok=True)
             (staging / ONNX_FILE).write_bytes(req.model.read_bytes())
-        report["resources"] = _resources(staging, profile)
-        (staging / REPORT_FILE).write_text(
-            json.dumps(report, indent=2, sort_keys=True), encoding="utf-8"
+        return seal(
+            staging,
+            req,
+            model,
+            profile,
+            {
+                "runtime": runtime,
+                "runtime_reason": reason,
+                "entry": ONNX_FILE if runtime == "onnxruntime" else LIBRARY_FILE,
+                "outputs": [t.model_dump() for t in outputs],
+                "toolchain": {
+                    "edgeloop": edgeloop.__version__,
+                    "tvm": _version("apache-tvm"),
+                    "tvm_ffi": _version("apache-tvm-ffi"),
+                    "onnxruntime": _version("onnxruntime") if runtime == "onnxruntime" else None,
+                    "cross_compiler": profile.cross_compiler,
+                },
+                "tuning": {
+                    "database_digest": tuning.database_digest,
+                    "records_applied": tuning.records_applied,
+                    "new_trials": tuning.new_trials,
+                },
+            },
+            private_key=private_key,
+            report=report,
+            say=say,
         )
-
-        fields = {
-            "model": {"name": req.model_name or req.model.stem, "version": req.model_version},
-            "profile": profile.name,
-            "isa": profile.isa,
-            "target": profile.tvm,
-            "runtime": runtime,
-            "runtime_reason": reason,
-            "entry": ONNX_FILE if runtime == "onnxruntime" else LIBRARY_FILE,
-            "inputs": [t.model_dump() for t in model.inputs],
-            "outputs": [t.model_dump() for t in outputs],
-            "toolchain": {
-                "edgeloop": edgeloop.__version__,
-                "tvm": _version("apache-tvm"),
-                "tvm_ffi": _version("apache-tvm-ffi"),
-                "onnxruntime": _version("onnxruntime") if runtime == "onnxruntime" else None,
-                "cross_compiler": profile.cross_compiler,
-            },
-            "tuning": {
-                "database_digest": tuning.database_digest,
-                "records_applied": tuning.records_applied,
-                "new_trials": tuning.new_trials,
-            },
-        }
-        return seal(staging, req, model, fields, private_key=private_key, report=report, say=say)
 
 
 def seal(
     staging: Path,
     req: CompileRequest,
     model: SourceModel,
+    profile: HardwareProfile,
     fields: dict[str, Any],
     *,
     private_key: Any,
     report: dict[str, Any],
     say: Callable[[str], None],
 ) -> CompileResult:
-    """Add the source model and the time to the manifest ``fields``, sign, move into place."""
+    """Finish a staged bundle: its size in the report, ``report.json``, the manifest (the
+    runtime-specific ``fields`` plus model, profile, inputs, source and time), signature, and
+    the move into place."""
+    report["resources"] = _resources(staging, profile)
+    (staging / REPORT_FILE).write_text(
+        json.dumps(report, indent=2, sort_keys=True), encoding="utf-8"
+    )
     fields = {
+        "model": {"name": req.model_name or req.model.stem, "version": req.model_version},
+        "profile": profile.name,
+        "isa": profile.isa,
+        "target": profile.tvm,
+        "inputs": [t.model_dump() for t in model.inputs],
         **fields,
         "source_model": {
             "format": model.format,

@@ -19,7 +19,6 @@ Steps (each failing with the compiler's usual exceptions and exit codes):
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 from collections.abc import Callable
@@ -37,7 +36,7 @@ from compiler.errors import (
     MissingDependencyError,
     UsageError,
 )
-from compiler.manifest import REPORT_FILE, TensorSpec
+from compiler.manifest import TensorSpec
 from compiler.npu import lower as npu_lower
 from compiler.npu import offload, vela
 from compiler.npu.data import SamplePlan, plan_samples
@@ -168,29 +167,23 @@ def compile_npu(
                 "comparison": {},
             },
         }
-        size = sum(p.stat().st_size for p in staging.iterdir() if p.is_file())
-        report["resources"] = {
-            "artifact_bytes": size,
-            "storage_mib": profile.resources.storage_mib,
-            "fits_storage": size <= profile.resources.storage_mib * 1024 * 1024,
-        }
-        (staging / REPORT_FILE).write_text(
-            json.dumps(report, indent=2, sort_keys=True), encoding="utf-8"
+        return seal(
+            staging,
+            req,
+            model,
+            profile,
+            {
+                "runtime": "ethos-u",
+                "runtime_reason": _reason(spec),
+                "entry": ENTRY_FILE,
+                "outputs": [t.model_dump() for t in outputs],
+                "toolchain": {"edgeloop": edgeloop.__version__},
+                "tuning": {},
+            },
+            private_key=private_key,
+            report=report,
+            say=say,
         )
-        fields = {
-            "model": {"name": req.model_name or req.model.stem, "version": req.model_version},
-            "profile": profile.name,
-            "isa": profile.isa,
-            "target": profile.tvm,
-            "runtime": "ethos-u",
-            "runtime_reason": _reason(spec),
-            "entry": ENTRY_FILE,
-            "inputs": [t.model_dump() for t in model.inputs],
-            "outputs": [t.model_dump() for t in outputs],
-            "toolchain": {"edgeloop": edgeloop.__version__},
-            "tuning": {},
-        }
-        return seal(staging, req, model, fields, private_key=private_key, report=report, say=say)
 
 
 def _verification_caveat(plan: SamplePlan) -> str | None:
