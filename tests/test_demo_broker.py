@@ -289,29 +289,6 @@ class Agent311(AgentProcess):
         return config
 
 
-class Fleet311(Fleet):
-    """The harness's fleet (store, responder, job watcher) over the embedded broker."""
-
-    def config(self, user: str) -> BrokerConfig:
-        return BrokerConfig(
-            "127.0.0.1", self.broker.port, user, self.passwords[user], protocol="3.1.1"
-        )
-
-    def start_responder(self) -> None:
-        from fleet.responder import Responder
-
-        self.responder = Responder(
-            self.store,
-            self.store,
-            host="127.0.0.1",
-            port=self.broker.port,
-            username="responder",
-            password=self.passwords["responder"],
-            mqtt_protocol="3.1.1",
-        )
-        self.responder.start(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def onnx_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """A small MLP compiled for the host with the onnxruntime runtime (no TVM build)."""
@@ -355,7 +332,9 @@ def test_a_real_agent_over_the_embedded_broker(
         tmp_path / "broker", users={k: PASSWORDS[k] for k in ("fleet", "responder")}
     )
     store = ArtifactStore(tmp_path / "store", load_public_key(public))
-    fleet = Fleet311(tmp_path, public, store, broker, passwords=dict(PASSWORDS))  # type: ignore[arg-type]
+    fleet = Fleet(  # type: ignore[arg-type]
+        tmp_path, public, store, broker, passwords=dict(PASSWORDS), mqtt_protocol="3.1.1"
+    )
     fleet.start()
     agent = Agent311(fleet, "dev-1", tmp_path / "devices" / "dev-1" / "state")
     try:

@@ -35,9 +35,12 @@ class Fleet:
     responder: Responder | None = None
     watcher: JobWatcher | None = None
     passwords: dict[str, str] = field(default_factory=dict)
+    mqtt_protocol: str = "5"  # "3.1.1" over the embedded broker (tests/test_demo_broker.py)
 
     def config(self, user: str) -> BrokerConfig:
-        return BrokerConfig("127.0.0.1", self.broker.port, user, self.passwords[user])
+        return BrokerConfig(
+            "127.0.0.1", self.broker.port, user, self.passwords[user], protocol=self.mqtt_protocol
+        )
 
     def start(self) -> None:
         self.broker.start()
@@ -53,6 +56,7 @@ class Fleet:
             port=self.broker.port,
             username="responder",
             password=self.passwords["responder"],
+            mqtt_protocol=self.mqtt_protocol,
         )
         self.responder.start(timeout=10)
 
