@@ -332,8 +332,13 @@ def test_a_real_agent_over_the_embedded_broker(
         tmp_path / "broker", users={k: PASSWORDS[k] for k in ("fleet", "responder")}
     )
     store = ArtifactStore(tmp_path / "store", load_public_key(public))
-    fleet = Fleet(  # type: ignore[arg-type]
-        tmp_path, public, store, broker, passwords=dict(PASSWORDS), mqtt_protocol="3.1.1"
+    fleet = Fleet(
+        tmp_path,
+        public,
+        store,
+        broker,  # type: ignore[arg-type]  # the same interface as MosquittoProcess
+        passwords=dict(PASSWORDS),
+        mqtt_protocol="3.1.1",
     )
     fleet.start()
     agent = Agent311(fleet, "dev-1", tmp_path / "devices" / "dev-1" / "state")

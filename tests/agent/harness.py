@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.config import MqttProtocol
 from fleet.broker import MosquittoProcess
 from fleet.jobs import JobWatcher, publish_job
 from fleet.responder import BrokerConfig, Responder
@@ -35,7 +36,7 @@ class Fleet:
     responder: Responder | None = None
     watcher: JobWatcher | None = None
     passwords: dict[str, str] = field(default_factory=dict)
-    mqtt_protocol: str = "5"  # "3.1.1" over the embedded broker (tests/test_demo_broker.py)
+    mqtt_protocol: MqttProtocol = "5"  # "3.1.1" over the embedded broker
 
     def config(self, user: str) -> BrokerConfig:
         return BrokerConfig(
