@@ -20,7 +20,7 @@ from fleet.api.settings import ApiSettings
 from fleet.broker import MosquittoProcess
 
 from .conftest import PROFILE, Org, auth
-from .test_devices import _connect
+from .test_devices import connect_reason
 
 
 def test_create_app_touches_nothing_until_started(tmp_path: Path, keys: object) -> None:
@@ -58,7 +58,7 @@ def test_app_wired_from_settings_alone(tmp_path: Path, database_url: str, keys: 
             )
             assert response.status_code == 201, response.text
             password = response.json()["mqtt"]["password"]
-            assert _connect(broker.port, "dev-1", password) == "Success"
+            assert connect_reason(broker.port, "dev-1", password) == "Success"
             assert (tmp_path / "store" / "tmp").is_dir()  # the store was opened
     finally:
         broker.stop()
