@@ -489,23 +489,15 @@ def test_bad_eval_data_is_named(
     assert not (tmp_path / "out").exists()
 
 
+def _cli_compile(tmp_path: Path, keys: Path, option: str, data: Path) -> Any:
+    """``edgeloop compile`` of the digits CNN for the NPU profile with ``option data``."""
+    args = ["compile", str(DIGITS), "--profile", PROFILE, "-o", str(tmp_path / "o")]
+    return CliRunner().invoke(cli, [*args, option, str(data), "--signing-key", str(keys)])
+
+
 def test_bad_eval_data_exits_3_on_the_cli(tmp_path: Path, keys: Path) -> None:
     bad = _npz(tmp_path / "eval.npz", pixels=np.zeros((4, 1, 1, 8, 8), np.float32))
-    result = CliRunner().invoke(
-        cli,
-        [
-            "compile",
-            str(DIGITS),
-            "--profile",
-            PROFILE,
-            "-o",
-            str(tmp_path / "o"),
-            "--eval-data",
-            str(bad),
-            "--signing-key",
-            str(keys),
-        ],
-    )
+    result = _cli_compile(tmp_path, keys, "--eval-data", bad)
     assert result.exit_code == 3, result.output
     assert "--eval-data lacks input(s) image; it has: pixels" in result.output
     assert not (tmp_path / "o").exists()
@@ -513,21 +505,7 @@ def test_bad_eval_data_exits_3_on_the_cli(tmp_path: Path, keys: Path) -> None:
 
 def test_bad_calibration_data_exits_3_on_the_cli(tmp_path: Path, keys: Path) -> None:
     bad = _npz(tmp_path / "dtype.npz", image=np.array([["a"]] * 4))
-    result = CliRunner().invoke(
-        cli,
-        [
-            "compile",
-            str(DIGITS),
-            "--profile",
-            PROFILE,
-            "-o",
-            str(tmp_path / "o"),
-            "--calibration-data",
-            str(bad),
-            "--signing-key",
-            str(keys),
-        ],
-    )
+    result = _cli_compile(tmp_path, keys, "--calibration-data", bad)
     assert result.exit_code == 3
     assert "input 'image' is <U1; the model needs float32" in result.output
 
