@@ -10,18 +10,17 @@ hardware profile it measures, in one run on one machine:
   database with ``trials=0``), judged against this script's own ORT measurement.
 
 TVM libraries run through ``compiler.execution.run_library`` (a child process in TVM
-runtime-only mode, as on a device). ONNX Runtime runs in a child process of its own too, a
-fresh one per block: the same thread count (``--threads``: ``TVM_NUM_THREADS`` with unpinned
-threads, ``intra_op_num_threads``; also MetaSchedule's runner while tuning), the same input,
-warm-up and runs, in interleaved rounds (A/B, B/A, ...) so that load from other processes
-hits both alike. Why a fresh process per block: with 2 unpinned threads on 2 vCPUs the
-scheduler often leaves both threads of a process on one CPU, for hundreds of calls at a
-time (ORT's mlp: ~34 us instead of ~19 us, as slow as 1 thread; docs/benchmarks.md). TVM
-got a fresh runner per block but ORT one session for the whole run, so ORT's blocks were
-not independent draws of that placement. The old measurement
-(``compiler.execution.time_against_ort``, one ORT session in this process: what
-``edgeloop compile --runtime auto`` decides on) is reported beside it as "ORT in-proc".
-Ratios are TVM median / ORT median: below 1 means TVM is faster.
+runtime-only mode, as on a device). ONNX Runtime runs through
+``compiler.execution.run_onnxruntime``, in a child process of its own, a fresh one per block,
+as ``edgeloop compile --runtime auto`` times it: the same thread count (``--threads``:
+``TVM_NUM_THREADS`` with unpinned threads, ``intra_op_num_threads``; also MetaSchedule's
+runner while tuning), the same input, warm-up and runs, in interleaved rounds (A/B, B/A, ...)
+so that load from other processes hits both alike. Why a fresh process per block: with 2
+unpinned threads on 2 vCPUs the scheduler often leaves both threads of a process on one CPU,
+for hundreds of calls at a time (ORT's mlp: ~34 us instead of ~19 us, as slow as 1 thread;
+docs/benchmarks.md), so one long-lived ORT session against a fresh TVM runner per block
+compared different luck, not runtimes. Ratios are TVM median / ORT median: below 1 means TVM
+is faster.
 
 It prints numbers and asserts none: a benchmark, not a test. Usage::
 
@@ -109,7 +108,6 @@ class ModelResult:
     tvm_default_threads: int | None = None
     tvm_threads_reported: int | None = None
     ort: Measurement = field(default_factory=Measurement)
-    ort_in_process: Measurement = field(default_factory=Measurement)
     round_ratios: list[float] = field(default_factory=list)
     round_medians_ms: list[dict[str, float]] = field(default_factory=list)
     max_abs_diff_vs_ort: float | None = None
@@ -129,11 +127,6 @@ class ModelResult:
             return None
         return min(which.runs_ms) / min(self.ort.runs_ms)
 
-    def ratio_in_process(self) -> float | None:
-        """Tuned TVM over ORT timed in this process (``time_against_ort``'s way)."""
-        num, den = self.tvm_tuned.median_ms, self.ort_in_process.median_ms
-        return num / den if num is not None and den else None
-
     @property
     def shipped(self) -> Measurement:
         """This run's measurement of the runtime that ``--runtime auto`` chose to ship."""
@@ -146,7 +139,7 @@ class ModelResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, ratios included."""
         data = asdict(self)
-        keys = ("tvm_untuned", "tvm_tuned", "tvm_tuned_default_threads", "ort", "ort_in_process")
+        keys = ("tvm_untuned", "tvm_tuned", "tvm_tuned_default_threads", "ort")
         for key in keys:
             data[key] = getattr(self, key).summary()
         data["ratios_vs_ort"] = {
@@ -155,7 +148,6 @@ class ModelResult:
             "tvm_tuned_default_threads": _round(self.ratio(self.tvm_tuned_default_threads)),
             "shipped": _round(self.ratio(self.shipped)),
             "tvm_tuned_min_over_ort_min": _round(self.min_ratio(self.tvm_tuned)),
-            "tvm_tuned_over_ort_in_process": _round(self.ratio_in_process()),
             "median_of_round_ratios": _round(
                 statistics.median(self.round_ratios) if self.round_ratios else None
             ),
@@ -198,45 +190,6 @@ def tvm_default_threads() -> int:
         timeout=120,
     )
     return int(out.stdout.strip().splitlines()[-1])
-
-
-# ONNX Runtime in a child process: argv model.onnx input.npy... ; JSON request on stdin,
-# {"latency_ms": [...]} on stdout. Session options as compiler.execution._ort_session.
-_ORT_CHILD = """
-import json, sys, time
-import numpy as np
-import onnxruntime as ort
-req = json.load(sys.stdin)
-options = ort.SessionOptions()
-options.intra_op_num_threads = req["threads"]
-options.inter_op_num_threads = 1
-session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
-feeds = {i.name: np.load(p) for i, p in zip(session.get_inputs(), sys.argv[2:], strict=True)}
-for _ in range(req["warmup"]):
-    session.run(None, feeds)
-times = []
-for _ in range(req["runs"]):
-    start = time.perf_counter()
-    session.run(None, feeds)
-    times.append((time.perf_counter() - start) * 1000.0)
-print(json.dumps({"latency_ms": times}))
-"""
-
-
-def ort_block_in_child(
-    onnx_path: Path, inputs: Sequence[Path], *, threads: int, warmup: int, runs: int
-) -> list[float]:
-    """Time ``runs`` ORT calls after ``warmup`` in a fresh child process (milliseconds)."""
-    request = json.dumps({"threads": threads, "warmup": warmup, "runs": runs})
-    proc = subprocess.run(
-        [sys.executable, "-c", _ORT_CHILD, str(onnx_path), *map(str, inputs)],
-        input=request,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=600,
-    )
-    return [float(x) for x in json.loads(proc.stdout.strip().splitlines()[-1])["latency_ms"]]
 
 
 @dataclass(frozen=True)
@@ -357,13 +310,8 @@ def bench_model(
 
     _say(f"{spec.name} / {profile_name}: timing TVM tuned and ORT in {opts.rounds} rounds")
     # Each runtime in a fresh child process per block, rounds alternating which goes first
-    # (module docstring); then the compiler's own measurement (compiler.execution.
-    # time_against_ort: ORT in this process), kept for comparison as "ORT in-proc".
+    # (module docstring).
     per_round = max(1, opts.repeat // opts.rounds)
-    input_paths = []
-    for i, arr in enumerate(sample):
-        input_paths.append(model_dir / f"input{i}.npy")
-        np.save(input_paths[-1], np.ascontiguousarray(arr))
 
     def tvm_block() -> execution.ExecutionResult:
         return execution.run_library(
@@ -377,9 +325,9 @@ def bench_model(
         )
 
     def ort_block() -> list[float]:
-        return ort_block_in_child(
-            onnx_path, input_paths, threads=opts.threads, warmup=opts.warmup, runs=per_round
-        )
+        return execution.run_onnxruntime(
+            onnx_path, sample, threads=opts.threads, warmup=opts.warmup, runs=per_round
+        ).latency_ms
 
     tuned = None
     for k in range(opts.rounds):
@@ -399,20 +347,6 @@ def bench_model(
         result.round_medians_ms.append({n: round(v, 4) for n, v in medians.items()})
         result.round_ratios.append(medians["tvm"] / medians["ort"])
     assert tuned is not None
-    in_process = execution.time_against_ort(
-        tuned_lib,
-        sample,
-        plan,
-        host,
-        onnx_model=onnx_path.read_bytes(),
-        threads=opts.threads,
-        rounds=opts.rounds,
-        runs_per_round=per_round,
-        warmup=opts.warmup,
-    )
-    for k, (_, ort_ms) in enumerate(in_process):
-        result.ort_in_process.runs_ms += ort_ms
-        result.round_medians_ms[k]["ort_in_process"] = round(statistics.median(ort_ms), 4)
     result.tvm_threads_reported = tuned.num_threads
     ort_out = model.reference(sample)[0]
     diff = np.abs(np.asarray(tuned.outputs[0][0], dtype=np.float64) - ort_out)
@@ -471,8 +405,7 @@ def print_table(results: Sequence[ModelResult], opts: Options) -> None:
         caption="÷ORT columns are the ratios TVM latency / ORT latency measured in this run "
         "(medians; 'min' = fastest runs; 'default thr' = the tuned library without "
         f"TVM_NUM_THREADS, i.e. {default_threads} thread(s)): < 1 means TVM is faster. "
-        "Both runtimes run in a fresh child process per block; 'in-proc' = ORT in this "
-        "process, the compiler's --runtime auto measurement. "
+        "Both runtimes run in a fresh child process per block. "
         "'shipped' = the runtime edgeloop compile --runtime auto chose.",
     )
     headers = (
@@ -484,12 +417,10 @@ def print_table(results: Sequence[ModelResult], opts: Options) -> None:
         "untuned ms",
         "tuned ms",
         "ORT ms",
-        "ORT in-proc ms",
         "untuned ÷ORT",
         "tuned ÷ORT",
         "tuned ÷ORT min",
         "tuned ÷ORT default thr",
-        "tuned ÷ORT in-proc",
         "shipped",
         "shipped ÷ORT",
     )
@@ -499,7 +430,7 @@ def print_table(results: Sequence[ModelResult], opts: Options) -> None:
     for r in results:
         shape = "x".join(map(str, r.input_shape))
         if r.error:
-            table.add_row(r.model, shape, r.profile, *(["-"] * 11), "error", "-")
+            table.add_row(r.model, shape, r.profile, *(["-"] * 9), "error", "-")
             continue
         trials = f"{r.tuning.get('new_trials', 0)}/{r.tuning.get('tasks_total', 0)}"
         untuned_count = len(r.tuning.get("untuned_tasks", []))
@@ -514,12 +445,10 @@ def print_table(results: Sequence[ModelResult], opts: Options) -> None:
             _fmt_ms(r.tvm_untuned),
             _fmt_ms(r.tvm_tuned),
             _fmt_ms(r.ort),
-            _fmt_ms(r.ort_in_process),
             _fmt_ratio(r.ratio(r.tvm_untuned)),
             _fmt_ratio(r.ratio(r.tvm_tuned)),
             _fmt_ratio(r.min_ratio(r.tvm_tuned)),
             _fmt_ratio(r.ratio(r.tvm_tuned_default_threads)),
-            _fmt_ratio(r.ratio_in_process()),
             r.shipped_runtime or ("error" if r.shipped_error else "-"),
             _fmt_ratio(r.ratio(r.shipped)),
         )

@@ -4,7 +4,9 @@
 says how the artifact can run here, or why it cannot. ``run_library`` carries the plan out
 through the runner protocol of ``compiler/runner_main.py`` in a child process, so that the
 artifact is loaded exactly as a device loads it (TVM runtime-only mode) and a crash in
-native code cannot take the compiler down.
+native code cannot take the compiler down. ``run_onnxruntime`` times ONNX Runtime the same
+way, in a fresh child process (``compiler/ort_runner_main.py``), and ``time_against_ort``
+interleaves the two for ``--runtime auto``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from compiler.profiles import HardwareProfile
 from compiler.runtime_choice import tvm_thread_env
 
 RUNNER_SCRIPT = Path(__file__).with_name("runner_main.py")
+ORT_RUNNER_SCRIPT = Path(__file__).with_name("ort_runner_main.py")
 Mode = Literal["native", "cuda", "qemu-python", "qemu-armv7-runner", "none"]
 _TIMEOUT_NATIVE_S = 600
 _TIMEOUT_EMULATED_S = 1200
@@ -285,6 +287,97 @@ def run_library(
     )
 
 
+@dataclass(frozen=True)
+class OrtTiming:
+    """Timings of one ONNX Runtime block, taken in a child process."""
+
+    latency_ms: list[float]
+    pid: int
+    runtime: str
+    num_threads: int
+
+
+def run_onnxruntime(
+    onnx_model: Path | bytes,
+    sample: Sequence[npt.NDArray[Any]],
+    *,
+    threads: int,
+    warmup: int,
+    runs: int,
+    timeout_s: float = _TIMEOUT_NATIVE_S,
+) -> OrtTiming:
+    """Time ``runs`` ONNX Runtime calls on ``sample`` in a fresh child process.
+
+    The child (``compiler/ort_runner_main.py``, run with ``sys.executable``) opens one
+    session with ``intra_op_num_threads=threads``, ``inter_op_num_threads=1`` and the CPU
+    provider, makes ``warmup`` untimed calls, then times ``runs`` calls, numpy in and out.
+
+    Args:
+        onnx_model: the ONNX file, or its bytes.
+        sample: the inputs, in the model's input order.
+        threads: ONNX Runtime's intra-op thread count.
+        warmup: untimed calls before timing.
+        runs: timed calls.
+        timeout_s: how long the child may take.
+
+    Returns:
+        The latencies (milliseconds) and the child's pid, ONNX Runtime version and threads.
+
+    Raises:
+        MissingDependencyError: ONNX Runtime is not installed.
+        BuildFailedError: the child failed (bad model, wrong inputs, crash, timeout).
+    """
+    from compiler.frontends import require
+
+    require("onnxruntime", "compiler")
+    what = (
+        f"the model ({len(onnx_model)} bytes)"
+        if isinstance(onnx_model, bytes)
+        else repr(str(onnx_model))
+    )
+    with tempfile.TemporaryDirectory(prefix="edgeloop-ort-") as tmp:
+        work = Path(tmp)
+        if isinstance(onnx_model, bytes):
+            model_path = work / "model.onnx"
+            model_path.write_bytes(onnx_model)
+        else:
+            model_path = onnx_model.resolve()
+        request = {
+            "model": str(model_path),
+            "num_inputs": len(sample),
+            "threads": threads,
+            "warmup": warmup,
+            "repeat": runs,
+        }
+        (work / "request.json").write_text(json.dumps(request), encoding="utf-8")
+        for i, arr in enumerate(sample):
+            np.save(work / f"s0_in{i}.npy", np.ascontiguousarray(arr))
+        argv = [sys.executable, str(ORT_RUNNER_SCRIPT), str(work)]
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired as err:
+            raise BuildFailedError(
+                f"timing ONNX Runtime on {what} timed out after {timeout_s} s"
+            ) from err
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
+            raise BuildFailedError(
+                f"timing ONNX Runtime on {what} failed with exit code {proc.returncode}:\n{tail}"
+            )
+        try:
+            result = json.loads((work / "result.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise BuildFailedError(
+                f"timing ONNX Runtime on {what} left no readable result.json: {err}"
+            ) from err
+    return OrtTiming(
+        latency_ms=[float(x) for x in result["latency_ms"]],
+        pid=int(result["pid"]),
+        runtime=str(result["runtime"]),
+        num_threads=int(result["num_threads"]),
+    )
+
+
 Rounds = list[tuple[list[float], list[float]]]
 
 
@@ -303,9 +396,12 @@ def time_against_ort(
 ) -> Rounds:
     """Time TVM and ONNX Runtime on ``sample`` in interleaved rounds (A/B, B/A, ...).
 
-    TVM runs in a runner child process per round (as in ``run_library``), ONNX Runtime in
-    this process, both with ``threads`` threads, each block after ``warmup`` calls. They
-    never share a process: there, TVM at 2 threads on 2 cores was 20-50x slower.
+    Each block runs in a fresh child process of its own: TVM in a runner per block (as in
+    ``run_library``), ONNX Runtime through ``run_onnxruntime``, both with ``threads``
+    threads, each block after ``warmup`` calls. A fresh process per block makes each block
+    an independent draw of where the scheduler puts its threads (with 2 unpinned threads
+    on 2 CPUs both often share one CPU for hundreds of calls), and the two runtimes never
+    share a process (there, TVM at 2 threads on 2 cores was 20-50x slower).
     ``first_tvm_block`` (timings ``run_library`` already took) stands in for round 0's TVM
     block, which goes first.
 
@@ -314,52 +410,41 @@ def time_against_ort(
 
     Raises:
         ValueError: the plan is not native (emulated timings would be meaningless).
-        BuildFailedError: the runner failed.
+        BuildFailedError: the TVM runner or the ONNX Runtime child failed.
         MissingDependencyError: ONNX Runtime is not installed.
     """
     if plan.mode != "native":
         raise ValueError(f"ONNX Runtime can be timed beside TVM only natively, not {plan.where}")
-    session = _ort_session(onnx_model, threads)
-    feeds = {i.name: a for i, a in zip(session.get_inputs(), sample, strict=True)}
-
-    def ort_block() -> list[float]:
-        for _ in range(warmup):
-            session.run(None, feeds)
-        times = []
-        for _ in range(runs_per_round):
-            start = time.perf_counter()
-            session.run(None, feeds)
-            times.append((time.perf_counter() - start) * 1000.0)
-        return times
-
-    def tvm_block() -> list[float]:
-        return run_library(
-            library,
-            [sample],
-            plan,
-            host,
-            warmup=warmup,
-            repeat=runs_per_round,
-            num_threads=threads,
-        ).latency_ms
-
-    result: Rounds = []
-    for k in range(rounds):
-        if k % 2 == 0:
-            tvm_ms = first_tvm_block if k == 0 and first_tvm_block else tvm_block()
-            ort_ms = ort_block()
-        else:
-            ort_ms = ort_block()
-            tvm_ms = tvm_block()
-        result.append((tvm_ms, ort_ms))
-    return result
-
-
-def _ort_session(onnx_model: bytes, threads: int) -> Any:
     from compiler.frontends import require
 
-    ort = require("onnxruntime", "compiler")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
+    require("onnxruntime", "compiler")
+    with tempfile.TemporaryDirectory(prefix="edgeloop-ort-model-") as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        onnx_path.write_bytes(onnx_model)
+
+        def ort_block() -> list[float]:
+            return run_onnxruntime(
+                onnx_path, sample, threads=threads, warmup=warmup, runs=runs_per_round
+            ).latency_ms
+
+        def tvm_block() -> list[float]:
+            return run_library(
+                library,
+                [sample],
+                plan,
+                host,
+                warmup=warmup,
+                repeat=runs_per_round,
+                num_threads=threads,
+            ).latency_ms
+
+        result: Rounds = []
+        for k in range(rounds):
+            if k % 2 == 0:
+                tvm_ms = first_tvm_block if k == 0 and first_tvm_block else tvm_block()
+                ort_ms = ort_block()
+            else:
+                ort_ms = ort_block()
+                tvm_ms = tvm_block()
+            result.append((tvm_ms, ort_ms))
+    return result

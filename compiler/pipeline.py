@@ -22,7 +22,6 @@ import logging
 import platform
 import shutil
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -144,24 +143,12 @@ def _load_samples(
 def _ort_latency(
     model: SourceModel, sample: list[npt.NDArray[Any]], repeat: int, *, threads: int
 ) -> list[float]:
-    from compiler.frontends import require
-
-    ort = require("onnxruntime", "compiler")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(
-        model.path.read_bytes(), options, providers=["CPUExecutionProvider"]
-    )
-    feeds = {t.name: a for t, a in zip(model.inputs, sample, strict=True)}
-    for _ in range(3):
-        session.run(None, feeds)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append((time.perf_counter() - start) * 1000.0)
-    return times
+    # A fresh child process, as time_against_ort's blocks (docs/benchmarks.md: an ORT
+    # session's threads in a long-lived process often end up sharing one CPU).
+    onnx = model.onnx_bytes()
+    return execution.run_onnxruntime(
+        onnx if onnx is not None else model.path, sample, threads=threads, warmup=3, runs=repeat
+    ).latency_ms
 
 
 def _latency_summary(values: list[float]) -> dict[str, float] | None:
@@ -387,8 +374,8 @@ def compile_model(
                 ]
                 comparison["method"] = (
                     f"{len(rounds)} interleaved rounds (A/B, B/A, ...) of {per_round} runs, "
-                    f"{threads.count} thread(s) each, numpy in and out; TVM in a runner "
-                    "process per round, ONNX Runtime in the compiler's process"
+                    f"{threads.count} thread(s) each, numpy in and out; each runtime in a "
+                    "fresh child process per block"
                 )
         elif build_tvm:
             report["accuracy"] = None

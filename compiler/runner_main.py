@@ -20,8 +20,9 @@ latencies are measured on sample 0 after ``W`` warm-up runs; ``num_threads`` is 
 runtime reports using, ``call_path`` how :class:`VmCaller` called it. The C++ armv7
 runner ignores ``num_threads`` and reads ``TVM_NUM_THREADS`` from its environment.
 
-ONNX Runtime is timed by the compiler in its own process, never here: in one process with
-TVM at 2 threads on 2 cores it made TVM 20-50x slower (docs/benchmarks.md).
+ONNX Runtime is timed in a child process of its own (``compiler/ort_runner_main.py``), never
+here: in one process with TVM at 2 threads on 2 cores it made TVM 20-50x slower
+(docs/benchmarks.md).
 
 Calls go through :class:`VmCaller`, which the agent's TVM runtime uses too
 (``agent/runtimes.py``), so that the compiler times the call path a device serves with.
