@@ -2,7 +2,9 @@
 
 * ``SessionDep``: the request's database session (opened by :class:`AuditedRoute`).
 * ``PrincipalDep``: the caller, from ``Authorization: Bearer elk_<key id>_<secret>``;
-  401 if missing, malformed, unknown, revoked or wrong.
+  401 if missing, malformed, unknown, revoked or wrong. The key's row is read on every
+  request; its secret is checked through the app's :class:`~fleet.key_cache.VerifiedKeyCache`
+  (``KeyCacheDep``), so a key that passed scrypt once skips it while its hash is unchanged.
 * ``OrgDep``: the caller's organization. Every object dependency below looks up by the
   caller's organization, so another organization's id answers 404 exactly like a missing one.
 * ``require_scope(scope)``: a dependency (put it in the route's ``dependencies``) that
@@ -11,8 +13,9 @@
 * ``DeviceDep``, ``GroupDep``, ``ApiKeyDep``, ``ArtifactDep``, ``DeploymentDep``,
   ``OrgByIdDep``: the object
   named by the path parameter, in the caller's organization, or 404.
-* ``StoreDep``, ``BrokerAuthDep``, ``SettingsDep``, ``ProfilesDep``, ``AuditDep``: what
-  :func:`fleet.api.main.create_app` put on ``app.state``, and the request's audit context.
+* ``StoreDep``, ``BrokerAuthDep``, ``SettingsDep``, ``ProfilesDep``, ``KeyCacheDep``,
+  ``AuditDep``: what :func:`fleet.api.main.create_app` put on ``app.state``, and the
+  request's audit context.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from fleet.errors import (
     NotFoundError,
     PermissionDeniedError,
 )
+from fleet.key_cache import VerifiedKeyCache
 from fleet.models import ApiKey, Artifact, Deployment, Device, Group, Organization
 from fleet.scopes import Scope
 from fleet.store import ArtifactStore
@@ -66,12 +70,23 @@ _bearer = HTTPBearer(
 )
 
 
+def get_key_cache(request: Request) -> VerifiedKeyCache:
+    """The app's cache of verified API key secrets."""
+    cache: VerifiedKeyCache = request.app.state.key_cache
+    return cache
+
+
+KeyCacheDep = Annotated[VerifiedKeyCache, Depends(get_key_cache)]
+
+
 def get_principal(
     request: Request,
     session: SessionDep,
+    cache: KeyCacheDep,
     auth: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
-    """The caller's API key, verified against its salted hash."""
+    """The caller's API key, verified against its salted hash (the row is read every time;
+    scrypt is skipped only for a secret already verified against the row's current hash)."""
     if auth is None:
         raise AuthenticationError("no API key; send 'Authorization: Bearer elk_<key id>_<secret>'")
     parsed = credentials.parse_token(auth.credentials)
@@ -80,8 +95,11 @@ def get_principal(
             "malformed API key; expected 'elk_<12 hex digits>_<secret>' after 'Bearer '"
         )
     key = crud.find_api_key(session, key_id=parsed.key_id)
-    stored = key.secret_hash if key is not None else _dummy_hash()
-    valid = credentials.verify_secret(parsed.secret, stored)
+    if key is None:
+        credentials.verify_secret(parsed.secret, _dummy_hash())  # as costly as a wrong secret
+        valid = False
+    else:
+        valid = cache.verify(key.key_id, parsed.secret, key.secret_hash)
     if key is None or not valid or key.revoked_at is not None:
         raise AuthenticationError(
             f"API key {parsed.key_id!r} is unknown, revoked, or its secret is wrong"

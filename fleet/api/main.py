@@ -39,6 +39,7 @@ from fleet.api.settings import ApiSettings
 from fleet.broker import FLEET_USER
 from fleet.broker_auth import BrokerAuth, MosquittoPasswordFile, signal_reload
 from fleet.errors import FleetError
+from fleet.key_cache import VerifiedKeyCache
 from fleet.store import ArtifactStore
 
 if TYPE_CHECKING:
@@ -158,6 +159,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.metrics = ApiMetrics()
+    app.state.key_cache = VerifiedKeyCache()  # per app: verified API key secrets (salted HMACs)
     app.add_exception_handler(FleetError, handle_fleet_error)
     app.add_middleware(RejectNul)
     for router in ROUTERS:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import sqlalchemy as sa
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from fleet import credentials
 from fleet.api.bootstrap import create_admin_key
+from fleet.api.main import create_app
+from fleet.api.settings import ApiSettings
 from fleet.models import ApiKey, ApiKeyCreated, ApiKeyPublic
 
 from .conftest import KeyFactory, Org, OrgFactory, auth
@@ -199,3 +203,140 @@ def test_two_organizations_do_not_share_keys(client: TestClient, make_org: OrgFa
     b_keys = client.get("/api-keys", headers=b.headers).json()["data"]
     assert [k["key_id"] for k in a_keys] == [a.key_id]
     assert [k["key_id"] for k in b_keys] == [b.key_id]
+
+
+# ---------------------------------------------------------------- the verified-key cache
+
+
+@pytest.fixture()
+def scrypt_calls(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
+    """Counts scrypt checks (``credentials.verify_secret``) since the last look; they still run."""
+    calls = 0
+    real = credentials.verify_secret
+
+    def counting(secret: str, stored: str) -> bool:
+        nonlocal calls
+        calls += 1
+        return real(secret, stored)
+
+    monkeypatch.setattr(credentials, "verify_secret", counting)
+
+    def taken() -> int:
+        nonlocal calls
+        count, calls = calls, 0
+        return count
+
+    return taken
+
+
+def _set_key(app: FastAPI, key_id: str, **values: object) -> None:
+    """Change the key's row behind the API's back (as another API process would)."""
+    with Session(app.state.engine) as session:
+        session.execute(sa.update(ApiKey).where(col(ApiKey.key_id) == key_id).values(**values))
+        session.commit()
+
+
+def _key_id(token: str) -> str:
+    parsed = credentials.parse_token(token)
+    assert parsed is not None
+    return parsed.key_id
+
+
+def test_a_verified_key_skips_scrypt_on_the_next_request(
+    app: FastAPI,
+    client: TestClient,
+    org_a: Org,
+    make_key: KeyFactory,
+    scrypt_calls: Callable[[], int],
+) -> None:
+    token = make_key(org_a, ["fleet:read"])
+    scrypt_calls()
+    assert client.get("/devices", headers=auth(token)).status_code == 200
+    assert scrypt_calls() == 1 and _key_id(token) in app.state.key_cache
+    for _ in range(3):
+        assert client.get("/devices", headers=auth(token)).status_code == 200
+    assert scrypt_calls() == 0
+    # Unknown key ids still cost a full scrypt (against the dummy hash), every time.
+    unknown = auth(credentials.format_token("0123456789ab", credentials.new_secret()))
+    for _ in range(2):
+        assert client.get("/devices", headers=unknown).status_code == 401
+    assert scrypt_calls() == 2
+
+
+def test_a_cached_key_is_refused_at_once_when_revoked_deleted_or_descoped(
+    app: FastAPI,
+    client: TestClient,
+    org_a: Org,
+    make_key: KeyFactory,
+    scrypt_calls: Callable[[], int],
+) -> None:
+    revoked, deleted, descoped = (make_key(org_a, ["fleet:read"]) for _ in range(3))
+    for token in (revoked, deleted, descoped):
+        assert client.get("/devices", headers=auth(token)).status_code == 200
+        assert _key_id(token) in app.state.key_cache
+    assert client.delete(f"/api-keys/{_key_id(revoked)}", headers=org_a.headers).status_code == 200
+    response = client.get("/devices", headers=auth(revoked))
+    assert response.status_code == 401 and _key_id(revoked) in response.json()["detail"]
+    with Session(app.state.engine) as session:
+        session.execute(sa.delete(ApiKey).where(col(ApiKey.key_id) == _key_id(deleted)))
+        session.commit()
+    assert client.get("/devices", headers=auth(deleted)).status_code == 401
+    _set_key(app, _key_id(descoped), scopes=["deploy"])
+    response = client.get("/devices", headers=auth(descoped))
+    assert response.status_code == 403 and "lacks scope 'fleet:read'" in response.json()["detail"]
+
+
+def test_a_changed_secret_hash_invalidates_the_cached_key(
+    app: FastAPI,
+    client: TestClient,
+    org_a: Org,
+    make_key: KeyFactory,
+    scrypt_calls: Callable[[], int],
+) -> None:
+    token = make_key(org_a, ["fleet:read"])
+    key_id = _key_id(token)
+    assert client.get("/devices", headers=auth(token)).status_code == 200
+    new_secret = credentials.new_secret()
+    _set_key(app, key_id, secret_hash=credentials.hash_secret(new_secret))  # rotated
+    scrypt_calls()
+    assert client.get("/devices", headers=auth(token)).status_code == 401
+    assert scrypt_calls() == 1 and key_id not in app.state.key_cache
+    rotated = credentials.format_token(key_id, new_secret)
+    assert client.get("/devices", headers=auth(rotated)).status_code == 200
+    assert client.get("/devices", headers=auth(rotated)).status_code == 200
+    assert scrypt_calls() == 1
+    # The same secret hashed anew (say, stronger parameters): checked in full once more.
+    _set_key(app, key_id, secret_hash=credentials.hash_secret(new_secret))
+    assert client.get("/devices", headers=auth(rotated)).status_code == 200
+    assert client.get("/devices", headers=auth(rotated)).status_code == 200
+    assert scrypt_calls() == 1
+
+
+def test_a_wrong_secret_for_a_cached_key_is_refused_and_costs_scrypt(
+    app: FastAPI,
+    client: TestClient,
+    org_a: Org,
+    make_key: KeyFactory,
+    scrypt_calls: Callable[[], int],
+) -> None:
+    token = make_key(org_a, ["fleet:read"])
+    parsed = credentials.parse_token(token)
+    assert parsed is not None
+    assert client.get("/devices", headers=auth(token)).status_code == 200
+    scrypt_calls()
+    wrong = credentials.format_token(parsed.key_id, parsed.secret[::-1])
+    response = client.get("/devices", headers=auth(wrong))
+    assert response.status_code == 401 and parsed.key_id in response.json()["detail"]
+    assert scrypt_calls() == 1 and parsed.key_id not in app.state.key_cache
+    assert client.get("/devices", headers=auth(token)).status_code == 200
+    assert scrypt_calls() == 1
+
+
+def test_each_app_has_its_own_key_cache(
+    app: FastAPI, client: TestClient, org_a: Org, settings: ApiSettings
+) -> None:
+    assert client.get("/devices", headers=org_a.headers).status_code == 200
+    assert org_a.key_id in app.state.key_cache
+    other = create_app(settings)
+    assert other.state.key_cache is not app.state.key_cache
+    assert len(other.state.key_cache) == 0
