@@ -8,13 +8,14 @@ import uuid
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from pydantic import TypeAdapter
 from sqlmodel import Session, select
 
 from fleet.api.main import create_app
 from fleet.api.settings import ApiSettings
 from fleet.broker_auth import MosquittoPasswordFile
 from fleet.errors import BrokerSyncError
-from fleet.models import Device
+from fleet.models import Device, DevicePublic, DevicesPublic
 from fleet.store import ArtifactStore
 
 from .conftest import PROFILE, BrokeredApi, KeyFactory, Org, Reloads, auth
@@ -190,6 +191,42 @@ def test_update_device_profile_and_tags(client: TestClient, org_a: Org) -> None:
     assert unchanged["tags"] == {"new": "1"}
     bad = client.patch("/devices/dev-1", headers=org_a.headers, json={"profile": "rpi"})
     assert bad.status_code == 422 and "choose from:" in bad.json()["detail"]
+
+
+def test_listing_is_exactly_each_devices_public_json(
+    app: FastAPI, client: TestClient, org_a: Org, org_b: Org
+) -> None:
+    group = client.post("/groups", headers=org_a.headers, json={"name": "lab"}).json()
+    odd_tags = {"é": "ü€😀", "quote": 'a"b\\c', "ctl": "x\ty\n\u001f\u007f\u2028", "<": "</x>"}
+    for index, tags in enumerate([{}, {"site": "lab"}, odd_tags, {"a": ""}, {}]):
+        fields: dict[str, object] = {"device_id": f"dev-{4 - index}", "tags": tags}
+        if index % 2 == 0:
+            fields["group_id"] = group["id"]
+        _register(client, org_a, **fields)
+    _register(client, org_b, device_id="other-org")
+    for device_id in ("dev-0", "dev-3"):
+        assert client.post(f"/devices/{device_id}/revoke", headers=org_a.headers).status_code == 200
+    with Session(app.state.engine) as session:
+        rows = session.exec(select(Device).where(Device.device_id != "other-org")).all()
+        devices = sorted((DevicePublic.model_validate(d) for d in rows), key=lambda d: d.device_id)
+    assert any(d.revoked_at is not None for d in devices) and any(d.group_id for d in devices)
+    public = TypeAdapter(DevicesPublic)
+    for query, expected in [
+        ("", devices),
+        ("?limit=2&offset=1", devices[1:3]),
+        (f"?group_id={group['id']}", [d for d in devices if d.group_id is not None]),
+        ("?revoked=true", [d for d in devices if d.revoked]),
+        ("?revoked=false&limit=1000", [d for d in devices if not d.revoked]),
+    ]:
+        response = client.get(f"/devices{query}", headers=org_a.headers)
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "application/json"
+        count = len(devices) if "limit=2" in query else len(expected)
+        assert response.content == public.dump_json(DevicesPublic(data=expected, count=count))
+    # The route still documents its answer as DevicesPublic.
+    get = app.openapi()["paths"]["/devices"]["get"]
+    schema = get["responses"]["200"]["content"]["application/json"]["schema"]
+    assert schema == {"$ref": "#/components/schemas/DevicesPublic"}
 
 
 # ---------------------------------------------------------------- a real broker
