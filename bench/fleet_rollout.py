@@ -15,8 +15,10 @@ For each N (100 and 1,000 by default), in one run, with a private Mosquitto
   ``JobNotify`` with ``JobUpdate`` IN_PROGRESS then SUCCEEDED at once. The artifact is
   trivial: a real signed bundle is uploaded, but the simulated agents do NOT download,
   verify or activate it (no responder runs) and send no heartbeats.
-* **rollout**: ``POST /deployments`` (policy: canary 1 %, then one wave of the rest) to the
-  group of N devices; the time from just before that request until the executor saved phase
+* **rollouts**: ``POST /deployments`` to the group of N devices, once per policy of
+  ``POLICIES`` (a new artifact each time): ``canary`` (canary 1 %, then one wave of the
+  rest) and ``all-at-once`` (one stage of every device); for each, the time from just
+  before that request until the executor saved phase
   SUCCEEDED with N devices SUCCEEDED (the deployment's ``updated_at``; a ``SELECT`` of the
   row's phase every 20 ms notices it, reported beside it, then ``GET /deployments/{id}``
   checks the N SUCCEEDED devices).
@@ -76,6 +78,14 @@ from agent import protocol  # noqa: E402
 FLEET_PW = "fleet-pw"
 PROFILE = "generic/x86_64"
 FANOUT_TOPIC = f"{protocol.PREFIX}/bench/fanout"
+# Rollout policies timed per N, in this order, each a new deployment of a new artifact to the
+# same N devices: "canary" gates the fleet on one canary stage (1 %) before one wave of the
+# rest; "all-at-once" starts every device in one stage (canary 100 %), the policy of a lab
+# fleet or an urgent fix, and the one that compares the protocol itself with one broadcast.
+POLICIES: dict[str, dict[str, Any]] = {
+    "canary": {"canary": "1%", "waves": ["100%"], "job_timeout_s": 600},
+    "all-at-once": {"canary": "100%", "waves": ["100%"], "job_timeout_s": 600},
+}
 
 
 def raise_fd_limit() -> int:
@@ -100,8 +110,12 @@ class Worker:
         self.expected = len(devices) + fanout
         self.jobs_done = 0
         self.last_success = 0.0
-        self.received: list[float] = []
+        # Per job notify: (wall clock, this process's CPU seconds) on receipt, and the CPU
+        # seconds once both updates were handed to paho: the simulated agents' own cost.
+        self.received: list[tuple[float, float]] = []
+        self.replied_cpu: list[float] = []
         self.fanout_seen: dict[str, int] = {}
+        self.fanout_cpu: dict[str, float] = {}
         self.fanout_n = fanout
         for device_id, password in devices.items():
             self._add(device_id, device_id, password, agent=True)
@@ -139,7 +153,7 @@ class Worker:
     def _on_job(self, client: mqtt.Client, device_id: str, message: mqtt.MQTTMessage) -> None:
         if not message.payload:
             return
-        self.received.append(time.time())
+        self.received.append((time.time(), time.process_time()))
         notify = protocol.decode(protocol.JobNotify, message.payload)
         for state in (protocol.JobState.IN_PROGRESS, protocol.JobState.SUCCEEDED):
             update = protocol.JobUpdate(
@@ -153,13 +167,17 @@ class Worker:
             )
         self.jobs_done += 1
         self.last_success = time.time()
+        self.replied_cpu.append(time.process_time())
 
     def _on_fanout(self, _client: mqtt.Client, _ud: Any, message: mqtt.MQTTMessage) -> None:
         tag = message.payload.decode()
         seen = self.fanout_seen.get(tag, 0) + 1
         self.fanout_seen[tag] = seen
+        if seen == 1:
+            self.fanout_cpu[tag] = time.process_time()
         if seen == self.fanout_n:
-            print(f"FANOUT {tag} {time.time():.6f}", flush=True)
+            cpu = time.process_time() - self.fanout_cpu[tag]
+            print(f"FANOUT {tag} {time.time():.6f} {cpu:.6f}", flush=True)
 
     def _pump(self, timeout: float) -> None:
         for key, _ in self.sel.select(timeout):
@@ -191,11 +209,35 @@ def worker_main(spec_path: Path) -> None:
 
     threading.Thread(target=wait_stdin, daemon=True).start()
     worker.run(stop)
-    received = sorted(worker.received)
-    print(f"DONE {worker.jobs_done} {worker.last_success:.6f} {json.dumps(received)}", flush=True)
+    replies = zip(worker.received, worker.replied_cpu, strict=True)
+    jobs = [[t, cpu, end] for (t, cpu), end in replies]
+    print(f"DONE {worker.jobs_done} {worker.last_success:.6f} {json.dumps(jobs)}", flush=True)
 
 
 # --- the bench -----------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    """One deployment to the N devices under one policy."""
+
+    policy: str
+    rollout_s: float
+    ratio: float
+    stages: list[int]
+    post_s: float
+    executor_passes: int
+    publish_failures: int
+    first_job_received_s: float
+    first_wave_job_received_s: float
+    last_job_received_s: float
+    executor_perform_s: float
+    executor_publish_s: float
+    executor_set_desired_s: float
+    timeline: list[str]
+    agents_cpu_s: float = 0.0
+    fleet_cpu_s: float = 0.0
+    broker_cpu_s: float = 0.0
 
 
 @dataclass
@@ -205,25 +247,14 @@ class Result:
     n: int
     register_s: float
     worker_ready_s: float
-    rollout_s: float
-    agents_last_success_after_s: float
     fanout_s: float
     fanout_runs: list[float]
-    ratio: float
+    fanout_agents_cpu_s: float
     list_limit: int
     list_requests: int
     list_req_per_s: float
-    stages: list[int]
     executor_interval_s: float
-    first_job_received_s: float
-    first_wave_job_received_s: float
-    last_job_received_s: float
-    executor_perform_s: float
-    executor_publish_s: float
-    executor_set_desired_s: float
-    post_s: float
-    executor_passes: int
-    publish_failures: int
+    rollouts: list[Rollout]
 
 
 def _trivial_bundle(workdir: Path, private_key: Path) -> bytes:
@@ -254,6 +285,17 @@ def _trivial_bundle(workdir: Path, private_key: Path) -> bytes:
     tar = workdir / "bundle.tar"
     bundle.pack_bundle(sealed, tar)
     return tar.read_bytes()
+
+
+def _cpu_of(pid: int | None) -> float:
+    """CPU seconds (user + system) a process used so far, from /proc (0 if unknown)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _read_line(proc: subprocess.Popen[str], prefix: str, timeout: float) -> str:
@@ -392,14 +434,6 @@ def run_n(
                     devices[device["device_id"]] = device["mqtt"]["password"]
             register_s = time.perf_counter() - t
             print(f"  N={n}: registered in {register_s:.1f} s", flush=True)
-            uploaded = client.post(
-                "/artifacts",
-                headers={**headers, "Content-Type": "application/x-tar"},
-                content=_trivial_bundle(workdir, keys.private),
-            )
-            assert uploaded.status_code in (200, 201), uploaded.text
-            artifact_id = uploaded.json()["artifact_id"]
-
             spec = workdir / "worker.json"
             spec.write_text(json.dumps({"port": broker.port, "devices": devices, "fanout": n}))
             t = time.perf_counter()
@@ -414,72 +448,121 @@ def run_n(
             print(f"  N={n}: {2 * n} connections ready in {worker_ready_s:.1f} s", flush=True)
             time.sleep(1.0)  # the executor records the online statuses
 
-            body = {
-                "name": f"bench-{n}",
-                "model_name": "bench",
-                "variants": {PROFILE: artifact_id},
-                "target": {"groups": ["bench"]},
-                "policy": {"canary": "1%", "waves": ["100%"], "job_timeout_s": 600},
-            }
-            if profiler is not None:
-                profiler.clear()  # profile the rollout only, not the statuses before it
-            t0 = time.time()
-            created = client.post("/deployments", headers=headers, json=body)
-            post_s = time.time() - t0
-            assert created.status_code == 201, created.text
-            deployment_id = created.json()["id"]
-            deadline = time.monotonic() + 120 + n * 0.5
-            # Watch the row's phase column (one small SELECT every 20 ms), then read the whole
-            # deployment through the API once: polling GET /deployments/{id} itself (the
-            # N-device view) in the executor's process would compete with it for the GIL.
-            phase_of = select(Deployment.phase).where(Deployment.id == uuid.UUID(deployment_id))
-            while True:
-                with Session(app.state.engine) as session:
-                    phase = session.exec(phase_of).first()
-                if phase in ("SUCCEEDED", "ABORTED", "CANCELED") or time.monotonic() > deadline:
-                    break
-                time.sleep(0.02)
-            shown_s = time.time() - t0
-            read = client.get(f"/deployments/{deployment_id}", headers=headers).json()
-            if read["phase"] != "SUCCEEDED" or read["counts"].get("SUCCEEDED") != n:
-                raise RuntimeError(f"rollout did not succeed: {read['phase']} {read['counts']}")
-            passes, publish_failures = made[0].passes, made[0].publish_failures
-            # The poll only notices the end; the executor stamped the SUCCEEDED save.
-            rollout_s = datetime.fromisoformat(read["updated_at"]).timestamp() - t0
-            stages = [len(s) for s in read["stages"]]
-            print(
-                f"  N={n}: rollout {rollout_s:.3f} s (stages {stages}; the poll saw it "
-                f"at {shown_s:.3f} s; executor passes: {made[0].passes})",
-                flush=True,
-            )
-            timeline = [
-                f"{start - t0:.2f}+{took:.2f}s/{queued}"
-                for start, took, queued in pass_log
-                if start >= t0
-            ]
-            print(f"  N={n}: executor passes (start+duration/messages): {' '.join(timeline)}")
-            if profiler is not None and profile is not None:
-                out = profile.with_name(f"{profile.stem}-{n}{profile.suffix}")
-                profiler.dump_stats(out)
-                stats = pstats.Stats(profiler, stream=sys.stdout)
-                stats.sort_stats("cumulative").print_stats(30)
-
             publisher = mqtt.Client(
                 CallbackAPIVersion.VERSION2, client_id="fanout-pub", protocol=mqtt.MQTTv5
             )
             publisher.username_pw_set("fleet", FLEET_PW)
             publisher.connect("127.0.0.1", broker.port)
             publisher.loop_start()
-            fanout_runs = []
-            for _ in range(fanout_repeats):
+
+            fanout_cpu: list[float] = []
+
+            def fanout() -> float:
                 tag = uuid.uuid4().hex
                 start = time.time()
                 publisher.publish(FANOUT_TOPIC, tag.encode(), qos=1)
                 line = _read_line(worker, "FANOUT", timeout=60)
-                _, got, ts = line.split()
+                _, got, ts, cpu = line.split()
                 assert got == tag, line
-                fanout_runs.append(float(ts) - start)
+                fanout_cpu.append(float(cpu))
                 time.sleep(0.2)
+                return float(ts) - start
+
+            # Fan-out runs before and after the rollouts, so box-load drift over the run
+            # moves both sides of the ratio alike.
+            fanout_runs = [fanout() for _ in range((fanout_repeats + 1) // 2)]
+            rollouts = []
+            for number, (name, policy) in enumerate(POLICIES.items()):
+                uploaded = client.post(
+                    "/artifacts",
+                    headers={**headers, "Content-Type": "application/x-tar"},
+                    content=_trivial_bundle(workdir / f"bundle-{number}", keys.private),
+                )
+                assert uploaded.status_code in (200, 201), uploaded.text
+                artifact_id = uploaded.json()["artifact_id"]
+                body = {
+                    "name": f"bench-{n}-{name}",
+                    "model_name": "bench",
+                    "variants": {PROFILE: artifact_id},
+                    "target": {"groups": ["bench"]},
+                    "policy": policy,
+                }
+                for key in timers:
+                    timers[key] = 0.0
+                pass_log.clear()
+                passes_before = made[0].passes
+                failures_before = made[0].publish_failures
+                if profiler is not None:
+                    profiler.clear()  # profile the rollout only, not what came before it
+                time.sleep(0.5)  # let the previous rollout's last messages settle
+                cpu_before = time.process_time(), _cpu_of(broker.pid)
+                t0 = time.time()
+                created = client.post("/deployments", headers=headers, json=body)
+                post_s = time.time() - t0
+                assert created.status_code == 201, created.text
+                deployment_id = created.json()["id"]
+                deadline = time.monotonic() + 120 + n * 0.5
+                # Watch the row's phase column (one small SELECT every 20 ms), then read the
+                # whole deployment through the API once: polling GET /deployments/{id} itself
+                # (the N-device view) in the executor's process would compete with it for the
+                # GIL.
+                phase_of = select(Deployment.phase).where(Deployment.id == uuid.UUID(deployment_id))
+                while True:
+                    with Session(app.state.engine) as session:
+                        phase = session.exec(phase_of).first()
+                    if phase in ("SUCCEEDED", "ABORTED", "CANCELED"):
+                        break
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.02)
+                shown_s = time.time() - t0
+                fleet_cpu = time.process_time() - cpu_before[0]
+                broker_cpu = _cpu_of(broker.pid) - cpu_before[1]
+                read = client.get(f"/deployments/{deployment_id}", headers=headers).json()
+                if read["phase"] != "SUCCEEDED" or read["counts"].get("SUCCEEDED") != n:
+                    raise RuntimeError(
+                        f"{name} rollout did not succeed: {read['phase']} {read['counts']}"
+                    )
+                # The poll only notices the end; the executor stamped the SUCCEEDED save.
+                rollout_s = datetime.fromisoformat(read["updated_at"]).timestamp() - t0
+                stages = [len(s) for s in read["stages"]]
+                timeline = [
+                    f"{start - t0:.2f}+{took:.2f}s/{queued}"
+                    for start, took, queued in pass_log
+                    if start >= t0
+                ]
+                print(
+                    f"  N={n} {name}: rollout {rollout_s:.3f} s (stages {stages}; the poll saw "
+                    f"it at {shown_s:.3f} s)\n"
+                    f"    executor passes (start+duration/messages): {' '.join(timeline)}",
+                    flush=True,
+                )
+                if profiler is not None and profile is not None:
+                    out = profile.with_name(f"{profile.stem}-{n}-{name}{profile.suffix}")
+                    profiler.dump_stats(out)
+                    stats = pstats.Stats(profiler, stream=sys.stdout)
+                    stats.sort_stats("cumulative").print_stats(30)
+                rollouts.append(
+                    Rollout(
+                        policy=name,
+                        rollout_s=rollout_s,
+                        ratio=0.0,  # set once every fan-out run is in
+                        stages=stages,
+                        post_s=post_s,
+                        executor_passes=made[0].passes - passes_before,
+                        publish_failures=made[0].publish_failures - failures_before,
+                        first_job_received_s=t0,  # absolute until the worker's log is read
+                        first_wave_job_received_s=0.0,
+                        last_job_received_s=0.0,
+                        executor_perform_s=timers["perform"],
+                        executor_publish_s=timers["publish"],
+                        executor_set_desired_s=timers["set_desired"],
+                        timeline=timeline,
+                        fleet_cpu_s=fleet_cpu,
+                        broker_cpu_s=broker_cpu,
+                    )
+                )
+            fanout_runs += [fanout() for _ in range(fanout_repeats // 2)]
             fanout_s = statistics.median(fanout_runs)
             print(f"  N={n}: raw fan-out {fanout_s * 1000:.1f} ms", flush=True)
 
@@ -501,9 +584,19 @@ def run_n(
             assert worker.stdin is not None
             worker.stdin.close()
             done = _read_line(worker, "DONE", timeout=30).split(maxsplit=3)
-            last_success = float(done[2]) - t0
-            received = [ts - t0 for ts in json.loads(done[3])]
-            canary = stages[0]
+            jobs = json.loads(done[3])  # [wall clock, CPU on receipt, CPU once replied]
+            # Job notifies per rollout: those received after its POST, before the next one's.
+            starts = [r.first_job_received_s for r in rollouts] + [float("inf")]
+            for k, r in enumerate(rollouts):
+                t0 = starts[k]
+                mine = [job for job in jobs if t0 <= job[0] < starts[k + 1]]
+                times = [job[0] - t0 for job in mine]
+                canary = r.stages[0]
+                r.first_job_received_s = times[0] if times else 0.0
+                r.first_wave_job_received_s = times[canary] if len(times) > canary else 0.0
+                r.last_job_received_s = times[-1] if times else 0.0
+                r.agents_cpu_s = mine[-1][2] - mine[0][1] if mine else 0.0
+                r.ratio = r.rollout_s / fanout_s
     finally:
         if publisher is not None:
             publisher.loop_stop()
@@ -518,25 +611,14 @@ def run_n(
         n=n,
         register_s=register_s,
         worker_ready_s=worker_ready_s,
-        rollout_s=rollout_s,
-        agents_last_success_after_s=last_success,
         fanout_s=fanout_s,
         fanout_runs=fanout_runs,
-        ratio=rollout_s / fanout_s,
+        fanout_agents_cpu_s=statistics.median(fanout_cpu),
         list_limit=limit,
         list_requests=list_requests,
         list_req_per_s=list_rate,
-        stages=stages,
         executor_interval_s=interval,
-        first_job_received_s=received[0],
-        first_wave_job_received_s=received[canary] if len(received) > canary else 0.0,
-        last_job_received_s=received[-1],
-        executor_perform_s=timers["perform"],
-        executor_publish_s=timers["publish"],
-        executor_set_desired_s=timers["set_desired"],
-        post_s=post_s,
-        executor_passes=passes,
-        publish_failures=publish_failures,
+        rollouts=rollouts,
     )
 
 
@@ -579,25 +661,46 @@ def main() -> None:
                 )
             )
     print()
-    print(f"{'N':>6} {'rollout s':>10} {'fan-out ms':>11} {'ratio':>7} {'GET /devices req/s':>19}")
+    print(
+        f"{'N':>6} {'policy':>12} {'stages':>10} {'rollout s':>10} {'fan-out ms':>11} "
+        f"{'ratio':>7} {'GET /devices req/s':>19}"
+    )
     for r in results:
-        print(
-            f"{r.n:>6} {r.rollout_s:>10.2f} {r.fanout_s * 1000:>11.1f} {r.ratio:>7.1f} "
-            f"{r.list_req_per_s:>19.1f}  (limit={r.list_limit})"
-        )
+        for ro in r.rollouts:
+            print(
+                f"{r.n:>6} {ro.policy:>12} {'+'.join(map(str, ro.stages)):>10} "
+                f"{ro.rollout_s:>10.3f} {r.fanout_s * 1000:>11.1f} {ro.ratio:>7.1f} "
+                f"{r.list_req_per_s:>19.1f}  (limit={r.list_limit})"
+            )
     print("ratio = rollout / raw fan-out; issue target <= 2")
     print()
-    print("where the rollout's time goes (s after POST /deployments; executor totals):")
+    print(
+        "the simulated agents' own CPU time (their worker process, one core; from the first "
+        "job received to the last reply handed to paho) against the same process's CPU for "
+        "one fan-out: the ratio cannot go below their quotient on one core"
+    )
     for r in results:
-        print(
-            f"  N={r.n}: canary job received {r.first_job_received_s:.2f}, "
-            f"first wave job {r.first_wave_job_received_s:.2f}, "
-            f"last job {r.last_job_received_s:.2f}, last SUCCEEDED sent "
-            f"{r.agents_last_success_after_s:.2f}, API shows all {r.rollout_s:.2f}; "
-            f"executor starting jobs {r.executor_perform_s:.2f} (handing the notifies to "
-            f"paho {r.executor_publish_s:.2f}, not waiting for PUBACKs; desired-state commits "
-            f"{r.executor_set_desired_s:.2f}); POST /deployments took {r.post_s:.3f}"
-        )
+        for ro in r.rollouts:
+            print(
+                f"  N={r.n} {ro.policy}: agents {ro.agents_cpu_s * 1000:.0f} ms CPU, fan-out "
+                f"{r.fanout_agents_cpu_s * 1000:.0f} ms CPU: "
+                f"{ro.agents_cpu_s / max(r.fanout_agents_cpu_s, 1e-9):.1f}x; meanwhile the fleet "
+                f"process (API, executor, paho) {ro.fleet_cpu_s * 1000:.0f} ms and Mosquitto "
+                f"{ro.broker_cpu_s * 1000:.0f} ms CPU (until the poll saw SUCCEEDED)"
+            )
+    print()
+    print("where each rollout's time goes (s after POST /deployments; executor totals):")
+    for r in results:
+        for ro in r.rollouts:
+            print(
+                f"  N={r.n} {ro.policy}: POST /deployments {ro.post_s:.3f}, first job received "
+                f"{ro.first_job_received_s:.3f}, first wave job "
+                f"{ro.first_wave_job_received_s:.3f}, "
+                f"last job {ro.last_job_received_s:.3f}, saved SUCCEEDED {ro.rollout_s:.3f}; "
+                f"executor passes {ro.executor_passes}, starting jobs {ro.executor_perform_s:.3f} "
+                f"(handing the notifies to paho {ro.executor_publish_s:.3f}, not waiting for "
+                f"PUBACKs; desired-state commits {ro.executor_set_desired_s:.3f})"
+            )
     if args.json is not None:
         args.json.write_text(
             json.dumps(
