@@ -309,18 +309,18 @@ class Executor:
         self, heartbeats: Mapping[str, Heartbeat], statuses: Mapping[str, Status]
     ) -> None:
         seen = datetime.now(UTC)
+        reports: dict[str, dict[str, Any]] = {}
+        for device_id in set(heartbeats) | set(statuses):
+            columns: dict[str, Any] = {"last_seen": seen}
+            if (beat := heartbeats.get(device_id)) is not None:
+                columns["heartbeat"] = beat.model_dump(mode="json")
+                columns["reported_models"] = [m.model_dump(mode="json") for m in beat.models]
+                columns["online"] = True
+            if (status := statuses.get(device_id)) is not None:
+                columns["online"] = status.state == "online"
+            reports[device_id] = columns
         with Session(self.engine, autoflush=False) as session:
-            reports = deployments.ensure_reports(
-                session, device_ids=set(heartbeats) | set(statuses)
-            )
-            for device_id, report in sorted(reports.items()):
-                report.last_seen = seen
-                if (beat := heartbeats.get(device_id)) is not None:
-                    report.heartbeat = beat.model_dump(mode="json")
-                    report.reported_models = [m.model_dump(mode="json") for m in beat.models]
-                    report.online = True
-                if (status := statuses.get(device_id)) is not None:
-                    report.online = status.state == "online"
+            deployments.record_reports(session, reports=reports)
             session.commit()
 
     def _health(

@@ -216,6 +216,51 @@ def test_heartbeats_and_status_update_reported_state(rig: Rig) -> None:
     assert (state["last_seen"], state["reported_models"]) == (None, [])
 
 
+def test_one_batch_of_mixed_reports_keeps_desired_state(rig: Rig) -> None:
+    """A pass writes heartbeats, statuses and both at once for devices with and without a
+    report row (batched by the columns each sets); the desired state is left alone."""
+    deployment_id = rig.create()
+    rig.tick()
+    _succeed_all(rig, _by_device(rig.publisher.take()))
+    rig.tick()
+    _succeed_all(rig, _by_device(rig.publisher.take()))
+    rig.tick()
+    assert rig.read(deployment_id)["phase"] == "SUCCEEDED"
+
+    def beat(device_id: str) -> bytes:
+        return Heartbeat(
+            device_id=device_id,
+            agent_version="0.1.0",
+            uptime_s=1.0,
+            models=[
+                LoadedModel(name="m", version="1", artifact_id=rig.lab.v1[GENERIC], runtime="tvm")
+            ],
+            hardware=HardwareFacts(arch="x86_64", profile=GENERIC, cpu_count=2),
+        ).to_bytes()
+
+    def status(device_id: str, state: str) -> bytes:
+        return Status(device_id=device_id, state=state, agent_version="0.1.0").to_bytes()  # type: ignore[arg-type]
+
+    rig.executor.enqueue(protocol.heartbeat("gen-1"), beat("gen-1"))  # heartbeat only
+    rig.executor.enqueue(protocol.heartbeat("gen-2"), beat("gen-2"))  # heartbeat, then
+    rig.executor.enqueue(protocol.status("gen-2"), status("gen-2", "offline"))  # offline
+    rig.executor.enqueue(protocol.status("pi-1"), status("pi-1", "online"))  # status only
+    rig.executor.enqueue(protocol.status("nobody"), status("nobody", "online"))  # unregistered
+    rig.tick()
+    states = {
+        d: rig.client.get(f"/devices/{d}/state", headers=rig.lab.org.headers).json()
+        for d in ("gen-1", "gen-2", "pi-1")
+    }
+    assert states["gen-1"]["online"] is True and states["gen-1"]["in_sync"] is True
+    assert states["gen-1"]["desired_models"] == {"m": rig.lab.v1[GENERIC]}
+    assert states["gen-2"]["online"] is False  # the status came after the heartbeat
+    assert states["gen-2"]["reported_models"][0]["artifact_id"] == rig.lab.v1[GENERIC]
+    assert states["gen-2"]["desired_models"] == {"m": rig.lab.v1[GENERIC]}
+    assert states["pi-1"]["online"] is True and states["pi-1"]["reported_models"] == []
+    assert all(s["last_seen"] is not None for s in states.values())
+    assert rig.client.get("/devices/nobody/state", headers=rig.lab.org.headers).status_code == 404
+
+
 def test_failed_canary_aborts_and_touches_no_other_device(rig: Rig) -> None:
     deployment_id = rig.create()
     rig.tick()
