@@ -703,7 +703,12 @@ class Agent:
             chunks_done=chunks[0] if chunks else None,
             chunks_total=chunks[1] if chunks else None,
         )
-        self.link.publish(protocol.jobs_update(self.device_id), update.to_bytes())
+        # Progress (QUEUED, IN_PROGRESS) at QoS 0: informational, superseded by the next one,
+        # and half the packets of a QoS 1 exchange for the fleet and the broker; the end of a
+        # job (and its repeat for a job already finished) at QoS 1, so it is never lost.
+        self.link.publish(
+            protocol.jobs_update(self.device_id), update.to_bytes(), qos=1 if state.terminal else 0
+        )
 
     def heartbeat_payload(self) -> protocol.Heartbeat:
         """The heartbeat as it would be sent now."""

@@ -12,8 +12,8 @@ For each N (100 and 1,000 by default), in one run, with a private Mosquitto
   paho MQTT 5 connections, each authenticated as its own registered device user (the ACL lets
   a device read only its own topics), all driven by one selector loop. Each publishes a
   retained ``online`` Status, subscribes to its ``jobs/notify`` and answers every
-  ``JobNotify`` with ``JobUpdate`` IN_PROGRESS then SUCCEEDED at once. The artifact is
-  trivial: a real signed bundle is uploaded, but the simulated agents do NOT download,
+  ``JobNotify`` with ``JobUpdate`` IN_PROGRESS (QoS 0) then SUCCEEDED (QoS 1) at once. The
+  artifact is trivial: a real signed bundle is uploaded, but the simulated agents do NOT download,
   verify or activate it (no responder runs) and send no heartbeats.
 * **rollouts**: ``POST /deployments`` to the group of N devices, once per policy of
   ``POLICIES`` (a new artifact each time): ``canary`` (canary 1 %, then one wave of the
@@ -162,8 +162,11 @@ class Worker:
                 artifact_id=notify.artifact_id,
                 state=state,
             )
+            # As the agent does (docs/protocol.md): progress at QoS 0, the end at QoS 1.
             client.publish(
-                protocol.jobs_update(device_id), update.model_dump_json().encode(), qos=1
+                protocol.jobs_update(device_id),
+                update.model_dump_json().encode(),
+                qos=1 if state.terminal else 0,
             )
         self.jobs_done += 1
         self.last_success = time.time()

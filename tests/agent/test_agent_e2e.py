@@ -3,8 +3,10 @@ pulls chunks → verifies → swaps → serves OIP; and everything that must go 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,11 +76,16 @@ def test_full_path_with_tritonclient(
     agent = _agent(agents, fleet, tmp_path)
     agent.start()
     v1 = _put(fleet, artifacts.v1)
-    fleet.deploy("dev-1", v1, job_id="job-v1")
-    done = fleet.wait("job-v1", ("SUCCEEDED", "FAILED"))
-    assert done.state == "SUCCEEDED", (done.reason, agent.log())
+    with _qos_recorder(fleet, protocol.jobs_update("dev-1")) as delivered:
+        fleet.deploy("dev-1", v1, job_id="job-v1")
+        done = fleet.wait("job-v1", ("SUCCEEDED", "FAILED"))
+        assert done.state == "SUCCEEDED", (done.reason, agent.log())
+        time.sleep(0.2)
     steps = [u.step for u in fleet.watcher.updates("job-v1")]  # type: ignore[union-attr]
     assert {"downloading", "verifying", "activating", "health_check"} <= set(steps)
+    # Progress at QoS 0, the end of the job at QoS 1 (subscribed at QoS 1: delivered as sent).
+    assert ("SUCCEEDED", 1) in delivered and ("IN_PROGRESS", 0) in delivered, delivered
+    assert {qos for state, qos in delivered if state in ("QUEUED", "IN_PROGRESS")} == {0}
     client = httpclient.InferenceServerClient(url=f"127.0.0.1:{agent.http_port}")
     assert client.is_server_live() and client.is_model_ready("mlp")
     for binary in (False, True):
@@ -274,6 +281,29 @@ def _message(fleet: Fleet, topic: str, timeout: float = 15.0) -> dict[str, Any]:
     assert got, f"no message on {topic}"
     data: dict[str, Any] = json.loads(got[-1])
     return data
+
+
+@contextlib.contextmanager
+def _qos_recorder(fleet: Fleet, topic: str) -> Iterator[list[tuple[str, int]]]:
+    """(state, QoS) of every JobUpdate delivered on ``topic`` to a QoS 1 subscription."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    got: list[tuple[str, int]] = []
+    subscribed = threading.Event()
+    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.username_pw_set("fleet", fleet.passwords["fleet"])
+    client.on_message = lambda c, u, m: got.append((json.loads(m.payload)["state"], m.qos))
+    client.on_subscribe = lambda *_: subscribed.set()
+    client.connect("127.0.0.1", fleet.broker.port)
+    client.subscribe(topic, qos=1)
+    client.loop_start()
+    try:
+        assert subscribed.wait(10), f"not subscribed to {topic}"
+        yield got
+    finally:
+        client.loop_stop()
+        client.disconnect()
 
 
 def _status(fleet: Fleet, device: str) -> dict[str, Any]:
