@@ -93,7 +93,10 @@ class ProgressTracker:
     The runner reports each trial it measured (``measured``); the measure callback reports
     each finished batch with its candidate count (``batch_done``), which also counts the
     candidates that failed to build and so never reached the runner. ``finish`` reports the
-    total even when the search ran out of distinct candidates before the budget.
+    total even when the search ran out of distinct candidates before the budget. Until then
+    the count stops one short of the total: MetaSchedule goes on searching and building after
+    the last trial it counts (2 minutes after 40 of 40 small_cnn trials on a 2-vCPU box;
+    10 minutes after 264 of mobilenet_v2's), and a full bar would say tuning is over.
     """
 
     def __init__(self, planned: int, callback: ProgressFn) -> None:
@@ -105,8 +108,8 @@ class ProgressTracker:
 
     @property
     def done(self) -> int:
-        """Trials finished so far (at most ``planned``)."""
-        return min(self.planned, self._committed + self._in_batch)
+        """Trials finished so far (at most ``planned - 1`` before ``finish``)."""
+        return max(0, min(self.planned - 1, self._committed + self._in_batch))
 
     def _report(self, value: int) -> None:
         if value > self._reported:

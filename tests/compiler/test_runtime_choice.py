@@ -210,8 +210,8 @@ def _events(planned: int, events: list[tuple[str, int]]) -> list[tuple[int, int]
         (4, [("m", 1), ("m", 1), ("m", 1), ("b", 4)], [(0, 4), (1, 4), (2, 4), (3, 4), (4, 4)]),
         # the search ran out of candidates: finish still ends at the total
         (10, [("m", 1), ("m", 1), ("b", 2)], [(0, 10), (1, 10), (2, 10), (10, 10)]),
-        # more measured than planned never passes the total
-        (2, [("m", 3), ("b", 3)], [(0, 2), (2, 2)]),
+        # more measured than planned: one short of the total until tuning has returned
+        (2, [("m", 3), ("b", 3)], [(0, 2), (1, 2), (2, 2)]),
         # no events: start and finish
         (5, [], [(0, 5), (5, 5)]),
     ],
@@ -222,6 +222,17 @@ def test_progress_sequence(
     seen = _events(planned, events)
     assert seen == expected
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_progress_waits_one_short_until_tuning_returns() -> None:
+    seen: list[int] = []
+    tracker = ProgressTracker(3, lambda done, _total: seen.append(done))
+    tracker.start()
+    tracker.measured(3)
+    tracker.batch_done(3)  # every trial counted, MetaSchedule still searching and building
+    assert (seen[-1], tracker.done) == (2, 2)
+    tracker.finish()
+    assert seen == [0, 2, 3]
 
 
 # ---------------------------------------------------------------- settings and options
