@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from compiler import bundle
 from compiler.signing import generate_keys, load_private_key, load_public_key
+from fleet import credentials
 from fleet.broker import MosquittoProcess
 
 PASSWORDS = {"fleet": "fleet-pw", "responder": "responder-pw", "dev-a": "a-pw", "dev-b": "b-pw"}
@@ -105,3 +106,24 @@ def make_bundle(tmp_path: Path, keys: Keys) -> BundleFactory:
 def signed_bundle(make_bundle: BundleFactory) -> Path:
     """One sealed 3 MB bundle signed with ``keys``."""
     return make_bundle()
+
+
+@pytest.fixture()
+def scrypt_calls(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
+    """Counts scrypt checks (``credentials.verify_secret``) since the last look; they still run."""
+    calls = 0
+    real = credentials.verify_secret
+
+    def counting(secret: str, stored: str) -> bool:
+        nonlocal calls
+        calls += 1
+        return real(secret, stored)
+
+    monkeypatch.setattr(credentials, "verify_secret", counting)
+
+    def taken() -> int:
+        nonlocal calls
+        count, calls = calls, 0
+        return count
+
+    return taken

@@ -13,27 +13,6 @@ from fleet.key_cache import VerifiedKeyCache
 Counter = Callable[[], int]
 
 
-@pytest.fixture()
-def scrypt_calls(monkeypatch: pytest.MonkeyPatch) -> Counter:
-    """Counts calls of ``credentials.verify_secret`` (the scrypt check), still doing them."""
-    calls = 0
-    real = credentials.verify_secret
-
-    def counting(secret: str, stored: str) -> bool:
-        nonlocal calls
-        calls += 1
-        return real(secret, stored)
-
-    monkeypatch.setattr(credentials, "verify_secret", counting)
-
-    def taken() -> int:
-        nonlocal calls
-        count, calls = calls, 0
-        return count
-
-    return taken
-
-
 SECRET = credentials.new_secret()
 HASH = credentials.hash_secret(SECRET)
 

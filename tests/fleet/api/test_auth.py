@@ -208,27 +208,6 @@ def test_two_organizations_do_not_share_keys(client: TestClient, make_org: OrgFa
 # ---------------------------------------------------------------- the verified-key cache
 
 
-@pytest.fixture()
-def scrypt_calls(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
-    """Counts scrypt checks (``credentials.verify_secret``) since the last look; they still run."""
-    calls = 0
-    real = credentials.verify_secret
-
-    def counting(secret: str, stored: str) -> bool:
-        nonlocal calls
-        calls += 1
-        return real(secret, stored)
-
-    monkeypatch.setattr(credentials, "verify_secret", counting)
-
-    def taken() -> int:
-        nonlocal calls
-        count, calls = calls, 0
-        return count
-
-    return taken
-
-
 def _set_key(app: FastAPI, key_id: str, **values: object) -> None:
     """Change the key's row behind the API's back (as another API process would)."""
     with Session(app.state.engine) as session:
