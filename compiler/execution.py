@@ -194,6 +194,28 @@ class ExecutionResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _run_child(
+    argv: list[str], env: dict[str, str] | None, timeout: float, what: str, work: Path
+) -> dict[str, Any]:
+    """Run a runner child that answers in ``work/result.json``; its failures as BuildFailedError.
+
+    ``what`` starts every message ("executing the artifact (natively)"): a timeout, a
+    non-zero exit (with the last lines of its stderr) and a missing or unreadable result.
+    """
+    try:
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        raise BuildFailedError(f"{what} timed out after {timeout} s") from err
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
+        raise BuildFailedError(f"{what} failed with exit code {proc.returncode}:\n{tail}")
+    try:
+        result: dict[str, Any] = json.loads((work / "result.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise BuildFailedError(f"{what} left no readable result.json: {err}") from err
+    return result
+
+
 def run_library(
     library: Path,
     samples: Sequence[Sequence[npt.NDArray[Any]]],
@@ -260,19 +282,7 @@ def run_library(
             argv, env = armv7_runner_command(host.armv7_runner, work)
             env.update(thread_env)
             timeout = _TIMEOUT_EMULATED_S
-        try:
-            proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired as err:
-            raise BuildFailedError(
-                f"executing the artifact ({plan.where}) timed out after {timeout} s"
-            ) from err
-        if proc.returncode != 0:
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
-            raise BuildFailedError(
-                f"executing the artifact ({plan.where}) failed "
-                f"with exit code {proc.returncode}:\n{tail}"
-            )
-        result = json.loads((work / "result.json").read_text(encoding="utf-8"))
+        result = _run_child(argv, env, timeout, f"executing the artifact ({plan.where})", work)
         outputs = [
             [np.load(work / f"s{k}_out{j}.npy") for j in range(result["num_outputs"])]
             for k in range(len(samples))
@@ -353,23 +363,7 @@ def run_onnxruntime(
         for i, arr in enumerate(sample):
             np.save(work / f"s0_in{i}.npy", np.ascontiguousarray(arr))
         argv = [sys.executable, str(ORT_RUNNER_SCRIPT), str(work)]
-        try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
-        except subprocess.TimeoutExpired as err:
-            raise BuildFailedError(
-                f"timing ONNX Runtime on {what} timed out after {timeout_s} s"
-            ) from err
-        if proc.returncode != 0:
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
-            raise BuildFailedError(
-                f"timing ONNX Runtime on {what} failed with exit code {proc.returncode}:\n{tail}"
-            )
-        try:
-            result = json.loads((work / "result.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise BuildFailedError(
-                f"timing ONNX Runtime on {what} left no readable result.json: {err}"
-            ) from err
+        result = _run_child(argv, None, timeout_s, f"timing ONNX Runtime on {what}", work)
     return OrtTiming(
         latency_ms=[float(x) for x in result["latency_ms"]],
         pid=int(result["pid"]),

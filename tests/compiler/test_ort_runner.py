@@ -175,3 +175,19 @@ def test_time_against_ort_runs_every_block_in_a_fresh_process(
     assert order == ["tvm", "ort", "ort", "tvm", "tvm", "ort"]
     assert [(len(tvm_ms), len(ort_ms)) for tvm_ms, ort_ms in rounds] == [(4, 4)] * 3
     assert len(set(ort_pids)) == 3 and os.getpid() not in ort_pids
+
+
+def test_tvm_runner_failure_names_the_artifact_run_and_the_runners_complaint(
+    tmp_path: Path,
+) -> None:
+    """run_library shares the child handling above: a library TVM cannot load is a
+    BuildFailedError that says where it ran and ends with the runner's own error."""
+    broken = tmp_path / "model.so"
+    broken.write_bytes(b"\x7fELF but not really a shared library")
+    host = execution.HostFacts(isa="x86_64", cpu_features=frozenset())
+    plan = execution.ExecutionPlan(mode="native", where="natively on x86_64")
+    with pytest.raises(BuildFailedError) as info:
+        execution.run_library(broken, [SAMPLE], plan, host, warmup=0, repeat=1)
+    message = str(info.value)
+    assert message.startswith("executing the artifact (natively on x86_64) failed with exit code")
+    assert "model.so" in message, message
