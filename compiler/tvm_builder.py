@@ -210,8 +210,29 @@ def _max_useful(context: Any) -> int | None:
     return max(1, len(spaces))
 
 
+def buffer_bytes(mod: Any) -> float:
+    """Bytes the arguments (inputs and outputs) of the task's entry function hold.
+
+    0 when a shape is not static: the budget split then goes by FLOPs alone.
+    """
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    total = 0
+    for arg in ms.arg_info.ArgInfo.from_entry_func(mod):
+        if not isinstance(arg, ms.arg_info.TensorInfo):
+            continue
+        elements = 1
+        for dim in arg.shape:
+            if not isinstance(dim, int | tvm.tirx.IntImm):
+                return 0.0
+            elements *= int(dim)
+        total += elements * tvm.runtime.DataType(str(arg.dtype)).bits // 8
+    return float(total)
+
+
 def task_costs(tasks: list[Any], contexts: list[Any]) -> list[TaskCost]:
-    """Weight, FLOPs and usable trials of each extracted task (for ``split_budget``)."""
+    """Weight, FLOPs, bytes and usable trials of each extracted task (for ``split_budget``)."""
     from tvm.s_tir.analysis import estimate_tir_flops
 
     costs = []
@@ -226,6 +247,7 @@ def task_costs(tasks: list[Any], contexts: list[Any]) -> list[TaskCost]:
                 weight=float(task.weight),
                 flops=flops,
                 max_useful=_max_useful(context),
+                bytes_moved=buffer_bytes(task.dispatched[0]),
             )
         )
     return costs

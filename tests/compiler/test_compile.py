@@ -573,6 +573,31 @@ def test_weight_prepack_build_runs_and_matches_onnxruntime(model_dir: Path, tmp_
     assert not plain.weight_prepack and plain.records_applied == 0
 
 
+def test_task_costs_count_the_bytes_each_task_moves(tmp_path: Path) -> None:
+    """The budget's roofline estimate gets each task's argument bytes from its TIR."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from compiler import tvm_builder
+    from compiler.frontends import load_model
+    from compiler.profiles import ProfileRegistry
+
+    profile = ProfileRegistry(CompilerSettings().profile_roots()).get("generic/x86_64")
+    target = tvm.target.Target(tvm_builder.effective_target(profile))
+    relax_mod = load_model(models.export_onnx("mlp", tmp_path / "mlp.onnx")).to_relax()
+    tasks = ms.relax_integration.extract_tasks(tvm_builder._prepare(relax_mod, target), target)
+    contexts, _weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        tasks, work_dir=str(tmp_path / "ms"), num_threads=1
+    )
+    moved = {c.name: c.bytes_moved for c in tvm_builder.task_costs(tasks, contexts)}
+    # 32-64-64-10 MLP, float32: input, weight, bias and output of each layer.
+    assert moved == {
+        "fused_matmul_add_relu": 4.0 * (32 + 32 * 64 + 64 + 64),
+        "fused_matmul1_add_tir_tanh": 4.0 * (64 + 64 * 64 + 64 + 64),
+        "fused_matmul2_add1": 4.0 * (64 + 64 * 10 + 10 + 10),
+    }
+
+
 def test_importing_the_runner_leaves_the_environment_alone() -> None:
     """The agent imports VmCaller from the runner script; that must not make every later
     subprocess (MetaSchedule's workers, the cloud worker) load runtime-only TVM."""

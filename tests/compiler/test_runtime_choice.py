@@ -10,7 +10,7 @@ import yaml
 
 from compiler.profiles import HardwareProfile, parse_profile
 from compiler.runtime_choice import decide_runtime, plan_threads
-from compiler.tuning_plan import ProgressTracker, TaskCost, split_budget
+from compiler.tuning_plan import FLOPS_PER_BYTE, ProgressTracker, TaskCost, split_budget
 
 ROOT = Path(__file__).resolve().parents[2] / "hw-profiles"
 
@@ -121,8 +121,15 @@ def test_decide_runtime_rejects(
 # ---------------------------------------------------------------- trial budget
 
 
-def _t(name: str, flops: float, *, weight: float = 1, useful: int | None = None) -> TaskCost:
-    return TaskCost(name=name, weight=weight, flops=flops, max_useful=useful)
+def _t(
+    name: str,
+    flops: float,
+    *,
+    weight: float = 1,
+    useful: int | None = None,
+    nbytes: float = 0.0,
+) -> TaskCost:
+    return TaskCost(name=name, weight=weight, flops=flops, max_useful=useful, bytes_moved=nbytes)
 
 
 @pytest.mark.parametrize(
@@ -130,6 +137,10 @@ def _t(name: str, flops: float, *, weight: float = 1, useful: int | None = None)
     [
         # proportional to FLOPs
         ([_t("conv", 300), _t("dense", 100)], 82, 64, [61, 21]),
+        # roofline: a memory-bound task counts FLOPS_PER_BYTE (4) FLOPs per byte it moves
+        ([_t("conv", 300, nbytes=10), _t("pool", 5, nbytes=25)], 82, 64, [61, 21]),
+        # ... and a compute-bound one by its FLOPs, whatever its bytes
+        ([_t("conv", 300, nbytes=75), _t("dense", 100)], 82, 64, [61, 21]),
         # weight multiplies FLOPs: a layer used twice counts twice
         ([_t("a", 100, weight=2), _t("b", 200)], 42, 64, [21, 21]),
         # a task with one possible schedule (reshape) gets exactly one trial
@@ -181,6 +192,12 @@ def test_split_budget_spends_the_whole_budget_when_it_can() -> None:
 def test_split_budget_rejects(total: int, per_task: int, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         split_budget([_t("a", 1)], total, max_trials_per_task=per_task)
+
+
+def test_task_score_is_the_roofline_estimate() -> None:
+    assert _t("pool", 8_192, nbytes=163_840).score == FLOPS_PER_BYTE * 163_840
+    assert _t("conv", 9.4e6, nbytes=344_576, weight=2).score == 2 * 9.4e6
+    assert _t("odd", -5, nbytes=-1, weight=-1).score == 0.0
 
 
 # ---------------------------------------------------------------- tuning progress
