@@ -213,6 +213,7 @@ class Options:
     verbose: int
     quick: bool
     weight_prepack: bool = False
+    max_trials_per_task: int | None = None  # None: the profile's
 
 
 def _say(message: str) -> None:
@@ -253,6 +254,9 @@ def bench_model(
 
     settings = CompilerSettings()
     profile = ProfileRegistry(settings.profile_roots()).get(profile_name)
+    if opts.max_trials_per_task is not None:
+        cap = {"max_trials_per_task": opts.max_trials_per_task}
+        profile = profile.model_copy(update={"tuning": profile.tuning.model_copy(update=cap)})
     host = execution.detect_host(cache_dir=settings.cache_dir)
     plan = execution.plan_execution(profile, host)
     trials = opts.trials[spec.name]
@@ -584,6 +588,14 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "repeatable). Defaults: " + ", ".join(f"{k}={v}" for k, v in DEFAULT_TRIALS.items()),
     )
     parser.add_argument(
+        "--max-trials-per-task",
+        type=int,
+        default=None,
+        metavar="N",
+        help="most trials one task may get (default: the profile's tuning.max_trials_per_task); "
+        "a big convolution keeps improving for several hundred",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help=f"{', '.join(QUICK_MODELS)} only (unless --models), few trials, "
@@ -687,6 +699,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         )
     if args.threads < 1 or args.rounds < 1:
         parser.error("--threads and --rounds must be at least 1")
+    if args.max_trials_per_task is not None and args.max_trials_per_task < 1:
+        parser.error(f"--max-trials-per-task {args.max_trials_per_task}: must be at least 1")
     return Options(
         models=tuple(models),
         profiles=tuple(args.profiles),
@@ -707,6 +721,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         verbose=args.verbose,
         quick=args.quick,
         weight_prepack=args.weight_prepack,
+        max_trials_per_task=args.max_trials_per_task,
     )
 
 
