@@ -58,8 +58,8 @@ MODEL_NAMES = ("mobilenet_v2", "resnet18", "small_cnn", "mlp")
 # tasks (33 / 19 / 9 / 3) by weight x max(FLOPs, 4 x bytes), at most the profile's
 # max_trials_per_task (512 for x86) each and one for tasks with a single schedule
 # (compiler/tuning_plan.py), so the big convolutions get most of them. These defaults keep a
-# full run under an hour; the target needs far more (docs/benchmarks.md). Each task costs 15-30 s of search and builds on 2 shared
-# cores besides its trials (docs/benchmarks.md).
+# full run under an hour; the target needs far more. Each task costs 15-30 s of search and
+# builds on 2 shared cores besides its trials (docs/benchmarks.md).
 DEFAULT_TRIALS = {"mobilenet_v2": 264, "resnet18": 304, "small_cnn": 144, "mlp": 96}
 QUICK_MODELS = ("small_cnn", "mlp")
 QUICK_TRIALS = {"mobilenet_v2": 66, "resnet18": 38, "small_cnn": 72, "mlp": 48}
