@@ -14,7 +14,7 @@ Budget rule (``split_budget``, also in docs/toolchain.md):
    bytes)``, a roofline estimate of the task's part of the model's time (``weight`` = how
    often its workload occurs in the model; ``bytes`` = what its buffers hold, read and
    written once at least). By FLOPs alone, memory-bound tasks starved: small_cnn's pools and
-   its 2048x256 dense layer got 1-2 and 24 of 200 trials while taking 35 % of its time. It is
+   its 2048x256 dense layer got 1-2 and 24 of 200 trials while taking a quarter of its time. It is
    water-filled: a task that reaches its cap hands its surplus to the others, and budget
    nobody can use is left unspent. Whole trials by largest remainder, ties to the earlier task.
 """
