@@ -213,7 +213,7 @@ class Options:
     json_out: Path | None
     verbose: int
     quick: bool
-    weight_prepack: bool = False
+    weight_prepack: bool | None = None  # None: build_library's default (on when tuning)
     max_trials_per_task: int | None = None  # None: the profile's
 
 
@@ -653,9 +653,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     )
     parser.add_argument(
         "--weight-prepack",
-        action="store_true",
-        help="tuned build with build_library(weight_prepack=True): tuning picks the weights' "
-        "layout, folded at compile time (its own tuning records; off by default)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="tuned build with tuning picking the weights' layout, folded at compile time "
+        "(build_library's default when tuning; its own tuning records); --no-weight-prepack "
+        "for the plain layouts",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(

@@ -191,10 +191,11 @@ def keys_generate(output_dir: Path | None, force: bool) -> None:
     help="Persistent tuning database directory (default: $EDGELOOP_CACHE_DIR/tuning).",
 )
 @click.option(
-    "--weight-prepack",
-    is_flag=True,
+    "--weight-prepack/--no-weight-prepack",
+    default=None,
     help="Let tuning choose the weights' memory layout, rewritten once at build time (CPU "
-    "profiles built natively; needs --trials > 0; faster dense layers, sometimes slower convs).",
+    "profiles built natively; --weight-prepack needs --trials > 0). Default: on when tuning, "
+    "or when the tuning database covers every task of a prepacked build.",
 )
 @click.option(
     "--runtime",
@@ -248,7 +249,7 @@ def compile_command(
     output: Path,
     trials: int | None,
     tuning_db: Path | None,
-    weight_prepack: bool,
+    weight_prepack: bool | None,
     runtime: str,
     input_shapes: tuple[str, ...],
     calibration_data: Path | None,

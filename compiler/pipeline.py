@@ -73,7 +73,8 @@ class CompileRequest:
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     calibration_data: Path | None = None
     eval_data: Path | None = None  # NPU profiles: int8 accuracy inputs (compiler/npu/data.py)
-    weight_prepack: bool = False  # tuning picks the weights' layout (compiler/tvm_builder.py)
+    # Tuning picks the weights' layout (compiler/tvm_builder.py); None: wherever it can apply.
+    weight_prepack: bool | None = None
     samples: int | None = None
     signing_key: Path | None = None
     force: bool = False
@@ -293,7 +294,7 @@ def compile_model(
             f"{profile.isa} code cannot be timed on this machine ({plan.reason or plan.where}); "
             "compile with --trials 0 here, or tune on a machine of that kind"
         )
-    if req.weight_prepack and trials == 0:
+    if req.weight_prepack is True and trials == 0:
         raise UsageError(
             "--weight-prepack needs tuning (the layouts come from MetaSchedule's records); "
             "give --trials N with N > 0"

@@ -48,7 +48,7 @@ from compiler.errors import BuildFailedError, CompilerError, UsageError
 from compiler.manifest import canonical_json
 from compiler.profiles import HardwareProfile
 from compiler.runtime_choice import set_tvm_threads
-from compiler.tuning_plan import ProgressTracker, TaskCost, split_budget
+from compiler.tuning_plan import ProgressTracker, TaskCost, choose_weight_prepack, split_budget
 
 log = logging.getLogger(__name__)
 # Called with (trials finished, trials planned) while tuning.
@@ -372,6 +372,21 @@ def _apply_database(mod: Any, target: Any, db_dir: Path, stats: TuningStats) -> 
         return relax.transform.MetaScheduleApplyDatabase(str(db_dir))(mod)
 
 
+def _records_cover(mod: Any, target: Any, db_dir: Path) -> bool:
+    """Whether the database in ``db_dir`` has a record for every task of ``mod``."""
+    records = db_dir / "database_tuning_record.json"
+    if not records.is_file() or records.stat().st_size == 0:
+        return False  # the common case of a fresh database: no task extraction
+    from tvm.s_tir import meta_schedule as ms
+
+    database = ms.database.JSONDatabase(work_dir=str(db_dir))
+    tasks = ms.relax_integration.extract_tasks(mod, target)
+    return bool(tasks) and all(
+        database.query_tuning_record(t.dispatched[0], target, t.task_name) is not None
+        for t in tasks
+    )
+
+
 def _record_json(record: Any) -> Any:
     """A tuning record as plain JSON (for the database digest).
 
@@ -423,7 +438,7 @@ def build_library(
     tuning_db: Path | None,
     progress: TuningProgress | None = None,
     runner_threads: int | None = None,
-    weight_prepack: bool = False,
+    weight_prepack: bool | None = None,
 ) -> TuningStats:
     """Compile ``relax_mod`` for ``profile`` into the shared library ``out_path``.
 
@@ -434,7 +449,9 @@ def build_library(
     ``weight_prepack`` lets tuning choose the weights' memory layout, rewritten once at
     compile time (CPU profiles without a cross compiler and with a tuning database only,
     since the rewrite runs on this machine; ignored otherwise). Its tasks differ from those
-    of a plain build, so it tunes and reuses records of its own.
+    of a plain build, so it tunes and reuses records of its own. None (the default) turns it
+    on where it can take effect (``tuning_plan.choose_weight_prepack``): when tuning, or when
+    the database already covers every task of a prepacked build.
 
     CUDA profiles tune too (``trials > 0``) when TVM sees a CUDA device here to measure on
     (unverified on hardware); records for the target are applied in any case, and dlight's
@@ -458,19 +475,32 @@ def build_library(
             "a CUDA GPU on this machine to measure on, and TVM sees none; compile with "
             "--trials 0 (TVM's default GPU schedules) here"
         )
-    prepack = weight_prepack and not gpu and not profile.cross_compiler and tuning_db is not None
-    stats.weight_prepack = prepack
+    eligible = not gpu and not profile.cross_compiler and tuning_db is not None
+    db_dir = tuning_db / target_key(target_dict) if tuning_db is not None else None
     with _fast_inspect.installed():
+        prepacked: list[Any] = []  # the prepacked module, once prepared for the records check
+
+        def records_cover() -> bool:
+            assert tuning_db is not None and db_dir is not None  # eligible: has a database
+            prepacked.append(_prepare(relax_mod, target, weight_prepack=True))
+            with _locked(tuning_db):
+                return _records_cover(prepacked[0], target, db_dir)
+
         try:
-            mod = _prepare(relax_mod, target, weight_prepack=prepack)
+            prepack = choose_weight_prepack(
+                weight_prepack, trials=trials, eligible=eligible, records_cover=records_cover
+            )
+            if prepack and prepacked:
+                mod = prepacked[0]
+            else:
+                mod = _prepare(relax_mod, target, weight_prepack=prepack)
         except Exception as err:
             raise BuildFailedError(
                 f"TVM could not lower the model for {profile.name}: {err}"
             ) from err
-        if tuning_db is not None:
-            key = target_key(target_dict)
-            stats.target_key = key
-            db_dir = tuning_db / key
+        stats.weight_prepack = prepack
+        if tuning_db is not None and db_dir is not None:
+            stats.target_key = db_dir.name
             with _locked(tuning_db):
                 db_dir.mkdir(parents=True, exist_ok=True)
                 (db_dir / "target.json").write_text(

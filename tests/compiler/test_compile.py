@@ -566,11 +566,27 @@ def test_weight_prepack_build_runs_and_matches_onnxruntime(model_dir: Path, tmp_
         model.to_relax(), profile, out_path=lib, trials=6, tuning_db=db, weight_prepack=True
     )
     assert again.new_trials == 0 and again.database_digest == first.database_digest
+    # By default a --trials 0 rebuild takes the prepacked build the database covers.
+    rebuilt = build_library(
+        model.to_relax(), profile, out_path=tmp_path / "rebuilt.so", trials=0, tuning_db=db
+    )
+    assert rebuilt.weight_prepack and rebuilt.new_trials == 0
+    assert rebuilt.records_applied == rebuilt.tasks_total == first.tasks_total
     # A plain build's tasks are different workloads: the prepacked records do not serve it.
     plain = build_library(
-        model.to_relax(), profile, out_path=tmp_path / "plain.so", trials=0, tuning_db=db
+        model.to_relax(),
+        profile,
+        out_path=tmp_path / "plain.so",
+        trials=0,
+        tuning_db=db,
+        weight_prepack=False,
     )
     assert not plain.weight_prepack and plain.records_applied == 0
+    # Nor do they cover a model with other layers: its default build stays plain.
+    other = load_model(models.export_onnx("cnn", tmp_path / "cnn.onnx"))
+    assert not build_library(
+        other.to_relax(), profile, out_path=tmp_path / "cnn.so", trials=0, tuning_db=db
+    ).weight_prepack
 
 
 def test_task_costs_count_the_bytes_each_task_moves(tmp_path: Path) -> None:

@@ -10,7 +10,13 @@ import yaml
 
 from compiler.profiles import HardwareProfile, parse_profile
 from compiler.runtime_choice import decide_runtime, plan_threads
-from compiler.tuning_plan import FLOPS_PER_BYTE, ProgressTracker, TaskCost, split_budget
+from compiler.tuning_plan import (
+    FLOPS_PER_BYTE,
+    ProgressTracker,
+    TaskCost,
+    choose_weight_prepack,
+    split_budget,
+)
 
 ROOT = Path(__file__).resolve().parents[2] / "hw-profiles"
 
@@ -192,6 +198,42 @@ def test_split_budget_spends_the_whole_budget_when_it_can() -> None:
 def test_split_budget_rejects(total: int, per_task: int, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         split_budget([_t("a", 1)], total, max_trials_per_task=per_task)
+
+
+@pytest.mark.parametrize(
+    ("requested", "trials", "eligible", "covered", "expected", "checks_records"),
+    [
+        # The default: on whenever it can take effect.
+        (None, 64, True, False, True, False),  # tuning: prepacked tasks get the records
+        (None, 0, True, True, True, True),  # a --trials 0 rebuild after a prepacked tuning
+        (None, 0, True, False, False, True),  # no prepacked records: the plain build
+        (None, 64, False, True, False, False),  # cross-compiled, GPU or no database
+        # An explicit choice wins where the build allows it.
+        (True, 0, True, False, True, False),
+        (True, 64, False, True, False, False),
+        (False, 64, True, True, False, False),
+        (False, 0, True, True, False, False),
+    ],
+)
+def test_choose_weight_prepack(
+    requested: bool | None,
+    trials: int,
+    eligible: bool,
+    covered: bool,
+    expected: bool,
+    checks_records: bool,
+) -> None:
+    asked: list[bool] = []
+
+    def records_cover() -> bool:
+        asked.append(True)
+        return covered
+
+    got = choose_weight_prepack(
+        requested, trials=trials, eligible=eligible, records_cover=records_cover
+    )
+    assert got is expected
+    assert bool(asked) is checks_records  # the database is read only when it decides
 
 
 def test_task_score_is_the_roofline_estimate() -> None:
