@@ -271,11 +271,7 @@ def _tune(
     database = ms.database.JSONDatabase(work_dir=str(db_dir))
     tasks = ms.relax_integration.extract_tasks(mod, target)
     stats.tasks_total = len(tasks)
-    missing = [
-        t
-        for t in tasks
-        if database.query_tuning_record(t.dispatched[0], target, t.task_name) is None
-    ]
+    missing = _unrecorded(database, tasks, target)
     stats.tasks_reused = stats.tasks_total - len(missing)
     if trials <= 0 or not missing:
         stats.untuned_tasks = [t.task_name for t in missing]
@@ -348,11 +344,7 @@ def _tune(
     tracker.finish()
     stats.tasks_tuned = len(missing)
     stats.new_trials = len(database) - before
-    stats.untuned_tasks = [
-        t.task_name
-        for t in missing
-        if database.query_tuning_record(t.dispatched[0], target, t.task_name) is None
-    ]
+    stats.untuned_tasks = [t.task_name for t in _unrecorded(database, missing, target)]
 
 
 def _apply_database(mod: Any, target: Any, db_dir: Path, stats: TuningStats) -> Any:
@@ -381,10 +373,16 @@ def _records_cover(mod: Any, target: Any, db_dir: Path) -> bool:
 
     database = ms.database.JSONDatabase(work_dir=str(db_dir))
     tasks = ms.relax_integration.extract_tasks(mod, target)
-    return bool(tasks) and all(
-        database.query_tuning_record(t.dispatched[0], target, t.task_name) is not None
+    return bool(tasks) and not _unrecorded(database, tasks, target)
+
+
+def _unrecorded(database: Any, tasks: list[Any], target: Any) -> list[Any]:
+    """The extracted ``tasks`` that have no record in ``database`` for ``target``."""
+    return [
+        t
         for t in tasks
-    )
+        if database.query_tuning_record(t.dispatched[0], target, t.task_name) is None
+    ]
 
 
 def _record_json(record: Any) -> Any:
@@ -478,22 +476,22 @@ def build_library(
     eligible = not gpu and not profile.cross_compiler and tuning_db is not None
     db_dir = tuning_db / target_key(target_dict) if tuning_db is not None else None
     with _fast_inspect.installed():
-        prepacked: list[Any] = []  # the prepacked module, once prepared for the records check
+
+        @functools.cache
+        def prepared(prepacked: bool) -> Any:  # the records check may prepare it first
+            return _prepare(relax_mod, target, weight_prepack=prepacked)
 
         def records_cover() -> bool:
             assert tuning_db is not None and db_dir is not None  # eligible: has a database
-            prepacked.append(_prepare(relax_mod, target, weight_prepack=True))
+            mod = prepared(True)
             with _locked(tuning_db):
-                return _records_cover(prepacked[0], target, db_dir)
+                return _records_cover(mod, target, db_dir)
 
         try:
             prepack = choose_weight_prepack(
                 weight_prepack, trials=trials, eligible=eligible, records_cover=records_cover
             )
-            if prepack and prepacked:
-                mod = prepacked[0]
-            else:
-                mod = _prepare(relax_mod, target, weight_prepack=prepack)
+            mod = prepared(prepack)
         except Exception as err:
             raise BuildFailedError(
                 f"TVM could not lower the model for {profile.name}: {err}"
