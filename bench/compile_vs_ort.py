@@ -64,6 +64,7 @@ DEFAULT_TRIALS = {"mobilenet_v2": 264, "resnet18": 304, "small_cnn": 144, "mlp":
 QUICK_MODELS = ("small_cnn", "mlp")
 QUICK_TRIALS = {"mobilenet_v2": 66, "resnet18": 38, "small_cnn": 72, "mlp": 48}
 DEFAULT_PROFILES = ("generic/x86_64",)
+TARGET_RATIO = 0.8  # issue 2: tuned TVM <= 0.8x ORT
 
 log = logging.getLogger("bench")
 
@@ -112,6 +113,7 @@ class ModelResult:
     round_ratios: list[float] = field(default_factory=list)
     round_medians_ms: list[dict[str, float]] = field(default_factory=list)
     max_abs_diff_vs_ort: float | None = None
+    multiply_adds: int | None = None
     shipped_runtime: str | None = None
     shipped_reason: str | None = None
     shipped_error: str | None = None
@@ -127,6 +129,17 @@ class ModelResult:
         if not which.runs_ms or not self.ort.runs_ms:
             return None
         return min(which.runs_ms) / min(self.ort.runs_ms)
+
+    def gmacs(self, which: Measurement) -> float | None:
+        """G multiply-adds per second at ``which``'s median latency."""
+        ms = which.median_ms
+        return self.multiply_adds / ms / 1e6 if self.multiply_adds and ms else None
+
+    @property
+    def target_gmacs(self) -> float | None:
+        """The throughput TVM would need to run at ``TARGET_RATIO`` x ORT's median latency."""
+        ort = self.gmacs(self.ort)
+        return ort / TARGET_RATIO if ort is not None else None
 
     @property
     def shipped(self) -> Measurement:
@@ -152,6 +165,11 @@ class ModelResult:
             "median_of_round_ratios": _round(
                 statistics.median(self.round_ratios) if self.round_ratios else None
             ),
+        }
+        data["gmacs_per_s"] = {
+            "tvm_tuned": _round(self.gmacs(self.tvm_tuned), 1),
+            "ort": _round(self.gmacs(self.ort), 1),
+            "needed_for_target": _round(self.target_gmacs, 1),
         }
         return data
 
@@ -244,7 +262,7 @@ def bench_model(
     default_threads: int,
 ) -> ModelResult:
     """Build, tune and time one model for one profile (see module docstring)."""
-    from bench.models import export_onnx
+    from bench.models import export_onnx, multiply_adds
     from compiler import execution
     from compiler.accuracy import make_inputs
     from compiler.errors import CompilerError
@@ -268,6 +286,7 @@ def bench_model(
         profile=profile_name,
         trials_requested=trials,
         tvm_default_threads=default_threads,
+        multiply_adds=multiply_adds(spec),
     )
     if plan.mode != "native":
         result.error = f"cannot run natively here: {plan.reason}"
@@ -395,11 +414,17 @@ def _fmt_ms(m: Measurement) -> str:
     return f"{value:.3f}" if value < 10 else f"{value:.1f}"
 
 
+def _fmt_gmacs(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}" if value >= 10 else f"{value:.1f}"
+
+
 def _fmt_ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
-def print_table(results: Sequence[ModelResult], opts: Options) -> None:
+def print_table(
+    results: Sequence[ModelResult], opts: Options, *, sgemm_gmacs: float | None = None
+) -> None:
     """The results table (stdout), then any errors in full."""
     from rich.console import Console
     from rich.table import Table
@@ -411,7 +436,15 @@ def print_table(results: Sequence[ModelResult], opts: Options) -> None:
         "(medians; 'min' = fastest runs; 'default thr' = the tuned library without "
         f"TVM_NUM_THREADS, i.e. {default_threads} thread(s)): < 1 means TVM is faster. "
         "Both runtimes run in a fresh child process per block. "
-        "'shipped' = the runtime edgeloop compile --runtime auto chose.",
+        "'shipped' = the runtime edgeloop compile --runtime auto chose. "
+        "GMAC/s: the model's multiply-adds per second at the median latency; 'for target': "
+        f"what tuned TVM would need for {TARGET_RATIO}x ORT"
+        + (
+            f", against this machine's fp32 SGEMM at {sgemm_gmacs:.0f} GMAC/s "
+            f"({opts.threads} thread(s), torch 2048x2048)."
+            if sgemm_gmacs
+            else "."
+        ),
     )
     headers = (
         "model",
@@ -428,6 +461,7 @@ def print_table(results: Sequence[ModelResult], opts: Options) -> None:
         "tuned ÷ORT default thr",
         "shipped",
         "shipped ÷ORT",
+        "GMAC/s tuned / ORT / for target",
     )
     for name in headers:
         left = name in ("model", "profile", "shipped")
@@ -435,7 +469,7 @@ def print_table(results: Sequence[ModelResult], opts: Options) -> None:
     for r in results:
         shape = "x".join(map(str, r.input_shape))
         if r.error:
-            table.add_row(r.model, shape, r.profile, *(["-"] * 9), "error", "-")
+            table.add_row(r.model, shape, r.profile, *(["-"] * 9), "error", "-", "-")
             continue
         trials = f"{r.tuning.get('new_trials', 0)}/{r.tuning.get('tasks_total', 0)}"
         untuned_count = len(r.tuning.get("untuned_tasks", []))
@@ -456,6 +490,9 @@ def print_table(results: Sequence[ModelResult], opts: Options) -> None:
             _fmt_ratio(r.ratio(r.tvm_tuned_default_threads)),
             r.shipped_runtime or ("error" if r.shipped_error else "-"),
             _fmt_ratio(r.ratio(r.shipped)),
+            " / ".join(
+                _fmt_gmacs(v) for v in (r.gmacs(r.tvm_tuned), r.gmacs(r.ort), r.target_gmacs)
+            ),
         )
     Console(width=220).print(table)
     for r in results:
@@ -496,13 +533,14 @@ def environment(opts: Options) -> dict[str, Any]:
 
 def run(opts: Options) -> list[ModelResult]:
     """Run the benchmark for every model and profile; prints the table, returns results."""
-    from bench.models import model_specs
+    from bench.models import model_specs, sgemm_gmacs
     from compiler.signing import generate_keys
 
     specs = model_specs(image_size=opts.image_size)
     env = environment(opts)
     default_threads = tvm_default_threads()
     env["tvm_default_threads"] = default_threads
+    env["sgemm_gmacs"] = round(sgemm_gmacs(opts.threads), 1)
     _say(
         f"{env['cpu']}, {env['logical_cpus']} CPUs, load average {env['load_average_start']}; "
         f"TVM and ORT use {opts.threads} thread(s) (TVM's own default here: {default_threads})"
@@ -545,7 +583,7 @@ def run(opts: Options) -> list[ModelResult]:
                     )
     env["load_average_end"] = list(os.getloadavg())
     env["total_wall_s"] = round(time.monotonic() - start, 1)
-    print_table(results, opts)
+    print_table(results, opts, sgemm_gmacs=env["sgemm_gmacs"])
     print(
         f"total wall time {env['total_wall_s']:.0f} s; load average {env['load_average_start']} "
         f"at start, {env['load_average_end']} at end"

@@ -9,6 +9,7 @@ ONNX exporter folds it into the convolution in eval mode, as it would for a trai
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -207,3 +208,55 @@ def export_onnx(spec: ModelSpec, path: str, *, seed: int = 0) -> None:
             dynamo=False,
             opset_version=17,
         )
+
+
+def multiply_adds(spec: ModelSpec) -> int:
+    """Multiply-adds of one forward pass of ``spec``'s model: its convolutions and linear layers.
+
+    Counted from the output shapes that forward hooks see (a convolution: output elements x
+    input channels per group x kernel area; a linear layer: output elements x input
+    features); pools, activations and additions are left out, as they are in the usual
+    "GMACs" of these networks (ResNet-18 at 224: 1.8 G).
+    """
+    total = 0
+
+    def count(module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            total += output.numel() * (module.in_channels // module.groups) * kh * kw
+        elif isinstance(module, nn.Linear):
+            total += output.numel() * module.in_features
+
+    model = spec.factory().eval()
+    hooks = [m.register_forward_hook(count) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(*spec.input_shape))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total
+
+
+def sgemm_gmacs(threads: int, *, size: int = 2048, runs: int = 5) -> float:
+    """This machine's fp32 matrix-multiply throughput (G multiply-adds/s) with ``threads``.
+
+    torch's ``size`` x ``size`` SGEMM, best of ``runs`` after one warm-up: a practical
+    ceiling for fp32 convolutions and dense layers on this CPU, to read a runtime's GMAC/s
+    against (a model's layers are smaller GEMMs and rarely get closer to the peak).
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a = torch.rand(size, size)
+        b = torch.rand(size, size)
+        torch.mm(a, b)
+        best = float("inf")
+        for _ in range(runs):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous)
+    return size**3 / best / 1e9
