@@ -191,6 +191,13 @@ def keys_generate(output_dir: Path | None, force: bool) -> None:
     help="Persistent tuning database directory (default: $EDGELOOP_CACHE_DIR/tuning).",
 )
 @click.option(
+    "--retune",
+    is_flag=True,
+    help="Continue an earlier tuning: share --trials over every task of the model, those "
+    "with records in the tuning database too (without it, recorded tasks are reused as they "
+    "are and a fully recorded model tunes nothing).",
+)
+@click.option(
     "--weight-prepack/--no-weight-prepack",
     default=None,
     help="Let tuning choose the weights' memory layout, rewritten once at build time (CPU "
@@ -249,6 +256,7 @@ def compile_command(
     output: Path,
     trials: int | None,
     tuning_db: Path | None,
+    retune: bool,
     weight_prepack: bool | None,
     runtime: str,
     input_shapes: tuple[str, ...],
@@ -273,6 +281,7 @@ def compile_command(
         model_version=model_version,
         trials=trials,
         tuning_db=tuning_db,
+        retune=retune,
         weight_prepack=weight_prepack,
         runtime=runtime,
         input_shapes=parse_input_shapes(input_shapes),

@@ -75,6 +75,8 @@ class CompileRequest:
     eval_data: Path | None = None  # NPU profiles: int8 accuracy inputs (compiler/npu/data.py)
     # Tuning picks the weights' layout (compiler/tvm_builder.py); None: wherever it can apply.
     weight_prepack: bool | None = None
+    # Tune recorded tasks too: continue an earlier tuning (build_library's ``retune``).
+    retune: bool = False
     samples: int | None = None
     signing_key: Path | None = None
     force: bool = False
@@ -294,6 +296,11 @@ def compile_model(
             f"{profile.isa} code cannot be timed on this machine ({plan.reason or plan.where}); "
             "compile with --trials 0 here, or tune on a machine of that kind"
         )
+    if req.retune and trials == 0:
+        raise UsageError(
+            "--retune continues tuning with new trials; give --trials N with N > 0 "
+            "(--trials 0 applies the records as they are)"
+        )
     if req.weight_prepack is True and trials == 0:
         raise UsageError(
             "--weight-prepack needs tuning (the layouts come from MetaSchedule's records); "
@@ -314,6 +321,7 @@ def compile_model(
                 progress=tuning_progress,
                 runner_threads=threads.count,
                 weight_prepack=req.weight_prepack,
+                retune=req.retune,
             )
             report["tuning"] = tuning.to_dict()
             report["static_checks"] = _static_checks(staging / LIBRARY_FILE, profile)

@@ -76,6 +76,8 @@ class TuningStats:
     runner_threads: int | None = None
     # Weights laid out for the tuned schedules at compile time (``build_library``).
     weight_prepack: bool = False
+    # Recorded tasks were tuned further (``build_library(retune=True)``).
+    retune: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -264,8 +266,13 @@ def _tune(
     stats: TuningStats,
     runner_threads: int | None,
     cuda_arch: str | None = None,
+    retune: bool = False,
 ) -> None:
-    """Tune the tasks of ``mod`` that have no record; ``cuda_arch`` for CUDA targets."""
+    """Tune the tasks of ``mod`` that have no record; ``cuda_arch`` for CUDA targets.
+
+    ``retune`` tunes the recorded tasks too (see ``build_library``), except those whose
+    design space is already measured in full.
+    """
     from tvm.s_tir import meta_schedule as ms
 
     database = ms.database.JSONDatabase(work_dir=str(db_dir))
@@ -273,15 +280,12 @@ def _tune(
     stats.tasks_total = len(tasks)
     missing = _unrecorded(database, tasks, target)
     stats.tasks_reused = stats.tasks_total - len(missing)
+    if retune and trials > 0:
+        stats.retune = True
+        missing = list(tasks)
     if trials <= 0 or not missing:
         stats.untuned_tasks = [t.task_name for t in missing]
         return
-    if trials < len(missing):
-        log.warning(
-            "--trials %d is below the %d tasks that need tuning; giving each 1 trial",
-            trials,
-            len(missing),
-        )
     # MetaSchedule's console handler writes to *stdout* at its logger's level, which would
     # corrupt --json output; keep it quiet unless edgeloop itself was asked to be verbose.
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(
@@ -291,6 +295,23 @@ def _tune(
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         missing, work_dir=str(db_dir), num_threads="physical"
     )
+    if retune:
+        keep = [
+            i
+            for i, (task, context) in enumerate(zip(missing, contexts, strict=True))
+            if not _fully_measured(database, task.dispatched[0], context)
+        ]
+        missing = [missing[i] for i in keep]
+        contexts = [contexts[i] for i in keep]
+        weights = [weights[i] for i in keep]
+        if not missing:
+            return
+    if trials < len(missing):
+        log.warning(
+            "--trials %d is below the %d tasks that need tuning; giving each 1 trial",
+            trials,
+            len(missing),
+        )
     costs = task_costs(missing, contexts)
     budgets = split_budget(costs, trials, max_trials_per_task=max_trials_per_task)
     stats.budget = [{**asdict(c), "trials": b} for c, b in zip(costs, budgets, strict=True)]
@@ -385,6 +406,19 @@ def _unrecorded(database: Any, tasks: list[Any], target: Any) -> list[Any]:
     ]
 
 
+def _fully_measured(database: Any, mod: Any, context: Any) -> bool:
+    """Whether every distinct schedule of a task has a record (nothing left to find).
+
+    Only tasks whose design spaces hold no sampling decision (``reshape``, elementwise ops)
+    can be; their candidates are the design spaces themselves.
+    """
+    useful = _max_useful(context)
+    if useful is None or not database.has_workload(mod):
+        return False
+    workload = database.commit_workload(mod)
+    return len(database.get_top_k(workload, useful)) >= useful
+
+
 def _record_json(record: Any) -> Any:
     """A tuning record as plain JSON (for the database digest).
 
@@ -437,6 +471,7 @@ def build_library(
     progress: TuningProgress | None = None,
     runner_threads: int | None = None,
     weight_prepack: bool | None = None,
+    retune: bool = False,
 ) -> TuningStats:
     """Compile ``relax_mod`` for ``profile`` into the shared library ``out_path``.
 
@@ -454,6 +489,12 @@ def build_library(
     CUDA profiles tune too (``trials > 0``) when TVM sees a CUDA device here to measure on
     (unverified on hardware); records for the target are applied in any case, and dlight's
     default schedules cover what they do not.
+
+    ``retune`` continues an earlier tuning: the ``trials`` are shared over every task of the
+    model, recorded ones included (MetaSchedule's evolutionary search starts from their best
+    records, and the fastest record of a task is what a build applies), instead of over the
+    tasks without a record only. Tasks whose few distinct schedules are all measured are left
+    out. Without it a model whose tasks are all recorded tunes nothing.
 
     Raises:
         UsageError: tuning asked for a CUDA target and TVM sees no CUDA device here.
@@ -515,6 +556,7 @@ def build_library(
                     # CUDA candidates run on the GPU; TVM's CPU threads only launch them.
                     runner_threads=None if gpu else runner_threads,
                     cuda_arch=cuda_arch,
+                    retune=retune,
                 )
                 mod = _apply_database(mod, target, db_dir, stats)
             if prepack:

@@ -223,7 +223,30 @@ def test_tuning_database_is_reused(model_dir: Path, signing_key: Path, tmp_path:
     assert third["tasks_reused"] >= 1 and third["new_trials"] == 0
     manifest = json.loads((tmp_path / "second" / "manifest.json").read_text())
     assert manifest["tuning"]["database_digest"] == first["database_digest"]
-    assert len(list((db).glob("*/database_tuning_record.json"))) == 1
+    (records,) = db.glob("*/database_tuning_record.json")
+    before = len(records.read_text().splitlines())
+
+    # --retune continues the search on the recorded tasks: the database only grows, and a task
+    # whose few schedules are all measured already is left out.
+    retuned = compile_model(
+        CompileRequest(
+            model=model_dir / "mlp.onnx",
+            profile="generic/x86_64",
+            output=tmp_path / "retuned",
+            trials=8,
+            tuning_db=db,
+            retune=True,
+        ),
+        settings=settings,
+    ).report["tuning"]
+    assert retuned["retune"] and retuned["tasks_reused"] == retuned["tasks_total"]
+    tuned_again = {b["name"] for b in retuned["budget"]}
+    searchable = {b["name"] for b in first["budget"] if b["max_useful"] is None}
+    assert searchable and searchable <= tuned_again <= {b["name"] for b in first["budget"]}
+    assert retuned["tasks_tuned"] == len(tuned_again) and retuned["trials_planned"] == 8
+    assert retuned["new_trials"] > 0
+    assert len(records.read_text().splitlines()) == before + retuned["new_trials"]
+    assert retuned["records_applied"] == retuned["tasks_total"] and not retuned["untuned_tasks"]
 
 
 def _strict_profiles(tmp_path: Path) -> Path:
@@ -404,6 +427,11 @@ def test_dynamic_shape_needs_input_shape(
             ["--profile", "generic/x86_64", "--trials", "0", "--weight-prepack"],
             2,
             "--weight-prepack needs tuning",
+        ),
+        (
+            ["--profile", "generic/x86_64", "--trials", "0", "--retune"],
+            2,
+            "--retune continues tuning with new trials; give --trials N with N > 0",
         ),
         (
             ["--profile", "raspberry-pi/4b-aarch64", "--trials", "8"],
