@@ -233,6 +233,7 @@ class Options:
     quick: bool
     weight_prepack: bool | None = None  # None: build_library's default (on when tuning)
     max_trials_per_task: int | None = None  # None: the profile's
+    retune: bool = False  # tune the --tuning-db's recorded tasks further (staged tuning)
 
 
 def _say(message: str) -> None:
@@ -324,6 +325,7 @@ def bench_model(
             progress=_progress_printer(f"{spec.name} / {profile_name}"),
             runner_threads=opts.threads,
             weight_prepack=opts.weight_prepack,
+            retune=opts.retune,
         )
         result.tuning = stats.to_dict()
         _say(
@@ -697,6 +699,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "(build_library's default when tuning; its own tuning records); --no-weight-prepack "
         "for the plain layouts",
     )
+    parser.add_argument(
+        "--retune",
+        action="store_true",
+        help="with --tuning-db: spend --trials on every task again, recorded ones included "
+        "(continue an earlier run's tuning in stages; edgeloop compile --retune)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--json",
@@ -738,6 +746,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
             f"--work-dir {args.work_dir} already holds a tuning-db; pass --tuning-db "
             f"{args.work_dir / 'tuning-db'} to reuse it, or choose an empty directory"
         )
+    if args.retune and args.tuning_db is None:
+        parser.error("--retune continues the tuning in --tuning-db DIR; give that directory")
     if args.threads < 1 or args.rounds < 1:
         parser.error("--threads and --rounds must be at least 1")
     if args.max_trials_per_task is not None and args.max_trials_per_task < 1:
@@ -763,6 +773,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         quick=args.quick,
         weight_prepack=args.weight_prepack,
         max_trials_per_task=args.max_trials_per_task,
+        retune=args.retune,
     )
 
 
