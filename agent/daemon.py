@@ -337,7 +337,13 @@ class Agent:
                 timeout=self.settings.transfer.chunk_timeout_s,
             )
             if request is not None:
-                self.link.publish(protocol.artifacts_req(self.device_id), request.to_bytes())
+                # QoS 0: a request is idempotent and re-sent on chunk timeout and on reconnect
+                # (in_flight is cleared then), so QoS 1 would add nothing but a PUBACK, and
+                # after a broker outage paho would replay the queued requests as stale
+                # duplicates that each cost a whole chunk (docs/protocol.md).
+                self.link.publish(
+                    protocol.artifacts_req(self.device_id), request.to_bytes(), qos=0
+                )
             transfer = self.active.download.transfer
             if transfer.retries > self.settings.transfer.max_retries:
                 self._end(
