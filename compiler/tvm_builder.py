@@ -295,15 +295,17 @@ def _tune(
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         missing, work_dir=str(db_dir), num_threads="physical"
     )
+    costs = task_costs(missing, contexts)
     if retune:
         keep = [
             i
-            for i, (task, context) in enumerate(zip(missing, contexts, strict=True))
-            if not _fully_measured(database, task.dispatched[0], context)
+            for i, (task, cost) in enumerate(zip(missing, costs, strict=True))
+            if not _fully_measured(database, task.dispatched[0], cost.max_useful)
         ]
         missing = [missing[i] for i in keep]
         contexts = [contexts[i] for i in keep]
         weights = [weights[i] for i in keep]
+        costs = [costs[i] for i in keep]
         if not missing:
             return
     if trials < len(missing):
@@ -312,7 +314,6 @@ def _tune(
             trials,
             len(missing),
         )
-    costs = task_costs(missing, contexts)
     budgets = split_budget(costs, trials, max_trials_per_task=max_trials_per_task)
     stats.budget = [{**asdict(c), "trials": b} for c, b in zip(costs, budgets, strict=True)]
     planned = sum(budgets)
@@ -406,13 +407,13 @@ def _unrecorded(database: Any, tasks: list[Any], target: Any) -> list[Any]:
     ]
 
 
-def _fully_measured(database: Any, mod: Any, context: Any) -> bool:
-    """Whether every distinct schedule of a task has a record (nothing left to find).
+def _fully_measured(database: Any, mod: Any, useful: int | None) -> bool:
+    """Whether every distinct schedule of the task ``mod`` has a record (nothing left to find).
 
-    Only tasks whose design spaces hold no sampling decision (``reshape``, elementwise ops)
-    can be; their candidates are the design spaces themselves.
+    ``useful`` is its count of distinct schedules (``_max_useful``; None: unbounded). Only
+    tasks whose design spaces hold no sampling decision (``reshape``, elementwise ops) have
+    one; their candidates are the design spaces themselves.
     """
-    useful = _max_useful(context)
     if useful is None or not database.has_workload(mod):
         return False
     workload = database.commit_workload(mod)
