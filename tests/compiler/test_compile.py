@@ -174,7 +174,7 @@ def test_tuning_database_is_reused(model_dir: Path, signing_key: Path, tmp_path:
     db = tmp_path / "tuning-db"
     progress: list[tuple[int, int]] = []
 
-    def run(name: str, model: Path, trials: int) -> dict[str, Any]:
+    def run(name: str, model: Path, trials: int, **request: Any) -> dict[str, Any]:
         result = compile_model(
             CompileRequest(
                 model=model,
@@ -182,6 +182,7 @@ def test_tuning_database_is_reused(model_dir: Path, signing_key: Path, tmp_path:
                 output=tmp_path / name,
                 trials=trials,
                 tuning_db=db,
+                **request,
             ),
             settings=settings,
             tuning_progress=lambda done, total: progress.append((done, total)),
@@ -209,17 +210,7 @@ def test_tuning_database_is_reused(model_dir: Path, signing_key: Path, tmp_path:
     assert progress == []  # nothing tuned, no bar
     assert second["database_digest"] == first["database_digest"]
     # The dynamic-batch export pinned to batch 1 is a different file with the same layers.
-    third = compile_model(
-        CompileRequest(
-            model=model_dir / "mlp_dynamic.onnx",
-            profile="generic/x86_64",
-            output=tmp_path / "third",
-            trials=0,
-            tuning_db=db,
-            input_shapes={"input": [1, 32]},
-        ),
-        settings=settings,
-    ).report["tuning"]
+    third = run("third", model_dir / "mlp_dynamic.onnx", 0, input_shapes={"input": [1, 32]})
     assert third["tasks_reused"] >= 1 and third["new_trials"] == 0
     manifest = json.loads((tmp_path / "second" / "manifest.json").read_text())
     assert manifest["tuning"]["database_digest"] == first["database_digest"]
@@ -228,17 +219,7 @@ def test_tuning_database_is_reused(model_dir: Path, signing_key: Path, tmp_path:
 
     # --retune continues the search on the recorded tasks: the database only grows, and a task
     # whose few schedules are all measured already is left out.
-    retuned = compile_model(
-        CompileRequest(
-            model=model_dir / "mlp.onnx",
-            profile="generic/x86_64",
-            output=tmp_path / "retuned",
-            trials=8,
-            tuning_db=db,
-            retune=True,
-        ),
-        settings=settings,
-    ).report["tuning"]
+    retuned = run("retuned", model_dir / "mlp.onnx", 8, retune=True)
     assert retuned["retune"] and retuned["tasks_reused"] == retuned["tasks_total"]
     tuned_again = {b["name"] for b in retuned["budget"]}
     searchable = {b["name"] for b in first["budget"] if b["max_useful"] is None}
