@@ -127,6 +127,25 @@ def split_budget(tasks: Sequence[TaskCost], total: int, *, max_trials_per_task: 
     return budget
 
 
+def warm_start_sample(costs: Sequence[float], cap: int) -> list[int]:
+    """Indices of one workload's records to train the cost model on before tuning.
+
+    All of them up to ``cap``; above it, ``cap`` records spread evenly over the ranking by
+    cost (the fastest and the slowest always included), so the model sees good and bad
+    schedules of the workload in their proportions, the same ones on every run.
+
+    Raises:
+        ValueError: ``cap`` is below 2 (the fastest and the slowest).
+    """
+    if cap < 2:
+        raise ValueError(f"warm-start cap {cap} must be at least 2")
+    ranked = sorted(range(len(costs)), key=lambda i: (costs[i], i))
+    if len(ranked) <= cap:
+        return ranked
+    last = len(ranked) - 1
+    return [ranked[round(k * last / (cap - 1))] for k in range(cap)]
+
+
 class ProgressTracker:
     """Turns tuning events into a monotone ``(done, planned)`` sequence ending at ``planned``.
 

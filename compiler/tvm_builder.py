@@ -17,7 +17,8 @@ shares a layer with it reuses that layer's record.
 Tuning budget and progress are planned by the pure ``compiler.tuning_plan``: trials go to
 tasks by weight x FLOPs, tasks with one possible schedule get one trial, and tasks with the
 same budget are tuned together (MetaSchedule takes one per-task limit per call) with one
-shared cost model. MetaSchedule's runner measures on ``runner_threads`` TVM threads.
+shared cost model, trained on the database's records before the first trial
+(``_warm_start``). MetaSchedule's runner measures on ``runner_threads`` TVM threads.
 
 CUDA targets (unverified on hardware: no GPU has run this path yet) take the same
 database, keyed the same way: tasks are extracted from the model *before* TVM's default
@@ -36,6 +37,7 @@ import functools
 import hashlib
 import json
 import logging
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -48,13 +50,21 @@ from compiler.errors import BuildFailedError, CompilerError, UsageError
 from compiler.manifest import canonical_json
 from compiler.profiles import HardwareProfile
 from compiler.runtime_choice import set_tvm_threads
-from compiler.tuning_plan import ProgressTracker, TaskCost, choose_weight_prepack, split_budget
+from compiler.tuning_plan import (
+    ProgressTracker,
+    TaskCost,
+    choose_weight_prepack,
+    split_budget,
+    warm_start_sample,
+)
 
 log = logging.getLogger(__name__)
 # Called with (trials finished, trials planned) while tuning.
 TuningProgress = Callable[[int, int], None]
 BUILDER_TIMEOUT_S = 180
 RUNNER_TIMEOUT_S = 60
+# Records per workload the cost model is trained on before tuning (``_warm_start``).
+WARM_START_PER_WORKLOAD = 64
 
 
 @dataclass
@@ -78,6 +88,8 @@ class TuningStats:
     weight_prepack: bool = False
     # Recorded tasks were tuned further (``build_library(retune=True)``).
     retune: bool = False
+    # Database records the cost model was trained on before the first trial (``_warm_start``).
+    warm_start_records: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -340,6 +352,9 @@ def _tune(
     cost_model = ms.cost_model.CostModel.create(
         "xgb", num_tuning_cores=contexts[0].num_threads, tree_method="auto"
     )
+    stats.warm_start_records = _warm_start(
+        cost_model, database, target, num_threads=contexts[0].num_threads
+    )
     # MetaSchedule takes one per-task limit per call: tune tasks with equal budgets together,
     # largest first, sharing the database, the workers and the cost model.
     groups: dict[int, list[int]] = {}
@@ -367,6 +382,60 @@ def _tune(
     stats.tasks_tuned = len(missing)
     stats.new_trials = len(database) - before
     stats.untuned_tasks = [t.task_name for t in _unrecorded(database, missing, target)]
+
+
+def _warm_start(cost_model: Any, database: Any, target: Any, *, num_threads: int) -> int:
+    """Train ``cost_model`` on the records ``database`` already holds; returns how many.
+
+    MetaSchedule's XGBoost model starts empty on every run: it picks its first 100
+    candidates at random and learns only from this run's measurements, which left the many
+    tasks a model's budget gives one search iteration with near-random schedules
+    (docs/benchmarks.md). The database's records are measurements of this very target (it
+    is the target's directory), of this model's tasks on a ``--retune`` and of other
+    models' layers otherwise; the model's features are per buffer store, so what it learns
+    on one convolution ranks the candidates of another. Up to ``WARM_START_PER_WORKLOAD``
+    per workload (``warm_start_sample``), each workload one group of the model (its costs
+    are normalized within the workload, as MetaSchedule does).
+    """
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.utils import shash2hex
+
+    start = time.monotonic()
+    groups: dict[str, list[Any]] = {}
+    for record in database.get_all_tuning_records():
+        groups.setdefault(shash2hex(record.workload.mod), []).append(record)
+    trained = 0
+    for records in groups.values():
+        costs = [_median_secs(r.run_secs) for r in records]
+        chosen = [records[i] for i in warm_start_sample(costs, WARM_START_PER_WORKLOAD)]
+        context = ms.TuneContext(
+            mod=chosen[0].workload.mod,
+            target=target,
+            task_name="warm-start",
+            num_threads=num_threads,
+        )
+        try:
+            candidates = [r.as_measure_candidate() for r in chosen]
+        except Exception as err:  # a record this TVM cannot replay: learn from the others
+            log.debug("warm start skips a workload whose records do not replay: %s", err)
+            continue
+        results = [ms.runner.RunnerResult(run_secs=r.run_secs, error_msg=None) for r in chosen]
+        cost_model.update(context, candidates, results)
+        trained += len(chosen)
+    if trained:
+        log.info(
+            "cost model trained on %d records of %d workloads in %.1f s",
+            trained,
+            len(groups),
+            time.monotonic() - start,
+        )
+    return trained
+
+
+def _median_secs(run_secs: Any) -> float:
+    """A record's cost as MetaSchedule's XGBoost model takes it (failed runs: 1e10 s)."""
+    secs = [float(s) for s in run_secs or []]
+    return float(statistics.median(secs)) if secs else 1e10
 
 
 def _apply_database(mod: Any, target: Any, db_dir: Path, stats: TuningStats) -> Any:

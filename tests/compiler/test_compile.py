@@ -192,6 +192,7 @@ def test_tuning_database_is_reused(model_dir: Path, signing_key: Path, tmp_path:
     first = run("first", model_dir / "mlp.onnx", 12)
     assert first["new_trials"] > 0 and first["tasks_tuned"] == first["tasks_total"] > 0
     assert first["records_applied"] == first["tasks_total"]
+    assert first["warm_start_records"] == 0  # an empty database teaches the cost model nothing
     # The budget follows the roofline estimate: the 64x64 layer gets the most trials.
     budget = {b["name"]: b["trials"] for b in first["budget"]}
     assert sum(budget.values()) == first["trials_planned"] == 12
@@ -225,6 +226,8 @@ def test_tuning_database_is_reused(model_dir: Path, signing_key: Path, tmp_path:
     searchable = {b["name"] for b in first["budget"] if b["max_useful"] is None}
     assert searchable and searchable <= tuned_again <= {b["name"] for b in first["budget"]}
     assert retuned["tasks_tuned"] == len(tuned_again) and retuned["trials_planned"] == 8
+    # Its cost model starts trained on every record there (each workload is under the cap).
+    assert retuned["warm_start_records"] == before
     assert retuned["new_trials"] > 0
     assert len(records.read_text().splitlines()) == before + retuned["new_trials"]
     assert retuned["records_applied"] == retuned["tasks_total"] and not retuned["untuned_tasks"]

@@ -16,6 +16,7 @@ from compiler.tuning_plan import (
     TaskCost,
     choose_weight_prepack,
     split_budget,
+    warm_start_sample,
 )
 
 ROOT = Path(__file__).resolve().parents[2] / "hw-profiles"
@@ -198,6 +199,35 @@ def test_split_budget_spends_the_whole_budget_when_it_can() -> None:
 def test_split_budget_rejects(total: int, per_task: int, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         split_budget([_t("a", 1)], total, max_trials_per_task=per_task)
+
+
+@pytest.mark.parametrize(
+    ("costs", "cap", "expected"),
+    [
+        ([], 4, []),
+        ([3.0, 1.0, 2.0], 4, [1, 2, 0]),  # under the cap: all, fastest first
+        ([2.0, 2.0, 1.0], 3, [2, 0, 1]),  # ties keep the database order
+        # over the cap: evenly over the ranking, the fastest (index 7) and slowest (0) in
+        ([8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0], 2, [7, 0]),
+        ([8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0], 4, [7, 5, 2, 0]),
+        ([1e10, 0.5, 1e10, 0.25], 4, [3, 1, 0, 2]),  # failed runs (1e10 s) rank last
+    ],
+)
+def test_warm_start_sample(costs: list[float], cap: int, expected: list[int]) -> None:
+    assert warm_start_sample(costs, cap) == expected
+
+
+def test_warm_start_sample_spreads_without_repeats() -> None:
+    costs = [float((i * 37) % 101) for i in range(500)]
+    picked = warm_start_sample(costs, 64)
+    assert len(set(picked)) == 64
+    ranks = sorted(range(500), key=lambda i: (costs[i], i))
+    assert picked[0] == ranks[0] and picked[-1] == ranks[-1]
+
+
+def test_warm_start_sample_rejects_a_cap_below_two() -> None:
+    with pytest.raises(ValueError, match="warm-start cap 1 must be at least 2"):
+        warm_start_sample([1.0, 2.0, 3.0], 1)
 
 
 @pytest.mark.parametrize(
