@@ -234,6 +234,7 @@ class Options:
     weight_prepack: bool | None = None  # None: build_library's default (on when tuning)
     max_trials_per_task: int | None = None  # None: the profile's
     retune: bool = False  # tune the --tuning-db's recorded tasks further (staged tuning)
+    fuse_blocks: bool | None = None  # None: build_library's default (on for x86-64 CPUs)
 
 
 def _say(message: str) -> None:
@@ -307,7 +308,14 @@ def bench_model(
         _say(f"{spec.name} / {profile_name}: untuned build")
         start = time.monotonic()
         untuned_lib = model_dir / "untuned.so"
-        build_library(model.to_relax(), profile, out_path=untuned_lib, trials=0, tuning_db=None)
+        build_library(
+            model.to_relax(),
+            profile,
+            out_path=untuned_lib,
+            trials=0,
+            tuning_db=None,
+            fuse_blocks=opts.fuse_blocks,
+        )
         result.untuned_build_s = round(time.monotonic() - start, 1)
         untuned = execution.run_library(
             untuned_lib, [sample], plan, host, warmup=1, repeat=opts.untuned_repeat
@@ -326,6 +334,7 @@ def bench_model(
             runner_threads=opts.threads,
             weight_prepack=opts.weight_prepack,
             retune=opts.retune,
+            fuse_blocks=opts.fuse_blocks,
         )
         result.tuning = stats.to_dict()
         _say(
@@ -398,6 +407,7 @@ def bench_model(
             force=True,
             seed=opts.seed,
             latency_repeat=opts.repeat,
+            fuse_blocks=opts.fuse_blocks,
         )
         try:
             with tvm_threads(opts.threads):
@@ -700,6 +710,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "for the plain layouts",
     )
     parser.add_argument(
+        "--fuse-blocks",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="inverted-residual blocks as fused hand-scheduled kernels in both TVM builds "
+        "(build_library's default on x86-64); --no-fuse-blocks for MetaSchedule's kernels only",
+    )
+    parser.add_argument(
         "--retune",
         action="store_true",
         help="with --tuning-db: spend --trials on every task again, recorded ones included "
@@ -774,6 +791,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         weight_prepack=args.weight_prepack,
         max_trials_per_task=args.max_trials_per_task,
         retune=args.retune,
+        fuse_blocks=args.fuse_blocks,
     )
 
 

@@ -205,6 +205,13 @@ def keys_generate(output_dir: Path | None, force: bool) -> None:
     "or when the tuning database covers every task of a prepacked build.",
 )
 @click.option(
+    "--fuse-blocks/--no-fuse-blocks",
+    default=None,
+    help="Compute MobileNetV2-style inverted-residual blocks (1x1, 3x3 depthwise, 1x1; "
+    "stride 1, 28 pixels wide or more) as one hand-scheduled kernel each, untuned. "
+    "Default: on for x86-64 CPU profiles.",
+)
+@click.option(
     "--runtime",
     type=str,
     default="auto",
@@ -258,6 +265,7 @@ def compile_command(
     tuning_db: Path | None,
     retune: bool,
     weight_prepack: bool | None,
+    fuse_blocks: bool | None,
     runtime: str,
     input_shapes: tuple[str, ...],
     calibration_data: Path | None,
@@ -283,6 +291,7 @@ def compile_command(
         tuning_db=tuning_db,
         retune=retune,
         weight_prepack=weight_prepack,
+        fuse_blocks=fuse_blocks,
         runtime=runtime,
         input_shapes=parse_input_shapes(input_shapes),
         calibration_data=calibration_data,

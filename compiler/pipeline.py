@@ -77,6 +77,8 @@ class CompileRequest:
     weight_prepack: bool | None = None
     # Tune recorded tasks too: continue an earlier tuning (build_library's ``retune``).
     retune: bool = False
+    # Inverted-residual blocks as fused kernels (compiler/tvm_fusion.py); None: x86-64 CPUs.
+    fuse_blocks: bool | None = None
     samples: int | None = None
     signing_key: Path | None = None
     force: bool = False
@@ -306,6 +308,11 @@ def compile_model(
             "--weight-prepack needs tuning (the layouts come from MetaSchedule's records); "
             "give --trials N with N > 0"
         )
+    if req.fuse_blocks is True and profile.has_gpu:
+        raise UsageError(
+            f"--fuse-blocks for {profile.name}: the fused inverted-residual kernels are CPU "
+            "code; GPU profiles build without them (leave the option out or use a CPU profile)"
+        )
     tuning = TuningStats()
     with bundle.staging_dir(req.output, overwrite=req.force) as staging:
         build_tvm = req.runtime != "onnxruntime"
@@ -322,6 +329,7 @@ def compile_model(
                 runner_threads=threads.count,
                 weight_prepack=req.weight_prepack,
                 retune=req.retune,
+                fuse_blocks=req.fuse_blocks,
             )
             report["tuning"] = tuning.to_dict()
             report["static_checks"] = _static_checks(staging / LIBRARY_FILE, profile)

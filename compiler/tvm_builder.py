@@ -47,6 +47,7 @@ from typing import Any
 
 from compiler import _fast_inspect
 from compiler.errors import BuildFailedError, CompilerError, UsageError
+from compiler.fusion_plan import choose_block_fusion
 from compiler.manifest import canonical_json
 from compiler.profiles import HardwareProfile
 from compiler.runtime_choice import set_tvm_threads
@@ -90,6 +91,8 @@ class TuningStats:
     retune: bool = False
     # Database records the cost model was trained on before the first trial (``_warm_start``).
     warm_start_records: int = 0
+    # Inverted-residual blocks computed as one hand-scheduled kernel each (compiler.tvm_fusion).
+    fused_blocks: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -126,22 +129,42 @@ def _locked(db_root: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _prepare(mod: Any, target: Any, *, weight_prepack: bool = False) -> Any:
+def _prepare(
+    mod: Any, target: Any, *, weight_prepack: bool = False, fuse_blocks: bool = False
+) -> Any:
+    """Lower ``mod`` to TIR calls; ``fuse_blocks`` first replaces inverted-residual blocks."""
+    return _prepare_fused(mod, target, weight_prepack=weight_prepack, fuse_blocks=fuse_blocks)[0]
+
+
+def _prepare_fused(
+    mod: Any, target: Any, *, weight_prepack: bool, fuse_blocks: bool
+) -> tuple[Any, list[str]]:
+    """``_prepare``, also returning the blocks fused (``compiler.tvm_fusion``)."""
     import tvm
     from tvm import relax
 
+    fused: list[str] = []
     with target:
         mod = tvm.transform.Sequential(
             [
                 relax.transform.DecomposeOpsForInference(),
                 relax.transform.CanonicalizeBindings(),
+            ]
+        )(mod)
+        if fuse_blocks:
+            from compiler.tvm_fusion import fuse_inverted_residuals
+
+            # The ReLU6 bounds the blocks are recognized by must be constants first.
+            mod, fused = fuse_inverted_residuals(relax.transform.FoldConstant()(mod))
+        mod = tvm.transform.Sequential(
+            [
                 relax.get_pipeline("zero"),
                 # Weights (Relax constants) become layout-free buffers: MetaSchedule may then
                 # pick their layout (its RewriteLayout postprocessor), see _fold_prepacked.
                 *([relax.transform.AttachAttrLayoutFreeBuffers()] if weight_prepack else []),
             ]
         )(mod)
-    return mod
+    return mod, fused
 
 
 def _default_gpu_schedules(mod: Any, target: Any) -> Any:
@@ -288,7 +311,7 @@ def _tune(
     from tvm.s_tir import meta_schedule as ms
 
     database = ms.database.JSONDatabase(work_dir=str(db_dir))
-    tasks = ms.relax_integration.extract_tasks(mod, target)
+    tasks = _extract_tasks(mod, target)
     stats.tasks_total = len(tasks)
     missing = _unrecorded(database, tasks, target)
     stats.tasks_reused = stats.tasks_total - len(missing)
@@ -444,7 +467,7 @@ def _apply_database(mod: Any, target: Any, db_dir: Path, stats: TuningStats) -> 
 
     database = ms.database.JSONDatabase(work_dir=str(db_dir))
     records = []
-    for task in ms.relax_integration.extract_tasks(mod, target):
+    for task in _extract_tasks(mod, target):
         record = database.query_tuning_record(task.dispatched[0], target, task.task_name)
         if record is not None:
             records.append(json.dumps(_record_json(record), sort_keys=True))
@@ -455,6 +478,25 @@ def _apply_database(mod: Any, target: Any, db_dir: Path, stats: TuningStats) -> 
         return relax.transform.MetaScheduleApplyDatabase(str(db_dir))(mod)
 
 
+def _extract_tasks(mod: Any, target: Any) -> list[Any]:
+    """MetaSchedule's tuning tasks of ``mod``, less the kernels scheduled by hand.
+
+    ``compiler.tvm_fusion``'s kernels are marked ``tirx.is_scheduled``: no task to tune, no
+    record to look for (MetaSchedule's own task conversion would drop them silently, leaving
+    its lists out of step with ours).
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    return [
+        task
+        for task in ms.relax_integration.extract_tasks(mod, target)
+        if not any(
+            bool(func.attrs and func.attrs.get("tirx.is_scheduled", False))
+            for func in task.mod.functions.values()
+        )
+    ]
+
+
 def _records_cover(mod: Any, target: Any, db_dir: Path) -> bool:
     """Whether the database in ``db_dir`` has a record for every task of ``mod``."""
     records = db_dir / "database_tuning_record.json"
@@ -463,7 +505,7 @@ def _records_cover(mod: Any, target: Any, db_dir: Path) -> bool:
     from tvm.s_tir import meta_schedule as ms
 
     database = ms.database.JSONDatabase(work_dir=str(db_dir))
-    tasks = ms.relax_integration.extract_tasks(mod, target)
+    tasks = _extract_tasks(mod, target)
     return bool(tasks) and not _unrecorded(database, tasks, target)
 
 
@@ -542,6 +584,7 @@ def build_library(
     runner_threads: int | None = None,
     weight_prepack: bool | None = None,
     retune: bool = False,
+    fuse_blocks: bool | None = None,
 ) -> TuningStats:
     """Compile ``relax_mod`` for ``profile`` into the shared library ``out_path``.
 
@@ -587,10 +630,14 @@ def build_library(
     eligible = not gpu and not profile.cross_compiler and tuning_db is not None
     db_dir = tuning_db / target_key(target_dict) if tuning_db is not None else None
     with _fast_inspect.installed():
+        fuse = choose_block_fusion(fuse_blocks, gpu=gpu, isa=profile.isa)
 
         @functools.cache
+        def prepared_fused(prepacked: bool) -> tuple[Any, list[str]]:
+            return _prepare_fused(relax_mod, target, weight_prepack=prepacked, fuse_blocks=fuse)
+
         def prepared(prepacked: bool) -> Any:  # the records check may prepare it first
-            return _prepare(relax_mod, target, weight_prepack=prepacked)
+            return prepared_fused(prepacked)[0]
 
         def records_cover() -> bool:
             assert tuning_db is not None and db_dir is not None  # eligible: has a database
@@ -602,7 +649,7 @@ def build_library(
             prepack = choose_weight_prepack(
                 weight_prepack, trials=trials, eligible=eligible, records_cover=records_cover
             )
-            mod = prepared(prepack)
+            mod, stats.fused_blocks = prepared_fused(prepack)
         except Exception as err:
             raise BuildFailedError(
                 f"TVM could not lower the model for {profile.name}: {err}"

@@ -1,0 +1,142 @@
+"""Which MobileNetV2-style blocks to compute as one fused kernel, and how (pure, no TVM).
+
+An inverted-residual block (1x1 expand + ReLU6, 3x3 depthwise + ReLU6, 1x1 project, an
+optional residual add) moves its 6x expanded activations through memory twice when its
+three convolutions are separate kernels, as in ONNX Runtime and in Relax's own fusion. The
+fused kernel (``compiler.tvm_fusion``) computes the block in strips of output rows whose
+activations stay in the core's L2. Inside a strip each activation is a [channels,
+positions] matrix with positions along rows of a padded pitch, so that every stage is a
+register-blocked GEMM (or a sum of shifted vectors, the depthwise taps) along contiguous
+positions. This module sizes those strips and accumulator blocks; docs/benchmarks.md has
+the measurements behind the numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+LANES = 16  # fp32 lanes of an AVX-512 register; LLVM splits them on narrower vector ISAs
+VECTORS = 4  # vectors of positions per accumulator block
+# Per-strip activations (input rows, expanded, depthwise, projected) must fit in L2 next to
+# the weights: 2 MiB per core on the AVX-512 boxes measured.
+STRIP_BUDGET_BYTES = 1536 * 1024
+# Narrower images waste too much on the padded pitch (a 14-wide row takes 31 positions).
+MIN_WIDTH = 28
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """An inverted-residual block, batch 1, stride 1, NCHW float32."""
+
+    in_channels: int
+    expanded: int
+    out_channels: int
+    height: int
+    width: int
+
+    @property
+    def residual(self) -> bool:
+        return self.in_channels == self.out_channels
+
+    def describe(self) -> str:
+        c, m, co = self.in_channels, self.expanded, self.out_channels
+        return f"{c}->{m}->{co} at {self.height}x{self.width}"
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """Rows per strip, and channels x vectors of each stage's accumulator block."""
+
+    rows: int
+    expand_channels: int
+    depthwise_channels: int
+    project_channels: int
+    vectors: int = VECTORS
+
+
+def strip_dims(width: int, rows: int) -> tuple[int, int, int]:
+    """Row pitch, depthwise/project positions and expand positions of a strip of ``rows``.
+
+    The pitch is at least ``width + 2`` (the row and its zero-padding columns) and 31 mod
+    32, so that the depthwise stage reads exactly ``fd + 2 * pitch + 2 = fe`` expand
+    positions, a whole number of accumulator blocks: a ragged region would put a predicate
+    in the vector loops, which LLVM scalarizes (2x slower when measured). Positions past
+    the image (padding columns, rounding) are computed and thrown away.
+    """
+    if width < 1 or rows < 1:
+        raise ValueError(f"width {width} and rows {rows} must be at least 1")
+    block = VECTORS * LANES
+    pitch = width + 2 + (2 * LANES - 1 - (width + 2)) % (2 * LANES)
+    fd = -(-rows * pitch // block) * block
+    return pitch, fd, fd + 2 * pitch + 2
+
+
+def strip_bytes(shape: BlockShape, rows: int) -> int:
+    """Bytes of one strip's buffers: input rows, expanded, depthwise and projected."""
+    pitch, fd, fe = strip_dims(shape.width, rows)
+    input_rows = -(-fe // pitch) * pitch
+    return 4 * (
+        shape.in_channels * input_rows + shape.expanded * (fe + fd) + shape.out_channels * fd
+    )
+
+
+def _channel_block(channels: int, widest: int) -> int:
+    return next(b for b in (widest, 2, 1) if channels % b == 0)
+
+
+def plan_block(shape: BlockShape, *, budget_bytes: int = STRIP_BUDGET_BYTES) -> BlockConfig | None:
+    """The fused kernel's configuration for ``shape``, or None where it should not be used.
+
+    Strips: the most rows whose buffers fit ``budget_bytes``, at least two strips (two
+    cores), an even number of them where one fits (they are split evenly over the cores).
+    Accumulators: 4 channels x 4 vectors for the 1x1 stages (16 of the 32 vector registers),
+    2 x 4 for the depthwise one, whose taps need registers of their own.
+    """
+    if shape.width < MIN_WIDTH or min(shape.in_channels, shape.expanded, shape.out_channels) < 1:
+        return None
+    fitting = [
+        r
+        for r in range(1, shape.height // 2 + 1)
+        if shape.height % r == 0 and strip_bytes(shape, r) <= budget_bytes
+    ]
+    if not fitting:
+        return None
+    even = [r for r in fitting if (shape.height // r) % 2 == 0]
+    return BlockConfig(
+        rows=max(even or fitting),
+        expand_channels=_channel_block(shape.expanded, 4),
+        depthwise_channels=_channel_block(shape.expanded, 2),
+        project_channels=_channel_block(shape.out_channels, 4),
+    )
+
+
+def edge_mask(height: int, width: int, rows: int) -> npt.NDArray[np.float32]:
+    """Per strip and expand position: 1.0 inside the image, 0.0 on its zero padding.
+
+    The expand stage computes every position of a strip's padded rows; multiplying by this
+    mask after the ReLU6 gives the depthwise convolution its zero padding.
+    """
+    if height % rows:
+        raise ValueError(f"rows {rows} must divide the height {height}")
+    pitch, _, fe = strip_dims(width, rows)
+    f = np.arange(fe)
+    image_rows = np.arange(height // rows)[:, None] * rows - 1 + f // pitch
+    cols = f % pitch - 1
+    inside = (image_rows >= 0) & (image_rows < height) & (cols >= 0) & (cols < width)
+    return inside.astype(np.float32)
+
+
+def choose_block_fusion(requested: bool | None, *, gpu: bool, isa: str) -> bool:
+    """Whether a build computes inverted-residual blocks as fused kernels (``--fuse-blocks``).
+
+    ``requested`` True / False is the user's choice; None (the default) turns it on for
+    x86-64 CPU targets, where it was measured (docs/benchmarks.md). ARM targets run the
+    same kernel, untimed: on by request only. GPU targets never (CPU kernels; the caller
+    refuses an explicit request).
+    """
+    if gpu:
+        return False
+    return requested if requested is not None else isa == "x86_64"

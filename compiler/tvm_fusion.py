@@ -1,0 +1,399 @@
+"""Fused inverted-residual kernels for CPU targets: the TIR kernel and the Relax rewrite.
+
+``fuse_inverted_residuals`` finds MobileNetV2-style blocks in a Relax module (as the ONNX
+frontend imports them: a 1x1 convolution, bias add and ReLU6, a 3x3 depthwise convolution,
+bias add and ReLU6, a 1x1 convolution and bias add, optionally the residual add) and
+replaces each with one call to a hand-scheduled TIR kernel (``block_func`` + ``schedule``,
+sized by ``compiler.fusion_plan``). The kernel is marked scheduled, so MetaSchedule
+neither tunes it nor applies records to it. Written by hand because no TVM schedule rule or
+fusion pass computes one convolution inside another's loops (Relax's ``FuseOps`` puts at
+most one convolution in a kernel); docs/toolchain.md and docs/benchmarks.md say more.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from compiler.fusion_plan import LANES, BlockConfig, BlockShape, edge_mask, plan_block, strip_dims
+
+log = logging.getLogger(__name__)
+
+# The ONNX frontend lowers Clip(0, 6) to calls of TIR functions it names maximum*/minimum*.
+_CLIP_LOW, _CLIP_HIGH = "maximum", "minimum"
+
+
+def _relu6(x: Any) -> Any:
+    from tvm import tirx
+
+    return tirx.max(tirx.min(x, tirx.const(6.0, "float32")), tirx.const(0.0, "float32"))
+
+
+def block_func(shape: BlockShape, rows: int) -> Any:
+    """The block in TE, strip by strip (``rows`` output rows each); see ``fusion_plan``.
+
+    Arguments: X (1, C, H, W), We (M, C), be (M,), Wd (M, 3, 3), bd (M,), Wp (Co, M),
+    bp (Co,), the edge mask (strips, fe); output (1, Co, H, W).
+    """
+    from tvm import te, tirx
+
+    c, m, co = shape.in_channels, shape.expanded, shape.out_channels
+    h, w = shape.height, shape.width
+    strips = h // rows
+    pitch, fd, fe = strip_dims(w, rows)
+    x = te.placeholder((1, c, h, w), name="X")
+    we, be = te.placeholder((m, c), name="We"), te.placeholder((m,), name="be")
+    wd, bd = te.placeholder((m, 3, 3), name="Wd"), te.placeholder((m,), name="bd")
+    wp, bp = te.placeholder((co, m), name="Wp"), te.placeholder((co,), name="bp")
+    mask = te.placeholder((strips, fe), name="mask")
+    zero = tirx.const(0.0, "float32")
+
+    def padded_input(s: Any, k: Any, row: Any, col: Any) -> Any:
+        i = s * rows - 1 + row
+        return tirx.if_then_else(
+            te.all(i >= 0, i < h, col >= 1, col <= w),
+            x[0, k, tirx.max(tirx.min(i, h - 1), 0), col - 1],
+            zero,
+        )
+
+    # The strip's input rows (halo included) at the padded pitch, read by the expand stage
+    # as contiguous positions (f // pitch, f % pitch flattens back to f).
+    xp = te.compute((strips, c, -(-fe // pitch), pitch), padded_input, name="Xp")
+    rc = te.reduce_axis((0, c), name="c")
+    e = te.compute(
+        (strips, m, fe),
+        lambda s, k, f: te.sum(we[k, rc] * xp[s, rc, f // pitch, f % pitch], axis=rc),
+        name="E",
+    )
+    ep = te.compute(
+        (strips, m, fe), lambda s, k, f: _relu6(e[s, k, f] + be[k]) * mask[s, f], name="Ep"
+    )
+    kh, kw = te.reduce_axis((0, 3), name="kh"), te.reduce_axis((0, 3), name="kw")
+    d = te.compute(
+        (strips, m, fd),
+        lambda s, k, g: te.sum(wd[k, kh, kw] * ep[s, k, g + kh * pitch + kw], axis=[kh, kw]),
+        name="D",
+    )
+    d1 = te.compute((strips, m, fd), lambda s, k, g: _relu6(d[s, k, g] + bd[k]), name="D1")
+    rm = te.reduce_axis((0, m), name="r")
+    p = te.compute(
+        (strips, co, fd), lambda s, o, g: te.sum(wp[o, rm] * d1[s, rm, g], axis=rm), name="P"
+    )
+    # Whole strips (padding columns too) so that no stage is cut to a ragged region.
+    q = te.compute((strips, co, fd), lambda s, o, g: p[s, o, g] + bp[o], name="Q")
+
+    def output(n: Any, o: Any, i: Any, j: Any) -> Any:
+        value = q[i // rows, o, i % rows * pitch + j]
+        return value + x[n, o, i, j] if shape.residual else value
+
+    out = te.compute((1, co, h, w), output, name="Out")
+    return te.create_prim_func([x, we, be, wd, bd, wp, bp, mask, out])
+
+
+def _gemm_stage(sch: Any, name: str, strip: Any, channels: int, vectors: int) -> None:
+    """Stage ``name`` (strip, channel, position, reductions...) register-blocked.
+
+    ``channels`` x ``vectors`` vectors of positions of accumulators in a local buffer (LLVM
+    keeps it in registers once the loops are unrolled), the reduction outside them.
+    """
+    block = sch.get_sblock(name)
+    sch.compute_at(block, strip)
+    chan, pos, *red = sch.get_loops(block)[1:]
+    chan_o, chan_i = sch.split(chan, [None, channels])
+    pos_o, pos_m, pos_v = sch.split(pos, [None, vectors, LANES])
+    sch.reorder(chan_o, pos_o, *red, chan_i, pos_m, pos_v)
+    sch.unroll(chan_i)
+    sch.unroll(pos_m)
+    sch.vectorize(pos_v)
+    acc = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(acc, pos_o)
+    sch.decompose_reduction(block, red[0])
+    _, inner = sch.split(sch.get_loops(acc)[-1], [None, LANES])
+    sch.vectorize(inner)
+
+
+def schedule(func: Any, config: BlockConfig) -> Any:
+    """Strips in parallel, each computing every stage for its rows; returns the Schedule."""
+    import tvm.s_tir as tir
+
+    sch = tir.Schedule(func)
+    out = sch.get_sblock("Out")
+    n, co, _, w = sch.get_loops(out)
+    sch.parallel(sch.fuse(n, co, sch.get_loops(out)[2]))
+    if int(sch.get(w).extent) % 8 == 0:
+        _, inner = sch.split(w, [None, 8])
+        sch.vectorize(inner)
+    strip, _, pos = sch.get_loops(sch.get_sblock("Q"))
+    sch.parallel(strip)
+    _, inner = sch.split(pos, [None, LANES])
+    sch.vectorize(inner)
+    # Consumers first: compute_at gives each producer the region its consumer reads. The
+    # bias + ReLU6 (and edge mask) stages go into the write-back of the accumulators.
+    _gemm_stage(sch, "P", strip, config.project_channels, config.vectors)
+    sch.compute_at(sch.get_sblock("D1"), strip)
+    _gemm_stage(sch, "D", strip, config.depthwise_channels, config.vectors)
+    sch.reverse_compute_inline(sch.get_sblock("D1"))
+    sch.compute_at(sch.get_sblock("Ep"), strip)
+    _gemm_stage(sch, "E", strip, config.expand_channels, config.vectors)
+    sch.reverse_compute_inline(sch.get_sblock("Ep"))
+    xp = sch.get_sblock("Xp")
+    sch.compute_at(xp, strip)
+    sch.vectorize(sch.get_loops(xp)[-1])
+    return sch
+
+
+def scheduled_block(shape: BlockShape, config: BlockConfig) -> Any:
+    """The scheduled PrimFunc, marked so that MetaSchedule and ``FuseOps`` leave it alone.
+
+    ``op_pattern`` 8 is kOpaque: fusing a following elementwise op into it would make a
+    new, unscheduled function of it.
+    """
+    func = schedule(block_func(shape, config.rows), config).mod["main"]
+    # Its symbol comes from the name the module gives it (te names every function "main").
+    func = func.without_attr("global_symbol")
+    return func.with_attrs({"tirx.is_scheduled": True, "op_pattern": 8})
+
+
+@dataclass
+class _Match:
+    """One block found in ``main``: its input, its weights (numpy) and its last binding."""
+
+    x: Any
+    end: Any
+    shape: BlockShape
+    weights: list[np.ndarray]
+
+
+def _op_name(value: Any) -> str | None:
+    from tvm import relax
+
+    if isinstance(value, relax.Call) and hasattr(value.op, "name"):
+        return str(value.op.name)
+    return None
+
+
+def _const(expr: Any) -> np.ndarray | None:
+    """A float32 constant's value (0.27 names Relax constants ``ir.GenericConst``)."""
+    from tvm.ir.expr import GenericConst
+
+    if not isinstance(expr, GenericConst):
+        return None
+    value = expr.value
+    if getattr(value, "dtype", None) != "float32" or not hasattr(value, "numpy"):
+        return None
+    return np.asarray(value.numpy())
+
+
+def _ints(values: Any) -> list[int]:
+    return [int(v) for v in values]
+
+
+def _conv(value: Any, *, kernel: int) -> tuple[Any, np.ndarray, int] | None:
+    """``conv2d(var, constant weight)``, stride 1, same padding: (input, weight, groups)."""
+    if _op_name(value) != "relax.nn.conv2d":
+        return None
+    attrs = value.attrs
+    weight = _const(value.args[1])
+    pad = kernel // 2
+    if (
+        weight is None
+        or weight.shape[2:] != (kernel, kernel)
+        or _ints(attrs.strides) != [1, 1]
+        or _ints(attrs.dilation) != [1, 1]
+        or _ints(attrs.padding) != [pad] * 4
+        or (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW")
+        or (attrs.out_dtype is not None and str(attrs.out_dtype) not in ("", "float32", "void"))
+    ):
+        return None
+    return value.args[0], weight, int(attrs.groups)
+
+
+def _bias_add(value: Any, channels: int) -> tuple[Any, np.ndarray] | None:
+    """``add(var, constant of shape (1, channels, 1, 1))``: (input, bias as (channels,))."""
+    if _op_name(value) != "relax.add":
+        return None
+    bias = _const(value.args[1])
+    if bias is None or bias.shape != (1, channels, 1, 1):
+        return None
+    return value.args[0], bias.reshape(channels)
+
+
+def _clip_call(value: Any, prefix: str, bound: float) -> Any | None:
+    """``call_tir(<prefix>*, (var, constant bound))``: the var."""
+    from tvm import relax
+
+    if _op_name(value) != "relax.call_tir":
+        return None
+    callee, args = value.args[0], value.args[1]
+    if not str(callee.name_hint).startswith(prefix) or not isinstance(args, relax.Tuple):
+        return None
+    if len(args.fields) != 2:
+        return None
+    limit = _const(args.fields[1])
+    if limit is None or limit.shape != () or float(limit) != bound:
+        return None
+    return args.fields[0]
+
+
+def _find_blocks(func: Any) -> list[_Match]:
+    """Every fusable block of ``func``, matched backwards from its projection's bias add."""
+    from tvm import relax
+
+    values: dict[Any, Any] = {}
+    uses: dict[Any, int] = {}
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            if not isinstance(binding, relax.VarBinding):
+                continue
+            values[binding.var] = binding.value
+            for var in relax.analysis.free_vars(binding.value):
+                uses[var] = uses.get(var, 0) + 1
+    for var in relax.analysis.free_vars(func.body.body):
+        uses[var] = uses.get(var, 0) + 1
+
+    def single_use_value(var: Any) -> Any | None:
+        return values.get(var) if uses.get(var, 0) == 1 else None
+
+    def relu6_input(var: Any, channels: int) -> tuple[Any, np.ndarray] | None:
+        """var = clip(bias_add(v, b), 0, 6) with single-use intermediates: (v, b)."""
+        low = _clip_call(values.get(var), _CLIP_HIGH, 6.0)
+        biased = _clip_call(single_use_value(low), _CLIP_LOW, 0.0) if low is not None else None
+        if biased is None:
+            return None
+        return _bias_add(single_use_value(biased), channels)
+
+    matches = []
+    for end, value in values.items():
+        residual = None
+        projected_var = end
+        if _op_name(value) == "relax.add":
+            # x + block(x): the residual add, either operand order.
+            for a, b in ((value.args[0], value.args[1]), (value.args[1], value.args[0])):
+                if isinstance(a, relax.Var) and isinstance(b, relax.Var) and uses.get(b) == 1:
+                    if _bias_add(values.get(b), _channels(b)) is not None:
+                        residual, projected_var = a, b
+                        break
+        co = _channels(projected_var)
+        project_bias = _bias_add(values.get(projected_var), co) if co else None
+        if project_bias is None:
+            continue
+        project = _conv(single_use_value(project_bias[0]), kernel=1)
+        if project is None or project[2] != 1:
+            continue
+        m = int(project[1].shape[1])
+        dw_out = relu6_input(project[0], m) if uses.get(project[0]) == 1 else None
+        if dw_out is None:
+            continue
+        depthwise = _conv(single_use_value(dw_out[0]), kernel=3)
+        if depthwise is None or depthwise[2] != m or depthwise[1].shape[:2] != (m, 1):
+            continue
+        ex_out = relu6_input(depthwise[0], m) if uses.get(depthwise[0]) == 1 else None
+        if ex_out is None:
+            continue
+        expand = _conv(single_use_value(ex_out[0]), kernel=1)
+        if expand is None or expand[2] != 1 or expand[1].shape[0] != m:
+            continue
+        x = expand[0]
+        x_shape = _static_shape(x)
+        if x_shape is None or len(x_shape) != 4:
+            continue
+        n, c, h, w = x_shape
+        if n != 1 or (residual is not None and (not residual.same_as(x) or c != co)):
+            continue
+        if residual is None and c == co:
+            continue  # the kernel adds x whenever C == Co; this block has no residual
+        matches.append(
+            _Match(
+                x=x,
+                end=end if residual is not None else projected_var,
+                shape=BlockShape(c, m, co, h, w),
+                weights=[
+                    expand[1].reshape(m, c),
+                    ex_out[1],
+                    depthwise[1].reshape(m, 3, 3),
+                    dw_out[1],
+                    project[1].reshape(co, m),
+                    project_bias[1],
+                ],
+            )
+        )
+    return matches
+
+
+def _static_shape(var: Any) -> list[int] | None:
+    """A float32 tensor variable's static shape, None for anything else."""
+    ty = getattr(var, "ty", None)
+    shape = getattr(ty, "shape", None)
+    if getattr(ty, "dtype", None) != "float32" or shape is None:
+        return None
+    try:
+        return [int(d) for d in shape.values]
+    except (AttributeError, TypeError, ValueError):  # no shape, or a symbolic dimension
+        return None
+
+
+def _channels(var: Any) -> int:
+    """Channel count of a 4-d NCHW float32 tensor variable, 0 when it is not one."""
+    shape = _static_shape(var)
+    return shape[1] if shape is not None and len(shape) == 4 else 0
+
+
+def fuse_inverted_residuals(mod: Any) -> tuple[Any, list[str]]:
+    """Replace ``main``'s fusable blocks with fused kernels; returns (module, descriptions).
+
+    Run on the imported module after ``FoldConstant`` (the ReLU6 bounds must be constants)
+    and before legalization. Blocks ``fusion_plan.plan_block`` turns down stay as they are.
+    """
+    from tvm import relax
+
+    func = mod["main"]
+    plans = {}
+    fused = []
+    for match in _find_blocks(func):
+        config = plan_block(match.shape)
+        if config is None:
+            continue
+        plans[match.end] = (match, config)
+        fused.append(f"{match.shape.describe()} (strips of {config.rows} rows)")
+    if not plans:
+        return mod, []
+
+    @relax.expr_functor.mutator
+    class Rewriter(relax.PyExprMutator):  # type: ignore[misc]
+        def visit_var_binding_(self, binding: Any) -> None:
+            planned = plans.get(binding.var)
+            if planned is None:
+                super().visit_var_binding_(binding)
+                return
+            match, config = planned
+            shape = match.shape
+            kernel = self.builder_.add_func(
+                scheduled_block(shape, config), "fused_inverted_residual"
+            )
+            args = [
+                self.visit_expr(match.x),
+                *(relax.const(np.ascontiguousarray(a, dtype="float32")) for a in match.weights),
+                relax.const(edge_mask(shape.height, shape.width, config.rows)),
+            ]
+            call = relax.call_tir(
+                kernel,
+                args,
+                out_ty=relax.TensorType(
+                    (1, shape.out_channels, shape.height, shape.width), "float32"
+                ),
+            )
+            if isinstance(binding.var, relax.DataflowVar):
+                new_var = self.builder_.emit(call)
+            else:
+                new_var = self.builder_.emit_output(call)
+            self.set_var_remap(binding.var, new_var)
+
+    rewriter = Rewriter(mod)
+    new_main = rewriter.visit_expr(func)
+    rewriter.builder_.update_func(mod.get_global_var("main"), new_main)
+    out = relax.transform.DeadCodeElimination(["main"])(rewriter.builder_.get())
+    log.info("fused %d inverted-residual block(s): %s", len(fused), "; ".join(fused))
+    return out, fused

@@ -1,0 +1,175 @@
+"""Fused inverted-residual kernels in real builds: found, compiled, as accurate as ORT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from bench.models import InvertedResidual, _conv_bn
+from compiler.pipeline import CompileRequest, compile_model
+from compiler.settings import CompilerSettings
+from edgeloop.cli import cli
+
+pytestmark = pytest.mark.slow
+
+
+class _Net(nn.Module):
+    """A stem, then MobileNetV2 blocks of every kind the pass must tell apart (28x28 input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            _conv_bn(3, 16, 3, 1, relu6=True),
+            InvertedResidual(16, 16, 1, 6),  # residual: fused
+            InvertedResidual(16, 24, 1, 6),  # no residual (16 -> 24): fused
+            InvertedResidual(24, 24, 2, 6),  # stride 2: left to MetaSchedule's kernels
+            InvertedResidual(24, 24, 1, 6),  # 14 wide: too narrow to pay, left alone
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.body(x)
+        return out
+
+
+FUSED = ["16->96->16 at 28x28 (strips of 14 rows)", "16->96->24 at 28x28 (strips of 14 rows)"]
+
+
+@pytest.fixture(scope="module")
+def blocks_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    net = _Net().eval()
+    for module in net.modules():  # BatchNorm statistics that are not the identity
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    path = tmp_path_factory.mktemp("fused") / "blocks.onnx"
+    with torch.no_grad():
+        torch.onnx.export(
+            net, (torch.randn(1, 3, 28, 28),), str(path), dynamo=False, opset_version=17
+        )
+    return path
+
+
+def _compile(model: Path, out: Path, key: Path, **options: object) -> dict[str, object]:
+    request = CompileRequest(
+        model=model,
+        profile="generic/x86_64",
+        output=out,
+        trials=0,
+        runtime="tvm",
+        signing_key=key,
+        **options,  # type: ignore[arg-type]
+    )
+    report: dict[str, object] = compile_model(request, settings=CompilerSettings()).report
+    return report
+
+
+def test_stride_1_blocks_are_fused_and_match_onnxruntime(
+    blocks_onnx: Path, signing_key: Path, tmp_path: Path
+) -> None:
+    report = _compile(blocks_onnx, tmp_path / "fused", signing_key)
+    tuning = report["tuning"]
+    assert isinstance(tuning, dict) and tuning["fused_blocks"] == FUSED
+    # the accuracy gate ran the library natively against ONNX Runtime (over tolerance: exit 4)
+    accuracy = report["accuracy"]
+    assert isinstance(accuracy, dict)
+    (output,) = accuracy.values()
+    assert output["max_abs_error"] < 1e-4 and output["cosine"] > 0.99999
+
+
+def test_no_fuse_blocks_builds_metaschedule_kernels_only(
+    blocks_onnx: Path, signing_key: Path, tmp_path: Path
+) -> None:
+    report = _compile(blocks_onnx, tmp_path / "plain", signing_key, fuse_blocks=False)
+    tuning = report["tuning"]
+    assert isinstance(tuning, dict) and tuning["fused_blocks"] == []
+
+
+def test_arm_profiles_fuse_only_when_asked(blocks_onnx: Path, signing_key: Path) -> None:
+    from compiler import tvm_builder
+    from compiler.frontends import load_model
+    from compiler.profiles import ProfileRegistry
+
+    settings = CompilerSettings()
+    profile = ProfileRegistry(settings.profile_roots()).get("raspberry-pi/4b-aarch64")
+    import tvm
+
+    target = tvm.target.Target(tvm_builder.effective_target(profile))
+    relax_mod = load_model(blocks_onnx).to_relax()
+    _, fused = tvm_builder._prepare_fused(relax_mod, target, weight_prepack=False, fuse_blocks=True)
+    assert fused == FUSED
+
+
+def test_a_block_whose_activation_is_used_elsewhere_is_left_alone(tmp_path: Path) -> None:
+    import tvm
+
+    from compiler import tvm_builder
+    from compiler.frontends import load_model
+
+    c, m, h = 8, 48, 28
+    rng = np.random.default_rng(0)
+    consts = {
+        "We": rng.standard_normal((m, c, 1, 1)),
+        "be": rng.standard_normal(m),
+        "Wd": rng.standard_normal((m, 1, 3, 3)),
+        "bd": rng.standard_normal(m),
+        "Wp": rng.standard_normal((c, m, 1, 1)),
+        "bp": rng.standard_normal(c),
+        "lo": np.array(0.0),
+        "hi": np.array(6.0),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "We", "be"], ["e0"], kernel_shape=[1, 1]),
+        helper.make_node("Clip", ["e0", "lo", "hi"], ["e1"]),
+        helper.make_node(
+            "Conv", ["e1", "Wd", "bd"], ["d0"], kernel_shape=[3, 3], pads=[1] * 4, group=m
+        ),
+        helper.make_node("Clip", ["d0", "lo", "hi"], ["d1"]),
+        helper.make_node("Conv", ["d1", "Wp", "bp"], ["p0"], kernel_shape=[1, 1]),
+        helper.make_node("Add", ["p0", "x"], ["y"]),
+    ]
+
+    def model(outputs: list[str]) -> Path:
+        graph = helper.make_graph(
+            nodes,
+            "block",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, h, h])],
+            [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs],
+            [numpy_helper.from_array(v.astype(np.float32), k) for k, v in consts.items()],
+        )
+        path = tmp_path / f"{'_'.join(outputs)}.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+        return path
+
+    target = tvm.target.Target({"kind": "llvm"})
+
+    def fused(path: Path) -> list[str]:
+        relax_mod = load_model(path).to_relax()
+        return tvm_builder._prepare_fused(
+            relax_mod, target, weight_prepack=False, fuse_blocks=True
+        )[1]
+
+    assert fused(model(["y"])) == ["8->48->8 at 28x28 (strips of 14 rows)"]
+    # the expanded activation is also an output of the model: fusing would lose it
+    assert fused(model(["y", "e1"])) == []
+
+
+def test_fuse_blocks_on_a_gpu_profile_is_refused(
+    blocks_onnx: Path, signing_key: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "gpu"
+    result = CliRunner().invoke(
+        cli,
+        ["compile", str(blocks_onnx), "--profile", "nvidia/h100", "--trials", "0"]
+        + ["--fuse-blocks", "--signing-key", str(signing_key), "-o", str(out)],
+    )
+    assert result.exit_code == 2, result.output
+    assert "--fuse-blocks for nvidia/h100" in result.stderr
+    assert not out.exists()

@@ -1,0 +1,106 @@
+"""compiler.fusion_plan: strip geometry, block plans and when blocks are fused (pure)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from compiler.fusion_plan import (
+    LANES,
+    MIN_WIDTH,
+    STRIP_BUDGET_BYTES,
+    VECTORS,
+    BlockConfig,
+    BlockShape,
+    choose_block_fusion,
+    edge_mask,
+    plan_block,
+    strip_bytes,
+    strip_dims,
+)
+
+
+@pytest.mark.parametrize("width", [7, 14, 28, 30, 56, 112])
+@pytest.mark.parametrize("rows", [1, 4, 7, 14])
+def test_strips_are_whole_accumulator_blocks_with_room_for_the_taps(width: int, rows: int) -> None:
+    pitch, fd, fe = strip_dims(width, rows)
+    assert pitch >= width + 2 and pitch % (2 * LANES) == 2 * LANES - 1
+    assert fd >= rows * pitch and fd % (VECTORS * LANES) == 0
+    # the depthwise taps of the last position reach exactly the end of the expand positions
+    assert fe == fd + 2 * pitch + 2 and fe % (VECTORS * LANES) == 0
+
+
+def test_strip_dims_refuses_empty_strips() -> None:
+    with pytest.raises(ValueError, match="width 0 and rows 3 must be at least 1"):
+        strip_dims(0, 3)
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [
+        # MobileNetV2's stride-1 blocks at 56 and 28: 4 and 2 strips of 14 rows
+        (BlockShape(24, 144, 24, 56, 56), BlockConfig(14, 4, 2, 4)),
+        (BlockShape(32, 192, 32, 28, 28), BlockConfig(14, 4, 2, 4)),
+        # channel counts without a factor 4 or 2 get narrower accumulator blocks
+        (BlockShape(24, 150, 3, 56, 56), BlockConfig(14, 2, 2, 1)),
+        (BlockShape(16, 95, 16, 28, 28), BlockConfig(14, 1, 1, 4)),
+        # too narrow: the padded pitch would waste more than it saves
+        (BlockShape(64, 384, 64, 14, 14), None),
+        (BlockShape(160, 960, 160, 7, 7), None),
+    ],
+)
+def test_plan_block(shape: BlockShape, expected: BlockConfig | None) -> None:
+    assert plan_block(shape) == expected
+
+
+def test_plan_prefers_an_even_number_of_strips_within_the_budget() -> None:
+    shape = BlockShape(24, 144, 24, 56, 56)
+    config = plan_block(shape)
+    assert config is not None
+    assert strip_bytes(shape, config.rows) <= STRIP_BUDGET_BYTES
+    assert (shape.height // config.rows) % 2 == 0
+    # 28 rows (2 strips) would not fit; 8 rows (7 strips) would, but cannot be split evenly
+    assert strip_bytes(shape, 28) > STRIP_BUDGET_BYTES
+    assert plan_block(shape, budget_bytes=strip_bytes(shape, 8)) == BlockConfig(7, 4, 2, 4)
+
+
+def test_no_plan_when_no_strip_fits_or_one_strip_is_all() -> None:
+    assert plan_block(BlockShape(24, 144, 24, 56, 56), budget_bytes=1024) is None
+    assert plan_block(BlockShape(8, 16, 8, 1, MIN_WIDTH)) is None  # a single row
+
+
+def test_edge_mask_marks_exactly_the_image() -> None:
+    height, width, rows = 6, 5, 3
+    pitch, _, fe = strip_dims(width, rows)
+    mask = edge_mask(height, width, rows)
+    assert mask.shape == (2, fe) and mask.dtype == np.float32
+    for strip in range(2):
+        for pos in range(fe):
+            # position pos of a strip is image row strip*rows - 1 + pos // pitch (one halo
+            # row above), column pos % pitch - 1 (one padding column on the left)
+            row, col = strip * rows - 1 + pos // pitch, pos % pitch - 1
+            inside = 0 <= row < height and 0 <= col < width
+            assert mask[strip, pos] == (1.0 if inside else 0.0), (strip, pos)
+    assert mask[0, : pitch + 1].sum() == 0  # the padding row above the image, and a column
+    assert mask[0, pitch + 1 : pitch + 1 + width].tolist() == [1.0] * width
+
+
+def test_edge_mask_refuses_rows_that_do_not_divide_the_height() -> None:
+    with pytest.raises(ValueError, match="rows 4 must divide the height 6"):
+        edge_mask(6, 5, 4)
+
+
+@pytest.mark.parametrize(
+    ("requested", "gpu", "isa", "expected"),
+    [
+        (None, False, "x86_64", True),  # the default where it was measured
+        (None, False, "aarch64", False),  # untimed on ARM: by request only
+        (True, False, "aarch64", True),
+        (True, False, "armv7", True),
+        (False, False, "x86_64", False),
+        (None, True, "x86_64", False),  # CPU kernels; GPU builds never
+        (True, True, "aarch64", False),
+    ],
+)
+def test_choose_block_fusion(requested: bool | None, gpu: bool, isa: str, expected: bool) -> None:
+    assert choose_block_fusion(requested, gpu=gpu, isa=isa) is expected
