@@ -25,6 +25,9 @@ VECTORS = 4  # vectors of positions per accumulator block
 STRIP_BUDGET_BYTES = 1536 * 1024
 # Narrower images waste too much on the padded pitch (a 14-wide row takes 31 positions).
 MIN_WIDTH = 28
+# Fewer rows per strip recompute too much of the expand stage: each strip also expands the
+# row above and the row below it (1.5x at 4 rows).
+MIN_ROWS = 4
 
 
 @dataclass(frozen=True)
@@ -90,8 +93,9 @@ def _channel_block(channels: int, widest: int) -> int:
 def plan_block(shape: BlockShape, *, budget_bytes: int = STRIP_BUDGET_BYTES) -> BlockConfig | None:
     """The fused kernel's configuration for ``shape``, or None where it should not be used.
 
-    Strips: the most rows whose buffers fit ``budget_bytes``, at least two strips (two
-    cores), an even number of them where one fits (they are split evenly over the cores).
+    Strips: the most rows whose buffers fit ``budget_bytes``, at least ``MIN_ROWS`` rows and
+    two strips (two cores), an even number of them where one fits (they are split evenly
+    over the cores).
     Accumulators: 4 channels x 4 vectors for the 1x1 stages (16 of the 32 vector registers),
     2 x 4 for the depthwise one, whose taps need registers of their own.
     """
@@ -99,7 +103,7 @@ def plan_block(shape: BlockShape, *, budget_bytes: int = STRIP_BUDGET_BYTES) -> 
         return None
     fitting = [
         r
-        for r in range(1, shape.height // 2 + 1)
+        for r in range(MIN_ROWS, shape.height // 2 + 1)
         if shape.height % r == 0 and strip_bytes(shape, r) <= budget_bytes
     ]
     if not fitting:

@@ -47,6 +47,9 @@ def test_strip_dims_refuses_empty_strips() -> None:
         # too narrow: the padded pitch would waste more than it saves
         (BlockShape(64, 384, 64, 14, 14), None),
         (BlockShape(160, 960, 160, 7, 7), None),
+        # a prime height leaves strips of 1 row: expanding 3 rows per row is no gain
+        (BlockShape(24, 144, 24, 31, 56), None),
+        (BlockShape(24, 144, 24, 30, 56), BlockConfig(15, 4, 2, 4)),
     ],
 )
 def test_plan_block(shape: BlockShape, expected: BlockConfig | None) -> None:
