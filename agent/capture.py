@@ -72,6 +72,10 @@ class CaptureEvent:
     ts: float = field(default_factory=time.time)
     input_names: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
+    # The model's answered-request number, given while the request was answered (1, 2, ...;
+    # 0: not numbered). Events reach the data loop in hand-over order, which two requests
+    # answered on two server threads can swap; ``every_nth`` counts by this number.
+    seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,8 @@ def select(stats: SampleStats, policy: CapturePolicy, *, nth: int, draw: float) 
     Args:
         stats: what the inference produced.
         policy: the capture policy in force.
-        nth: 1-based count of this model's inferences since the policy was applied.
+        nth: 1-based count of this model's inferences since the policy was applied (below 1:
+            answered before it, never ``every_nth``).
         draw: a uniform random number in [0, 1) for the ``sample_rate`` rule.
 
     Returns:
@@ -139,7 +144,7 @@ def select(stats: SampleStats, policy: CapturePolicy, *, nth: int, draw: float) 
         return "high_entropy"
     if rules.shadow_disagreement and stats.shadow_disagreement:
         return "shadow_disagreement"
-    if rules.every_nth is not None and nth % rules.every_nth == 0:
+    if rules.every_nth is not None and nth >= 1 and nth % rules.every_nth == 0:
         return "every_nth"
     if draw < policy.sample_rate:
         return "random"

@@ -103,6 +103,10 @@ class DataLoop:
         self.policy: CapturePolicy | None = None
         self._bucket = TokenBucket(0, clock=clock)
         self._seen: dict[str, int] = {}
+        # Highest CaptureEvent.seq processed per model, and its value when the policy in
+        # force was applied: nth = seq - base, in request order whatever the arrival order.
+        self._last_seq: dict[str, int] = {}
+        self._seq_base: dict[str, int] = {}
         self._windows: dict[tuple[str, str], _Window] = {}
         self._window_started = clock()
         self._stop = threading.Event()
@@ -157,6 +161,7 @@ class DataLoop:
             self.desired = desired
             self.policy = policy
             self._seen.clear()
+            self._seq_base = dict(self._last_seq)
             self._windows.clear()
             self._window_started = self._clock()
             self._bucket = TokenBucket(policy.bytes_per_hour if policy else 0, clock=self._clock)
@@ -256,12 +261,18 @@ class DataLoop:
             spool then dropped it, which is counted), or None.
         """
         with self._lock:
+            if event.seq > 0:  # seen, whether or not a policy captures it
+                last = self._last_seq.get(event.model, 0)
+                self._last_seq[event.model] = max(last, event.seq)
             policy = self._policy_for_locked(event)
             if policy is None:
                 return None
             self._sketch_locked(policy, event)
-            nth = self._seen.get(event.model, 0) + 1
-            self._seen[event.model] = nth
+            if event.seq > 0:
+                nth = event.seq - self._seq_base.get(event.model, 0)
+            else:  # not numbered by the server: count in arrival order
+                nth = self._seen.get(event.model, 0) + 1
+                self._seen[event.model] = nth
             bucket = self._bucket
         stats = stats_of(event.outputs, event.shadow_disagreement)
         reason = select(stats, policy, nth=nth, draw=self._rng.random())

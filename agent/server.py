@@ -877,6 +877,8 @@ class InferenceServer:
         #: Where answered inferences go for the data loop (``DataLoop.offer``: a bounded
         #: queue, never blocks); called after the answer was sent, never on error.
         self.capture: Callable[[CaptureEvent], None] | None = None
+        self._capture_seqs: dict[str, int] = {}
+        self._capture_seq_lock = threading.Lock()
 
     # -------------------------------------------------------------- lifecycle
 
@@ -1054,11 +1056,21 @@ class InferenceServer:
             )
         else:
             response = Response(200, header)
+        # Numbered here, before the answer leaves: the capture hand-over runs after it, on
+        # this request's thread, so two requests' events may reach the data loop swapped.
+        seq = self._capture_seq(name) if self.capture is not None else 0
         if role == "primary" and entry.shadow is not None:
-            response.after = self._shadow_job(name, entry, inputs, outputs, stats)
+            response.after = self._shadow_job(name, entry, inputs, outputs, stats, seq)
         elif self.capture is not None:
-            response.after = self._capture_job(name, served, role, inputs, outputs)
+            response.after = self._capture_job(name, served, role, inputs, outputs, seq=seq)
         return response
+
+    def _capture_seq(self, name: str) -> int:
+        """The next answered-request number of model ``name`` (CaptureEvent.seq)."""
+        with self._capture_seq_lock:
+            seq = self._capture_seqs.get(name, 0) + 1
+            self._capture_seqs[name] = seq
+            return seq
 
     def _capture_job(
         self,
@@ -1068,6 +1080,8 @@ class InferenceServer:
         inputs: list[Array],
         outputs: list[Array],
         shadow_disagreement: bool | None = None,
+        *,
+        seq: int = 0,
     ) -> Callable[[], None]:
         """Hand an answered inference to the data loop (after the answer was sent)."""
         sink = self.capture
@@ -1087,6 +1101,7 @@ class InferenceServer:
                         shadow_disagreement=shadow_disagreement,
                         input_names=[t.name for t in served.model.signature.inputs],
                         output_names=[t.name for t in served.model.signature.outputs],
+                        seq=seq,
                     )
                 )
             except Exception:  # capture must never fail a request
@@ -1101,6 +1116,7 @@ class InferenceServer:
         inputs: list[Array],
         primary_outputs: list[Array],
         stats: ModelStats,
+        seq: int = 0,
     ) -> Callable[[], None]:
         shadow = entry.shadow
         assert shadow is not None
@@ -1125,7 +1141,7 @@ class InferenceServer:
         def capture(disagreement: bool | None) -> None:
             if self.capture is not None:
                 self._capture_job(
-                    name, entry.primary, "primary", inputs, primary_outputs, disagreement
+                    name, entry.primary, "primary", inputs, primary_outputs, disagreement, seq=seq
                 )()
 
         runner = self._shadow

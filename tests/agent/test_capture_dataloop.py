@@ -6,6 +6,7 @@ delivery over Mosquitto is covered by test_spool.py and test_dataloop_e2e.py.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import sys
 import time
@@ -66,8 +67,32 @@ def _event(confidence: float = 0.9, *, model: str = "m", shift: float = 0.0) -> 
     )
 
 
+def _numbered(seq: int, *, model: str = "m") -> CaptureEvent:
+    """An event as the server numbers it (CaptureEvent.seq) when it answers the request."""
+    return dataclasses.replace(_event(model=model), seq=seq)
+
+
 def _policy(**kwargs: Any) -> DesiredState:
     return DesiredState(revision=kwargs.pop("revision", 1), capture=CapturePolicy(**kwargs))
+
+
+def test_every_nth_counts_requests_in_answer_order_not_arrival_order(tmp_path: Path) -> None:
+    loop = _loop(tmp_path, Clock())
+    loop.process(_numbered(1))  # answered before any policy: nothing, but counted as seen
+    loop.process(_numbered(2))
+    assert loop.apply(_policy(rules=SelectionRules(every_nth=3))) is None
+    # Requests 3..10 answered after the policy; 8 and 9's hand-overs swapped on two threads.
+    arrival = [3, 4, 5, 6, 7, 9, 8, 10]
+    reasons = {seq: loop.process(_numbered(seq)) for seq in arrival}
+    # every 3rd request since the policy (3 is its 1st), whatever the arrival order
+    assert [seq for seq in sorted(reasons) if reasons[seq]] == [5, 8]
+    # one answered before this policy but handed over after it is never an every_nth pick
+    assert loop.apply(_policy(revision=2, rules=SelectionRules(every_nth=1))) is None
+    assert loop.process(_numbered(10)) is None
+    assert loop.process(_numbered(11)) == "every_nth"
+    # models are numbered apart; unnumbered events (seq 0) count in arrival order
+    assert loop.process(_numbered(1, model="other")) == "every_nth"
+    assert loop.process(_event()) == "every_nth"
 
 
 def test_policy_selects_budget_limits_and_sketches(tmp_path: Path) -> None:
