@@ -258,8 +258,8 @@ def _find_blocks(func: Any) -> list[_Match]:
         return values.get(var) if uses.get(var, 0) == 1 else None
 
     def relu6_input(var: Any, channels: int) -> tuple[Any, np.ndarray] | None:
-        """var = clip(bias_add(v, b), 0, 6) with single-use intermediates: (v, b)."""
-        low = _clip_call(values.get(var), _CLIP_HIGH, 6.0)
+        """Single-use var = clip(bias_add(v, b), 0, 6), single-use intermediates: (v, b)."""
+        low = _clip_call(single_use_value(var), _CLIP_HIGH, 6.0)
         biased = _clip_call(single_use_value(low), _CLIP_LOW, 0.0) if low is not None else None
         if biased is None:
             return None
@@ -272,8 +272,8 @@ def _find_blocks(func: Any) -> list[_Match]:
         if _op_name(value) == "relax.add":
             # x + block(x): the residual add, either operand order.
             for a, b in ((value.args[0], value.args[1]), (value.args[1], value.args[0])):
-                if isinstance(a, relax.Var) and isinstance(b, relax.Var) and uses.get(b) == 1:
-                    if _bias_add(values.get(b), _channels(b)) is not None:
+                if isinstance(a, relax.Var) and isinstance(b, relax.Var):
+                    if _bias_add(single_use_value(b), _channels(b)) is not None:
                         residual, projected_var = a, b
                         break
         co = _channels(projected_var)
@@ -284,13 +284,13 @@ def _find_blocks(func: Any) -> list[_Match]:
         if project is None or project[2] != 1:
             continue
         m = int(project[1].shape[1])
-        dw_out = relu6_input(project[0], m) if uses.get(project[0]) == 1 else None
+        dw_out = relu6_input(project[0], m)
         if dw_out is None:
             continue
         depthwise = _conv(single_use_value(dw_out[0]), kernel=3)
         if depthwise is None or depthwise[2] != m or depthwise[1].shape[:2] != (m, 1):
             continue
-        ex_out = relu6_input(depthwise[0], m) if uses.get(depthwise[0]) == 1 else None
+        ex_out = relu6_input(depthwise[0], m)
         if ex_out is None:
             continue
         expand = _conv(single_use_value(ex_out[0]), kernel=1)
