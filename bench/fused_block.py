@@ -1,7 +1,7 @@
 """One MobileNetV2 inverted-residual block: the compiler's fused kernel against ONNX Runtime.
 
-``compiler.tvm_fusion`` computes a stride-1 block (1x1 expand + ReLU6, 3x3 depthwise +
-ReLU6, 1x1 project, residual add) as one hand-scheduled TIR kernel in strips of rows kept
+``compiler.tvm_fusion`` computes a block (1x1 expand + ReLU6, 3x3 depthwise + ReLU6 of
+stride 1 or 2, 1x1 project, residual add) as one hand-scheduled TIR kernel in strips of rows kept
 in L2 (``compiler.fusion_plan``); ``edgeloop compile`` uses it by default on x86-64. This
 bench times that kernel alone, for the configuration the compiler plans and for others,
 against ORT's ``session.run`` on the same subgraph (Conv+Clip, depthwise Conv+Clip, Conv,
@@ -10,10 +10,11 @@ Add) in the same process, in alternating rounds, and compares the outputs.
     python -m bench.fused_block                                   # the default shapes
     python -m bench.fused_block --shape 24,144,24,56 --config plan --config 8,4,2,4
 
-Shapes are ``C,M,Co,H`` (input, expanded and output channels, square side). Configurations
-are ``plan`` (``fusion_plan.plan_block``) or ``R,cre,crd,crp``: rows per strip and the
-channels of each accumulator block of the expand, depthwise and project stages (each 4
-vectors of 16 positions). Results: docs/benchmarks.md, "Fused inverted-residual blocks".
+Shapes are ``C,M,Co,H[,S]`` (input, expanded and output channels, square input side, the
+depthwise stride, 1 unless given). Configurations are ``plan`` (``fusion_plan.plan_block``)
+or ``R,cre,crd,crp``: output rows per strip and the channels of each accumulator block of
+the expand, depthwise and project stages (each as many vectors of 16 positions as the plan
+uses: 4 at stride 1). Results: docs/benchmarks.md, "Fused inverted-residual blocks".
 """
 
 from __future__ import annotations
@@ -23,17 +24,30 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
-from compiler.fusion_plan import BlockConfig, BlockShape, edge_mask, plan_block
+from compiler.fusion_plan import (
+    BlockConfig,
+    BlockShape,
+    block_mask,
+    plan_block,
+    strided_vectors,
+)
 
-DEFAULT_SHAPES = ("16,96,16,112", "24,144,24,56", "32,192,32,28")
+DEFAULT_SHAPES = (
+    "16,96,16,112",
+    "24,144,24,56",
+    "32,192,32,28",
+    "16,96,24,112,2",
+    "24,144,32,56,2",
+)
 DEFAULT_CONFIGS = ("plan", "7,4,2,4")
 
 
-def onnx_block(c: int, m: int, co: int, h: int, weights: list[np.ndarray]) -> Any:
+def onnx_block(c: int, m: int, co: int, h: int, weights: list[np.ndarray], stride: int = 1) -> Any:
     """The same block as an ONNX graph (what the exporter emits once BatchNorm is folded)."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -48,23 +62,30 @@ def onnx_block(c: int, m: int, co: int, h: int, weights: list[np.ndarray]) -> An
         (np.array(0, "float32"), "lo"),
         (np.array(6, "float32"), "hi"),
     ]
-    last = "p0" if c == co else "y"
+    residual = stride == 1 and c == co
+    last = "p0" if residual else "y"
     nodes = [
         helper.make_node("Conv", ["x", "We", "be"], ["e0"], kernel_shape=[1, 1]),
         helper.make_node("Clip", ["e0", "lo", "hi"], ["e1"]),
         helper.make_node(
-            "Conv", ["e1", "Wd", "bd"], ["d0"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=m
+            "Conv",
+            ["e1", "Wd", "bd"],
+            ["d0"],
+            kernel_shape=[3, 3],
+            pads=[1, 1, 1, 1],
+            strides=[stride, stride],
+            group=m,
         ),
         helper.make_node("Clip", ["d0", "lo", "hi"], ["d1"]),
         helper.make_node("Conv", ["d1", "Wp", "bp"], [last], kernel_shape=[1, 1]),
     ]
-    if c == co:
+    if residual:
         nodes.append(helper.make_node("Add", ["p0", "x"], ["y"]))
     graph = helper.make_graph(
         nodes,
         "inverted_residual",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, h, h])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, co, h, h])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, co, h // stride, h // stride])],
         [numpy_helper.from_array(a, n) for a, n in consts],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -80,6 +101,16 @@ def parse_ints(text: str, count: int, what: str) -> list[int]:
             f"e.g. {example}"
         )
     return [int(p) for p in parts]
+
+
+def parse_shape(text: str) -> list[int]:
+    """``C,M,Co,H`` or ``C,M,Co,H,S`` as [C, M, Co, H, S]; ValueError naming the value."""
+    fields = parse_ints(text, 5 if text.count(",") == 4 else 4, "--shape")
+    if len(fields) == 4:
+        fields.append(1)
+    if fields[4] not in (1, 2) or (fields[4] == 2 and fields[3] % 2):
+        raise ValueError(f"--shape {text!r}: the stride must be 1 or 2, and 2 needs an even side H")
+    return fields
 
 
 def parse_config(text: str) -> BlockConfig | None:
@@ -104,8 +135,9 @@ def run_shape(
 
     from compiler.tvm_fusion import scheduled_block
 
-    c, m, co, h = shape
-    block = BlockShape(c, m, co, h, h)
+    c, m, co, h, stride = shape
+    block = BlockShape(c, m, co, h, h, stride)
+    ho = block.out_height
     rng = np.random.default_rng(0)
     weights = [
         (rng.standard_normal(s) * scale).astype("float32")
@@ -122,7 +154,7 @@ def run_shape(
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(
-        onnx_block(c, m, co, h, weights).SerializeToString(),
+        onnx_block(c, m, co, h, weights, stride).SerializeToString(),
         options,
         providers=["CPUExecutionProvider"],
     )
@@ -130,7 +162,7 @@ def run_shape(
     target = tvm.target.Target({"kind": "llvm", "mcpu": _host_mcpu(), "num-cores": threads})
     dev = tvm.cpu()
     args = [tvm.runtime.tensor(a, dev) for a in (x, *weights)]
-    out = tvm.runtime.tensor(np.zeros((1, co, h, h), "float32"), dev)
+    out = tvm.runtime.tensor(np.zeros((1, co, ho, ho), "float32"), dev)
     results = []
     for requested in configs:
         config = requested or plan_block(block)
@@ -138,21 +170,23 @@ def run_shape(
         if config is None:
             print(f"  plan: the compiler does not fuse {block.describe()}")
             continue
+        if requested is not None and stride == 2:
+            config = replace(config, vectors=strided_vectors(block.out_width))
         label += (" " if label else "") + (
             f"R={config.rows} cre={config.expand_channels} crd={config.depthwise_channels} "
             f"crp={config.project_channels}"
         )
         if (
-            h % config.rows
+            ho % config.rows
             or m % config.expand_channels
             or m % config.depthwise_channels
             or co % config.project_channels
         ):
-            print(f"  skip {label}: R, cre, crd, crp must divide H, M, M, Co of {shape}")
+            print(f"  skip {label}: R, cre, crd, crp must divide H/S, M, M, Co of {shape}")
             continue
         func = scheduled_block(block, config).with_attr("global_symbol", "main")
         lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
-        call_args = [*args, tvm.runtime.tensor(edge_mask(h, h, config.rows), dev), out]
+        call_args = [*args, tvm.runtime.tensor(block_mask(block, config), dev), out]
         lib["main"](*call_args)
         err = float(np.abs(out.numpy() - expected).max())
         # Two blocks per round, the first discarded: each runtime's worker threads spin for
@@ -201,7 +235,7 @@ def _host_mcpu() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", action="append", help="C,M,Co,H (repeatable)")
+    parser.add_argument("--shape", action="append", help="C,M,Co,H[,S] (repeatable)")
     parser.add_argument("--config", action="append", help="plan or R,cre,crd,crp (repeatable)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--rounds", type=int, default=5)
@@ -209,13 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     try:
-        shapes = [parse_ints(s, 4, "--shape") for s in args.shape or DEFAULT_SHAPES]
+        shapes = [parse_shape(s) for s in args.shape or DEFAULT_SHAPES]
         configs = [parse_config(s) for s in args.config or DEFAULT_CONFIGS]
     except ValueError as err:
         parser.error(str(err))  # exit 2
     for shape in shapes:
-        c, m, co, h = shape
-        print(f"{c}->{m}->{co} at {h}x{h}, stride 1, {args.threads} threads:", flush=True)
+        c, m, co, h, stride = shape
+        print(f"{c}->{m}->{co} at {h}x{h}, stride {stride}, {args.threads} threads:", flush=True)
         run_shape(shape, configs, threads=args.threads, rounds=args.rounds, repeat=args.repeat)
     return 0
 

@@ -7,8 +7,11 @@ fused kernel (``compiler.tvm_fusion``) computes the block in strips of output ro
 activations stay in the core's L2. Inside a strip each activation is a [channels,
 positions] matrix with positions along rows of a padded pitch, so that every stage is a
 register-blocked GEMM (or a sum of shifted vectors, the depthwise taps) along contiguous
-positions. This module sizes those strips and accumulator blocks; docs/benchmarks.md has
-the measurements behind the numbers.
+positions. A stride-2 block's expanded activations are kept as four planes, the even and
+odd rows by the even and odd columns of the padded image, so that each of the depthwise
+stride-2 taps is again a contiguous run of one plane (``strided_strip_dims``). This module
+sizes those strips and accumulator blocks; docs/benchmarks.md has the measurements behind
+the numbers.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ VECTORS = 4  # vectors of positions per accumulator block
 # Per-strip activations (input rows, expanded, depthwise, projected) must fit in L2 next to
 # the weights: 2 MiB per core on the AVX-512 boxes measured.
 STRIP_BUDGET_BYTES = 1536 * 1024
-# Narrower images waste too much on the padded pitch (a 14-wide row takes 31 positions).
+# Narrower images (outputs, for stride 2) waste too much on the padded pitch (a 14-wide row
+# takes 31 positions).
 MIN_WIDTH = 28
 # Fewer rows per strip recompute too much of the expand stage: each strip also expands the
 # row above and the row below it (1.5x at 4 rows).
@@ -32,21 +36,34 @@ MIN_ROWS = 4
 
 @dataclass(frozen=True)
 class BlockShape:
-    """An inverted-residual block, batch 1, stride 1, NCHW float32."""
+    """An inverted-residual block, batch 1, NCHW float32; the depthwise stride 1 or 2.
+
+    ``height`` and ``width`` are the input's; a stride-2 block halves them (even sizes only).
+    """
 
     in_channels: int
     expanded: int
     out_channels: int
     height: int
     width: int
+    stride: int = 1
 
     @property
     def residual(self) -> bool:
-        return self.in_channels == self.out_channels
+        return self.stride == 1 and self.in_channels == self.out_channels
+
+    @property
+    def out_height(self) -> int:
+        return self.height // self.stride
+
+    @property
+    def out_width(self) -> int:
+        return self.width // self.stride
 
     def describe(self) -> str:
         c, m, co = self.in_channels, self.expanded, self.out_channels
-        return f"{c}->{m}->{co} at {self.height}x{self.width}"
+        text = f"{c}->{m}->{co} at {self.height}x{self.width}"
+        return text if self.stride == 1 else f"{text}, stride {self.stride}"
 
 
 @dataclass(frozen=True)
@@ -77,17 +94,51 @@ def strip_dims(width: int, rows: int) -> tuple[int, int, int]:
     return pitch, fd, fd + 2 * pitch + 2
 
 
-def strip_bytes(shape: BlockShape, rows: int) -> int:
-    """Bytes of one strip's buffers: input rows, expanded, depthwise and projected."""
+def strided_strip_dims(out_width: int, rows: int, vectors: int) -> tuple[int, int, int]:
+    """Stride 2: plane pitch, depthwise/project positions and positions of each expand plane.
+
+    Output position ``g = y * pitch + x`` (``rows`` output rows) reads, for tap (dy, dx),
+    padded-image row ``2y + dy`` and column ``2x + dx``: plane (dy % 2, dx % 2) at
+    ``g + (dy // 2) * pitch + dx // 2``. The last tap reads up to ``fd + pitch + 1 = fe``,
+    which is a whole number of accumulator blocks of ``vectors`` vectors when the pitch,
+    at least ``out_width + 1`` (the even-column plane has one column more), is -1 modulo a
+    block: a ragged region would put a predicate in the vector loops (see ``strip_dims``).
+    """
+    if out_width < 1 or rows < 1 or vectors < 1:
+        raise ValueError(f"width {out_width}, rows {rows} and vectors {vectors} must be at least 1")
+    block = vectors * LANES
+    pitch = out_width + 1 + (block - 1 - (out_width + 1)) % block
+    fd = -(-rows * pitch // block) * block
+    return pitch, fd, fd + pitch + 1
+
+
+def strided_vectors(out_width: int) -> int:
+    """Vectors per accumulator block for a stride-2 block: the most whose pitch wastes at
+    most a quarter of the plane (4 at 56 wide, 2 at 28, 1 at 14)."""
+    for vectors in (VECTORS, 2, 1):
+        pitch, _, _ = strided_strip_dims(out_width, 1, vectors)
+        if 4 * pitch <= 5 * (out_width + 1):
+            return vectors
+    return 1
+
+
+def strip_bytes(shape: BlockShape, rows: int, vectors: int = VECTORS) -> int:
+    """Bytes of one strip's buffers: input rows, expanded, depthwise and projected.
+
+    ``vectors`` matters for stride-2 blocks only (``strided_strip_dims``).
+    """
+    c, m, co = shape.in_channels, shape.expanded, shape.out_channels
+    if shape.stride == 2:
+        pitch, fd, fe = strided_strip_dims(shape.out_width, rows, vectors)
+        input_rows = -(-fe // pitch) * pitch
+        return 4 * (4 * c * input_rows + m * (4 * fe + fd) + co * fd)
     pitch, fd, fe = strip_dims(shape.width, rows)
     input_rows = -(-fe // pitch) * pitch
-    return 4 * (
-        shape.in_channels * input_rows + shape.expanded * (fe + fd) + shape.out_channels * fd
-    )
+    return 4 * (c * input_rows + m * (fe + fd) + co * fd)
 
 
 def _channel_block(channels: int, widest: int) -> int:
-    return next(b for b in (widest, 2, 1) if channels % b == 0)
+    return next(b for b in (widest, 4, 2, 1) if b <= widest and channels % b == 0)
 
 
 def plan_block(shape: BlockShape, *, budget_bytes: int = STRIP_BUDGET_BYTES) -> BlockConfig | None:
@@ -97,23 +148,34 @@ def plan_block(shape: BlockShape, *, budget_bytes: int = STRIP_BUDGET_BYTES) -> 
     two strips (two cores), an even number of them where one fits (they are split evenly
     over the cores).
     Accumulators: 4 channels x 4 vectors for the 1x1 stages (16 of the 32 vector registers),
-    2 x 4 for the depthwise one, whose taps need registers of their own.
+    2 x 4 for the depthwise one, whose taps need registers of their own; a stride-2 block
+    with fewer vectors per block (``strided_vectors``) gets as many more channels.
+    Stride 2 needs an even input (the output is then exactly half of it) and, like
+    stride 1, outputs at least ``MIN_WIDTH`` wide.
     """
-    if shape.width < MIN_WIDTH or min(shape.in_channels, shape.expanded, shape.out_channels) < 1:
+    if shape.stride not in (1, 2) or min(shape.in_channels, shape.expanded, shape.out_channels) < 1:
         return None
+    if shape.stride == 2 and (shape.height % 2 or shape.width % 2):
+        return None
+    if shape.out_width < MIN_WIDTH:
+        return None
+    vectors = strided_vectors(shape.out_width) if shape.stride == 2 else VECTORS
+    height = shape.out_height
     fitting = [
         r
-        for r in range(MIN_ROWS, shape.height // 2 + 1)
-        if shape.height % r == 0 and strip_bytes(shape, r) <= budget_bytes
+        for r in range(MIN_ROWS, height // 2 + 1)
+        if height % r == 0 and strip_bytes(shape, r, vectors) <= budget_bytes
     ]
     if not fitting:
         return None
-    even = [r for r in fitting if (shape.height // r) % 2 == 0]
+    even = [r for r in fitting if (height // r) % 2 == 0]
+    widen = VECTORS // vectors
     return BlockConfig(
         rows=max(even or fitting),
-        expand_channels=_channel_block(shape.expanded, 4),
-        depthwise_channels=_channel_block(shape.expanded, 2),
-        project_channels=_channel_block(shape.out_channels, 4),
+        expand_channels=_channel_block(shape.expanded, 4 * widen),
+        depthwise_channels=_channel_block(shape.expanded, 2 * widen),
+        project_channels=_channel_block(shape.out_channels, 4 * widen),
+        vectors=vectors,
     )
 
 
@@ -131,6 +193,31 @@ def edge_mask(height: int, width: int, rows: int) -> npt.NDArray[np.float32]:
     cols = f % pitch - 1
     inside = (image_rows >= 0) & (image_rows < height) & (cols >= 0) & (cols < width)
     return inside.astype(np.float32)
+
+
+def strided_edge_mask(height: int, width: int, rows: int, vectors: int) -> npt.NDArray[np.float32]:
+    """``edge_mask`` of a stride-2 block (input ``height`` x ``width``): per strip, plane and
+    position, 1.0 inside the image; the planes as in ``strided_strip_dims``, plane
+    ``2 * (row parity) + column parity`` of the padded image."""
+    if height % 2 or width % 2:
+        raise ValueError(f"a stride-2 block needs an even height and width, not {height}x{width}")
+    if (height // 2) % rows:
+        raise ValueError(f"rows {rows} must divide the output height {height // 2}")
+    pitch, _, fe = strided_strip_dims(width // 2, rows, vectors)
+    strip = np.arange(height // 2 // rows)[:, None, None]
+    plane = np.arange(4)[None, :, None]
+    f = np.arange(fe)[None, None, :]
+    image_rows = strip * 2 * rows - 1 + 2 * (f // pitch) + plane // 2
+    cols = 2 * (f % pitch) + plane % 2 - 1
+    inside = (image_rows >= 0) & (image_rows < height) & (cols >= 0) & (cols < width)
+    return inside.astype(np.float32)
+
+
+def block_mask(shape: BlockShape, config: BlockConfig) -> npt.NDArray[np.float32]:
+    """The fused kernel's mask argument for ``shape`` planned as ``config``."""
+    if shape.stride == 2:
+        return strided_edge_mask(shape.height, shape.width, config.rows, config.vectors)
+    return edge_mask(shape.height, shape.width, config.rows)
 
 
 def choose_block_fusion(requested: bool | None, *, gpu: bool, isa: str) -> bool:

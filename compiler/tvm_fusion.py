@@ -18,7 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from compiler.fusion_plan import LANES, BlockConfig, BlockShape, edge_mask, plan_block, strip_dims
+from compiler.fusion_plan import (
+    LANES,
+    BlockConfig,
+    BlockShape,
+    block_mask,
+    plan_block,
+    strided_strip_dims,
+    strip_dims,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +85,79 @@ def block_func(shape: BlockShape, rows: int) -> Any:
         lambda s, k, g: te.sum(wd[k, kh, kw] * ep[s, k, g + kh * pitch + kw], axis=[kh, kw]),
         name="D",
     )
+    config = BlockConfig(rows, 1, 1, 1)  # only the rows matter to the stages after D
+    return _project_and_write(shape, config, pitch, fd, x, (we, be, wd, bd, wp, bp), mask, d)
+
+
+def strided_block_func(shape: BlockShape, config: BlockConfig) -> Any:
+    """``block_func`` of a stride-2 block: the expand stage computes four planes of the
+    padded image (even/odd rows by even/odd columns, ``fusion_plan.strided_strip_dims``)
+    so that every depthwise tap reads a contiguous run of one plane.
+
+    Arguments as ``block_func``'s, the mask (strips, 4, fe); output (1, Co, H/2, W/2).
+    """
+    from tvm import te, tirx
+
+    c, m, co = shape.in_channels, shape.expanded, shape.out_channels
+    h, w, rows = shape.height, shape.width, config.rows
+    strips = shape.out_height // rows
+    pitch, fd, fe = strided_strip_dims(shape.out_width, rows, config.vectors)
+    x = te.placeholder((1, c, h, w), name="X")
+    we, be = te.placeholder((m, c), name="We"), te.placeholder((m,), name="be")
+    wd, bd = te.placeholder((m, 3, 3), name="Wd"), te.placeholder((m,), name="bd")
+    wp, bp = te.placeholder((co, m), name="Wp"), te.placeholder((co,), name="bp")
+    mask = te.placeholder((strips, 4, fe), name="mask")
+    zero = tirx.const(0.0, "float32")
+
+    def plane_input(s: Any, plane: Any, k: Any, row: Any, col: Any) -> Any:
+        i = s * (2 * rows) - 1 + 2 * row + plane // 2
+        j = 2 * col + plane % 2 - 1
+        return tirx.if_then_else(
+            te.all(i >= 0, i < h, j >= 0, j < w),
+            x[0, k, tirx.max(tirx.min(i, h - 1), 0), tirx.max(tirx.min(j, w - 1), 0)],
+            zero,
+        )
+
+    xp = te.compute((strips, 4, c, -(-fe // pitch), pitch), plane_input, name="Xp")
+    rc = te.reduce_axis((0, c), name="c")
+    e = te.compute(
+        (strips, 4, m, fe),
+        lambda s, q, k, f: te.sum(we[k, rc] * xp[s, q, rc, f // pitch, f % pitch], axis=rc),
+        name="E",
+    )
+    ep = te.compute(
+        (strips, 4, m, fe),
+        lambda s, q, k, f: _relu6(e[s, q, k, f] + be[k]) * mask[s, q, f],
+        name="Ep",
+    )
+    kh, kw = te.reduce_axis((0, 3), name="kh"), te.reduce_axis((0, 3), name="kw")
+    d = te.compute(
+        (strips, m, fd),
+        lambda s, k, g: te.sum(
+            wd[k, kh, kw] * ep[s, kh % 2 * 2 + kw % 2, k, g + kh // 2 * pitch + kw // 2],
+            axis=[kh, kw],
+        ),
+        name="D",
+    )
+    return _project_and_write(shape, config, pitch, fd, x, (we, be, wd, bd, wp, bp), mask, d)
+
+
+def _project_and_write(
+    shape: BlockShape,
+    config: BlockConfig,
+    pitch: int,
+    fd: int,
+    x: Any,
+    weights: tuple[Any, ...],
+    mask: Any,
+    d: Any,
+) -> Any:
+    """The stages after the depthwise sum ``d``, shared by both strides; the PrimFunc."""
+    from tvm import te
+
+    co, m, rows = shape.out_channels, shape.expanded, config.rows
+    strips = shape.out_height // rows
+    we, be, wd, bd, wp, bp = weights
     d1 = te.compute((strips, m, fd), lambda s, k, g: _relu6(d[s, k, g] + bd[k]), name="D1")
     rm = te.reduce_axis((0, m), name="r")
     p = te.compute(
@@ -89,19 +170,21 @@ def block_func(shape: BlockShape, rows: int) -> Any:
         value = q[i // rows, o, i % rows * pitch + j]
         return value + x[n, o, i, j] if shape.residual else value
 
-    out = te.compute((1, co, h, w), output, name="Out")
+    out = te.compute((1, co, shape.out_height, shape.out_width), output, name="Out")
     return te.create_prim_func([x, we, be, wd, bd, wp, bp, mask, out])
 
 
-def _gemm_stage(sch: Any, name: str, strip: Any, channels: int, vectors: int) -> None:
-    """Stage ``name`` (strip, channel, position, reductions...) register-blocked.
+def _gemm_stage(
+    sch: Any, name: str, strip: Any, channels: int, vectors: int, *, planes: bool = False
+) -> None:
+    """Stage ``name`` (strip, [plane,] channel, position, reductions...) register-blocked.
 
     ``channels`` x ``vectors`` vectors of positions of accumulators in a local buffer (LLVM
     keeps it in registers once the loops are unrolled), the reduction outside them.
     """
     block = sch.get_sblock(name)
     sch.compute_at(block, strip)
-    chan, pos, *red = sch.get_loops(block)[1:]
+    chan, pos, *red = sch.get_loops(block)[2 if planes else 1 :]
     chan_o, chan_i = sch.split(chan, [None, channels])
     pos_o, pos_m, pos_v = sch.split(pos, [None, vectors, LANES])
     sch.reorder(chan_o, pos_o, *red, chan_i, pos_m, pos_v)
@@ -115,8 +198,11 @@ def _gemm_stage(sch: Any, name: str, strip: Any, channels: int, vectors: int) ->
     sch.vectorize(inner)
 
 
-def schedule(func: Any, config: BlockConfig) -> Any:
-    """Strips in parallel, each computing every stage for its rows; returns the Schedule."""
+def schedule(func: Any, config: BlockConfig, *, strided: bool = False) -> Any:
+    """Strips in parallel, each computing every stage for its rows; returns the Schedule.
+
+    ``strided``: ``func`` is a ``strided_block_func`` (its expand stage has a plane axis).
+    """
     import tvm.s_tir as tir
 
     sch = tir.Schedule(func)
@@ -137,7 +223,7 @@ def schedule(func: Any, config: BlockConfig) -> Any:
     _gemm_stage(sch, "D", strip, config.depthwise_channels, config.vectors)
     sch.reverse_compute_inline(sch.get_sblock("D1"))
     sch.compute_at(sch.get_sblock("Ep"), strip)
-    _gemm_stage(sch, "E", strip, config.expand_channels, config.vectors)
+    _gemm_stage(sch, "E", strip, config.expand_channels, config.vectors, planes=strided)
     sch.reverse_compute_inline(sch.get_sblock("Ep"))
     xp = sch.get_sblock("Xp")
     sch.compute_at(xp, strip)
@@ -151,7 +237,11 @@ def scheduled_block(shape: BlockShape, config: BlockConfig) -> Any:
     ``op_pattern`` 8 is kOpaque: fusing a following elementwise op into it would make a
     new, unscheduled function of it.
     """
-    func = schedule(block_func(shape, config.rows), config).mod["main"]
+    if shape.stride == 2:
+        te_func = strided_block_func(shape, config)
+    else:
+        te_func = block_func(shape, config.rows)
+    func = schedule(te_func, config, strided=shape.stride == 2).mod["main"]
     # Its symbol comes from the name the module gives it (te names every function "main").
     func = func.without_attr("global_symbol")
     return func.with_attrs({"tirx.is_scheduled": True, "op_pattern": 8})
@@ -191,24 +281,29 @@ def _ints(values: Any) -> list[int]:
     return [int(v) for v in values]
 
 
-def _conv(value: Any, *, kernel: int) -> tuple[Any, np.ndarray, int] | None:
-    """``conv2d(var, constant weight)``, stride 1, same padding: (input, weight, groups)."""
+def _conv(
+    value: Any, *, kernel: int, strides: tuple[int, ...] = (1,)
+) -> tuple[Any, np.ndarray, int, int] | None:
+    """``conv2d(var, constant weight)``, one of ``strides`` both ways, padding ``kernel // 2``:
+    (input, weight, groups, stride)."""
     if _op_name(value) != "relax.nn.conv2d":
         return None
     attrs = value.attrs
     weight = _const(value.args[1])
     pad = kernel // 2
+    stride = _ints(attrs.strides)
     if (
         weight is None
         or weight.shape[2:] != (kernel, kernel)
-        or _ints(attrs.strides) != [1, 1]
+        or stride[0] not in strides
+        or stride[1] != stride[0]
         or _ints(attrs.dilation) != [1, 1]
         or _ints(attrs.padding) != [pad] * 4
         or (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW")
         or (attrs.out_dtype is not None and str(attrs.out_dtype) not in ("", "float32", "void"))
     ):
         return None
-    return value.args[0], weight, int(attrs.groups)
+    return value.args[0], weight, int(attrs.groups), stride[0]
 
 
 def _bias_add(value: Any, channels: int) -> tuple[Any, np.ndarray] | None:
@@ -287,7 +382,7 @@ def _find_blocks(func: Any) -> list[_Match]:
         dw_out = relu6_input(project[0], m)
         if dw_out is None:
             continue
-        depthwise = _conv(single_use_value(dw_out[0]), kernel=3)
+        depthwise = _conv(single_use_value(dw_out[0]), kernel=3, strides=(1, 2))
         if depthwise is None or depthwise[2] != m or depthwise[1].shape[:2] != (m, 1):
             continue
         ex_out = relu6_input(depthwise[0], m)
@@ -301,15 +396,18 @@ def _find_blocks(func: Any) -> list[_Match]:
         if x_shape is None or len(x_shape) != 4:
             continue
         n, c, h, w = x_shape
-        if n != 1 or (residual is not None and (not residual.same_as(x) or c != co)):
+        shape = BlockShape(c, m, co, h, w, stride=depthwise[3])
+        if n != 1 or (residual is not None and (not residual.same_as(x) or not shape.residual)):
             continue
-        if residual is None and c == co:
-            continue  # the kernel adds x whenever C == Co; this block has no residual
+        if residual is None and shape.residual:
+            continue  # the kernel adds x to a stride-1 block with C == Co; this one has no add
+        if shape.stride == 2 and (h % 2 or w % 2):
+            continue  # an odd size rounds the output up; the kernel halves exactly
         matches.append(
             _Match(
                 x=x,
                 end=end if residual is not None else projected_var,
-                shape=BlockShape(c, m, co, h, w),
+                shape=shape,
                 weights=[
                     expand[1].reshape(m, c),
                     ex_out[1],
@@ -376,13 +474,13 @@ def fuse_inverted_residuals(mod: Any) -> tuple[Any, list[str]]:
             args = [
                 self.visit_expr(match.x),
                 *(relax.const(np.ascontiguousarray(a, dtype="float32")) for a in match.weights),
-                relax.const(edge_mask(shape.height, shape.width, config.rows)),
+                relax.const(block_mask(shape, config)),
             ]
             call = relax.call_tir(
                 kernel,
                 args,
                 out_ty=relax.TensorType(
-                    (1, shape.out_channels, shape.height, shape.width), "float32"
+                    (1, shape.out_channels, shape.out_height, shape.out_width), "float32"
                 ),
             )
             if isinstance(binding.var, relax.DataflowVar):

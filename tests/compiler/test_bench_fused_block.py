@@ -15,6 +15,9 @@ from compiler.fusion_plan import BlockConfig
         (["--shape", "16,96,0,112"], "--shape '16,96,0,112': expected 4 positive integers"),
         (["--config", "4,2,x,2"], "--config '4,2,x,2': expected 4 positive integers"),
         (["--config", "planned"], "--config 'planned': expected 4 positive integers"),
+        (["--shape", "16,96,24,112,3"], "--shape '16,96,24,112,3': the stride must be 1 or 2"),
+        (["--shape", "16,96,24,111,2"], "2 needs an even side H"),
+        (["--shape", "16,96,24,112,2,1"], "expected 4 positive integers"),
     ],
 )
 def test_bad_shapes_and_configs_exit_2_naming_the_value(
@@ -35,6 +38,7 @@ def test_bad_shapes_and_configs_exit_2_naming_the_value(
     ],
 )
 def test_fused_block_matches_onnxruntime(shape: list[int]) -> None:
+    shape = [*shape, 1]
     configs = [
         BlockConfig(rows=2, expand_channels=4, depthwise_channels=2, project_channels=2),
         BlockConfig(rows=3, expand_channels=2, depthwise_channels=2, project_channels=2),
@@ -46,3 +50,14 @@ def test_fused_block_matches_onnxruntime(shape: list[int]) -> None:
     assert row["config"] == [2, 4, 2, 2]
     assert row["max_abs_err"] < 1e-4
     assert row["tvm_us"] > 0 and row["ort_us"] > 0
+
+
+@pytest.mark.slow
+def test_stride_2_fused_block_matches_onnxruntime() -> None:
+    configs = [
+        BlockConfig(rows=2, expand_channels=4, depthwise_channels=2, project_channels=4),
+        BlockConfig(rows=4, expand_channels=2, depthwise_channels=2, project_channels=2),
+    ]
+    rows = run_shape([8, 24, 12, 16, 2], configs, threads=1, rounds=1, repeat=2)
+    assert [row["config"] for row in rows] == [[2, 4, 2, 4], [4, 2, 2, 2]]
+    assert all(row["max_abs_err"] < 1e-4 for row in rows)

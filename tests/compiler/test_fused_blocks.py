@@ -21,16 +21,17 @@ pytestmark = pytest.mark.slow
 
 
 class _Net(nn.Module):
-    """A stem, then MobileNetV2 blocks of every kind the pass must tell apart (28x28 input)."""
+    """A stem, then MobileNetV2 blocks of every kind the pass must tell apart (56x56 input)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.body = nn.Sequential(
             _conv_bn(3, 16, 3, 1, relu6=True),
-            InvertedResidual(16, 16, 1, 6),  # residual: fused
-            InvertedResidual(16, 24, 1, 6),  # no residual (16 -> 24): fused
-            InvertedResidual(24, 24, 2, 6),  # stride 2: left to MetaSchedule's kernels
-            InvertedResidual(24, 24, 1, 6),  # 14 wide: too narrow to pay, left alone
+            InvertedResidual(16, 24, 2, 6),  # stride 2, 56 -> 28: fused
+            InvertedResidual(24, 24, 1, 6),  # residual: fused
+            InvertedResidual(24, 32, 1, 6),  # no residual (24 -> 32): fused
+            InvertedResidual(32, 32, 2, 6),  # stride 2 to 14 wide: left to MetaSchedule
+            InvertedResidual(32, 32, 1, 6),  # 14 wide: too narrow to pay, left alone
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -38,7 +39,11 @@ class _Net(nn.Module):
         return out
 
 
-FUSED = ["16->96->16 at 28x28 (strips of 14 rows)", "16->96->24 at 28x28 (strips of 14 rows)"]
+FUSED = [
+    "16->96->24 at 56x56, stride 2 (strips of 14 rows)",
+    "24->144->24 at 28x28 (strips of 14 rows)",
+    "24->144->32 at 28x28 (strips of 14 rows)",
+]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +57,7 @@ def blocks_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("fused") / "blocks.onnx"
     with torch.no_grad():
         torch.onnx.export(
-            net, (torch.randn(1, 3, 28, 28),), str(path), dynamo=False, opset_version=17
+            net, (torch.randn(1, 3, 56, 56),), str(path), dynamo=False, opset_version=17
         )
     return path
 
@@ -71,7 +76,7 @@ def _compile(model: Path, out: Path, key: Path, **options: object) -> dict[str, 
     return report
 
 
-def test_stride_1_blocks_are_fused_and_match_onnxruntime(
+def test_blocks_are_fused_and_match_onnxruntime(
     blocks_onnx: Path, signing_key: Path, tmp_path: Path
 ) -> None:
     report = _compile(blocks_onnx, tmp_path / "fused", signing_key)
@@ -107,13 +112,11 @@ def test_arm_profiles_fuse_only_when_asked(blocks_onnx: Path, signing_key: Path)
     assert fused == FUSED
 
 
-def test_a_block_whose_activation_is_used_elsewhere_is_left_alone(tmp_path: Path) -> None:
-    import tvm
-
-    from compiler import tvm_builder
-    from compiler.frontends import load_model
-
-    c, m, h = 8, 48, 28
+def _block_model(
+    path: Path, outputs: list[str], *, h: int = 28, stride: int = 1, residual: bool = True
+) -> Path:
+    """One 8->48->8 block as the ONNX exporter writes it, with ``outputs`` as graph outputs."""
+    c, m = 8, 48
     rng = np.random.default_rng(0)
     consts = {
         "We": rng.standard_normal((m, c, 1, 1)),
@@ -129,36 +132,57 @@ def test_a_block_whose_activation_is_used_elsewhere_is_left_alone(tmp_path: Path
         helper.make_node("Conv", ["x", "We", "be"], ["e0"], kernel_shape=[1, 1]),
         helper.make_node("Clip", ["e0", "lo", "hi"], ["e1"]),
         helper.make_node(
-            "Conv", ["e1", "Wd", "bd"], ["d0"], kernel_shape=[3, 3], pads=[1] * 4, group=m
+            "Conv",
+            ["e1", "Wd", "bd"],
+            ["d0"],
+            kernel_shape=[3, 3],
+            pads=[1] * 4,
+            strides=[stride] * 2,
+            group=m,
         ),
         helper.make_node("Clip", ["d0", "lo", "hi"], ["d1"]),
-        helper.make_node("Conv", ["d1", "Wp", "bp"], ["p0"], kernel_shape=[1, 1]),
-        helper.make_node("Add", ["p0", "x"], ["y"]),
+        helper.make_node(
+            "Conv", ["d1", "Wp", "bp"], ["p0" if residual else "y"], kernel_shape=[1, 1]
+        ),
     ]
+    if residual:
+        nodes.append(helper.make_node("Add", ["p0", "x"], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "block",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, h, h])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in consts.items()],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
 
-    def model(outputs: list[str]) -> Path:
-        graph = helper.make_graph(
-            nodes,
-            "block",
-            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, h, h])],
-            [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs],
-            [numpy_helper.from_array(v.astype(np.float32), k) for k, v in consts.items()],
-        )
-        path = tmp_path / f"{'_'.join(outputs)}.onnx"
-        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-        return path
 
+def _fused(path: Path) -> list[str]:
+    import tvm
+
+    from compiler import tvm_builder
+    from compiler.frontends import load_model
+
+    relax_mod = load_model(path).to_relax()
     target = tvm.target.Target({"kind": "llvm"})
+    return tvm_builder._prepare_fused(relax_mod, target, weight_prepack=False, fuse_blocks=True)[1]
 
-    def fused(path: Path) -> list[str]:
-        relax_mod = load_model(path).to_relax()
-        return tvm_builder._prepare_fused(
-            relax_mod, target, weight_prepack=False, fuse_blocks=True
-        )[1]
 
-    assert fused(model(["y"])) == ["8->48->8 at 28x28 (strips of 14 rows)"]
+def test_a_block_whose_activation_is_used_elsewhere_is_left_alone(tmp_path: Path) -> None:
+    assert _fused(_block_model(tmp_path / "y.onnx", ["y"])) == [
+        "8->48->8 at 28x28 (strips of 14 rows)"
+    ]
     # the expanded activation is also an output of the model: fusing would lose it
-    assert fused(model(["y", "e1"])) == []
+    assert _fused(_block_model(tmp_path / "y_e1.onnx", ["y", "e1"])) == []
+
+
+def test_stride_2_blocks_are_fused_where_the_output_is_exactly_half(tmp_path: Path) -> None:
+    even = _block_model(tmp_path / "even.onnx", ["y"], h=56, stride=2, residual=False)
+    assert _fused(even) == ["8->48->8 at 56x56, stride 2 (strips of 14 rows)"]
+    # 57 -> 29 rounds up: the kernel's planes halve exactly, so the block is left alone
+    odd = _block_model(tmp_path / "odd.onnx", ["y"], h=57, stride=2, residual=False)
+    assert _fused(odd) == []
 
 
 def test_fuse_blocks_on_a_gpu_profile_is_refused(

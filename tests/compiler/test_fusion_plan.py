@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -12,9 +14,13 @@ from compiler.fusion_plan import (
     VECTORS,
     BlockConfig,
     BlockShape,
+    block_mask,
     choose_block_fusion,
     edge_mask,
     plan_block,
+    strided_edge_mask,
+    strided_strip_dims,
+    strided_vectors,
     strip_bytes,
     strip_dims,
 )
@@ -28,6 +34,78 @@ def test_strips_are_whole_accumulator_blocks_with_room_for_the_taps(width: int, 
     assert fd >= rows * pitch and fd % (VECTORS * LANES) == 0
     # the depthwise taps of the last position reach exactly the end of the expand positions
     assert fe == fd + 2 * pitch + 2 and fe % (VECTORS * LANES) == 0
+
+
+@pytest.mark.parametrize("out_width", [7, 14, 28, 56, 63, 64])
+@pytest.mark.parametrize("rows", [1, 4, 7, 14])
+@pytest.mark.parametrize("vectors", [1, 2, 4])
+def test_strided_strips_are_whole_blocks_with_room_for_the_taps(
+    out_width: int, rows: int, vectors: int
+) -> None:
+    pitch, fd, fe = strided_strip_dims(out_width, rows, vectors)
+    block = vectors * LANES
+    # the even-column planes hold out_width + 1 columns: the padding column on the left
+    assert pitch >= out_width + 1 and pitch % block == block - 1
+    assert fd >= rows * pitch and fd % block == 0
+    # tap (2, 2) of the last position reads plane (0, 0) at fd - 1 + pitch + 1
+    assert fe == fd + pitch + 1 and fe % block == 0
+
+
+@pytest.mark.parametrize(("out_width", "vectors"), [(56, 4), (28, 2), (14, 1), (112, 4)])
+def test_strided_vectors_keep_the_pitch_within_a_quarter(out_width: int, vectors: int) -> None:
+    assert strided_vectors(out_width) == vectors
+
+
+def test_strided_edge_mask_marks_exactly_the_image() -> None:
+    height, width, rows, vectors = 8, 6, 2, 1
+    pitch, _, fe = strided_strip_dims(width // 2, rows, vectors)
+    mask = strided_edge_mask(height, width, rows, vectors)
+    assert mask.shape == (2, 4, fe) and mask.dtype == np.float32
+    for strip in range(2):
+        for plane in range(4):
+            for pos in range(fe):
+                # plane (row parity, column parity) of the padded image: padded row
+                # 2 * (pos // pitch) + row parity of the strip's 2 * rows + 1, padded column
+                # 2 * (pos % pitch) + column parity; the image starts at padded (1, 1)
+                row = strip * 2 * rows + 2 * (pos // pitch) + plane // 2 - 1
+                col = 2 * (pos % pitch) + plane % 2 - 1
+                inside = 0 <= row < height and 0 <= col < width
+                assert mask[strip, plane, pos] == (1.0 if inside else 0.0)
+    # the rows the taps read (2 * rows + 1 from the padding row above each strip) hold every
+    # image pixel once, the row shared by two strips twice
+    plane_rows = np.arange(fe) // pitch
+    read = [(plane_rows <= rows - plane // 2)[None, :] for plane in range(4)]
+    assert sum(float((mask[:, p] * read[p]).sum()) for p in range(4)) == height * width + width
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "rows", "message"),
+    [
+        (7, 6, 1, "a stride-2 block needs an even height and width, not 7x6"),
+        (8, 5, 1, "a stride-2 block needs an even height and width, not 8x5"),
+        (8, 6, 3, "rows 3 must divide the output height 4"),
+    ],
+)
+def test_strided_edge_mask_refuses_what_the_kernel_cannot_do(
+    height: int, width: int, rows: int, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        strided_edge_mask(height, width, rows, 1)
+
+
+def test_block_mask_follows_the_stride() -> None:
+    one = BlockShape(8, 16, 8, 6, 5)
+    two = BlockShape(8, 16, 8, 8, 6, 2)
+    config = BlockConfig(3, 4, 2, 4, vectors=1)
+    assert np.array_equal(block_mask(one, config), edge_mask(6, 5, 3))
+    assert np.array_equal(block_mask(two, replace(config, rows=2)), strided_edge_mask(8, 6, 2, 1))
+
+
+def test_a_stride_2_block_has_no_residual_and_halves_its_input() -> None:
+    block = BlockShape(24, 144, 24, 56, 56, 2)
+    assert not block.residual and (block.out_height, block.out_width) == (28, 28)
+    assert block.describe() == "24->144->24 at 56x56, stride 2"
+    assert BlockShape(24, 144, 24, 56, 56).residual
 
 
 def test_strip_dims_refuses_empty_strips() -> None:
@@ -50,6 +128,14 @@ def test_strip_dims_refuses_empty_strips() -> None:
         # a prime height leaves strips of 1 row: expanding 3 rows per row is no gain
         (BlockShape(24, 144, 24, 31, 56), None),
         (BlockShape(24, 144, 24, 30, 56), BlockConfig(15, 4, 2, 4)),
+        # stride 2 (MobileNetV2's features.2 and .4): planes of pitch 63 at 56 wide, 4
+        # vectors; 31 at 28 wide, 2 vectors and twice the channels per accumulator block
+        (BlockShape(16, 96, 24, 112, 112, 2), BlockConfig(7, 4, 2, 4, vectors=4)),
+        (BlockShape(24, 144, 32, 56, 56, 2), BlockConfig(7, 8, 4, 8, vectors=2)),
+        # stride 2 to 14 wide, an odd input, a stride the kernel does not have: not fused
+        (BlockShape(32, 192, 64, 28, 28, 2), None),
+        (BlockShape(16, 96, 24, 112, 111, 2), None),
+        (BlockShape(16, 96, 24, 112, 112, 3), None),
     ],
 )
 def test_plan_block(shape: BlockShape, expected: BlockConfig | None) -> None:
