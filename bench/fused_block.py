@@ -11,10 +11,12 @@ Add) in the same process, in alternating rounds, and compares the outputs.
     python -m bench.fused_block --shape 24,144,24,56 --config plan --config 8,4,2,4
 
 Shapes are ``C,M,Co,H[,S]`` (input, expanded and output channels, square input side, the
-depthwise stride, 1 unless given). Configurations are ``plan`` (``fusion_plan.plan_block``)
-or ``R,cre,crd,crp``: output rows per strip and the channels of each accumulator block of
-the expand, depthwise and project stages (each as many vectors of 16 positions as the plan
-uses: 4 at stride 1). Results: docs/benchmarks.md, "Fused inverted-residual blocks".
+depthwise stride, 1 unless given); M ``-`` for a block without an expand stage (expansion
+1, MobileNetV2's first block: ``32,-,16,112``). Configurations are ``plan``
+(``fusion_plan.plan_block``) or ``R,cre,crd,crp``: output rows per strip and the channels
+of each accumulator block of the expand, depthwise and project stages (each as many vectors
+of 16 positions as the plan uses: 4 at stride 1). Results: docs/benchmarks.md, "Fused
+inverted-residual blocks".
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from compiler.fusion_plan import (
 )
 
 DEFAULT_SHAPES = (
+    "32,-,16,112",
     "16,96,16,112",
     "24,144,24,56",
     "32,192,32,28",
@@ -48,13 +51,15 @@ DEFAULT_CONFIGS = ("plan", "7,4,2,4")
 
 
 def onnx_block(c: int, m: int, co: int, h: int, weights: list[np.ndarray], stride: int = 1) -> Any:
-    """The same block as an ONNX graph (what the exporter emits once BatchNorm is folded)."""
+    """The same block as an ONNX graph (what the exporter emits once BatchNorm is folded).
+
+    ``weights``: We, be, Wd, bd, Wp, bp, or without expansion Wd, bd, Wp, bp.
+    """
     from onnx import TensorProto, helper, numpy_helper
 
-    we, be, wd, bd, wp, bp = weights
+    *expand, wd, bd, wp, bp = weights
     consts = [
-        (we.reshape(m, c, 1, 1), "We"),
-        (be, "be"),
+        *([(expand[0].reshape(m, c, 1, 1), "We"), (expand[1], "be")] if expand else []),
         (wd.reshape(m, 1, 3, 3), "Wd"),
         (bd, "bd"),
         (wp.reshape(co, m, 1, 1), "Wp"),
@@ -67,9 +72,13 @@ def onnx_block(c: int, m: int, co: int, h: int, weights: list[np.ndarray], strid
     nodes = [
         helper.make_node("Conv", ["x", "We", "be"], ["e0"], kernel_shape=[1, 1]),
         helper.make_node("Clip", ["e0", "lo", "hi"], ["e1"]),
+    ]
+    if not expand:
+        nodes = []
+    nodes += [
         helper.make_node(
             "Conv",
-            ["e1", "Wd", "bd"],
+            ["e1" if expand else "x", "Wd", "bd"],
             ["d0"],
             kernel_shape=[3, 3],
             pads=[1, 1, 1, 1],
@@ -104,12 +113,21 @@ def parse_ints(text: str, count: int, what: str) -> list[int]:
 
 
 def parse_shape(text: str) -> list[int]:
-    """``C,M,Co,H`` or ``C,M,Co,H,S`` as [C, M, Co, H, S]; ValueError naming the value."""
-    fields = parse_ints(text, 5 if text.count(",") == 4 else 4, "--shape")
+    """``C,M,Co,H`` or ``C,M,Co,H,S`` as [C, M, Co, H, S]; ValueError naming the value.
+
+    M ``-``: no expand stage (expansion 1), returned as M = 0.
+    """
+    parts = text.split(",")
+    no_expand = len(parts) > 1 and parts[1] == "-"
+    if no_expand:
+        parts[1] = parts[0]
+    fields = parse_ints(",".join(parts), 5 if text.count(",") == 4 else 4, "--shape")
     if len(fields) == 4:
         fields.append(1)
     if fields[4] not in (1, 2) or (fields[4] == 2 and fields[3] % 2):
         raise ValueError(f"--shape {text!r}: the stride must be 1 or 2, and 2 needs an even side H")
+    if no_expand:
+        fields[1] = 0
     return fields
 
 
@@ -136,14 +154,15 @@ def run_shape(
     from compiler.tvm_fusion import scheduled_block
 
     c, m, co, h, stride = shape
-    block = BlockShape(c, m, co, h, h, stride)
+    expand = m != 0
+    m = m or c
+    block = BlockShape(c, m, co, h, h, stride, expand=expand)
     ho = block.out_height
     rng = np.random.default_rng(0)
     weights = [
         (rng.standard_normal(s) * scale).astype("float32")
         for s, scale in (
-            ((m, c), 0.2),
-            ((m,), 0.5),
+            *((((m, c), 0.2), ((m,), 0.5)) if expand else ()),
             ((m, 3, 3), 0.3),
             ((m,), 0.5),
             ((co, m), 0.1),
@@ -186,7 +205,8 @@ def run_shape(
             continue
         func = scheduled_block(block, config).with_attr("global_symbol", "main")
         lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
-        call_args = [*args, tvm.runtime.tensor(block_mask(block, config), dev), out]
+        masks = [tvm.runtime.tensor(block_mask(block, config), dev)] if expand else []
+        call_args = [*args, *masks, out]
         lib["main"](*call_args)
         err = float(np.abs(out.numpy() - expected).max())
         # Two blocks per round, the first discarded: each runtime's worker threads spin for
@@ -249,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))  # exit 2
     for shape in shapes:
         c, m, co, h, stride = shape
-        print(f"{c}->{m}->{co} at {h}x{h}, stride {stride}, {args.threads} threads:", flush=True)
+        block = BlockShape(c, m or c, co, h, h, stride, expand=m != 0)
+        print(f"{block.describe()}, {args.threads} threads:", flush=True)
         run_shape(shape, configs, threads=args.threads, rounds=args.rounds, repeat=args.repeat)
     return 0
 

@@ -39,6 +39,8 @@ class BlockShape:
     """An inverted-residual block, batch 1, NCHW float32; the depthwise stride 1 or 2.
 
     ``height`` and ``width`` are the input's; a stride-2 block halves them (even sizes only).
+    ``expand`` False: a block of expansion 1, whose depthwise convolution reads the input
+    itself (``expanded == in_channels``), as MobileNetV2's first block.
     """
 
     in_channels: int
@@ -47,6 +49,7 @@ class BlockShape:
     height: int
     width: int
     stride: int = 1
+    expand: bool = True
 
     @property
     def residual(self) -> bool:
@@ -63,7 +66,9 @@ class BlockShape:
     def describe(self) -> str:
         c, m, co = self.in_channels, self.expanded, self.out_channels
         text = f"{c}->{m}->{co} at {self.height}x{self.width}"
-        return text if self.stride == 1 else f"{text}, stride {self.stride}"
+        if self.stride != 1:
+            text += f", stride {self.stride}"
+        return text if self.expand else f"{text}, no expansion"
 
 
 @dataclass(frozen=True)
@@ -123,18 +128,19 @@ def strided_vectors(out_width: int) -> int:
 
 
 def strip_bytes(shape: BlockShape, rows: int, vectors: int = VECTORS) -> int:
-    """Bytes of one strip's buffers: input rows, expanded, depthwise and projected.
+    """Bytes of one strip's buffers: input rows, expanded (if any), depthwise and projected.
 
     ``vectors`` matters for stride-2 blocks only (``strided_strip_dims``).
     """
     c, m, co = shape.in_channels, shape.expanded, shape.out_channels
+    planes = 4 if shape.stride == 2 else 1
     if shape.stride == 2:
         pitch, fd, fe = strided_strip_dims(shape.out_width, rows, vectors)
-        input_rows = -(-fe // pitch) * pitch
-        return 4 * (4 * c * input_rows + m * (4 * fe + fd) + co * fd)
-    pitch, fd, fe = strip_dims(shape.width, rows)
+    else:
+        pitch, fd, fe = strip_dims(shape.width, rows)
     input_rows = -(-fe // pitch) * pitch
-    return 4 * (c * input_rows + m * (fe + fd) + co * fd)
+    expanded = m * planes * fe if shape.expand else 0
+    return 4 * (planes * c * input_rows + expanded + m * fd + co * fd)
 
 
 def _channel_block(channels: int, widest: int) -> int:
@@ -154,6 +160,8 @@ def plan_block(shape: BlockShape, *, budget_bytes: int = STRIP_BUDGET_BYTES) -> 
     stride 1, outputs at least ``MIN_WIDTH`` wide.
     """
     if shape.stride not in (1, 2) or min(shape.in_channels, shape.expanded, shape.out_channels) < 1:
+        return None
+    if not shape.expand and shape.expanded != shape.in_channels:
         return None
     if shape.stride == 2 and (shape.height % 2 or shape.width % 2):
         return None

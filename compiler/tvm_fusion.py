@@ -40,23 +40,38 @@ def _relu6(x: Any) -> Any:
     return tirx.max(tirx.min(x, tirx.const(6.0, "float32")), tirx.const(0.0, "float32"))
 
 
+def _inputs(shape: BlockShape, mask_shape: tuple[int, ...]) -> tuple[Any, list[Any]]:
+    """X and the weight placeholders; (X, [We, be,] Wd, bd, Wp, bp[, mask])."""
+    from tvm import te
+
+    c, m, co = shape.in_channels, shape.expanded, shape.out_channels
+    x = te.placeholder((1, c, shape.height, shape.width), name="X")
+    weights = [
+        te.placeholder((m, 3, 3), name="Wd"),
+        te.placeholder((m,), name="bd"),
+        te.placeholder((co, m), name="Wp"),
+        te.placeholder((co,), name="bp"),
+    ]
+    if shape.expand:
+        weights[:0] = [te.placeholder((m, c), name="We"), te.placeholder((m,), name="be")]
+        weights.append(te.placeholder(mask_shape, name="mask"))
+    return x, weights
+
+
 def block_func(shape: BlockShape, rows: int) -> Any:
     """The block in TE, strip by strip (``rows`` output rows each); see ``fusion_plan``.
 
     Arguments: X (1, C, H, W), We (M, C), be (M,), Wd (M, 3, 3), bd (M,), Wp (Co, M),
-    bp (Co,), the edge mask (strips, fe); output (1, Co, H, W).
+    bp (Co,), the edge mask (strips, fe); output (1, Co, H, W). Without expansion: X, Wd,
+    bd, Wp, bp and the output (the depthwise stage reads the zero-padded input rows).
     """
     from tvm import te, tirx
 
-    c, m, co = shape.in_channels, shape.expanded, shape.out_channels
+    c, m = shape.in_channels, shape.expanded
     h, w = shape.height, shape.width
     strips = h // rows
     pitch, fd, fe = strip_dims(w, rows)
-    x = te.placeholder((1, c, h, w), name="X")
-    we, be = te.placeholder((m, c), name="We"), te.placeholder((m,), name="be")
-    wd, bd = te.placeholder((m, 3, 3), name="Wd"), te.placeholder((m,), name="bd")
-    wp, bp = te.placeholder((co, m), name="Wp"), te.placeholder((co,), name="bp")
-    mask = te.placeholder((strips, fe), name="mask")
+    x, weights = _inputs(shape, (strips, fe))
     zero = tirx.const(0.0, "float32")
 
     def padded_input(s: Any, k: Any, row: Any, col: Any) -> Any:
@@ -70,23 +85,35 @@ def block_func(shape: BlockShape, rows: int) -> Any:
     # The strip's input rows (halo included) at the padded pitch, read by the expand stage
     # as contiguous positions (f // pitch, f % pitch flattens back to f).
     xp = te.compute((strips, c, -(-fe // pitch), pitch), padded_input, name="Xp")
-    rc = te.reduce_axis((0, c), name="c")
-    e = te.compute(
-        (strips, m, fe),
-        lambda s, k, f: te.sum(we[k, rc] * xp[s, rc, f // pitch, f % pitch], axis=rc),
-        name="E",
-    )
-    ep = te.compute(
-        (strips, m, fe), lambda s, k, f: _relu6(e[s, k, f] + be[k]) * mask[s, f], name="Ep"
-    )
+    if shape.expand:
+        we, be, _, _, _, _, mask = weights
+        rc = te.reduce_axis((0, c), name="c")
+        e = te.compute(
+            (strips, m, fe),
+            lambda s, k, f: te.sum(we[k, rc] * xp[s, rc, f // pitch, f % pitch], axis=rc),
+            name="E",
+        )
+        ep = te.compute(
+            (strips, m, fe), lambda s, k, f: _relu6(e[s, k, f] + be[k]) * mask[s, f], name="Ep"
+        )
+
+        def expanded(s: Any, k: Any, f: Any) -> Any:
+            return ep[s, k, f]
+
+    else:
+
+        def expanded(s: Any, k: Any, f: Any) -> Any:
+            return xp[s, k, f // pitch, f % pitch]
+
+    wd = weights[-5] if shape.expand else weights[0]
     kh, kw = te.reduce_axis((0, 3), name="kh"), te.reduce_axis((0, 3), name="kw")
     d = te.compute(
         (strips, m, fd),
-        lambda s, k, g: te.sum(wd[k, kh, kw] * ep[s, k, g + kh * pitch + kw], axis=[kh, kw]),
+        lambda s, k, g: te.sum(wd[k, kh, kw] * expanded(s, k, g + kh * pitch + kw), axis=[kh, kw]),
         name="D",
     )
     config = BlockConfig(rows, 1, 1, 1)  # only the rows matter to the stages after D
-    return _project_and_write(shape, config, pitch, fd, x, (we, be, wd, bd, wp, bp), mask, d)
+    return _project_and_write(shape, config, pitch, fd, x, weights, d)
 
 
 def strided_block_func(shape: BlockShape, config: BlockConfig) -> Any:
@@ -98,15 +125,11 @@ def strided_block_func(shape: BlockShape, config: BlockConfig) -> Any:
     """
     from tvm import te, tirx
 
-    c, m, co = shape.in_channels, shape.expanded, shape.out_channels
+    c, m = shape.in_channels, shape.expanded
     h, w, rows = shape.height, shape.width, config.rows
     strips = shape.out_height // rows
     pitch, fd, fe = strided_strip_dims(shape.out_width, rows, config.vectors)
-    x = te.placeholder((1, c, h, w), name="X")
-    we, be = te.placeholder((m, c), name="We"), te.placeholder((m,), name="be")
-    wd, bd = te.placeholder((m, 3, 3), name="Wd"), te.placeholder((m,), name="bd")
-    wp, bp = te.placeholder((co, m), name="Wp"), te.placeholder((co,), name="bp")
-    mask = te.placeholder((strips, 4, fe), name="mask")
+    x, weights = _inputs(shape, (strips, 4, fe))
     zero = tirx.const(0.0, "float32")
 
     def plane_input(s: Any, plane: Any, k: Any, row: Any, col: Any) -> Any:
@@ -119,27 +142,39 @@ def strided_block_func(shape: BlockShape, config: BlockConfig) -> Any:
         )
 
     xp = te.compute((strips, 4, c, -(-fe // pitch), pitch), plane_input, name="Xp")
-    rc = te.reduce_axis((0, c), name="c")
-    e = te.compute(
-        (strips, 4, m, fe),
-        lambda s, q, k, f: te.sum(we[k, rc] * xp[s, q, rc, f // pitch, f % pitch], axis=rc),
-        name="E",
-    )
-    ep = te.compute(
-        (strips, 4, m, fe),
-        lambda s, q, k, f: _relu6(e[s, q, k, f] + be[k]) * mask[s, q, f],
-        name="Ep",
-    )
+    if shape.expand:
+        we, be, _, _, _, _, mask = weights
+        rc = te.reduce_axis((0, c), name="c")
+        e = te.compute(
+            (strips, 4, m, fe),
+            lambda s, q, k, f: te.sum(we[k, rc] * xp[s, q, rc, f // pitch, f % pitch], axis=rc),
+            name="E",
+        )
+        ep = te.compute(
+            (strips, 4, m, fe),
+            lambda s, q, k, f: _relu6(e[s, q, k, f] + be[k]) * mask[s, q, f],
+            name="Ep",
+        )
+
+        def expanded(s: Any, q: Any, k: Any, f: Any) -> Any:
+            return ep[s, q, k, f]
+
+    else:
+
+        def expanded(s: Any, q: Any, k: Any, f: Any) -> Any:
+            return xp[s, q, k, f // pitch, f % pitch]
+
+    wd = weights[-5] if shape.expand else weights[0]
     kh, kw = te.reduce_axis((0, 3), name="kh"), te.reduce_axis((0, 3), name="kw")
     d = te.compute(
         (strips, m, fd),
         lambda s, k, g: te.sum(
-            wd[k, kh, kw] * ep[s, kh % 2 * 2 + kw % 2, k, g + kh // 2 * pitch + kw // 2],
+            wd[k, kh, kw] * expanded(s, kh % 2 * 2 + kw % 2, k, g + kh // 2 * pitch + kw // 2),
             axis=[kh, kw],
         ),
         name="D",
     )
-    return _project_and_write(shape, config, pitch, fd, x, (we, be, wd, bd, wp, bp), mask, d)
+    return _project_and_write(shape, config, pitch, fd, x, weights, d)
 
 
 def _project_and_write(
@@ -148,16 +183,15 @@ def _project_and_write(
     pitch: int,
     fd: int,
     x: Any,
-    weights: tuple[Any, ...],
-    mask: Any,
+    weights: list[Any],
     d: Any,
 ) -> Any:
-    """The stages after the depthwise sum ``d``, shared by both strides; the PrimFunc."""
+    """The stages after the depthwise sum ``d``, shared by all block kinds; the PrimFunc."""
     from tvm import te
 
     co, m, rows = shape.out_channels, shape.expanded, config.rows
     strips = shape.out_height // rows
-    we, be, wd, bd, wp, bp = weights
+    bd, wp, bp = weights[-4:-1] if shape.expand else weights[1:4]
     d1 = te.compute((strips, m, fd), lambda s, k, g: _relu6(d[s, k, g] + bd[k]), name="D1")
     rm = te.reduce_axis((0, m), name="r")
     p = te.compute(
@@ -171,7 +205,7 @@ def _project_and_write(
         return value + x[n, o, i, j] if shape.residual else value
 
     out = te.compute((1, co, shape.out_height, shape.out_width), output, name="Out")
-    return te.create_prim_func([x, we, be, wd, bd, wp, bp, mask, out])
+    return te.create_prim_func([x, *weights, out])
 
 
 def _gemm_stage(
@@ -198,10 +232,11 @@ def _gemm_stage(
     sch.vectorize(inner)
 
 
-def schedule(func: Any, config: BlockConfig, *, strided: bool = False) -> Any:
+def schedule(func: Any, config: BlockConfig, *, strided: bool = False, expand: bool = True) -> Any:
     """Strips in parallel, each computing every stage for its rows; returns the Schedule.
 
-    ``strided``: ``func`` is a ``strided_block_func`` (its expand stage has a plane axis).
+    ``strided``: ``func`` is a ``strided_block_func`` (its expand stage has a plane axis);
+    ``expand`` False: it has no expand stage.
     """
     import tvm.s_tir as tir
 
@@ -222,9 +257,10 @@ def schedule(func: Any, config: BlockConfig, *, strided: bool = False) -> Any:
     sch.compute_at(sch.get_sblock("D1"), strip)
     _gemm_stage(sch, "D", strip, config.depthwise_channels, config.vectors)
     sch.reverse_compute_inline(sch.get_sblock("D1"))
-    sch.compute_at(sch.get_sblock("Ep"), strip)
-    _gemm_stage(sch, "E", strip, config.expand_channels, config.vectors, planes=strided)
-    sch.reverse_compute_inline(sch.get_sblock("Ep"))
+    if expand:
+        sch.compute_at(sch.get_sblock("Ep"), strip)
+        _gemm_stage(sch, "E", strip, config.expand_channels, config.vectors, planes=strided)
+        sch.reverse_compute_inline(sch.get_sblock("Ep"))
     xp = sch.get_sblock("Xp")
     sch.compute_at(xp, strip)
     sch.vectorize(sch.get_loops(xp)[-1])
@@ -241,7 +277,7 @@ def scheduled_block(shape: BlockShape, config: BlockConfig) -> Any:
         te_func = strided_block_func(shape, config)
     else:
         te_func = block_func(shape, config.rows)
-    func = schedule(te_func, config, strided=shape.stride == 2).mod["main"]
+    func = schedule(te_func, config, strided=shape.stride == 2, expand=shape.expand).mod["main"]
     # Its symbol comes from the name the module gives it (te names every function "main").
     func = func.without_attr("global_symbol")
     return func.with_attrs({"tirx.is_scheduled": True, "op_pattern": 8})
@@ -386,17 +422,26 @@ def _find_blocks(func: Any) -> list[_Match]:
         if depthwise is None or depthwise[2] != m or depthwise[1].shape[:2] != (m, 1):
             continue
         ex_out = relu6_input(depthwise[0], m)
-        if ex_out is None:
-            continue
-        expand = _conv(single_use_value(ex_out[0]), kernel=1)
-        if expand is None or expand[2] != 1 or expand[1].shape[0] != m:
-            continue
-        x = expand[0]
+        expand = _conv(single_use_value(ex_out[0]), kernel=1) if ex_out is not None else None
+        weights = [
+            depthwise[1].reshape(m, 3, 3),
+            dw_out[1],
+            project[1].reshape(co, m),
+            project_bias[1],
+        ]
+        has_expand = ex_out is not None and expand is not None and expand[2] == 1
+        if ex_out is not None and expand is not None and has_expand:
+            x = expand[0]
+            weights[:0] = [expand[1].reshape(m, -1), ex_out[1]]
+        else:
+            # No expand stage of its own (expansion 1, or one that cannot be fused with
+            # it): the depthwise convolution and the projection still make a block.
+            x = depthwise[0]
         x_shape = _static_shape(x)
         if x_shape is None or len(x_shape) != 4:
             continue
         n, c, h, w = x_shape
-        shape = BlockShape(c, m, co, h, w, stride=depthwise[3])
+        shape = BlockShape(c, m, co, h, w, stride=depthwise[3], expand=has_expand)
         if n != 1 or (residual is not None and (not residual.same_as(x) or not shape.residual)):
             continue
         if residual is None and shape.residual:
@@ -408,14 +453,7 @@ def _find_blocks(func: Any) -> list[_Match]:
                 x=x,
                 end=end if residual is not None else projected_var,
                 shape=shape,
-                weights=[
-                    expand[1].reshape(m, c),
-                    ex_out[1],
-                    depthwise[1].reshape(m, 3, 3),
-                    dw_out[1],
-                    project[1].reshape(co, m),
-                    project_bias[1],
-                ],
+                weights=weights,
             )
         )
     return matches
@@ -474,8 +512,9 @@ def fuse_inverted_residuals(mod: Any) -> tuple[Any, list[str]]:
             args = [
                 self.visit_expr(match.x),
                 *(relax.const(np.ascontiguousarray(a, dtype="float32")) for a in match.weights),
-                relax.const(block_mask(shape, config)),
             ]
+            if shape.expand:
+                args.append(relax.const(block_mask(shape, config)))
             call = relax.call_tir(
                 kernel,
                 args,

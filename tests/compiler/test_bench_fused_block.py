@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.fused_block import main, run_shape
+from bench.fused_block import main, parse_shape, run_shape
 from compiler.fusion_plan import BlockConfig
 
 
@@ -50,6 +50,20 @@ def test_fused_block_matches_onnxruntime(shape: list[int]) -> None:
     assert row["config"] == [2, 4, 2, 2]
     assert row["max_abs_err"] < 1e-4
     assert row["tvm_us"] > 0 and row["ort_us"] > 0
+
+
+def test_shapes_name_the_stride_and_the_missing_expand_stage() -> None:
+    assert parse_shape("24,144,24,56") == [24, 144, 24, 56, 1]
+    assert parse_shape("16,96,24,112,2") == [16, 96, 24, 112, 2]
+    assert parse_shape("32,-,16,112") == [32, 0, 16, 112, 1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_block_without_expand_stage_matches_onnxruntime(stride: int) -> None:
+    config = BlockConfig(rows=4, expand_channels=4, depthwise_channels=2, project_channels=4)
+    (row,) = run_shape([16, 0, 8, 16, stride], [config], threads=1, rounds=1, repeat=2)
+    assert row["max_abs_err"] < 1e-4
 
 
 @pytest.mark.slow
