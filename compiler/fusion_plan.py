@@ -26,8 +26,8 @@ VECTORS = 4  # vectors of positions per accumulator block
 # Per-strip activations (input rows, expanded, depthwise, projected) must fit in L2 next to
 # the weights: 2 MiB per core on the AVX-512 boxes measured.
 STRIP_BUDGET_BYTES = 1536 * 1024
-# Narrower images (outputs, for stride 2) waste too much on the padded pitch (a 14-wide row
-# takes 31 positions).
+# Narrower stride-1 images waste too much on the padded pitch (a 14-wide row takes 31
+# positions; stride 2 has its own rule, see plan_block).
 MIN_WIDTH = 28
 # Fewer rows per strip recompute too much of the expand stage: each strip also expands the
 # row above and the row below it (1.5x at 4 rows).
@@ -156,18 +156,25 @@ def plan_block(shape: BlockShape, *, budget_bytes: int = STRIP_BUDGET_BYTES) -> 
     Accumulators: 4 channels x 4 vectors for the 1x1 stages (16 of the 32 vector registers),
     2 x 4 for the depthwise one, whose taps need registers of their own; a stride-2 block
     with fewer vectors per block (``strided_vectors``) gets as many more channels.
-    Stride 2 needs an even input (the output is then exactly half of it) and, like
-    stride 1, outputs at least ``MIN_WIDTH`` wide.
+    Stride 2 needs an even input (the output is then exactly half of it) and a plane pitch
+    at most a quarter wider than the plane (``strided_vectors``: 14 wide and more); stride
+    1 an output at least ``MIN_WIDTH`` wide.
     """
     if shape.stride not in (1, 2) or min(shape.in_channels, shape.expanded, shape.out_channels) < 1:
         return None
     if not shape.expand and shape.expanded != shape.in_channels:
         return None
-    if shape.stride == 2 and (shape.height % 2 or shape.width % 2):
+    if shape.stride == 2:
+        if shape.height % 2 or shape.width % 2:
+            return None
+        vectors = strided_vectors(shape.out_width)
+        pitch, _, _ = strided_strip_dims(shape.out_width, 1, vectors)
+        if 4 * pitch > 5 * (shape.out_width + 1):
+            return None  # 7 wide: a pitch of 15 for 8 columns
+    elif shape.out_width < MIN_WIDTH:
         return None
-    if shape.out_width < MIN_WIDTH:
-        return None
-    vectors = strided_vectors(shape.out_width) if shape.stride == 2 else VECTORS
+    else:
+        vectors = VECTORS
     height = shape.out_height
     fitting = [
         r

@@ -31,7 +31,7 @@ class _Net(nn.Module):
             InvertedResidual(16, 24, 2, 6),  # stride 2, 56 -> 28: fused
             InvertedResidual(24, 24, 1, 6),  # residual: fused
             InvertedResidual(24, 32, 1, 6),  # no residual (24 -> 32): fused
-            InvertedResidual(32, 32, 2, 6),  # stride 2 to 14 wide: left to MetaSchedule
+            InvertedResidual(32, 32, 2, 6),  # stride 2, 28 -> 14: fused
             InvertedResidual(32, 32, 1, 6),  # 14 wide: too narrow to pay, left alone
         )
         # Logits, so that the accuracy gate's top-1 agreement compares classes, not the
@@ -48,6 +48,7 @@ FUSED = [
     "16->96->24 at 56x56, stride 2 (strips of 14 rows)",
     "24->144->24 at 28x28 (strips of 14 rows)",
     "24->144->32 at 28x28 (strips of 14 rows)",
+    "32->192->32 at 28x28, stride 2 (strips of 7 rows)",
 ]
 
 

@@ -132,8 +132,10 @@ def test_strip_dims_refuses_empty_strips() -> None:
         # vectors; 31 at 28 wide, 2 vectors and twice the channels per accumulator block
         (BlockShape(16, 96, 24, 112, 112, 2), BlockConfig(7, 4, 2, 4, vectors=4)),
         (BlockShape(24, 144, 32, 56, 56, 2), BlockConfig(7, 8, 4, 8, vectors=2)),
-        # stride 2 to 14 wide, an odd input, a stride the kernel does not have: not fused
-        (BlockShape(32, 192, 64, 28, 28, 2), None),
+        # 14 wide: pitch 15 with 1 vector per block, 4x the channels
+        (BlockShape(32, 192, 64, 28, 28, 2), BlockConfig(7, 16, 8, 16, vectors=1)),
+        # stride 2 to 7 wide, an odd input, a stride the kernel does not have: not fused
+        (BlockShape(96, 576, 160, 14, 14, 2), None),
         (BlockShape(16, 96, 24, 112, 111, 2), None),
         (BlockShape(16, 96, 24, 112, 112, 3), None),
     ],
