@@ -246,3 +246,63 @@ def choose_block_fusion(requested: bool | None, *, gpu: bool, isa: str) -> bool:
     if gpu:
         return False
     return requested if requested is not None else isa == "x86_64"
+
+
+# Pointwise (1x1) convolutions on small feature maps: MetaSchedule vectorizes NCHW
+# convolutions along positions, which 49 or 196 of them fill badly, and its tuned kernels
+# for MobileNetV2's 7x7 layers ran at 16-48 GMAC/s where the same GEMM vectorized along
+# output channels runs at 80-100 (docs/benchmarks.md, eleventh session).
+MAX_POINTWISE_POSITIONS = 14 * 14
+# Above 7x7 the kernel pays off only with a long reduction: its transposing write-back costs
+# per output, the GEMM per output and input channel. At 14x14, 64->384 and 96->576 measured
+# 1.2-1.25x MetaSchedule's tuned kernels, 384->96 and 576->96 0.6-0.73x, 384->64 even.
+MIN_POINTWISE_REDUCTION_ABOVE_7X7 = 256
+_POSITION_BLOCKS = (7, 8, 6, 5, 4)
+
+
+@dataclass(frozen=True)
+class PointwiseShape:
+    """A 1x1 convolution, batch 1, NCHW float32, bias added, then an optional ReLU6 and an
+    optional residual add (of a tensor of the output's shape)."""
+
+    in_channels: int
+    out_channels: int
+    height: int
+    width: int
+    relu6: bool = False
+    residual: bool = False
+
+    def describe(self) -> str:
+        text = f"1x1 {self.in_channels}->{self.out_channels} at {self.height}x{self.width}"
+        return text + (" + ReLU6" if self.relu6 else "") + (" + residual" if self.residual else "")
+
+
+@dataclass(frozen=True)
+class PointwiseConfig:
+    """Positions x vectors of 16 output channels per accumulator block."""
+
+    positions: int
+    vectors: int
+
+
+def plan_pointwise(shape: PointwiseShape) -> PointwiseConfig | None:
+    """The pointwise kernel's accumulator block for ``shape``, None where it is not used.
+
+    Used on maps of at most ``MAX_POINTWISE_POSITIONS`` (larger ones vectorize well along
+    positions, and MetaSchedule's kernels do) whose output channels are whole vectors; the
+    positions per block divide the map (7 at 7x7 and 14x14), 2 vectors where the channels
+    allow (7 x 2 = 14 accumulators measured best; 3 was slower). Maps larger than 7x7 need
+    ``MIN_POINTWISE_REDUCTION_ABOVE_7X7`` input channels.
+    """
+    positions = shape.height * shape.width
+    if positions < 1 or positions > MAX_POINTWISE_POSITIONS or shape.in_channels < 1:
+        return None
+    if positions > 49 and shape.in_channels < MIN_POINTWISE_REDUCTION_ABOVE_7X7:
+        return None
+    if shape.out_channels < LANES or shape.out_channels % LANES:
+        return None
+    block = next((b for b in _POSITION_BLOCKS if positions % b == 0), None)
+    if block is None:
+        return None
+    vectors = 2 if (shape.out_channels // LANES) % 2 == 0 else 1
+    return PointwiseConfig(positions=block, vectors=vectors)

@@ -152,10 +152,12 @@ def _prepare_fused(
             ]
         )(mod)
         if fuse_blocks:
-            from compiler.tvm_fusion import fuse_inverted_residuals
+            from compiler.tvm_fusion import fuse_inverted_residuals, fuse_pointwise
 
             # The ReLU6 bounds the blocks are recognized by must be constants first.
             mod, fused = fuse_inverted_residuals(relax.transform.FoldConstant()(mod))
+            mod, pointwise = fuse_pointwise(mod)
+            fused += pointwise
         mod = tvm.transform.Sequential(
             [
                 relax.get_pipeline("zero"),

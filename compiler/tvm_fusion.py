@@ -22,8 +22,11 @@ from compiler.fusion_plan import (
     LANES,
     BlockConfig,
     BlockShape,
+    PointwiseConfig,
+    PointwiseShape,
     block_mask,
     plan_block,
+    plan_pointwise,
     strided_strip_dims,
     strip_dims,
 )
@@ -369,8 +372,8 @@ def _clip_call(value: Any, prefix: str, bound: float) -> Any | None:
     return args.fields[0]
 
 
-def _find_blocks(func: Any) -> list[_Match]:
-    """Every fusable block of ``func``, matched backwards from its projection's bias add."""
+def _bindings(func: Any) -> tuple[dict[Any, Any], dict[Any, int]]:
+    """``func``'s bound values by variable, and how often each variable is used."""
     from tvm import relax
 
     values: dict[Any, Any] = {}
@@ -384,6 +387,14 @@ def _find_blocks(func: Any) -> list[_Match]:
                 uses[var] = uses.get(var, 0) + 1
     for var in relax.analysis.free_vars(func.body.body):
         uses[var] = uses.get(var, 0) + 1
+    return values, uses
+
+
+def _find_blocks(func: Any) -> list[_Match]:
+    """Every fusable block of ``func``, matched backwards from its projection's bias add."""
+    from tvm import relax
+
+    values, uses = _bindings(func)
 
     def single_use_value(var: Any) -> Any | None:
         return values.get(var) if uses.get(var, 0) == 1 else None
@@ -477,25 +488,21 @@ def _channels(var: Any) -> int:
     return shape[1] if shape is not None and len(shape) == 4 else 0
 
 
-def fuse_inverted_residuals(mod: Any) -> tuple[Any, list[str]]:
-    """Replace ``main``'s fusable blocks with fused kernels; returns (module, descriptions).
+@dataclass
+class _Replacement:
+    """A binding's new value: ``kernel`` called on ``args`` (relax variables, or arrays
+    that become constants), output of ``out_shape``."""
 
-    Run on the imported module after ``FoldConstant`` (the ReLU6 bounds must be constants)
-    and before legalization. Blocks ``fusion_plan.plan_block`` turns down stay as they are.
-    """
+    kernel: Any
+    name: str
+    args: list[Any]
+    out_shape: tuple[int, ...]
+
+
+def _replace(mod: Any, plans: dict[Any, _Replacement]) -> Any:
+    """``mod`` with each planned binding of ``main`` replaced by its kernel call; the
+    bindings only the replaced ones used are removed."""
     from tvm import relax
-
-    func = mod["main"]
-    plans = {}
-    fused = []
-    for match in _find_blocks(func):
-        config = plan_block(match.shape)
-        if config is None:
-            continue
-        plans[match.end] = (match, config)
-        fused.append(f"{match.shape.describe()} (strips of {config.rows} rows)")
-    if not plans:
-        return mod, []
 
     @relax.expr_functor.mutator
     class Rewriter(relax.PyExprMutator):  # type: ignore[misc]
@@ -504,23 +511,15 @@ def fuse_inverted_residuals(mod: Any) -> tuple[Any, list[str]]:
             if planned is None:
                 super().visit_var_binding_(binding)
                 return
-            match, config = planned
-            shape = match.shape
-            kernel = self.builder_.add_func(
-                scheduled_block(shape, config), "fused_inverted_residual"
-            )
+            kernel = self.builder_.add_func(planned.kernel, planned.name)
             args = [
-                self.visit_expr(match.x),
-                *(relax.const(np.ascontiguousarray(a, dtype="float32")) for a in match.weights),
+                relax.const(np.ascontiguousarray(a, dtype="float32"))
+                if isinstance(a, np.ndarray)
+                else self.visit_expr(a)
+                for a in planned.args
             ]
-            if shape.expand:
-                args.append(relax.const(block_mask(shape, config)))
             call = relax.call_tir(
-                kernel,
-                args,
-                out_ty=relax.TensorType(
-                    (1, shape.out_channels, shape.out_height, shape.out_width), "float32"
-                ),
+                kernel, args, out_ty=relax.TensorType(planned.out_shape, "float32")
             )
             if isinstance(binding.var, relax.DataflowVar):
                 new_var = self.builder_.emit(call)
@@ -529,8 +528,179 @@ def fuse_inverted_residuals(mod: Any) -> tuple[Any, list[str]]:
             self.set_var_remap(binding.var, new_var)
 
     rewriter = Rewriter(mod)
-    new_main = rewriter.visit_expr(func)
+    new_main = rewriter.visit_expr(mod["main"])
     rewriter.builder_.update_func(mod.get_global_var("main"), new_main)
-    out = relax.transform.DeadCodeElimination(["main"])(rewriter.builder_.get())
+    return relax.transform.DeadCodeElimination(["main"])(rewriter.builder_.get())
+
+
+def fuse_inverted_residuals(mod: Any) -> tuple[Any, list[str]]:
+    """Replace ``main``'s fusable blocks with fused kernels; returns (module, descriptions).
+
+    Run on the imported module after ``FoldConstant`` (the ReLU6 bounds must be constants)
+    and before legalization. Blocks ``fusion_plan.plan_block`` turns down stay as they are.
+    """
+    plans = {}
+    fused = []
+    for match in _find_blocks(mod["main"]):
+        config = plan_block(match.shape)
+        if config is None:
+            continue
+        shape = match.shape
+        masks = [block_mask(shape, config)] if shape.expand else []
+        plans[match.end] = _Replacement(
+            scheduled_block(shape, config),
+            "fused_inverted_residual",
+            [match.x, *match.weights, *masks],
+            (1, shape.out_channels, shape.out_height, shape.out_width),
+        )
+        fused.append(f"{shape.describe()} (strips of {config.rows} rows)")
+    if not plans:
+        return mod, []
     log.info("fused %d inverted-residual block(s): %s", len(fused), "; ".join(fused))
-    return out, fused
+    return _replace(mod, plans), fused
+
+
+def pointwise_func(shape: PointwiseShape, config: PointwiseConfig) -> Any:
+    """A 1x1 convolution vectorized along output channels, scheduled; the PrimFunc.
+
+    Arguments: X (1, C, H, W), the weight transposed (C, Co), the bias (Co,), the residual
+    (1, Co, H, W) if any; output (1, Co, H, W). Accumulators: ``config.positions`` positions
+    x ``config.vectors`` vectors of 16 channels, the input broadcast from memory; bias and
+    ReLU6 go into their write-back to a [positions, Co] buffer, which the last stage
+    transposes to NCHW (adding the residual). Blocks of positions x channel vectors run in
+    parallel. Marked like ``scheduled_block``.
+    """
+    import tvm.s_tir as tir
+    from tvm import te
+
+    c, co, h, w = shape.in_channels, shape.out_channels, shape.height, shape.width
+    x = te.placeholder((1, c, h, w), name="X")
+    wt, bias = te.placeholder((c, co), name="Wt"), te.placeholder((co,), name="b")
+    rc = te.reduce_axis((0, c), name="c")
+    acc = te.compute(
+        (h * w, co), lambda p, o: te.sum(x[0, rc, p // w, p % w] * wt[rc, o], axis=rc), name="A"
+    )
+    act = te.compute(
+        (h * w, co),
+        lambda p, o: _relu6(acc[p, o] + bias[o]) if shape.relu6 else acc[p, o] + bias[o],
+        name="A2",
+    )
+    params = [x, wt, bias]
+    if shape.residual:
+        res = te.placeholder((1, co, h, w), name="R")
+        params.append(res)
+        out = te.compute(
+            (1, co, h, w), lambda n, o, i, j: act[i * w + j, o] + res[n, o, i, j], name="Out"
+        )
+    else:
+        out = te.compute((1, co, h, w), lambda n, o, i, j: act[i * w + j, o], name="Out")
+    sch = tir.Schedule(te.create_prim_func([*params, out]))
+    block = sch.get_sblock("A")
+    pos, chan, red = sch.get_loops(block)
+    pos_o, pos_i = sch.split(pos, [None, config.positions])
+    chan_o, chan_m, chan_v = sch.split(chan, [None, config.vectors, LANES])
+    sch.reorder(chan_o, pos_o, red, pos_i, chan_m, chan_v)
+    outer = sch.fuse(chan_o, pos_o)
+    sch.parallel(outer)
+    sch.unroll(pos_i)
+    sch.unroll(chan_m)
+    sch.vectorize(chan_v)
+    local = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(local, outer)
+    sch.decompose_reduction(block, red)
+    _, inner = sch.split(sch.get_loops(local)[-1], [None, LANES])
+    sch.vectorize(inner)
+    sch.reverse_compute_inline(sch.get_sblock("A2"))
+    n, o, _, _ = sch.get_loops(sch.get_sblock("Out"))
+    sch.parallel(sch.fuse(n, o))
+    func = sch.mod["main"].without_attr("global_symbol")
+    return func.with_attrs({"tirx.is_scheduled": True, "op_pattern": 8})
+
+
+@dataclass
+class _PointwiseMatch:
+    x: Any
+    residual: Any | None
+    end: Any
+    inner: list[Any]  # the bindings the kernel computes besides ``end``
+    shape: PointwiseShape
+    weight: np.ndarray  # (Co, C)
+    bias: np.ndarray
+
+
+def _find_pointwise(func: Any) -> list[_PointwiseMatch]:
+    """Every 1x1 convolution + bias add [+ ReLU6] [+ residual add] of ``func``."""
+    from tvm import relax
+
+    values, uses = _bindings(func)
+
+    def single_use_value(var: Any) -> Any | None:
+        return values.get(var) if uses.get(var, 0) == 1 else None
+
+    def conv_bias(var: Any, value: Any) -> tuple[Any, np.ndarray, np.ndarray] | None:
+        co = _channels(var)
+        biased = _bias_add(value, co) if co else None
+        conv = _conv(single_use_value(biased[0]), kernel=1) if biased is not None else None
+        if biased is None or conv is None or conv[2] != 1:
+            return None
+        return conv[0], conv[1].reshape(co, -1), biased[1]
+
+    matches = []
+    for end, value in values.items():
+        residual, relu6, inner = None, False, []
+        core_var, core = end, value
+        if _op_name(value) == "relax.add":
+            for a, b in ((value.args[0], value.args[1]), (value.args[1], value.args[0])):
+                if isinstance(a, relax.Var) and isinstance(b, relax.Var):
+                    b_value = single_use_value(b)
+                    if b_value is not None and conv_bias(b, b_value) is not None:
+                        residual, core_var, core = a, b, b_value
+                        inner = [b]
+                        break
+        else:
+            low = _clip_call(value, _CLIP_HIGH, 6.0)
+            biased = _clip_call(single_use_value(low), _CLIP_LOW, 0.0) if low is not None else None
+            biased_value = single_use_value(biased) if biased is not None else None
+            if biased_value is not None:
+                relu6, core_var, core = True, biased, biased_value
+                inner = [low, biased]
+        found = conv_bias(core_var, core)
+        if found is None:
+            continue
+        x, weight, bias = found
+        x_shape = _static_shape(x)
+        if x_shape is None or len(x_shape) != 4 or x_shape[0] != 1:
+            continue
+        _, c, h, w = x_shape
+        if residual is not None and _static_shape(residual) != [1, weight.shape[0], h, w]:
+            continue
+        shape = PointwiseShape(c, weight.shape[0], h, w, relu6=relu6, residual=residual is not None)
+        matches.append(_PointwiseMatch(x, residual, end, inner, shape, weight, bias))
+    # A plain conv + bias that a larger match (ReLU6, residual) also covers is left to it.
+    inner_vars = [v for m in matches for v in m.inner]
+    return [m for m in matches if not any(m.end.same_as(v) for v in inner_vars)]
+
+
+def fuse_pointwise(mod: Any) -> tuple[Any, list[str]]:
+    """Replace ``main``'s 1x1 convolutions on small maps (``fusion_plan.plan_pointwise``)
+    with ``pointwise_func`` kernels; returns (module, descriptions). Run after
+    ``fuse_inverted_residuals``, on what it left."""
+    plans = {}
+    fused = []
+    for match in _find_pointwise(mod["main"]):
+        config = plan_pointwise(match.shape)
+        if config is None:
+            continue
+        shape = match.shape
+        args = [match.x, np.ascontiguousarray(match.weight.T), match.bias]
+        plans[match.end] = _Replacement(
+            pointwise_func(shape, config),
+            "fused_pointwise",
+            [*args, *([match.residual] if match.residual is not None else [])],
+            (1, shape.out_channels, shape.height, shape.width),
+        )
+        fused.append(shape.describe())
+    if not plans:
+        return mod, []
+    log.info("%d pointwise convolution kernel(s): %s", len(fused), "; ".join(fused))
+    return _replace(mod, plans), fused

@@ -209,3 +209,44 @@ def test_fuse_blocks_on_a_gpu_profile_is_refused(
     assert result.exit_code == 2, result.output
     assert "--fuse-blocks for nvidia/h100" in result.stderr
     assert not out.exists()
+
+
+class _Pointwise(nn.Module):
+    """1x1 convolutions on a 7x7 map: + ReLU6, + residual, plain; then logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(32, 64, 1)
+        self.project = nn.Conv2d(64, 32, 1)
+        self.widen = nn.Conv2d(32, 48, 1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(48, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x + self.project(torch.clamp(self.expand(x), 0.0, 6.0))
+        out: torch.Tensor = self.head(self.widen(y))
+        return out
+
+
+def test_pointwise_convolutions_on_small_maps_match_onnxruntime(
+    signing_key: Path, tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    path = tmp_path / "pointwise.onnx"
+    with torch.no_grad():
+        torch.onnx.export(
+            _Pointwise().eval(),
+            (torch.randn(1, 32, 7, 7),),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+        )
+    assert _fused(path) == [
+        "1x1 32->64 at 7x7 + ReLU6",
+        "1x1 64->32 at 7x7 + residual",
+        "1x1 32->48 at 7x7",
+    ]
+    report = _compile(path, tmp_path / "out", signing_key)
+    accuracy = report["accuracy"]
+    assert isinstance(accuracy, dict)
+    (output,) = accuracy.values()
+    assert output["max_abs_error"] < 1e-4 and output["cosine"] > 0.99999

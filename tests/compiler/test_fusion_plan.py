@@ -14,10 +14,13 @@ from compiler.fusion_plan import (
     VECTORS,
     BlockConfig,
     BlockShape,
+    PointwiseConfig,
+    PointwiseShape,
     block_mask,
     choose_block_fusion,
     edge_mask,
     plan_block,
+    plan_pointwise,
     strided_edge_mask,
     strided_strip_dims,
     strided_vectors,
@@ -195,3 +198,38 @@ def test_edge_mask_refuses_rows_that_do_not_divide_the_height() -> None:
 )
 def test_choose_block_fusion(requested: bool | None, gpu: bool, isa: str, expected: bool) -> None:
     assert choose_block_fusion(requested, gpu=gpu, isa=isa) is expected
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [
+        # MobileNetV2's 7x7 layers: 7 positions x 2 vectors of 16 channels
+        (PointwiseShape(160, 960, 7, 7, relu6=True), PointwiseConfig(7, 2)),
+        (PointwiseShape(960, 160, 7, 7, residual=True), PointwiseConfig(7, 2)),
+        (PointwiseShape(576, 160, 7, 7), PointwiseConfig(7, 2)),
+        (PointwiseShape(320, 1280, 7, 7, relu6=True), PointwiseConfig(7, 2)),
+        # an odd number of channel vectors: one vector per block
+        (PointwiseShape(576, 80, 7, 7), PointwiseConfig(7, 1)),
+        # 14x14: only long reductions (the projections) beat MetaSchedule's kernels
+        (PointwiseShape(576, 96, 14, 14, residual=True), PointwiseConfig(7, 2)),
+        (PointwiseShape(384, 64, 14, 14), PointwiseConfig(7, 2)),
+        (PointwiseShape(64, 384, 14, 14, relu6=True), None),
+        # 4x4: 16 positions, blocks of 8
+        (PointwiseShape(64, 32, 4, 4), PointwiseConfig(8, 2)),
+        # channels that are not whole vectors, maps too large, no position block divides
+        (PointwiseShape(64, 100, 7, 7), None),
+        (PointwiseShape(64, 8, 7, 7), None),
+        (PointwiseShape(256, 256, 28, 28), None),
+        (PointwiseShape(256, 64, 11, 11), None),
+    ],
+)
+def test_plan_pointwise(shape: PointwiseShape, expected: PointwiseConfig | None) -> None:
+    assert plan_pointwise(shape) == expected
+
+
+def test_pointwise_descriptions_name_what_the_kernel_adds() -> None:
+    assert PointwiseShape(160, 960, 7, 7, relu6=True).describe() == "1x1 160->960 at 7x7 + ReLU6"
+    assert PointwiseShape(960, 160, 7, 7, residual=True).describe() == (
+        "1x1 960->160 at 7x7 + residual"
+    )
+    assert PointwiseShape(576, 160, 7, 7).describe() == "1x1 576->160 at 7x7"
