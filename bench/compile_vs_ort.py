@@ -234,7 +234,7 @@ class Options:
     weight_prepack: bool | None = None  # None: build_library's default (on when tuning)
     max_trials_per_task: int | None = None  # None: the profile's
     retune: bool = False  # tune the --tuning-db's recorded tasks further (staged tuning)
-    fuse_blocks: bool | None = None  # None: build_library's default (on for x86-64 CPUs)
+    fuse_blocks: bool | None = None  # None: build_library's default (on for AVX-512 x86-64)
 
 
 def _say(message: str) -> None:
@@ -713,8 +713,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "--fuse-blocks",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="inverted-residual blocks as fused hand-scheduled kernels in both TVM builds "
-        "(build_library's default on x86-64); --no-fuse-blocks for MetaSchedule's kernels only",
+        help="inverted-residual blocks and small-map 1x1 convolutions as hand-scheduled "
+        "kernels in both TVM builds (build_library's default on AVX-512 x86-64); "
+        "--no-fuse-blocks for MetaSchedule's kernels only",
     )
     parser.add_argument(
         "--retune",

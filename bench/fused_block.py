@@ -1,11 +1,12 @@
 """One MobileNetV2 inverted-residual block: the compiler's fused kernel against ONNX Runtime.
 
 ``compiler.tvm_fusion`` computes a block (1x1 expand + ReLU6, 3x3 depthwise + ReLU6 of
-stride 1 or 2, 1x1 project, residual add) as one hand-scheduled TIR kernel in strips of rows kept
-in L2 (``compiler.fusion_plan``); ``edgeloop compile`` uses it by default on x86-64. This
-bench times that kernel alone, for the configuration the compiler plans and for others,
-against ORT's ``session.run`` on the same subgraph (Conv+Clip, depthwise Conv+Clip, Conv,
-Add) in the same process, in alternating rounds, and compares the outputs.
+stride 1 or 2, 1x1 project, residual add) as one hand-scheduled TIR kernel in strips of
+rows kept in L2 (``compiler.fusion_plan``); ``edgeloop compile`` uses it by default on
+AVX-512 x86-64. This bench times that kernel alone, for the configuration the compiler
+plans and for others, against ORT's ``session.run`` on the same subgraph (Conv+Clip,
+depthwise Conv+Clip, Conv, Add) in the same process, in alternating rounds, and compares
+the outputs.
 
     python -m bench.fused_block                                   # the default shapes
     python -m bench.fused_block --shape 24,144,24,56 --config plan --config 8,4,2,4

@@ -16,6 +16,7 @@ the numbers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -235,17 +236,24 @@ def block_mask(shape: BlockShape, config: BlockConfig) -> npt.NDArray[np.float32
     return edge_mask(shape.height, shape.width, config.rows)
 
 
-def choose_block_fusion(requested: bool | None, *, gpu: bool, isa: str) -> bool:
-    """Whether a build computes inverted-residual blocks as fused kernels (``--fuse-blocks``).
+def choose_block_fusion(
+    requested: bool | None, *, gpu: bool, isa: str, features: Sequence[str] = ()
+) -> bool:
+    """Whether a build computes inverted-residual blocks (and small-map 1x1 convolutions) as
+    hand-scheduled kernels (``--fuse-blocks``).
 
     ``requested`` True / False is the user's choice; None (the default) turns it on for
-    x86-64 CPU targets, where it was measured (docs/benchmarks.md). ARM targets run the
-    same kernel, untimed: on by request only. GPU targets never (CPU kernels; the caller
-    refuses an explicit request).
+    x86-64 CPU targets with AVX-512 (``features``: the profile's ``cpu_features``), where it
+    was measured (docs/benchmarks.md). The kernels hold 16-lane accumulator blocks: with
+    AVX2's 16 registers of 8 lanes they spill (a 7x7 pointwise convolution took 2.6-4.7x
+    as long on an ``x86-64-v3`` target as on ``znver4``), so AVX2 and ARM targets run them
+    by request only. GPU targets never (CPU kernels; the caller refuses an explicit request).
     """
     if gpu:
         return False
-    return requested if requested is not None else isa == "x86_64"
+    if requested is not None:
+        return requested
+    return isa == "x86_64" and "avx512f" in features
 
 
 # Pointwise (1x1) convolutions on small feature maps: MetaSchedule vectorizes NCHW

@@ -632,7 +632,9 @@ def build_library(
     eligible = not gpu and not profile.cross_compiler and tuning_db is not None
     db_dir = tuning_db / target_key(target_dict) if tuning_db is not None else None
     with _fast_inspect.installed():
-        fuse = choose_block_fusion(fuse_blocks, gpu=gpu, isa=profile.isa)
+        fuse = choose_block_fusion(
+            fuse_blocks, gpu=gpu, isa=profile.isa, features=profile.cpu_features
+        )
 
         @functools.cache
         def prepared_fused(prepacked: bool) -> tuple[Any, list[str]]:

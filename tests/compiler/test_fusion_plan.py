@@ -184,20 +184,27 @@ def test_edge_mask_refuses_rows_that_do_not_divide_the_height() -> None:
         edge_mask(6, 5, 4)
 
 
+AVX512 = ("avx512f", "avx512bw", "fma")
+
+
 @pytest.mark.parametrize(
-    ("requested", "gpu", "isa", "expected"),
+    ("requested", "gpu", "isa", "features", "expected"),
     [
-        (None, False, "x86_64", True),  # the default where it was measured
-        (None, False, "aarch64", False),  # untimed on ARM: by request only
-        (True, False, "aarch64", True),
-        (True, False, "armv7", True),
-        (False, False, "x86_64", False),
-        (None, True, "x86_64", False),  # CPU kernels; GPU builds never
-        (True, True, "aarch64", False),
+        (None, False, "x86_64", AVX512, True),  # the default where it was measured
+        (None, False, "x86_64", ("avx2", "fma"), False),  # AVX2: 16-lane blocks spill; by request
+        (True, False, "x86_64", ("avx2", "fma"), True),
+        (None, False, "aarch64", ("neon",), False),  # untimed on ARM: by request only
+        (True, False, "aarch64", ("neon",), True),
+        (True, False, "armv7", ("neon",), True),
+        (False, False, "x86_64", AVX512, False),
+        (None, True, "x86_64", AVX512, False),  # CPU kernels; GPU builds never
+        (True, True, "aarch64", ("neon",), False),
     ],
 )
-def test_choose_block_fusion(requested: bool | None, gpu: bool, isa: str, expected: bool) -> None:
-    assert choose_block_fusion(requested, gpu=gpu, isa=isa) is expected
+def test_choose_block_fusion(
+    requested: bool | None, gpu: bool, isa: str, features: tuple[str, ...], expected: bool
+) -> None:
+    assert choose_block_fusion(requested, gpu=gpu, isa=isa, features=features) is expected
 
 
 @pytest.mark.parametrize(
