@@ -314,3 +314,86 @@ def plan_pointwise(shape: PointwiseShape) -> PointwiseConfig | None:
         return None
     vectors = 2 if (shape.out_channels // LANES) % 2 == 0 else 1
     return PointwiseConfig(positions=block, vectors=vectors)
+
+
+# First layers: a k x k convolution of stride 2 over few input channels (MobileNet's 3x3
+# 3->32 at 224, ResNet's 7x7 3->64) reads every other column; MetaSchedule's tuned kernel
+# for MobileNetV2's ran at 30-35 GMAC/s. The planes of the stride-2 blocks make every tap
+# a contiguous run here too.
+MAX_STRIDED_CONV_IN_CHANNELS = 8
+
+
+@dataclass(frozen=True)
+class StridedConvShape:
+    """A k x k convolution, stride 2, padding k // 2, batch 1, NCHW float32, bias added,
+    then an optional activation ("relu6", "relu" or None). ``height``/``width``: input."""
+
+    in_channels: int
+    out_channels: int
+    height: int
+    width: int
+    kernel: int
+    activation: str | None = None
+
+    @property
+    def out_height(self) -> int:
+        return self.height // 2
+
+    @property
+    def out_width(self) -> int:
+        return self.width // 2
+
+    def describe(self) -> str:
+        k, c, co = self.kernel, self.in_channels, self.out_channels
+        text = f"{k}x{k} {c}->{co} stride 2 at {self.height}x{self.width}"
+        return text + (f" + {self.activation}" if self.activation else "")
+
+
+def strided_conv_dims(shape: StridedConvShape, rows: int, vectors: int) -> tuple[int, int, int]:
+    """Plane pitch, output positions and positions per input plane of a strip of ``rows``.
+
+    As ``strided_strip_dims`` with taps reaching ``k // 2`` plane rows and columns further:
+    ``fe = fd + (k // 2) * (pitch + 1)``, still whole blocks since ``pitch + 1`` is one.
+    The pitch holds ``out_width + k // 2`` plane columns.
+    """
+    reach = shape.kernel // 2
+    block = vectors * LANES
+    need = shape.out_width + reach
+    pitch = need + (block - 1 - need) % block
+    fd = -(-rows * pitch // block) * block
+    return pitch, fd, fd + reach * (pitch + 1)
+
+
+def plan_strided_conv(
+    shape: StridedConvShape, *, budget_bytes: int = STRIP_BUDGET_BYTES
+) -> BlockConfig | None:
+    """Strips and accumulator blocks for ``shape`` (``BlockConfig``'s depthwise field
+    unused), None where the kernel is not used: more than ``MAX_STRIDED_CONV_IN_CHANNELS``
+    inputs, an even kernel, an odd input size, or a pitch wasting more than a quarter."""
+    if shape.kernel % 2 == 0 or shape.kernel < 3 or shape.height % 2 or shape.width % 2:
+        return None
+    if not 1 <= shape.in_channels <= MAX_STRIDED_CONV_IN_CHANNELS or shape.out_channels < 1:
+        return None
+    reach = shape.kernel // 2
+    for vectors in (VECTORS, 2, 1):
+        pitch, _, _ = strided_conv_dims(shape, 1, vectors)
+        if 4 * pitch <= 5 * (shape.out_width + reach):
+            break
+    else:
+        return None
+
+    def strip_bytes(rows: int) -> int:
+        pitch, fd, fe = strided_conv_dims(shape, rows, vectors)
+        return 4 * (4 * shape.in_channels * -(-fe // pitch) * pitch + shape.out_channels * fd)
+
+    height = shape.out_height
+    fitting = [
+        r
+        for r in range(MIN_ROWS, height // 2 + 1)
+        if height % r == 0 and strip_bytes(r) <= budget_bytes
+    ]
+    if not fitting:
+        return None
+    even = [r for r in fitting if (height // r) % 2 == 0]
+    channels = _channel_block(shape.out_channels, 4 * (VECTORS // vectors))
+    return BlockConfig(max(even or fitting), 1, 1, channels, vectors=vectors)

@@ -152,12 +152,17 @@ def _prepare_fused(
             ]
         )(mod)
         if fuse_blocks:
-            from compiler.tvm_fusion import fuse_inverted_residuals, fuse_pointwise
+            from compiler.tvm_fusion import (
+                fuse_inverted_residuals,
+                fuse_pointwise,
+                fuse_strided_convs,
+            )
 
             # The ReLU6 bounds the blocks are recognized by must be constants first.
             mod, fused = fuse_inverted_residuals(relax.transform.FoldConstant()(mod))
-            mod, pointwise = fuse_pointwise(mod)
-            fused += pointwise
+            for rewrite in (fuse_pointwise, fuse_strided_convs):
+                mod, more = rewrite(mod)
+                fused += more
         mod = tvm.transform.Sequential(
             [
                 relax.get_pipeline("zero"),

@@ -24,9 +24,12 @@ from compiler.fusion_plan import (
     BlockShape,
     PointwiseConfig,
     PointwiseShape,
+    StridedConvShape,
     block_mask,
     plan_block,
     plan_pointwise,
+    plan_strided_conv,
+    strided_conv_dims,
     strided_strip_dims,
     strip_dims,
 )
@@ -703,4 +706,163 @@ def fuse_pointwise(mod: Any) -> tuple[Any, list[str]]:
     if not plans:
         return mod, []
     log.info("%d pointwise convolution kernel(s): %s", len(fused), "; ".join(fused))
+    return _replace(mod, plans), fused
+
+
+def _activation(kind: str | None, value: Any) -> Any:
+    from tvm import tirx
+
+    if kind == "relu6":
+        return _relu6(value)
+    if kind == "relu":
+        return tirx.max(value, tirx.const(0.0, "float32"))
+    return value
+
+
+def strided_conv_func(shape: StridedConvShape, config: BlockConfig) -> Any:
+    """A k x k stride-2 convolution over few channels + bias [+ activation], scheduled.
+
+    The input is copied per strip into the four planes of ``strided_block_func`` (with the
+    convolution's own padding); every tap is then a contiguous run of one plane and the
+    convolution a register-blocked GEMM along output positions (``config.project_channels``
+    channels x ``config.vectors`` vectors), reduction over channels and taps. Arguments: X
+    (1, C, H, W), W (Co, C, k, k), b (Co,); output (1, Co, H/2, W/2). Marked like
+    ``scheduled_block``.
+    """
+    import tvm.s_tir as tir
+    from tvm import te, tirx
+
+    c, co, h, w, k = (
+        shape.in_channels,
+        shape.out_channels,
+        shape.height,
+        shape.width,
+        shape.kernel,
+    )
+    reach, rows = k // 2, config.rows
+    strips = shape.out_height // rows
+    pitch, fd, fe = strided_conv_dims(shape, rows, config.vectors)
+    x = te.placeholder((1, c, h, w), name="X")
+    weight, bias = te.placeholder((co, c, k, k), name="W"), te.placeholder((co,), name="b")
+    zero = tirx.const(0.0, "float32")
+
+    def plane_input(s: Any, plane: Any, ch: Any, row: Any, col: Any) -> Any:
+        i = s * (2 * rows) - reach + 2 * row + plane // 2
+        j = 2 * col + plane % 2 - reach
+        return tirx.if_then_else(
+            te.all(i >= 0, i < h, j >= 0, j < w),
+            x[0, ch, tirx.max(tirx.min(i, h - 1), 0), tirx.max(tirx.min(j, w - 1), 0)],
+            zero,
+        )
+
+    xp = te.compute((strips, 4, c, -(-fe // pitch), pitch), plane_input, name="Xp")
+    rc = te.reduce_axis((0, c), name="c")
+    kh, kw = te.reduce_axis((0, k), name="kh"), te.reduce_axis((0, k), name="kw")
+
+    def tap(s: Any, ch: Any, g: Any) -> Any:
+        f = g + kh // 2 * pitch + kw // 2
+        return xp[s, kh % 2 * 2 + kw % 2, ch, f // pitch, f % pitch]
+
+    d = te.compute(
+        (strips, co, fd),
+        lambda s, o, g: te.sum(weight[o, rc, kh, kw] * tap(s, rc, g), axis=[rc, kh, kw]),
+        name="D",
+    )
+    q = te.compute(
+        (strips, co, fd),
+        lambda s, o, g: _activation(shape.activation, d[s, o, g] + bias[o]),
+        name="Q",
+    )
+    out = te.compute(
+        (1, co, shape.out_height, shape.out_width),
+        lambda n, o, i, j: q[i // rows, o, i % rows * pitch + j],
+        name="Out",
+    )
+    sch = tir.Schedule(te.create_prim_func([x, weight, bias, out]))
+    n, o, i, j = sch.get_loops(sch.get_sblock("Out"))
+    sch.parallel(sch.fuse(n, o, i))
+    if shape.out_width % 8 == 0:
+        _, inner = sch.split(j, [None, 8])
+        sch.vectorize(inner)
+    strip, _, pos = sch.get_loops(sch.get_sblock("Q"))
+    sch.parallel(strip)
+    _, inner = sch.split(pos, [None, LANES])
+    sch.vectorize(inner)
+    _gemm_stage(sch, "D", strip, config.project_channels, config.vectors)
+    xp_block = sch.get_sblock("Xp")
+    sch.compute_at(xp_block, strip)
+    sch.vectorize(sch.get_loops(xp_block)[-1])
+    func = sch.mod["main"].without_attr("global_symbol")
+    return func.with_attrs({"tirx.is_scheduled": True, "op_pattern": 8})
+
+
+@dataclass
+class _StridedConvMatch:
+    x: Any
+    end: Any
+    inner: list[Any]
+    shape: StridedConvShape
+    weight: np.ndarray
+    bias: np.ndarray
+
+
+def _find_strided_convs(func: Any) -> list[_StridedConvMatch]:
+    """Every k x k stride-2 convolution + bias [+ ReLU6 | ReLU] of ``func`` with few input
+    channels, matched from its last binding."""
+    values, uses = _bindings(func)
+
+    def single_use_value(var: Any) -> Any | None:
+        return values.get(var) if uses.get(var, 0) == 1 else None
+
+    matches = []
+    for end, value in values.items():
+        activation: str | None = None
+        biased_var, inner = end, []
+        low = _clip_call(value, _CLIP_HIGH, 6.0)
+        clipped = _clip_call(single_use_value(low), _CLIP_LOW, 0.0) if low is not None else None
+        if low is not None and clipped is not None and single_use_value(clipped) is not None:
+            activation, biased_var, inner = "relu6", clipped, [low, clipped]
+        elif _op_name(value) == "relax.nn.relu" and single_use_value(value.args[0]) is not None:
+            activation, biased_var, inner = "relu", value.args[0], [value.args[0]]
+        biased_value = values.get(biased_var) if biased_var is end else single_use_value(biased_var)
+        co = _channels(biased_var)
+        biased = _bias_add(biased_value, co) if co and biased_value is not None else None
+        conv_value = single_use_value(biased[0]) if biased is not None else None
+        is_conv = conv_value is not None and _op_name(conv_value) == "relax.nn.conv2d"
+        weight = _const(conv_value.args[1]) if is_conv and conv_value is not None else None
+        if biased is None or weight is None or weight.ndim != 4:
+            continue
+        conv = _conv(conv_value, kernel=int(weight.shape[2]), strides=(2,))
+        if conv is None or conv[2] != 1:
+            continue
+        x_shape = _static_shape(conv[0])
+        if x_shape is None or len(x_shape) != 4 or x_shape[0] != 1:
+            continue
+        _, c, h, w = x_shape
+        shape = StridedConvShape(c, co, h, w, int(weight.shape[2]), activation)
+        matches.append(_StridedConvMatch(conv[0], end, [*inner], shape, conv[1], biased[1]))
+    inner_vars = [v for m in matches for v in m.inner]
+    return [m for m in matches if not any(m.end.same_as(v) for v in inner_vars)]
+
+
+def fuse_strided_convs(mod: Any) -> tuple[Any, list[str]]:
+    """Replace ``main``'s stride-2 convolutions over few channels (``plan_strided_conv``)
+    with ``strided_conv_func`` kernels; returns (module, descriptions)."""
+    plans = {}
+    fused = []
+    for match in _find_strided_convs(mod["main"]):
+        config = plan_strided_conv(match.shape)
+        if config is None:
+            continue
+        shape = match.shape
+        plans[match.end] = _Replacement(
+            strided_conv_func(shape, config),
+            "fused_strided_conv",
+            [match.x, match.weight, match.bias],
+            (1, shape.out_channels, shape.out_height, shape.out_width),
+        )
+        fused.append(f"{shape.describe()} (strips of {config.rows} rows)")
+    if not plans:
+        return mod, []
+    log.info("%d strided convolution kernel(s): %s", len(fused), "; ".join(fused))
     return _replace(mod, plans), fused

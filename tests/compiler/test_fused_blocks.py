@@ -253,3 +253,45 @@ def test_pointwise_convolutions_on_small_maps_match_onnxruntime(
     assert isinstance(accuracy, dict)
     (output,) = accuracy.values()
     assert output["max_abs_error"] < 1e-4 and output["cosine"] > 0.99999
+
+
+class _Stem(nn.Module):
+    """Stride-2 first layers: 7x7 3->8 + ReLU, 3x3 8->16 + ReLU6, 3x3 16->16 (too many
+    input channels for the kernel); then logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 7, stride=2, padding=3),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            nn.ReLU6(),
+            nn.Conv2d(16, 16, 3, stride=2, padding=1),
+        )
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.head(self.body(x))
+        return out
+
+
+def test_strided_first_convolutions_match_onnxruntime(signing_key: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    path = tmp_path / "stem.onnx"
+    with torch.no_grad():
+        torch.onnx.export(
+            _Stem().eval(),
+            (torch.randn(1, 3, 224, 224),),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+        )
+    assert _fused(path) == [
+        "7x7 3->8 stride 2 at 224x224 + relu (strips of 56 rows)",
+        "3x3 8->16 stride 2 at 112x112 + relu6 (strips of 28 rows)",
+    ]
+    report = _compile(path, tmp_path / "out", signing_key)
+    accuracy = report["accuracy"]
+    assert isinstance(accuracy, dict)
+    (output,) = accuracy.values()
+    assert output["max_abs_error"] < 1e-4 and output["cosine"] > 0.99999

@@ -16,11 +16,14 @@ from compiler.fusion_plan import (
     BlockShape,
     PointwiseConfig,
     PointwiseShape,
+    StridedConvShape,
     block_mask,
     choose_block_fusion,
     edge_mask,
     plan_block,
     plan_pointwise,
+    plan_strided_conv,
+    strided_conv_dims,
     strided_edge_mask,
     strided_strip_dims,
     strided_vectors,
@@ -240,3 +243,39 @@ def test_pointwise_descriptions_name_what_the_kernel_adds() -> None:
         "1x1 960->160 at 7x7 + residual"
     )
     assert PointwiseShape(576, 160, 7, 7).describe() == "1x1 576->160 at 7x7"
+
+
+@pytest.mark.parametrize("kernel", [3, 5, 7])
+@pytest.mark.parametrize("out_width", [7, 56, 112])
+@pytest.mark.parametrize("vectors", [1, 2, 4])
+def test_strided_conv_strips_reach_every_tap_in_whole_blocks(
+    kernel: int, out_width: int, vectors: int
+) -> None:
+    shape = StridedConvShape(3, 32, 2 * out_width, 2 * out_width, kernel)
+    pitch, fd, fe = strided_conv_dims(shape, 4, vectors)
+    block, reach = vectors * LANES, kernel // 2
+    assert pitch >= out_width + reach and pitch % block == block - 1
+    assert fd >= 4 * pitch and fd % block == 0
+    # the last tap (row reach, column reach of its plane) of the last position
+    assert fe == fd - 1 + reach * pitch + reach + 1 and fe % block == 0
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [
+        # MobileNetV2's first convolution: pitch 127 for 113 plane columns, 2 strips
+        (StridedConvShape(3, 32, 224, 224, 3, "relu6"), BlockConfig(56, 1, 1, 4, vectors=4)),
+        # ResNet-18's: 7x7, 3 plane columns more
+        (StridedConvShape(3, 64, 224, 224, 7, "relu"), BlockConfig(28, 1, 1, 4, vectors=4)),
+        # too many input channels (a GEMM of its own), an even kernel, an odd input
+        (StridedConvShape(16, 32, 224, 224, 3), None),
+        (StridedConvShape(3, 32, 224, 224, 2), None),
+        (StridedConvShape(3, 32, 225, 225, 3), None),
+        # a small map: 63 positions of pitch for 35 plane columns
+        (StridedConvShape(3, 8, 64, 64, 7), None),
+    ],
+)
+def test_plan_strided_conv(shape: StridedConvShape, expected: BlockConfig | None) -> None:
+    assert plan_strided_conv(shape) == expected
+    if expected is not None:
+        assert shape.describe().startswith(f"{shape.kernel}x{shape.kernel} 3->")
