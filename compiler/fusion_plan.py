@@ -265,24 +265,32 @@ MAX_POINTWISE_POSITIONS = 14 * 14
 # per output, the GEMM per output and input channel. At 14x14, 64->384 and 96->576 measured
 # 1.2-1.25x MetaSchedule's tuned kernels, 384->96 and 576->96 0.6-0.73x, 384->64 even.
 MIN_POINTWISE_REDUCTION_ABOVE_7X7 = 256
+# 3x3 convolutions with a reduction of 9 x 16 or more (a network's first layer, 3 channels,
+# is left to MetaSchedule or the stride-2 kernel below).
+MIN_CONV3X3_IN_CHANNELS = 16
 _POSITION_BLOCKS = (7, 8, 6, 5, 4)
 
 
 @dataclass(frozen=True)
 class PointwiseShape:
-    """A 1x1 convolution, batch 1, NCHW float32, bias added, then an optional ReLU6 and an
-    optional residual add (of a tensor of the output's shape)."""
+    """A 1x1 (or 3x3, stride 1, padding 1) convolution, batch 1, NCHW float32, bias added,
+    then an optional residual add (of a tensor of the output's shape), then an optional
+    activation ("relu6" or "relu")."""
 
     in_channels: int
     out_channels: int
     height: int
     width: int
-    relu6: bool = False
+    activation: str | None = None
     residual: bool = False
+    kernel: int = 1
 
     def describe(self) -> str:
-        text = f"1x1 {self.in_channels}->{self.out_channels} at {self.height}x{self.width}"
-        return text + (" + ReLU6" if self.relu6 else "") + (" + residual" if self.residual else "")
+        k = self.kernel
+        text = f"{k}x{k} {self.in_channels}->{self.out_channels} at {self.height}x{self.width}"
+        text += " + residual" if self.residual else ""
+        names = {"relu6": "ReLU6", "relu": "ReLU"}
+        return text + (f" + {names[self.activation]}" if self.activation else "")
 
 
 @dataclass(frozen=True)
@@ -294,25 +302,36 @@ class PointwiseConfig:
 
 
 def plan_pointwise(shape: PointwiseShape) -> PointwiseConfig | None:
-    """The pointwise kernel's accumulator block for ``shape``, None where it is not used.
+    """The kernel's accumulator block for ``shape``, None where it is not used.
 
-    Used on maps of at most ``MAX_POINTWISE_POSITIONS`` (larger ones vectorize well along
-    positions, and MetaSchedule's kernels do) whose output channels are whole vectors; the
-    positions per block divide the map (7 at 7x7 and 14x14), 2 vectors where the channels
-    allow (7 x 2 = 14 accumulators measured best; 3 was slower). Maps larger than 7x7 need
-    ``MIN_POINTWISE_REDUCTION_ABOVE_7X7`` input channels.
+    1x1: used on maps of at most ``MAX_POINTWISE_POSITIONS`` (larger ones vectorize well
+    along positions, and MetaSchedule's kernels do) whose output channels are whole
+    vectors; the positions per block divide the map (7 at 7x7 and 14x14), 2 vectors where
+    the channels allow (7 x 2 = 14 accumulators measured best; 3 was slower). Maps larger
+    than 7x7 need ``MIN_POINTWISE_REDUCTION_ABOVE_7X7`` input channels.
+
+    3x3: any map whose width a position block divides (so that a block stays in one row of
+    the zero-padded input) with at least ``MIN_CONV3X3_IN_CHANNELS`` input channels: ResNet's
+    convolutions at 56, 28, 14 and 7 ran at 100-106 GMAC/s, 0.9x ORT's MLAS kernels.
     """
     positions = shape.height * shape.width
-    if positions < 1 or positions > MAX_POINTWISE_POSITIONS or shape.in_channels < 1:
-        return None
-    if positions > 49 and shape.in_channels < MIN_POINTWISE_REDUCTION_ABOVE_7X7:
+    if positions < 1 or shape.in_channels < 1 or shape.kernel not in (1, 3):
         return None
     if shape.out_channels < LANES or shape.out_channels % LANES:
+        return None
+    vectors = 2 if (shape.out_channels // LANES) % 2 == 0 else 1
+    if shape.kernel == 3:
+        if shape.in_channels < MIN_CONV3X3_IN_CHANNELS:
+            return None
+        block = next((b for b in _POSITION_BLOCKS if shape.width % b == 0), None)
+        return None if block is None else PointwiseConfig(positions=block, vectors=vectors)
+    if positions > MAX_POINTWISE_POSITIONS:
+        return None
+    if positions > 49 and shape.in_channels < MIN_POINTWISE_REDUCTION_ABOVE_7X7:
         return None
     block = next((b for b in _POSITION_BLOCKS if positions % b == 0), None)
     if block is None:
         return None
-    vectors = 2 if (shape.out_channels // LANES) % 2 == 0 else 1
     return PointwiseConfig(positions=block, vectors=vectors)
 
 

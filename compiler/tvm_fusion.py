@@ -564,28 +564,55 @@ def fuse_inverted_residuals(mod: Any) -> tuple[Any, list[str]]:
 
 
 def pointwise_func(shape: PointwiseShape, config: PointwiseConfig) -> Any:
-    """A 1x1 convolution vectorized along output channels, scheduled; the PrimFunc.
+    """A 1x1 or 3x3 convolution vectorized along output channels, scheduled; the PrimFunc.
 
-    Arguments: X (1, C, H, W), the weight transposed (C, Co), the bias (Co,), the residual
-    (1, Co, H, W) if any; output (1, Co, H, W). Accumulators: ``config.positions`` positions
-    x ``config.vectors`` vectors of 16 channels, the input broadcast from memory; bias and
-    ReLU6 go into their write-back to a [positions, Co] buffer, which the last stage
-    transposes to NCHW (adding the residual). Blocks of positions x channel vectors run in
-    parallel. Marked like ``scheduled_block``.
+    Arguments: X (1, C, H, W), the weight with output channels last ((C, Co) for 1x1,
+    (C, 3, 3, Co) for 3x3), the bias (Co,), the residual (1, Co, H, W) if any; output
+    (1, Co, H, W). Accumulators: ``config.positions`` positions x ``config.vectors``
+    vectors of 16 channels, the input broadcast from memory (a 3x3 convolution reads a
+    zero-padded copy of X, so that no tap needs a bounds check); the bias (and the
+    activation, without a residual) go into their write-back to a [positions, Co] buffer,
+    which the last stage transposes to NCHW, adding the residual and then the activation.
+    Blocks of positions x channel vectors run in parallel. Marked like ``scheduled_block``.
     """
     import tvm.s_tir as tir
-    from tvm import te
+    from tvm import te, tirx
 
     c, co, h, w = shape.in_channels, shape.out_channels, shape.height, shape.width
     x = te.placeholder((1, c, h, w), name="X")
-    wt, bias = te.placeholder((c, co), name="Wt"), te.placeholder((co,), name="b")
+    bias = te.placeholder((co,), name="b")
     rc = te.reduce_axis((0, c), name="c")
-    acc = te.compute(
-        (h * w, co), lambda p, o: te.sum(x[0, rc, p // w, p % w] * wt[rc, o], axis=rc), name="A"
-    )
+    if shape.kernel == 3:
+        wt = te.placeholder((c, 3, 3, co), name="Wt")
+        zero = tirx.const(0.0, "float32")
+        xp = te.compute(
+            (c, h + 2, w + 2),
+            lambda k, i, j: tirx.if_then_else(
+                te.all(i >= 1, i <= h, j >= 1, j <= w),
+                x[0, k, tirx.max(tirx.min(i - 1, h - 1), 0), tirx.max(tirx.min(j - 1, w - 1), 0)],
+                zero,
+            ),
+            name="Xp",
+        )
+        kh, kw = te.reduce_axis((0, 3), name="kh"), te.reduce_axis((0, 3), name="kw")
+        acc = te.compute(
+            (h * w, co),
+            lambda p, o: te.sum(
+                xp[rc, p // w + kh, p % w + kw] * wt[rc, kh, kw, o], axis=[rc, kh, kw]
+            ),
+            name="A",
+        )
+    else:
+        wt = te.placeholder((c, co), name="Wt")
+        acc = te.compute(
+            (h * w, co),
+            lambda p, o: te.sum(x[0, rc, p // w, p % w] * wt[rc, o], axis=rc),
+            name="A",
+        )
+    late = shape.activation if shape.residual else None  # after the residual add
     act = te.compute(
         (h * w, co),
-        lambda p, o: _relu6(acc[p, o] + bias[o]) if shape.relu6 else acc[p, o] + bias[o],
+        lambda p, o: _activation(None if late else shape.activation, acc[p, o] + bias[o]),
         name="A2",
     )
     params = [x, wt, bias]
@@ -593,16 +620,18 @@ def pointwise_func(shape: PointwiseShape, config: PointwiseConfig) -> Any:
         res = te.placeholder((1, co, h, w), name="R")
         params.append(res)
         out = te.compute(
-            (1, co, h, w), lambda n, o, i, j: act[i * w + j, o] + res[n, o, i, j], name="Out"
+            (1, co, h, w),
+            lambda n, o, i, j: _activation(late, act[i * w + j, o] + res[n, o, i, j]),
+            name="Out",
         )
     else:
         out = te.compute((1, co, h, w), lambda n, o, i, j: act[i * w + j, o], name="Out")
     sch = tir.Schedule(te.create_prim_func([*params, out]))
     block = sch.get_sblock("A")
-    pos, chan, red = sch.get_loops(block)
+    pos, chan, *red = sch.get_loops(block)
     pos_o, pos_i = sch.split(pos, [None, config.positions])
     chan_o, chan_m, chan_v = sch.split(chan, [None, config.vectors, LANES])
-    sch.reorder(chan_o, pos_o, red, pos_i, chan_m, chan_v)
+    sch.reorder(chan_o, pos_o, *red, pos_i, chan_m, chan_v)
     outer = sch.fuse(chan_o, pos_o)
     sch.parallel(outer)
     sch.unroll(pos_i)
@@ -610,12 +639,14 @@ def pointwise_func(shape: PointwiseShape, config: PointwiseConfig) -> Any:
     sch.vectorize(chan_v)
     local = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(local, outer)
-    sch.decompose_reduction(block, red)
+    sch.decompose_reduction(block, red[0])
     _, inner = sch.split(sch.get_loops(local)[-1], [None, LANES])
     sch.vectorize(inner)
     sch.reverse_compute_inline(sch.get_sblock("A2"))
     n, o, _, _ = sch.get_loops(sch.get_sblock("Out"))
     sch.parallel(sch.fuse(n, o))
+    if shape.kernel == 3:
+        sch.parallel(sch.get_loops(sch.get_sblock("Xp"))[0])
     func = sch.mod["main"].without_attr("global_symbol")
     return func.with_attrs({"tirx.is_scheduled": True, "op_pattern": 8})
 
@@ -627,12 +658,13 @@ class _PointwiseMatch:
     end: Any
     inner: list[Any]  # the bindings the kernel computes besides ``end``
     shape: PointwiseShape
-    weight: np.ndarray  # (Co, C)
+    weight: np.ndarray  # (Co, C) or (Co, C, 3, 3)
     bias: np.ndarray
 
 
 def _find_pointwise(func: Any) -> list[_PointwiseMatch]:
-    """Every 1x1 convolution + bias add [+ ReLU6] [+ residual add] of ``func``."""
+    """Every 1x1 or 3x3 (stride 1) convolution + bias add [+ residual add] [+ ReLU6 | ReLU]
+    of ``func``, matched from its last binding."""
     from tvm import relax
 
     values, uses = _bindings(func)
@@ -643,30 +675,38 @@ def _find_pointwise(func: Any) -> list[_PointwiseMatch]:
     def conv_bias(var: Any, value: Any) -> tuple[Any, np.ndarray, np.ndarray] | None:
         co = _channels(var)
         biased = _bias_add(value, co) if co else None
-        conv = _conv(single_use_value(biased[0]), kernel=1) if biased is not None else None
-        if biased is None or conv is None or conv[2] != 1:
+        if biased is None:
             return None
-        return conv[0], conv[1].reshape(co, -1), biased[1]
+        conv_value = single_use_value(biased[0])
+        for kernel in (1, 3):
+            conv = _conv(conv_value, kernel=kernel)
+            if conv is not None and conv[2] == 1:
+                return conv[0], conv[1], biased[1]
+        return None
 
     matches = []
     for end, value in values.items():
-        residual, relu6, inner = None, False, []
+        activation: str | None = None
+        residual, inner = None, []
         core_var, core = end, value
-        if _op_name(value) == "relax.add":
-            for a, b in ((value.args[0], value.args[1]), (value.args[1], value.args[0])):
+        low = _clip_call(value, _CLIP_HIGH, 6.0)
+        clipped = _clip_call(single_use_value(low), _CLIP_LOW, 0.0) if low is not None else None
+        clipped_value = single_use_value(clipped) if clipped is not None else None
+        if clipped_value is not None:
+            activation, core_var, core, inner = "relu6", clipped, clipped_value, [low, clipped]
+        elif _op_name(value) == "relax.nn.relu":
+            relu_input = value.args[0]
+            relu_value = single_use_value(relu_input)
+            if relu_value is not None:
+                activation, core_var, core, inner = "relu", relu_input, relu_value, [relu_input]
+        if _op_name(core) == "relax.add":
+            for a, b in ((core.args[0], core.args[1]), (core.args[1], core.args[0])):
                 if isinstance(a, relax.Var) and isinstance(b, relax.Var):
                     b_value = single_use_value(b)
                     if b_value is not None and conv_bias(b, b_value) is not None:
                         residual, core_var, core = a, b, b_value
-                        inner = [b]
+                        inner = [*inner, b]
                         break
-        else:
-            low = _clip_call(value, _CLIP_HIGH, 6.0)
-            biased = _clip_call(single_use_value(low), _CLIP_LOW, 0.0) if low is not None else None
-            biased_value = single_use_value(biased) if biased is not None else None
-            if biased_value is not None:
-                relu6, core_var, core = True, biased, biased_value
-                inner = [low, biased]
         found = conv_bias(core_var, core)
         if found is None:
             continue
@@ -675,19 +715,28 @@ def _find_pointwise(func: Any) -> list[_PointwiseMatch]:
         if x_shape is None or len(x_shape) != 4 or x_shape[0] != 1:
             continue
         _, c, h, w = x_shape
-        if residual is not None and _static_shape(residual) != [1, weight.shape[0], h, w]:
+        co = int(weight.shape[0])
+        if residual is not None and _static_shape(residual) != [1, co, h, w]:
             continue
-        shape = PointwiseShape(c, weight.shape[0], h, w, relu6=relu6, residual=residual is not None)
+        shape = PointwiseShape(
+            c,
+            co,
+            h,
+            w,
+            activation=activation,
+            residual=residual is not None,
+            kernel=int(weight.shape[2]),
+        )
         matches.append(_PointwiseMatch(x, residual, end, inner, shape, weight, bias))
-    # A plain conv + bias that a larger match (ReLU6, residual) also covers is left to it.
+    # A convolution that a larger match (activation, residual) also covers is left to it.
     inner_vars = [v for m in matches for v in m.inner]
     return [m for m in matches if not any(m.end.same_as(v) for v in inner_vars)]
 
 
 def fuse_pointwise(mod: Any) -> tuple[Any, list[str]]:
-    """Replace ``main``'s 1x1 convolutions on small maps (``fusion_plan.plan_pointwise``)
-    with ``pointwise_func`` kernels; returns (module, descriptions). Run after
-    ``fuse_inverted_residuals``, on what it left."""
+    """Replace ``main``'s 1x1 convolutions on small maps and 3x3 convolutions of stride 1
+    (``fusion_plan.plan_pointwise``) with ``pointwise_func`` kernels; returns (module,
+    descriptions). Run after ``fuse_inverted_residuals``, on what it left."""
     plans = {}
     fused = []
     for match in _find_pointwise(mod["main"]):
@@ -695,7 +744,11 @@ def fuse_pointwise(mod: Any) -> tuple[Any, list[str]]:
         if config is None:
             continue
         shape = match.shape
-        args = [match.x, np.ascontiguousarray(match.weight.T), match.bias]
+        # Output channels last: (C, Co) or (C, 3, 3, Co).
+        c, co = shape.in_channels, shape.out_channels
+        taps = np.moveaxis(match.weight.reshape(co, c, -1), 0, -1)  # (C, k * k, Co)
+        weight = taps.reshape((c, co) if shape.kernel == 1 else (c, 3, 3, co))
+        args = [match.x, np.ascontiguousarray(weight), match.bias]
         plans[match.end] = _Replacement(
             pointwise_func(shape, config),
             "fused_pointwise",

@@ -295,3 +295,40 @@ def test_strided_first_convolutions_match_onnxruntime(signing_key: Path, tmp_pat
     assert isinstance(accuracy, dict)
     (output,) = accuracy.values()
     assert output["max_abs_error"] < 1e-4 and output["cosine"] > 0.99999
+
+
+class _Basic(nn.Module):
+    """A ResNet basic block at 28x28 (BatchNorm folded by the exporter), then logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(32, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 32, 3, padding=1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+        out: torch.Tensor = self.head(y)
+        return out
+
+
+def test_3x3_convolutions_match_onnxruntime(signing_key: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    path = tmp_path / "basic.onnx"
+    with torch.no_grad():
+        torch.onnx.export(
+            _Basic().eval(),
+            (torch.randn(1, 32, 28, 28),),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+        )
+    assert _fused(path) == [
+        "3x3 32->32 at 28x28 + ReLU",
+        "3x3 32->32 at 28x28 + residual + ReLU",
+    ]
+    report = _compile(path, tmp_path / "out", signing_key)
+    accuracy = report["accuracy"]
+    assert isinstance(accuracy, dict)
+    (output,) = accuracy.values()
+    assert output["max_abs_error"] < 1e-4 and output["cosine"] > 0.99999

@@ -214,16 +214,16 @@ def test_choose_block_fusion(
     ("shape", "expected"),
     [
         # MobileNetV2's 7x7 layers: 7 positions x 2 vectors of 16 channels
-        (PointwiseShape(160, 960, 7, 7, relu6=True), PointwiseConfig(7, 2)),
+        (PointwiseShape(160, 960, 7, 7, activation="relu6"), PointwiseConfig(7, 2)),
         (PointwiseShape(960, 160, 7, 7, residual=True), PointwiseConfig(7, 2)),
         (PointwiseShape(576, 160, 7, 7), PointwiseConfig(7, 2)),
-        (PointwiseShape(320, 1280, 7, 7, relu6=True), PointwiseConfig(7, 2)),
+        (PointwiseShape(320, 1280, 7, 7, activation="relu6"), PointwiseConfig(7, 2)),
         # an odd number of channel vectors: one vector per block
         (PointwiseShape(576, 80, 7, 7), PointwiseConfig(7, 1)),
         # 14x14: only long reductions (the projections) beat MetaSchedule's kernels
         (PointwiseShape(576, 96, 14, 14, residual=True), PointwiseConfig(7, 2)),
         (PointwiseShape(384, 64, 14, 14), PointwiseConfig(7, 2)),
-        (PointwiseShape(64, 384, 14, 14, relu6=True), None),
+        (PointwiseShape(64, 384, 14, 14, activation="relu6"), None),
         # 4x4: 16 positions, blocks of 8
         (PointwiseShape(64, 32, 4, 4), PointwiseConfig(8, 2)),
         # channels that are not whole vectors, maps too large, no position block divides
@@ -231,6 +231,14 @@ def test_choose_block_fusion(
         (PointwiseShape(64, 8, 7, 7), None),
         (PointwiseShape(256, 256, 28, 28), None),
         (PointwiseShape(256, 64, 11, 11), None),
+        # 3x3 (ResNet): any map whose width a block of positions divides
+        (PointwiseShape(64, 64, 56, 56, activation="relu", kernel=3), PointwiseConfig(7, 2)),
+        (PointwiseShape(256, 256, 14, 14, "relu", residual=True, kernel=3), PointwiseConfig(7, 2)),
+        (PointwiseShape(32, 48, 32, 32, kernel=3), PointwiseConfig(8, 1)),
+        # a first layer's 3 channels, a width no block divides, a kernel the kernel lacks
+        (PointwiseShape(3, 32, 56, 56, kernel=3), None),
+        (PointwiseShape(64, 64, 11, 11, kernel=3), None),
+        (PointwiseShape(64, 64, 14, 14, kernel=5), None),
     ],
 )
 def test_plan_pointwise(shape: PointwiseShape, expected: PointwiseConfig | None) -> None:
@@ -238,11 +246,16 @@ def test_plan_pointwise(shape: PointwiseShape, expected: PointwiseConfig | None)
 
 
 def test_pointwise_descriptions_name_what_the_kernel_adds() -> None:
-    assert PointwiseShape(160, 960, 7, 7, relu6=True).describe() == "1x1 160->960 at 7x7 + ReLU6"
+    assert (
+        PointwiseShape(160, 960, 7, 7, activation="relu6").describe()
+        == "1x1 160->960 at 7x7 + ReLU6"
+    )
     assert PointwiseShape(960, 160, 7, 7, residual=True).describe() == (
         "1x1 960->160 at 7x7 + residual"
     )
     assert PointwiseShape(576, 160, 7, 7).describe() == "1x1 576->160 at 7x7"
+    resnet = PointwiseShape(64, 64, 56, 56, "relu", residual=True, kernel=3)
+    assert resnet.describe() == "3x3 64->64 at 56x56 + residual + ReLU"
 
 
 @pytest.mark.parametrize("kernel", [3, 5, 7])
