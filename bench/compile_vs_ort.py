@@ -713,7 +713,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "--fuse-blocks",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="inverted-residual blocks and small-map 1x1 convolutions as hand-scheduled "
+        help="inverted-residual blocks and 3x3, first-layer and small-map 1x1 convolutions "
+        "as hand-scheduled "
         "kernels in both TVM builds (build_library's default on AVX-512 x86-64); "
         "--no-fuse-blocks for MetaSchedule's kernels only",
     )
