@@ -651,6 +651,23 @@ def pointwise_func(shape: PointwiseShape, config: PointwiseConfig) -> Any:
     return func.with_attrs({"tirx.is_scheduled": True, "op_pattern": 8})
 
 
+def _split_activation(
+    var: Any, value: Any, single_use_value: Any
+) -> tuple[str | None, Any, Any, list[Any]]:
+    """``value`` (bound to ``var``) as ReLU6(core), ReLU(core) or core, the intermediates
+    single-use: (activation, core variable, core value, the intermediate variables)."""
+    low = _clip_call(value, _CLIP_HIGH, 6.0)
+    clipped = _clip_call(single_use_value(low), _CLIP_LOW, 0.0) if low is not None else None
+    clipped_value = single_use_value(clipped) if clipped is not None else None
+    if clipped_value is not None:
+        return "relu6", clipped, clipped_value, [low, clipped]
+    if _op_name(value) == "relax.nn.relu":
+        relu_value = single_use_value(value.args[0])
+        if relu_value is not None:
+            return "relu", value.args[0], relu_value, [value.args[0]]
+    return None, var, value, []
+
+
 @dataclass
 class _PointwiseMatch:
     x: Any
@@ -686,19 +703,8 @@ def _find_pointwise(func: Any) -> list[_PointwiseMatch]:
 
     matches = []
     for end, value in values.items():
-        activation: str | None = None
-        residual, inner = None, []
-        core_var, core = end, value
-        low = _clip_call(value, _CLIP_HIGH, 6.0)
-        clipped = _clip_call(single_use_value(low), _CLIP_LOW, 0.0) if low is not None else None
-        clipped_value = single_use_value(clipped) if clipped is not None else None
-        if clipped_value is not None:
-            activation, core_var, core, inner = "relu6", clipped, clipped_value, [low, clipped]
-        elif _op_name(value) == "relax.nn.relu":
-            relu_input = value.args[0]
-            relu_value = single_use_value(relu_input)
-            if relu_value is not None:
-                activation, core_var, core, inner = "relu", relu_input, relu_value, [relu_input]
+        residual = None
+        activation, core_var, core, inner = _split_activation(end, value, single_use_value)
         if _op_name(core) == "relax.add":
             for a, b in ((core.args[0], core.args[1]), (core.args[1], core.args[0])):
                 if isinstance(a, relax.Var) and isinstance(b, relax.Var):
@@ -869,17 +875,11 @@ def _find_strided_convs(func: Any) -> list[_StridedConvMatch]:
 
     matches = []
     for end, value in values.items():
-        activation: str | None = None
-        biased_var, inner = end, []
-        low = _clip_call(value, _CLIP_HIGH, 6.0)
-        clipped = _clip_call(single_use_value(low), _CLIP_LOW, 0.0) if low is not None else None
-        if low is not None and clipped is not None and single_use_value(clipped) is not None:
-            activation, biased_var, inner = "relu6", clipped, [low, clipped]
-        elif _op_name(value) == "relax.nn.relu" and single_use_value(value.args[0]) is not None:
-            activation, biased_var, inner = "relu", value.args[0], [value.args[0]]
-        biased_value = values.get(biased_var) if biased_var is end else single_use_value(biased_var)
+        activation, biased_var, biased_value, inner = _split_activation(
+            end, value, single_use_value
+        )
         co = _channels(biased_var)
-        biased = _bias_add(biased_value, co) if co and biased_value is not None else None
+        biased = _bias_add(biased_value, co) if co else None
         conv_value = single_use_value(biased[0]) if biased is not None else None
         is_conv = conv_value is not None and _op_name(conv_value) == "relax.nn.conv2d"
         weight = _const(conv_value.args[1]) if is_conv and conv_value is not None else None
@@ -893,7 +893,7 @@ def _find_strided_convs(func: Any) -> list[_StridedConvMatch]:
             continue
         _, c, h, w = x_shape
         shape = StridedConvShape(c, co, h, w, int(weight.shape[2]), activation)
-        matches.append(_StridedConvMatch(conv[0], end, [*inner], shape, conv[1], biased[1]))
+        matches.append(_StridedConvMatch(conv[0], end, inner, shape, conv[1], biased[1]))
     inner_vars = [v for m in matches for v in m.inner]
     return [m for m in matches if not any(m.end.same_as(v) for v in inner_vars)]
 
