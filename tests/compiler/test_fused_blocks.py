@@ -85,6 +85,24 @@ def _compile(model: Path, out: Path, key: Path, **options: object) -> dict[str, 
     return report
 
 
+def _export(net: nn.Module, input_shape: tuple[int, ...], path: Path) -> Path:
+    """``net`` (seeded, eval mode) as an ONNX file, the way the exporter writes it."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        torch.onnx.export(
+            net.eval(), (torch.randn(*input_shape),), str(path), dynamo=False, opset_version=17
+        )
+    return path
+
+
+def _assert_matches_onnxruntime(report: dict[str, object]) -> None:
+    """The accuracy gate ran the library natively against ONNX Runtime (over tolerance: exit 4)."""
+    accuracy = report["accuracy"]
+    assert isinstance(accuracy, dict)
+    (output,) = accuracy.values()
+    assert output["max_abs_error"] < 1e-4 and output["cosine"] > 0.99999
+
+
 def test_blocks_are_fused_and_match_onnxruntime(
     blocks_onnx: Path, signing_key: Path, tmp_path: Path
 ) -> None:
@@ -233,26 +251,13 @@ class _Pointwise(nn.Module):
 def test_pointwise_convolutions_on_small_maps_match_onnxruntime(
     signing_key: Path, tmp_path: Path
 ) -> None:
-    torch.manual_seed(0)
-    path = tmp_path / "pointwise.onnx"
-    with torch.no_grad():
-        torch.onnx.export(
-            _Pointwise().eval(),
-            (torch.randn(1, 32, 7, 7),),
-            str(path),
-            dynamo=False,
-            opset_version=17,
-        )
+    path = _export(_Pointwise(), (1, 32, 7, 7), tmp_path / "pointwise.onnx")
     assert _fused(path) == [
         "1x1 32->64 at 7x7 + ReLU6",
         "1x1 64->32 at 7x7 + residual",
         "1x1 32->48 at 7x7",
     ]
-    report = _compile(path, tmp_path / "out", signing_key)
-    accuracy = report["accuracy"]
-    assert isinstance(accuracy, dict)
-    (output,) = accuracy.values()
-    assert output["max_abs_error"] < 1e-4 and output["cosine"] > 0.99999
+    _assert_matches_onnxruntime(_compile(path, tmp_path / "out", signing_key))
 
 
 class _Stem(nn.Module):
@@ -276,25 +281,12 @@ class _Stem(nn.Module):
 
 
 def test_strided_first_convolutions_match_onnxruntime(signing_key: Path, tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    path = tmp_path / "stem.onnx"
-    with torch.no_grad():
-        torch.onnx.export(
-            _Stem().eval(),
-            (torch.randn(1, 3, 224, 224),),
-            str(path),
-            dynamo=False,
-            opset_version=17,
-        )
+    path = _export(_Stem(), (1, 3, 224, 224), tmp_path / "stem.onnx")
     assert _fused(path) == [
         "7x7 3->8 stride 2 at 224x224 + relu (strips of 56 rows)",
         "3x3 8->16 stride 2 at 112x112 + relu6 (strips of 28 rows)",
     ]
-    report = _compile(path, tmp_path / "out", signing_key)
-    accuracy = report["accuracy"]
-    assert isinstance(accuracy, dict)
-    (output,) = accuracy.values()
-    assert output["max_abs_error"] < 1e-4 and output["cosine"] > 0.99999
+    _assert_matches_onnxruntime(_compile(path, tmp_path / "out", signing_key))
 
 
 class _Basic(nn.Module):
@@ -313,22 +305,9 @@ class _Basic(nn.Module):
 
 
 def test_3x3_convolutions_match_onnxruntime(signing_key: Path, tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    path = tmp_path / "basic.onnx"
-    with torch.no_grad():
-        torch.onnx.export(
-            _Basic().eval(),
-            (torch.randn(1, 32, 28, 28),),
-            str(path),
-            dynamo=False,
-            opset_version=17,
-        )
+    path = _export(_Basic(), (1, 32, 28, 28), tmp_path / "basic.onnx")
     assert _fused(path) == [
         "3x3 32->32 at 28x28 + ReLU",
         "3x3 32->32 at 28x28 + residual + ReLU",
     ]
-    report = _compile(path, tmp_path / "out", signing_key)
-    accuracy = report["accuracy"]
-    assert isinstance(accuracy, dict)
-    (output,) = accuracy.values()
-    assert output["max_abs_error"] < 1e-4 and output["cosine"] > 0.99999
+    _assert_matches_onnxruntime(_compile(path, tmp_path / "out", signing_key))
