@@ -416,3 +416,107 @@ def plan_strided_conv(
     even = [r for r in fitting if (height // r) % 2 == 0]
     channels = _channel_block(shape.out_channels, 4 * (VECTORS // vectors))
     return BlockConfig(max(even or fitting), 1, 1, channels, vectors=vectors)
+
+
+# Winograd convolutions (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks",
+# 2016): an m x m output tile of a 3x3 convolution from the (m + 2) x (m + 2) input tile
+# around it takes (m + 2)^2 multiplies per channel pair instead of 9 m^2, after a transform
+# of the input tile (B^T d B), of the weights (G g G^T, done once at compile time) and back
+# (A^T M A). ResNet's 3x3 convolutions run near the CPU's peak in the direct kernel and in
+# ONNX Runtime's MLAS, so fewer multiplies are the way past them. F(4x4, 3x3) does 4x
+# fewer; its transformed weights are 4x the direct ones, which is what limits it on small
+# maps with many channels (read from memory once per inference, see plan_winograd).
+# Interpolation points 0, +-1, +-2 and infinity, as in the paper and cuDNN.
+_WINOGRAD_MATRICES: dict[int, tuple[list[list[float]], list[list[float]], list[list[float]]]] = {
+    2: (
+        [[1, 1, 1, 0], [0, 1, -1, -1]],
+        [[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]],
+        [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+    ),
+    4: (
+        [
+            [1, 1, 1, 1, 1, 0],
+            [0, 1, -1, 2, -2, 0],
+            [0, 1, 1, 4, 4, 0],
+            [0, 1, -1, 8, -8, 1],
+        ],
+        [
+            [1 / 4, 0, 0],
+            [-1 / 6, -1 / 6, -1 / 6],
+            [-1 / 6, 1 / 6, -1 / 6],
+            [1 / 24, 1 / 12, 1 / 6],
+            [1 / 24, -1 / 12, 1 / 6],
+            [0, 0, 1],
+        ],
+        [
+            [4, 0, -5, 0, 1, 0],
+            [0, -4, -4, 1, 1, 0],
+            [0, 4, -4, -1, 1, 0],
+            [0, -2, -1, 2, 1, 0],
+            [0, 2, -1, -2, 1, 0],
+            [0, 4, 0, -5, 0, 1],
+        ],
+    ),
+}
+WINOGRAD_TILES = tuple(sorted(_WINOGRAD_MATRICES))
+
+
+def winograd_matrices(
+    tile: int,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """(A^T, G, B^T) of F(tile x tile, 3x3); shapes (m, m+2), (m+2, 3), (m+2, m+2)."""
+    if tile not in _WINOGRAD_MATRICES:
+        raise ValueError(f"no Winograd transform for {tile}x{tile} tiles; have {WINOGRAD_TILES}")
+    at, g, bt = _WINOGRAD_MATRICES[tile]
+    return np.array(at), np.array(g), np.array(bt)
+
+
+def winograd_weights(weight: npt.NDArray[np.float32], tile: int) -> npt.NDArray[np.float32]:
+    """The transformed weights U[e1, e2, c, o] = (G g[o, c] G^T)[e1, e2] of a (Co, C, 3, 3)
+    weight, computed in float64 and stored as float32: ((m+2), (m+2), C, Co)."""
+    _, g, _ = winograd_matrices(tile)
+    u = np.einsum("ak,ockl,bl->abco", g, weight.astype(np.float64), g)
+    return np.ascontiguousarray(u, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class WinogradConfig:
+    """Output tile size, and tiles x vectors of 16 output channels per GEMM accumulator block."""
+
+    tile: int
+    positions: int
+    vectors: int
+
+    def tiles(self, height: int, width: int) -> tuple[int, int]:
+        return -(-height // self.tile), -(-width // self.tile)
+
+
+# The transformed weights of a layer are read once per inference; above this size the
+# extra memory traffic (4x the direct kernel's weights) eats what the multiplies save:
+# ResNet's 256->256 at 14x14 (9 MiB) ran at 0.45x ORT's time, 512->512 at 7x7 (36 MiB)
+# at 1.48x (F(2x2, 3x3) there: 1.22x; the direct kernel 1.11x).
+WINOGRAD_MAX_WEIGHT_BYTES = 16 * 1024 * 1024
+# Fewer input channels than this leave the transforms dominant.
+MIN_WINOGRAD_IN_CHANNELS = 32
+
+
+def plan_winograd(
+    shape: PointwiseShape, *, max_weight_bytes: int = WINOGRAD_MAX_WEIGHT_BYTES
+) -> WinogradConfig | None:
+    """F(4x4, 3x3) for a 3x3 stride-1 convolution where it pays, None where the direct
+    kernel (``plan_pointwise``) stays: few input channels, transformed weights over
+    ``max_weight_bytes``, output channels not whole vectors, or tile counts no position
+    block divides."""
+    if shape.kernel != 3 or shape.in_channels < MIN_WINOGRAD_IN_CHANNELS:
+        return None
+    if shape.out_channels < LANES or shape.out_channels % LANES:
+        return None
+    tile = 4
+    if (tile + 2) ** 2 * shape.in_channels * shape.out_channels * 4 > max_weight_bytes:
+        return None
+    rows, cols = -(-shape.height // tile), -(-shape.width // tile)
+    block = next((b for b in _POSITION_BLOCKS if (rows * cols) % b == 0), None)
+    if block is None:
+        return None
+    vectors = 2 if (shape.out_channels // LANES) % 2 == 0 else 1
+    return WinogradConfig(tile=tile, positions=block, vectors=vectors)

@@ -25,13 +25,17 @@ from compiler.fusion_plan import (
     PointwiseConfig,
     PointwiseShape,
     StridedConvShape,
+    WinogradConfig,
     block_mask,
     plan_block,
     plan_pointwise,
     plan_strided_conv,
+    plan_winograd,
     strided_conv_dims,
     strided_strip_dims,
     strip_dims,
+    winograd_matrices,
+    winograd_weights,
 )
 
 log = logging.getLogger(__name__)
@@ -651,6 +655,167 @@ def pointwise_func(shape: PointwiseShape, config: PointwiseConfig) -> Any:
     return func.with_attrs({"tirx.is_scheduled": True, "op_pattern": 8})
 
 
+def _combination(row: Any, term: Any) -> Any:
+    """sum_k row[k] * term(k) over the nonzero entries of one transform-matrix row, with
+    +-1 as adds and subtracts (the TIR simplifier keeps x * 0.0 and x * 1.0 in floats)."""
+    from tvm import tirx
+
+    total = None
+    for k, coef in enumerate(row):
+        if coef == 0:
+            continue
+        value = term(k)
+        if total is None:
+            # The first term carries its sign (the rows of B^T start with -4 and -2).
+            total = value if coef == 1 else value * tirx.const(float(coef), "float32")
+            continue
+        if abs(coef) != 1:
+            value = value * tirx.const(abs(float(coef)), "float32")
+        total = total + value if coef > 0 else total - value
+    return total
+
+
+def _by_row(matrix: np.ndarray, index: Any, term: Any) -> Any:
+    """``_combination`` of row ``index`` of ``matrix``: a Select chain that unrolling the
+    loop of ``index`` folds to one combination per iteration."""
+    from tvm import tirx
+
+    rows = [_combination(row, term) for row in matrix]
+    expr = rows[-1]
+    for i in range(len(rows) - 2, -1, -1):
+        expr = tirx.Select(index == i, rows[i], expr)
+    return expr
+
+
+def winograd_func(shape: PointwiseShape, config: WinogradConfig) -> Any:
+    """A 3x3 stride-1 convolution by F(m x m, 3x3) Winograd tiles, scheduled; the PrimFunc.
+
+    Arguments: X (1, C, H, W), the transformed weights U ((m+2), (m+2), C, Co) from
+    ``fusion_plan.winograd_weights``, the bias (Co,), the residual (1, Co, H, W) if any;
+    output (1, Co, H, W). Stages, channels last so that each vectorizes along channels:
+    Xt, a zero-padded channels-last copy of X; V = B^T d B per tile and input channel (two
+    one-dimensional passes, T1 then V); M, (m+2)^2 GEMMs of tiles x C by C x Co,
+    register-blocked like ``pointwise_func``; Z = A^T M A per tile and output channel (Z1
+    then Z); Out adds the bias (and residual), applies the activation and writes NCHW.
+    """
+    import tvm.s_tir as tir
+    from tvm import te, tirx
+
+    at, _, bt = winograd_matrices(config.tile)
+    m, a = config.tile, config.tile + 2
+    c, co, h, w = shape.in_channels, shape.out_channels, shape.height, shape.width
+    th, tw = config.tiles(h, w)
+    tiles = th * tw
+    x = te.placeholder((1, c, h, w), name="X")
+    u = te.placeholder((a, a, c, co), name="U")
+    bias = te.placeholder((co,), name="b")
+    zero = tirx.const(0.0, "float32")
+    xt = te.compute(
+        (th * m + 2, tw * m + 2, c),
+        lambda i, j, k: tirx.if_then_else(
+            te.all(i >= 1, i <= h, j >= 1, j <= w),
+            x[0, k, tirx.max(tirx.min(i - 1, h - 1), 0), tirx.max(tirx.min(j - 1, w - 1), 0)],
+            zero,
+        ),
+        name="Xt",
+    )
+    t1 = te.compute(
+        (tiles, a, a, c),
+        lambda t, e1, j, k: _by_row(bt, e1, lambda r: xt[t // tw * m + r, t % tw * m + j, k]),
+        name="T1",
+    )
+    v = te.compute(
+        (a, a, tiles, c),
+        lambda e1, e2, t, k: _by_row(bt, e2, lambda j: t1[t, e1, j, k]),
+        name="V",
+    )
+    rc = te.reduce_axis((0, c), name="c")
+    mm = te.compute(
+        (a, a, tiles, co),
+        lambda e1, e2, t, o: te.sum(v[e1, e2, t, rc] * u[e1, e2, rc, o], axis=rc),
+        name="M",
+    )
+    z1 = te.compute(
+        (tiles, m, a, co),
+        lambda t, i, e2, o: _by_row(at, i, lambda e1: mm[e1, e2, t, o]),
+        name="Z1",
+    )
+    z = te.compute(
+        (tiles, m, m, co),
+        lambda t, i, j, o: _by_row(at, j, lambda e2: z1[t, i, e2, o]) + bias[o],
+        name="Z",
+    )
+    params = [x, u, bias]
+    act = shape.activation
+
+    def output(n: Any, o: Any, i: Any, j: Any) -> Any:
+        value = z[i // m * tw + j // m, i % m, j % m, o]
+        return _activation(act, value + res[n, o, i, j] if shape.residual else value)
+
+    if shape.residual:
+        res = te.placeholder((1, co, h, w), name="R")
+        params.append(res)
+    out = te.compute((1, co, h, w), output, name="Out")
+    sch = tir.Schedule(te.create_prim_func([*params, out]))
+
+    def vector_split(loop: Any) -> tuple[Any, Any]:
+        outer, inner = sch.split(loop, [None, LANES])
+        return outer, inner
+
+    # Input transform: tiles in parallel, 16 channels at a time through T1.
+    vb = sch.get_sblock("V")
+    e1, e2, t, k = sch.get_loops(vb)
+    k_o, k_v = vector_split(k)
+    sch.reorder(t, k_o, e1, e2, k_v)
+    sch.parallel(t)
+    sch.unroll(e1)
+    sch.unroll(e2)
+    sch.vectorize(k_v)
+    t1b = sch.get_sblock("T1")
+    sch.compute_at(t1b, k_o)
+    _, e1, j, k = sch.get_loops(t1b)[-4:]
+    sch.unroll(e1)
+    sch.unroll(j)
+    sch.vectorize(k)
+    xtb = sch.get_sblock("Xt")
+    sch.parallel(sch.get_loops(xtb)[0])
+    # The GEMMs.
+    block = sch.get_sblock("M")
+    e1, e2, t, o, red = sch.get_loops(block)
+    t_o, t_i = sch.split(t, [None, config.positions])
+    o_o, o_m, o_v = sch.split(o, [None, config.vectors, LANES])
+    sch.reorder(e1, e2, o_o, t_o, red, t_i, o_m, o_v)
+    outer = sch.fuse(e1, e2, o_o, t_o)
+    sch.parallel(outer)
+    sch.unroll(t_i)
+    sch.unroll(o_m)
+    sch.vectorize(o_v)
+    local = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(local, outer)
+    sch.decompose_reduction(block, red)
+    _, inner = vector_split(sch.get_loops(local)[-1])
+    sch.vectorize(inner)
+    # Output transform: tiles in parallel, 16 output channels at a time through Z1.
+    zb = sch.get_sblock("Z")
+    t, i, j, o = sch.get_loops(zb)
+    o_o, o_v = vector_split(o)
+    sch.reorder(t, o_o, i, j, o_v)
+    sch.parallel(t)
+    sch.unroll(i)
+    sch.unroll(j)
+    sch.vectorize(o_v)
+    z1b = sch.get_sblock("Z1")
+    sch.compute_at(z1b, o_o)
+    _, i, e2, o = sch.get_loops(z1b)[-4:]
+    sch.unroll(i)
+    sch.unroll(e2)
+    sch.vectorize(o)
+    n, o, _, _ = sch.get_loops(sch.get_sblock("Out"))
+    sch.parallel(sch.fuse(n, o))
+    func = sch.mod["main"].without_attr("global_symbol")
+    return func.with_attrs({"tirx.is_scheduled": True, "op_pattern": 8})
+
+
 def _split_activation(
     var: Any, value: Any, single_use_value: Any
 ) -> tuple[str | None, Any, Any, list[Any]]:
@@ -741,27 +906,35 @@ def _find_pointwise(func: Any) -> list[_PointwiseMatch]:
 
 def fuse_pointwise(mod: Any) -> tuple[Any, list[str]]:
     """Replace ``main``'s 1x1 convolutions on small maps and 3x3 convolutions of stride 1
-    (``fusion_plan.plan_pointwise``) with ``pointwise_func`` kernels; returns (module,
-    descriptions). Run after ``fuse_inverted_residuals``, on what it left."""
+    with ``winograd_func`` kernels (``fusion_plan.plan_winograd``) or else ``pointwise_func``
+    kernels (``fusion_plan.plan_pointwise``); returns (module, descriptions). Run after
+    ``fuse_inverted_residuals``, on what it left."""
     plans = {}
     fused = []
     for match in _find_pointwise(mod["main"]):
-        config = plan_pointwise(match.shape)
-        if config is None:
-            continue
         shape = match.shape
-        # Output channels last: (C, Co) or (C, 3, 3, Co).
-        c, co = shape.in_channels, shape.out_channels
-        taps = np.moveaxis(match.weight.reshape(co, c, -1), 0, -1)  # (C, k * k, Co)
-        weight = taps.reshape((c, co) if shape.kernel == 1 else (c, 3, 3, co))
+        winograd = plan_winograd(shape)
+        config = plan_pointwise(shape)
+        if winograd is not None:
+            func = winograd_func(shape, winograd)
+            weight = winograd_weights(match.weight, winograd.tile)
+            fused.append(f"{shape.describe()} (Winograd F({winograd.tile}x{winograd.tile}, 3x3))")
+        elif config is not None:
+            # Output channels last: (C, Co) or (C, 3, 3, Co).
+            c, co = shape.in_channels, shape.out_channels
+            taps = np.moveaxis(match.weight.reshape(co, c, -1), 0, -1)  # (C, k * k, Co)
+            weight = taps.reshape((c, co) if shape.kernel == 1 else (c, 3, 3, co))
+            func = pointwise_func(shape, config)
+            fused.append(shape.describe())
+        else:
+            continue
         args = [match.x, np.ascontiguousarray(weight), match.bias]
         plans[match.end] = _Replacement(
-            pointwise_func(shape, config),
+            func,
             "fused_pointwise",
             [*args, *([match.residual] if match.residual is not None else [])],
             (1, shape.out_channels, shape.height, shape.width),
         )
-        fused.append(shape.describe())
     if not plans:
         return mod, []
     log.info("%d pointwise convolution kernel(s): %s", len(fused), "; ".join(fused))

@@ -290,24 +290,29 @@ def test_strided_first_convolutions_match_onnxruntime(signing_key: Path, tmp_pat
 
 
 class _Basic(nn.Module):
-    """A ResNet basic block at 28x28 (BatchNorm folded by the exporter), then logits."""
+    """A 3x3 16->32 convolution (too few input channels for Winograd: the direct kernel), then
+    a ResNet basic block (BatchNorm folded by the exporter) of Winograd ones, then logits; at
+    30x30, so that the 4x4 tiles overhang the map's edge."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.conv0 = nn.Conv2d(16, 32, 3, padding=1)
         self.conv1 = nn.Conv2d(32, 32, 3, padding=1)
         self.conv2 = nn.Conv2d(32, 32, 3, padding=1)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv0(x))
         y = torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
         out: torch.Tensor = self.head(y)
         return out
 
 
 def test_3x3_convolutions_match_onnxruntime(signing_key: Path, tmp_path: Path) -> None:
-    path = _export(_Basic(), (1, 32, 28, 28), tmp_path / "basic.onnx")
+    path = _export(_Basic(), (1, 16, 30, 30), tmp_path / "basic.onnx")
     assert _fused(path) == [
-        "3x3 32->32 at 28x28 + ReLU",
-        "3x3 32->32 at 28x28 + residual + ReLU",
+        "3x3 16->32 at 30x30 + ReLU",
+        "3x3 32->32 at 30x30 + ReLU (Winograd F(4x4, 3x3))",
+        "3x3 32->32 at 30x30 + residual + ReLU (Winograd F(4x4, 3x3))",
     ]
     _assert_matches_onnxruntime(_compile(path, tmp_path / "out", signing_key))

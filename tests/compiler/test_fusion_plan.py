@@ -17,18 +17,22 @@ from compiler.fusion_plan import (
     PointwiseConfig,
     PointwiseShape,
     StridedConvShape,
+    WinogradConfig,
     block_mask,
     choose_block_fusion,
     edge_mask,
     plan_block,
     plan_pointwise,
     plan_strided_conv,
+    plan_winograd,
     strided_conv_dims,
     strided_edge_mask,
     strided_strip_dims,
     strided_vectors,
     strip_bytes,
     strip_dims,
+    winograd_matrices,
+    winograd_weights,
 )
 
 
@@ -292,3 +296,52 @@ def test_plan_strided_conv(shape: StridedConvShape, expected: BlockConfig | None
     assert plan_strided_conv(shape) == expected
     if expected is not None:
         assert shape.describe().startswith(f"{shape.kernel}x{shape.kernel} 3->")
+
+
+@pytest.mark.parametrize("tile", [2, 4])
+def test_winograd_tiles_compute_the_correlation(tile: int) -> None:
+    """A^T [(G g) * (B^T d)] is the 3-tap correlation of d with g (one dimension; the 2-D
+    transform is this applied along rows and columns)."""
+    at, g, bt = winograd_matrices(tile)
+    rng = np.random.default_rng(tile)
+    d, w = rng.standard_normal(tile + 2), rng.standard_normal(3)
+    direct = [d[i : i + 3] @ w for i in range(tile)]
+    np.testing.assert_allclose(at @ ((g @ w) * (bt @ d)), direct, rtol=1e-12, atol=1e-12)
+
+
+def test_winograd_weights_transform_each_channel_pair() -> None:
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((32, 16, 3, 3)).astype(np.float32)
+    u = winograd_weights(weight, 4)
+    assert u.shape == (6, 6, 16, 32) and u.dtype == np.float32 and u.flags.c_contiguous
+    _, g, _ = winograd_matrices(4)
+    np.testing.assert_allclose(u[:, :, 5, 7], g @ weight[7, 5].astype(np.float64) @ g.T, rtol=1e-6)
+
+
+def test_winograd_refuses_a_tile_it_has_no_transform_for() -> None:
+    with pytest.raises(ValueError, match=r"no Winograd transform for 3x3 tiles; have \(2, 4\)"):
+        winograd_matrices(3)
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [
+        # ResNet-18's stride-1 3x3 layers at 56, 28 and 14: 196, 49 and 16 tiles of 4x4
+        (PointwiseShape(64, 64, 56, 56, "relu", kernel=3), WinogradConfig(4, 7, 2)),
+        (PointwiseShape(128, 128, 28, 28, "relu", True, kernel=3), WinogradConfig(4, 7, 2)),
+        (PointwiseShape(256, 256, 14, 14, kernel=3), WinogradConfig(4, 8, 2)),
+        # a ragged edge: 30x30 in 8x8 tiles; an odd number of channel vectors
+        (PointwiseShape(32, 48, 30, 30, kernel=3), WinogradConfig(4, 8, 1)),
+        # 512->512 at 7x7: 36 MiB of transformed weights, the direct kernel stays
+        (PointwiseShape(512, 512, 7, 7, kernel=3), None),
+        # too few input channels, channels that are not whole vectors, 3x3 tiles, 1x1
+        (PointwiseShape(16, 32, 56, 56, kernel=3), None),
+        (PointwiseShape(64, 40, 56, 56, kernel=3), None),
+        (PointwiseShape(64, 64, 11, 11, kernel=3), None),
+        (PointwiseShape(64, 64, 56, 56), None),
+    ],
+)
+def test_plan_winograd(shape: PointwiseShape, expected: WinogradConfig | None) -> None:
+    assert plan_winograd(shape) == expected
+    if expected is not None:
+        assert expected.tiles(shape.height, shape.width) == (-(-shape.height // 4),) * 2
