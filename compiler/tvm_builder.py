@@ -154,13 +154,14 @@ def _prepare_fused(
         if fuse_blocks:
             from compiler.tvm_fusion import (
                 fuse_inverted_residuals,
+                fuse_max_pools,
                 fuse_pointwise,
                 fuse_strided_convs,
             )
 
             # The ReLU6 bounds the blocks are recognized by must be constants first.
             mod, fused = fuse_inverted_residuals(relax.transform.FoldConstant()(mod))
-            for rewrite in (fuse_pointwise, fuse_strided_convs):
+            for rewrite in (fuse_pointwise, fuse_strided_convs, fuse_max_pools):
                 mod, more = rewrite(mod)
                 fused += more
         mod = tvm.transform.Sequential(

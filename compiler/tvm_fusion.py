@@ -22,12 +22,15 @@ from compiler.fusion_plan import (
     LANES,
     BlockConfig,
     BlockShape,
+    MaxPoolShape,
     PointwiseConfig,
     PointwiseShape,
     StridedConvShape,
     WinogradConfig,
     block_mask,
+    blocked_weights,
     plan_block,
+    plan_max_pool,
     plan_pointwise,
     plan_strided_conv,
     plan_winograd,
@@ -570,8 +573,9 @@ def fuse_inverted_residuals(mod: Any) -> tuple[Any, list[str]]:
 def pointwise_func(shape: PointwiseShape, config: PointwiseConfig) -> Any:
     """A 1x1 or 3x3 convolution vectorized along output channels, scheduled; the PrimFunc.
 
-    Arguments: X (1, C, H, W), the weight with output channels last ((C, Co) for 1x1,
-    (C, 3, 3, Co) for 3x3), the bias (Co,), the residual (1, Co, H, W) if any; output
+    Arguments: X (1, C, H, W), the weight in blocks of B = ``config.vectors`` x 16 output
+    channels (``fusion_plan.blocked_weights``: (Co / B, C, B) for 1x1, (Co / B, C, 3, 3, B)
+    for 3x3), the bias (Co,), the residual (1, Co, H, W) if any; output
     (1, Co, H, W). Accumulators: ``config.positions`` positions x ``config.vectors``
     vectors of 16 channels, the input broadcast from memory (a 3x3 convolution reads a
     zero-padded copy of X, so that no tap needs a bounds check); the bias (and the
@@ -583,11 +587,12 @@ def pointwise_func(shape: PointwiseShape, config: PointwiseConfig) -> Any:
     from tvm import te, tirx
 
     c, co, h, w = shape.in_channels, shape.out_channels, shape.height, shape.width
+    block = config.vectors * LANES
     x = te.placeholder((1, c, h, w), name="X")
     bias = te.placeholder((co,), name="b")
     rc = te.reduce_axis((0, c), name="c")
     if shape.kernel == 3:
-        wt = te.placeholder((c, 3, 3, co), name="Wt")
+        wt = te.placeholder((co // block, c, 3, 3, block), name="Wt")
         zero = tirx.const(0.0, "float32")
         xp = te.compute(
             (c, h + 2, w + 2),
@@ -602,15 +607,16 @@ def pointwise_func(shape: PointwiseShape, config: PointwiseConfig) -> Any:
         acc = te.compute(
             (h * w, co),
             lambda p, o: te.sum(
-                xp[rc, p // w + kh, p % w + kw] * wt[rc, kh, kw, o], axis=[rc, kh, kw]
+                xp[rc, p // w + kh, p % w + kw] * wt[o // block, rc, kh, kw, o % block],
+                axis=[rc, kh, kw],
             ),
             name="A",
         )
     else:
-        wt = te.placeholder((c, co), name="Wt")
+        wt = te.placeholder((co // block, c, block), name="Wt")
         acc = te.compute(
             (h * w, co),
-            lambda p, o: te.sum(x[0, rc, p // w, p % w] * wt[rc, o], axis=rc),
+            lambda p, o: te.sum(x[0, rc, p // w, p % w] * wt[o // block, rc, o % block], axis=rc),
             name="A",
         )
     late = shape.activation if shape.residual else None  # after the residual add
@@ -690,12 +696,14 @@ def _by_row(matrix: np.ndarray, index: Any, term: Any) -> Any:
 def winograd_func(shape: PointwiseShape, config: WinogradConfig) -> Any:
     """A 3x3 stride-1 convolution by F(m x m, 3x3) Winograd tiles, scheduled; the PrimFunc.
 
-    Arguments: X (1, C, H, W), the transformed weights U ((m+2), (m+2), C, Co) from
-    ``fusion_plan.winograd_weights``, the bias (Co,), the residual (1, Co, H, W) if any;
-    output (1, Co, H, W). Stages, channels last so that each vectorizes along channels:
-    Xt, a zero-padded channels-last copy of X; V = B^T d B per tile and input channel (two
-    one-dimensional passes, T1 then V); M, (m+2)^2 GEMMs of tiles x C by C x Co,
-    register-blocked like ``pointwise_func``; Z = A^T M A per tile and output channel (Z1
+    Arguments: X (1, C, H, W), the transformed weights U from
+    ``fusion_plan.winograd_weights`` in blocks of B = ``config.vectors`` x 16 output channels
+    (``fusion_plan.blocked_weights``: (Co / B, m+2, m+2, C, B)), the bias (Co,), the
+    residual (1, Co, H, W) if any; output (1, Co, H, W). Stages, channels last so that each
+    vectorizes along channels: Xt, a zero-padded channels-last copy of X; V = B^T d B per
+    tile and input channel (two one-dimensional passes, T1 then V); M, (m+2)^2 GEMMs of
+    tiles x C by C x Co, register-blocked like ``pointwise_func``; Z = A^T M A per tile and
+    output channel (Z1
     then Z); Out adds the bias (and residual), applies the activation and writes NCHW.
     """
     import tvm.s_tir as tir
@@ -707,7 +715,8 @@ def winograd_func(shape: PointwiseShape, config: WinogradConfig) -> Any:
     th, tw = config.tiles(h, w)
     tiles = th * tw
     x = te.placeholder((1, c, h, w), name="X")
-    u = te.placeholder((a, a, c, co), name="U")
+    block = config.vectors * LANES
+    u = te.placeholder((co // block, a, a, c, block), name="U")
     bias = te.placeholder((co,), name="b")
     zero = tirx.const(0.0, "float32")
     xt = te.compute(
@@ -732,7 +741,9 @@ def winograd_func(shape: PointwiseShape, config: WinogradConfig) -> Any:
     rc = te.reduce_axis((0, c), name="c")
     mm = te.compute(
         (a, a, tiles, co),
-        lambda e1, e2, t, o: te.sum(v[e1, e2, t, rc] * u[e1, e2, rc, o], axis=rc),
+        lambda e1, e2, t, o: te.sum(
+            v[e1, e2, t, rc] * u[o // block, e1, e2, rc, o % block], axis=rc
+        ),
         name="M",
     )
     z1 = te.compute(
@@ -917,13 +928,15 @@ def fuse_pointwise(mod: Any) -> tuple[Any, list[str]]:
         config = plan_pointwise(shape)
         if winograd is not None:
             func = winograd_func(shape, winograd)
-            weight = winograd_weights(match.weight, winograd.tile)
+            weight = blocked_weights(
+                winograd_weights(match.weight, winograd.tile), winograd.vectors
+            )
             fused.append(f"{shape.describe()} (Winograd F({winograd.tile}x{winograd.tile}, 3x3))")
         elif config is not None:
-            # Output channels last: (C, Co) or (C, 3, 3, Co).
-            c, co = shape.in_channels, shape.out_channels
+            c, co, k = shape.in_channels, shape.out_channels, shape.kernel
             taps = np.moveaxis(match.weight.reshape(co, c, -1), 0, -1)  # (C, k * k, Co)
-            weight = taps.reshape((c, co) if shape.kernel == 1 else (c, 3, 3, co))
+            weight = blocked_weights(taps, config.vectors)  # (Co / block, C, k * k, block)
+            weight = weight.reshape(weight.shape[0], c, *((k, k) if k == 3 else ()), -1)
             func = pointwise_func(shape, config)
             fused.append(shape.describe())
         else:
@@ -1091,4 +1104,96 @@ def fuse_strided_convs(mod: Any) -> tuple[Any, list[str]]:
     if not plans:
         return mod, []
     log.info("%d strided convolution kernel(s): %s", len(fused), "; ".join(fused))
+    return _replace(mod, plans), fused
+
+
+def max_pool_func(shape: MaxPoolShape) -> Any:
+    """A max pool (``fusion_plan.plan_max_pool``), scheduled; the PrimFunc. Two passes per
+    output row: the maximum over the window's rows (R, vectorized along the input row: its
+    row index is one clamped scalar), then over each window's columns. Rows in parallel."""
+    import tvm.s_tir as tir
+    from tvm import te, tirx
+
+    c, h, w = shape.channels, shape.height, shape.width
+    k, s, p = shape.kernel, shape.stride, shape.padding
+    x = te.placeholder((1, c, h, w), name="X")
+
+    def clamp(index: Any, size: int) -> Any:
+        return tirx.max(tirx.min(index, size - 1), 0)
+
+    def window_max(term: Any) -> Any:
+        value = term(0)
+        for tap in range(1, k):
+            value = tirx.max(value, term(tap))
+        return value
+
+    rows = te.compute(
+        (c, shape.out_height, w),
+        lambda ch, i, j: window_max(lambda d: x[0, ch, clamp(i * s + d - p, h), j]),
+        name="R",
+    )
+    out = te.compute(
+        (1, c, shape.out_height, shape.out_width),
+        lambda n, ch, i, j: window_max(lambda d: rows[ch, i, clamp(j * s + d - p, w)]),
+        name="Out",
+    )
+    sch = tir.Schedule(te.create_prim_func([x, out]))
+    n, ch, i, _ = sch.get_loops(sch.get_sblock("Out"))
+    outer = sch.fuse(n, ch, i)
+    sch.parallel(outer)
+    r = sch.get_sblock("R")
+    sch.compute_at(r, outer)
+    col = sch.get_loops(r)[-1]
+    if w >= LANES:
+        _, inner = sch.split(col, [None, LANES])
+        sch.vectorize(inner)
+    func = sch.mod["main"].without_attr("global_symbol")
+    return func.with_attrs({"tirx.is_scheduled": True, "op_pattern": 8})
+
+
+def fuse_max_pools(mod: Any) -> tuple[Any, list[str]]:
+    """Replace ``main``'s max pools (``fusion_plan.plan_max_pool``) with ``max_pool_func``
+    kernels; returns (module, descriptions)."""
+    values, _ = _bindings(mod["main"])
+    plans = {}
+    fused = []
+    for end, value in values.items():
+        if _op_name(value) != "relax.nn.max_pool2d":
+            continue
+        attrs = value.attrs
+        x_shape = _static_shape(value.args[0])
+        size, strides = _ints(attrs.pool_size), _ints(attrs.strides)
+        padding, dilation = _ints(attrs.padding), _ints(attrs.dilation)
+        if (
+            x_shape is None
+            or len(x_shape) != 4
+            or x_shape[0] != 1
+            or str(attrs.layout) != "NCHW"
+            or str(attrs.out_layout) != "NCHW"
+            or bool(attrs.ceil_mode)
+            or len(set(size)) != 1
+            or len(set(strides)) != 1
+            or len(set(padding)) != 1
+            or set(dilation) != {1}
+        ):
+            continue
+        _, c, h, w = x_shape
+        shape = MaxPoolShape(c, h, w, size[0], strides[0], padding[0])
+        if not plan_max_pool(shape) or _static_shape(end) != [
+            1,
+            c,
+            shape.out_height,
+            shape.out_width,
+        ]:
+            continue
+        plans[end] = _Replacement(
+            max_pool_func(shape),
+            "fused_max_pool",
+            [value.args[0]],
+            (1, c, shape.out_height, shape.out_width),
+        )
+        fused.append(shape.describe())
+    if not plans:
+        return mod, []
+    log.info("%d max-pool kernel(s): %s", len(fused), "; ".join(fused))
     return _replace(mod, plans), fused

@@ -261,14 +261,15 @@ def test_pointwise_convolutions_on_small_maps_match_onnxruntime(
 
 
 class _Stem(nn.Module):
-    """Stride-2 first layers: 7x7 3->8 + ReLU, 3x3 8->16 + ReLU6, 3x3 16->16 (too many
-    input channels for the kernel); then logits."""
+    """Stride-2 first layers: 7x7 3->8 + ReLU, a max pool, 3x3 8->16 + ReLU6, 3x3 16->16
+    (too many input channels for the kernel); then logits."""
 
     def __init__(self) -> None:
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(3, 8, 7, stride=2, padding=3),
             nn.ReLU(),
+            nn.MaxPool2d(3, stride=2, padding=1),  # ResNet's: the padding is never the max
             nn.Conv2d(8, 16, 3, stride=2, padding=1),
             nn.ReLU6(),
             nn.Conv2d(16, 16, 3, stride=2, padding=1),
@@ -284,15 +285,16 @@ def test_strided_first_convolutions_match_onnxruntime(signing_key: Path, tmp_pat
     path = _export(_Stem(), (1, 3, 224, 224), tmp_path / "stem.onnx")
     assert _fused(path) == [
         "7x7 3->8 stride 2 at 224x224 + relu (strips of 56 rows)",
-        "3x3 8->16 stride 2 at 112x112 + relu6 (strips of 28 rows)",
+        "3x3 8->16 stride 2 at 56x56 + relu6 (strips of 14 rows)",
+        "max pool 3x3/2 pad 1, 8 at 112x112",
     ]
     _assert_matches_onnxruntime(_compile(path, tmp_path / "out", signing_key))
 
 
 class _Basic(nn.Module):
     """A 3x3 16->32 convolution (too few input channels for Winograd: the direct kernel), then
-    a ResNet basic block (BatchNorm folded by the exporter) of Winograd ones, then logits; at
-    30x30, so that the 4x4 tiles overhang the map's edge."""
+    a ResNet basic block (BatchNorm folded by the exporter) of Winograd ones, a 2x2 max pool,
+    then logits; at 30x30, so that the 4x4 tiles overhang the map's edge."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -304,7 +306,7 @@ class _Basic(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.conv0(x))
         y = torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
-        out: torch.Tensor = self.head(y)
+        out: torch.Tensor = self.head(nn.functional.max_pool2d(y, 2))  # 30 -> 15
         return out
 
 
@@ -314,5 +316,6 @@ def test_3x3_convolutions_match_onnxruntime(signing_key: Path, tmp_path: Path) -
         "3x3 16->32 at 30x30 + ReLU",
         "3x3 32->32 at 30x30 + ReLU (Winograd F(4x4, 3x3))",
         "3x3 32->32 at 30x30 + residual + ReLU (Winograd F(4x4, 3x3))",
+        "max pool 2x2/2 pad 0, 32 at 30x30",
     ]
     _assert_matches_onnxruntime(_compile(path, tmp_path / "out", signing_key))

@@ -14,14 +14,17 @@ from compiler.fusion_plan import (
     VECTORS,
     BlockConfig,
     BlockShape,
+    MaxPoolShape,
     PointwiseConfig,
     PointwiseShape,
     StridedConvShape,
     WinogradConfig,
     block_mask,
+    blocked_weights,
     choose_block_fusion,
     edge_mask,
     plan_block,
+    plan_max_pool,
     plan_pointwise,
     plan_strided_conv,
     plan_winograd,
@@ -345,3 +348,34 @@ def test_plan_winograd(shape: PointwiseShape, expected: WinogradConfig | None) -
     assert plan_winograd(shape) == expected
     if expected is not None:
         assert expected.tiles(shape.height, shape.width) == (-(-shape.height // 4),) * 2
+
+
+def test_blocked_weights_make_each_accumulator_blocks_weights_one_run() -> None:
+    weight = np.arange(3 * 2 * 64, dtype=np.float32).reshape(3, 2, 64)  # (C, taps, Co)
+    blocked = blocked_weights(weight, 2)
+    assert blocked.shape == (2, 3, 2, 32) and blocked.flags.c_contiguous
+    np.testing.assert_array_equal(blocked[1, 2, 1], weight[2, 1, 32:])
+    with pytest.raises(ValueError, match="48 output channels are not whole blocks of 32"):
+        blocked_weights(np.zeros((3, 48), np.float32), 2)
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected", "out"),
+    [
+        (MaxPoolShape(64, 112, 112, 3, 2, 1), True, 56),  # ResNet's
+        (MaxPoolShape(32, 30, 30, 2, 2, 0), True, 15),
+        (MaxPoolShape(8, 7, 7, 3, 2, 0), True, 3),
+        (MaxPoolShape(8, 7, 7, 3, 1, 2), True, 9),  # padding 2 < kernel 3: windows overlap
+        # a window entirely in the padding, a pool larger than its input, empty maps
+        (MaxPoolShape(8, 7, 7, 3, 1, 3), False, 11),
+        (MaxPoolShape(8, 2, 2, 3, 1, 0), False, 0),
+        (MaxPoolShape(0, 7, 7, 3, 1, 0), False, 5),
+    ],
+)
+def test_plan_max_pool(shape: MaxPoolShape, expected: bool, out: int) -> None:
+    assert plan_max_pool(shape) is expected
+    assert shape.out_height == shape.out_width == out
+
+
+def test_max_pool_description() -> None:
+    assert MaxPoolShape(64, 112, 112, 3, 2, 1).describe() == "max pool 3x3/2 pad 1, 64 at 112x112"
