@@ -273,9 +273,9 @@ _POSITION_BLOCKS = (7, 8, 6, 5, 4)
 
 @dataclass(frozen=True)
 class PointwiseShape:
-    """A 1x1 (or 3x3, stride 1, padding 1) convolution, batch 1, NCHW float32, bias added,
-    then an optional residual add (of a tensor of the output's shape), then an optional
-    activation ("relu6" or "relu")."""
+    """A 1x1 (padding 0) or 3x3 (padding 1) convolution of stride 1 or 2, batch 1, NCHW
+    float32, bias added, then an optional residual add (of a tensor of the output's shape),
+    then an optional activation ("relu6" or "relu")."""
 
     in_channels: int
     out_channels: int
@@ -284,10 +284,21 @@ class PointwiseShape:
     activation: str | None = None
     residual: bool = False
     kernel: int = 1
+    stride: int = 1
+
+    @property
+    def out_height(self) -> int:
+        return (self.height - 1) // self.stride + 1  # padding kernel // 2
+
+    @property
+    def out_width(self) -> int:
+        return (self.width - 1) // self.stride + 1
 
     def describe(self) -> str:
         k = self.kernel
-        text = f"{k}x{k} {self.in_channels}->{self.out_channels} at {self.height}x{self.width}"
+        text = f"{k}x{k} {self.in_channels}->{self.out_channels}"
+        text += f" stride {self.stride}" if self.stride != 1 else ""
+        text += f" at {self.height}x{self.width}"
         text += " + residual" if self.residual else ""
         names = {"relu6": "ReLU6", "relu": "ReLU"}
         return text + (f" + {names[self.activation]}" if self.activation else "")
@@ -328,17 +339,20 @@ def plan_pointwise(shape: PointwiseShape) -> PointwiseConfig | None:
     3x3: any map whose width a position block divides (so that a block stays in one row of
     the zero-padded input) with at least ``MIN_CONV3X3_IN_CHANNELS`` input channels: ResNet's
     convolutions at 56, 28, 14 and 7 ran at 100-106 GMAC/s, 0.9x ORT's MLAS kernels.
+    Stride 2 (3x3, and 1x1 as ResNet's downsampling shortcuts), any output width a
+    position block divides: the positions are broadcast one at a time, so every other
+    column costs nothing; MetaSchedule's tuned kernels for them ran at 45-80 GMAC/s.
     """
-    positions = shape.height * shape.width
+    positions = shape.out_height * shape.out_width
     if positions < 1 or shape.in_channels < 1 or shape.kernel not in (1, 3):
         return None
-    if shape.out_channels < LANES or shape.out_channels % LANES:
+    if shape.stride not in (1, 2) or shape.out_channels < LANES or shape.out_channels % LANES:
         return None
     vectors = 2 if (shape.out_channels // LANES) % 2 == 0 else 1
-    if shape.kernel == 3:
-        if shape.in_channels < MIN_CONV3X3_IN_CHANNELS:
+    if shape.kernel == 3 or shape.stride == 2:
+        if shape.kernel == 3 and shape.in_channels < MIN_CONV3X3_IN_CHANNELS:
             return None
-        block = next((b for b in _POSITION_BLOCKS if shape.width % b == 0), None)
+        block = next((b for b in _POSITION_BLOCKS if shape.out_width % b == 0), None)
         return None if block is None else PointwiseConfig(positions=block, vectors=vectors)
     if positions > MAX_POINTWISE_POSITIONS:
         return None
@@ -522,7 +536,7 @@ def plan_winograd(
     kernel (``plan_pointwise``) stays: few input channels, transformed weights over
     ``max_weight_bytes``, output channels not whole vectors, or tile counts no position
     block divides."""
-    if shape.kernel != 3 or shape.in_channels < MIN_WINOGRAD_IN_CHANNELS:
+    if shape.kernel != 3 or shape.stride != 1 or shape.in_channels < MIN_WINOGRAD_IN_CHANNELS:
         return None
     if shape.out_channels < LANES or shape.out_channels % LANES:
         return None

@@ -575,24 +575,26 @@ def pointwise_func(shape: PointwiseShape, config: PointwiseConfig) -> Any:
 
     Arguments: X (1, C, H, W), the weight in blocks of B = ``config.vectors`` x 16 output
     channels (``fusion_plan.blocked_weights``: (Co / B, C, B) for 1x1, (Co / B, C, 3, 3, B)
-    for 3x3), the bias (Co,), the residual (1, Co, H, W) if any; output
-    (1, Co, H, W). Accumulators: ``config.positions`` positions x ``config.vectors``
-    vectors of 16 channels, the input broadcast from memory (a 3x3 convolution reads a
-    zero-padded copy of X, so that no tap needs a bounds check); the bias (and the
-    activation, without a residual) go into their write-back to a [positions, Co] buffer,
-    which the last stage transposes to NCHW, adding the residual and then the activation.
+    for 3x3), the bias (Co,), the residual (1, Co, Ho, Wo) if any; output (1, Co, Ho, Wo),
+    Ho x Wo the input's size at stride 1, half of it at stride 2. Accumulators:
+    ``config.positions`` positions x ``config.vectors`` vectors of 16 channels, the input
+    broadcast from memory (a 3x3 convolution reads a zero-padded copy of X, so that no tap
+    needs a bounds check); the bias (and the activation, without a residual) go into their
+    write-back to a [positions, Co] buffer, which the last stage transposes to NCHW, adding
+    the residual and then the activation.
     Blocks of positions x channel vectors run in parallel. Marked like ``scheduled_block``.
     """
     import tvm.s_tir as tir
     from tvm import te, tirx
 
     c, co, h, w = shape.in_channels, shape.out_channels, shape.height, shape.width
-    block = config.vectors * LANES
+    s, ho, wo = shape.stride, shape.out_height, shape.out_width
+    chans = config.vectors * LANES  # output channels per accumulator block
     x = te.placeholder((1, c, h, w), name="X")
     bias = te.placeholder((co,), name="b")
     rc = te.reduce_axis((0, c), name="c")
     if shape.kernel == 3:
-        wt = te.placeholder((co // block, c, 3, 3, block), name="Wt")
+        wt = te.placeholder((co // chans, c, 3, 3, chans), name="Wt")
         zero = tirx.const(0.0, "float32")
         xp = te.compute(
             (c, h + 2, w + 2),
@@ -605,37 +607,39 @@ def pointwise_func(shape: PointwiseShape, config: PointwiseConfig) -> Any:
         )
         kh, kw = te.reduce_axis((0, 3), name="kh"), te.reduce_axis((0, 3), name="kw")
         acc = te.compute(
-            (h * w, co),
+            (ho * wo, co),
             lambda p, o: te.sum(
-                xp[rc, p // w + kh, p % w + kw] * wt[o // block, rc, kh, kw, o % block],
+                xp[rc, p // wo * s + kh, p % wo * s + kw] * wt[o // chans, rc, kh, kw, o % chans],
                 axis=[rc, kh, kw],
             ),
             name="A",
         )
     else:
-        wt = te.placeholder((co // block, c, block), name="Wt")
+        wt = te.placeholder((co // chans, c, chans), name="Wt")
         acc = te.compute(
-            (h * w, co),
-            lambda p, o: te.sum(x[0, rc, p // w, p % w] * wt[o // block, rc, o % block], axis=rc),
+            (ho * wo, co),
+            lambda p, o: te.sum(
+                x[0, rc, p // wo * s, p % wo * s] * wt[o // chans, rc, o % chans], axis=rc
+            ),
             name="A",
         )
     late = shape.activation if shape.residual else None  # after the residual add
     act = te.compute(
-        (h * w, co),
+        (ho * wo, co),
         lambda p, o: _activation(None if late else shape.activation, acc[p, o] + bias[o]),
         name="A2",
     )
     params = [x, wt, bias]
     if shape.residual:
-        res = te.placeholder((1, co, h, w), name="R")
+        res = te.placeholder((1, co, ho, wo), name="R")
         params.append(res)
         out = te.compute(
-            (1, co, h, w),
-            lambda n, o, i, j: _activation(late, act[i * w + j, o] + res[n, o, i, j]),
+            (1, co, ho, wo),
+            lambda n, o, i, j: _activation(late, act[i * wo + j, o] + res[n, o, i, j]),
             name="Out",
         )
     else:
-        out = te.compute((1, co, h, w), lambda n, o, i, j: act[i * w + j, o], name="Out")
+        out = te.compute((1, co, ho, wo), lambda n, o, i, j: act[i * wo + j, o], name="Out")
     sch = tir.Schedule(te.create_prim_func([*params, out]))
     block = sch.get_sblock("A")
     pos, chan, *red = sch.get_loops(block)
@@ -856,8 +860,8 @@ class _PointwiseMatch:
 
 
 def _find_pointwise(func: Any) -> list[_PointwiseMatch]:
-    """Every 1x1 or 3x3 (stride 1) convolution + bias add [+ residual add] [+ ReLU6 | ReLU]
-    of ``func``, matched from its last binding."""
+    """Every 1x1 or 3x3 (stride 1 or 2) convolution + bias add [+ residual add] [+ ReLU6 |
+    ReLU] of ``func``, matched from its last binding."""
     from tvm import relax
 
     values, uses = _bindings(func)
@@ -865,16 +869,16 @@ def _find_pointwise(func: Any) -> list[_PointwiseMatch]:
     def single_use_value(var: Any) -> Any | None:
         return values.get(var) if uses.get(var, 0) == 1 else None
 
-    def conv_bias(var: Any, value: Any) -> tuple[Any, np.ndarray, np.ndarray] | None:
+    def conv_bias(var: Any, value: Any) -> tuple[Any, np.ndarray, np.ndarray, int] | None:
         co = _channels(var)
         biased = _bias_add(value, co) if co else None
         if biased is None:
             return None
         conv_value = single_use_value(biased[0])
         for kernel in (1, 3):
-            conv = _conv(conv_value, kernel=kernel)
+            conv = _conv(conv_value, kernel=kernel, strides=(1, 2))
             if conv is not None and conv[2] == 1:
-                return conv[0], conv[1], biased[1]
+                return conv[0], conv[1], biased[1], conv[3]
         return None
 
     matches = []
@@ -892,23 +896,24 @@ def _find_pointwise(func: Any) -> list[_PointwiseMatch]:
         found = conv_bias(core_var, core)
         if found is None:
             continue
-        x, weight, bias = found
+        x, weight, bias, stride = found
         x_shape = _static_shape(x)
         if x_shape is None or len(x_shape) != 4 or x_shape[0] != 1:
             continue
         _, c, h, w = x_shape
-        co = int(weight.shape[0])
-        if residual is not None and _static_shape(residual) != [1, co, h, w]:
-            continue
         shape = PointwiseShape(
             c,
-            co,
+            int(weight.shape[0]),
             h,
             w,
             activation=activation,
             residual=residual is not None,
             kernel=int(weight.shape[2]),
+            stride=stride,
         )
+        out_shape = [1, shape.out_channels, shape.out_height, shape.out_width]
+        if residual is not None and _static_shape(residual) != out_shape:
+            continue
         matches.append(_PointwiseMatch(x, residual, end, inner, shape, weight, bias))
     # A convolution that a larger match (activation, residual) also covers is left to it.
     inner_vars = [v for m in matches for v in m.inner]
@@ -946,7 +951,7 @@ def fuse_pointwise(mod: Any) -> tuple[Any, list[str]]:
             func,
             "fused_pointwise",
             [*args, *([match.residual] if match.residual is not None else [])],
-            (1, shape.out_channels, shape.height, shape.width),
+            (1, shape.out_channels, shape.out_height, shape.out_width),
         )
     if not plans:
         return mod, []

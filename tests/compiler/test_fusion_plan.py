@@ -242,6 +242,12 @@ def test_choose_block_fusion(
         (PointwiseShape(64, 64, 56, 56, activation="relu", kernel=3), PointwiseConfig(7, 2)),
         (PointwiseShape(256, 256, 14, 14, "relu", residual=True, kernel=3), PointwiseConfig(7, 2)),
         (PointwiseShape(32, 48, 32, 32, kernel=3), PointwiseConfig(8, 1)),
+        # stride 2 (ResNet's downsampling): blocks of positions divide the output width
+        (PointwiseShape(64, 128, 56, 56, "relu", kernel=3, stride=2), PointwiseConfig(7, 2)),
+        (PointwiseShape(256, 512, 14, 14, "relu", True, stride=2), PointwiseConfig(7, 2)),
+        (PointwiseShape(32, 48, 30, 30, kernel=3, stride=2), PointwiseConfig(5, 1)),
+        (PointwiseShape(8, 32, 56, 56, kernel=3, stride=2), None),  # the stem kernel's
+        (PointwiseShape(64, 64, 56, 56, kernel=3, stride=3), None),
         # a first layer's 3 channels, a width no block divides, a kernel the kernel lacks
         (PointwiseShape(3, 32, 56, 56, kernel=3), None),
         (PointwiseShape(64, 64, 11, 11, kernel=3), None),
@@ -263,6 +269,10 @@ def test_pointwise_descriptions_name_what_the_kernel_adds() -> None:
     assert PointwiseShape(576, 160, 7, 7).describe() == "1x1 576->160 at 7x7"
     resnet = PointwiseShape(64, 64, 56, 56, "relu", residual=True, kernel=3)
     assert resnet.describe() == "3x3 64->64 at 56x56 + residual + ReLU"
+    down = PointwiseShape(64, 128, 56, 56, kernel=1, stride=2)
+    assert down.describe() == "1x1 64->128 stride 2 at 56x56"
+    assert (down.out_height, down.out_width) == (28, 28)
+    assert PointwiseShape(32, 48, 15, 15, stride=2).out_width == 8  # padding 0, floor
 
 
 @pytest.mark.parametrize("kernel", [3, 5, 7])
@@ -335,6 +345,7 @@ def test_winograd_refuses_a_tile_it_has_no_transform_for() -> None:
         (PointwiseShape(256, 256, 14, 14, kernel=3), WinogradConfig(4, 8, 2)),
         # a ragged edge: 30x30 in 8x8 tiles; an odd number of channel vectors
         (PointwiseShape(32, 48, 30, 30, kernel=3), WinogradConfig(4, 8, 1)),
+        (PointwiseShape(64, 128, 56, 56, kernel=3, stride=2), None),
         # 512->512 at 7x7: 36 MiB of transformed weights, the direct kernel stays
         (PointwiseShape(512, 512, 7, 7, kernel=3), None),
         # too few input channels, channels that are not whole vectors, 3x3 tiles, 1x1
