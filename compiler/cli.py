@@ -208,8 +208,9 @@ def keys_generate(output_dir: Path | None, force: bool) -> None:
     "--fuse-blocks/--no-fuse-blocks",
     default=None,
     help="Compute MobileNetV2-style inverted-residual blocks (1x1, 3x3 depthwise of "
-    "stride 1 or 2, 1x1) as one hand-scheduled kernel each, and 3x3, first-layer and "
-    "small-map 1x1 convolutions as hand-scheduled kernels, untuned. "
+    "stride 1 or 2, 1x1) as one hand-scheduled kernel each, and 3x3 (Winograd where it "
+    "pays), first-layer, stride-2 and small-map 1x1 convolutions and max pools as "
+    "hand-scheduled kernels, untuned. "
     "Default: on for x86-64 profiles with AVX-512 (their 16-lane blocks spill on AVX2).",
 )
 @click.option(

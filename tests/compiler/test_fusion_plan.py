@@ -339,12 +339,15 @@ def test_winograd_refuses_a_tile_it_has_no_transform_for() -> None:
 @pytest.mark.parametrize(
     ("shape", "expected"),
     [
-        # ResNet-18's stride-1 3x3 layers at 56, 28 and 14: 196, 49 and 16 tiles of 4x4
-        (PointwiseShape(64, 64, 56, 56, "relu", kernel=3), WinogradConfig(4, 7, 2)),
-        (PointwiseShape(128, 128, 28, 28, "relu", True, kernel=3), WinogradConfig(4, 7, 2)),
-        (PointwiseShape(256, 256, 14, 14, kernel=3), WinogradConfig(4, 8, 2)),
+        # ResNet-18's stride-1 3x3 layers at 56, 28 and 14: 196, 49 and 16 tiles of 4x4, in
+        # groups of a row of tiles (two half maps at 14: a group is whole position blocks)
+        (PointwiseShape(64, 64, 56, 56, "relu", kernel=3), WinogradConfig(4, 7, 2, 14)),
+        (PointwiseShape(128, 128, 28, 28, "relu", True, kernel=3), WinogradConfig(4, 7, 2, 7)),
+        (PointwiseShape(256, 256, 14, 14, kernel=3), WinogradConfig(4, 8, 2, 8)),
         # a ragged edge: 30x30 in 8x8 tiles; an odd number of channel vectors
-        (PointwiseShape(32, 48, 30, 30, kernel=3), WinogradConfig(4, 8, 1)),
+        (PointwiseShape(32, 48, 30, 30, kernel=3), WinogradConfig(4, 8, 1, 8)),
+        # 8x8: 4 tiles, too few for two groups: stage by stage
+        (PointwiseShape(64, 128, 8, 8, kernel=3), WinogradConfig(4, 4, 2, 0)),
         (PointwiseShape(64, 128, 56, 56, kernel=3, stride=2), None),
         # 512->512 at 7x7: 36 MiB of transformed weights, the direct kernel stays
         (PointwiseShape(512, 512, 7, 7, kernel=3), None),
@@ -358,7 +361,11 @@ def test_winograd_refuses_a_tile_it_has_no_transform_for() -> None:
 def test_plan_winograd(shape: PointwiseShape, expected: WinogradConfig | None) -> None:
     assert plan_winograd(shape) == expected
     if expected is not None:
-        assert expected.tiles(shape.height, shape.width) == (-(-shape.height // 4),) * 2
+        rows, cols = expected.tiles(shape.height, shape.width)
+        assert (rows, cols) == (-(-shape.height // 4),) * 2
+        assert (
+            expected.group % expected.positions == 0 and (rows * cols) % (expected.group or 1) == 0
+        )
 
 
 def test_blocked_weights_make_each_accumulator_blocks_weights_one_run() -> None:
