@@ -295,7 +295,8 @@ class _Basic(nn.Module):
     """A 3x3 16->32 convolution (too few input channels for Winograd: the direct kernel), a
     ResNet basic block (BatchNorm folded by the exporter) of Winograd ones at 30x30, so that
     the 4x4 tiles overhang the map's edge, a downsampling block (3x3 stride 2, 1x1 stride-2
-    shortcut), a 2x2 max pool, then logits."""
+    shortcut), a 2x2 max pool, a 3x3 convolution at 7x7 (too few tiles for Winograd groups),
+    then logits."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -305,13 +306,15 @@ class _Basic(nn.Module):
         self.down1 = nn.Conv2d(32, 48, 3, stride=2, padding=1)
         self.down2 = nn.Conv2d(48, 48, 3, padding=1)
         self.shortcut = nn.Conv2d(32, 48, 1, stride=2)
+        self.last = nn.Conv2d(48, 48, 3, padding=1)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(48, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.conv0(x))
         y = torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
         z = torch.relu(self.shortcut(y) + self.down2(torch.relu(self.down1(y))))  # 30 -> 15
-        out: torch.Tensor = self.head(nn.functional.max_pool2d(z, 2))  # 15 -> 7
+        z = nn.functional.max_pool2d(z, 2)  # 15 -> 7
+        out: torch.Tensor = self.head(self.last(z))  # 4 tiles: Winograd stage by stage
         return out
 
 
@@ -324,6 +327,7 @@ def test_3x3_convolutions_match_onnxruntime(signing_key: Path, tmp_path: Path) -
         "3x3 32->48 stride 2 at 30x30 + ReLU",
         "1x1 32->48 stride 2 at 30x30",
         "3x3 48->48 at 15x15 + residual + ReLU (Winograd F(4x4, 3x3))",
+        "3x3 48->48 at 7x7 (Winograd F(4x4, 3x3))",
         "max pool 2x2/2 pad 0, 48 at 15x15",
     ]
     _assert_matches_onnxruntime(_compile(path, tmp_path / "out", signing_key))

@@ -1,0 +1,60 @@
+"""bench.conv_kernels: the compiler's convolution kernels compute what ORT computes."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.conv_kernels import main, parse_shape, run_shape
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--shape", "64,64"], "--shape '64,64': expected 3 to 5 positive integers"),
+        (["--shape", "64,0,56"], "--shape '64,0,56': expected 3 to 5 positive integers"),
+        (["--shape", "64,64,x"], "expected 3 to 5 positive integers C,Co,H[,S[,K]]"),
+        (["--shape", "64,64,56,3"], "--shape '64,64,56,3': the stride must be 1 or 2"),
+        (["--shape", "64,64,56,1,5"], "and the kernel 1 or 3"),
+        (["--group", "-1"], "--group -1: expected 0 or a positive number of tiles"),
+    ],
+)
+def test_bad_arguments_exit_2_naming_the_value(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_parse_shape_defaults_to_stride_1_and_3x3() -> None:
+    assert parse_shape("64,128,56") == [64, 128, 56, 1, 3]
+    assert parse_shape("64,128,56,2,1") == [64, 128, 56, 2, 1]
+
+
+def test_a_group_that_does_not_divide_the_tiles_is_refused(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--shape", "32,32,16", "--group", "12", "--rounds", "1", "--repeat", "1"])
+    assert info.value.code == 2
+    assert "--group 12: 3x3 32->32 at 16x16 + ReLU has 16 tiles in blocks of 8" in (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("shape", "group", "kernels"),
+    [
+        ([32, 32, 16, 1, 3], None, 2),  # direct and Winograd (2 groups of 8 tiles)
+        ([32, 32, 16, 1, 3], 0, 2),  # Winograd stage by stage
+        ([32, 48, 15, 2, 3], None, 1),  # stride 2: direct only
+        ([32, 48, 14, 2, 1], None, 1),  # a 1x1 stride-2 shortcut
+    ],
+)
+def test_kernels_match_onnxruntime(shape: list[int], group: int | None, kernels: int) -> None:
+    rows = run_shape(shape, threads=1, rounds=1, repeat=2, group=group)
+    assert len(rows) == kernels
+    for row in rows:
+        assert row["rel_err"] < 1e-4 and row["ratio"] > 0
