@@ -570,6 +570,39 @@ def fuse_inverted_residuals(mod: Any) -> tuple[Any, list[str]]:
     return _replace(mod, plans), fused
 
 
+def _channel_gemm(
+    sch: Any,
+    block: Any,
+    lead: list[Any],
+    pos: Any,
+    chan: Any,
+    red: list[Any],
+    config: PointwiseConfig | WinogradConfig,
+    *,
+    parallel: bool,
+) -> None:
+    """Register-block the GEMM ``block`` (loops ``lead``, ``pos``, ``chan``, ``red``) along
+    output channels: ``config.positions`` positions x ``config.vectors`` vectors of 16
+    channels of accumulators in a local buffer (registers once unrolled), the reduction
+    outside them, the positions broadcast; ``parallel``: the loops above the reduction
+    fused into one parallel loop."""
+    pos_o, pos_i = sch.split(pos, [None, config.positions])
+    chan_o, chan_m, chan_v = sch.split(chan, [None, config.vectors, LANES])
+    sch.reorder(*lead, chan_o, pos_o, *red, pos_i, chan_m, chan_v)
+    outer = pos_o
+    if parallel:
+        outer = sch.fuse(*lead, chan_o, pos_o)
+        sch.parallel(outer)
+    sch.unroll(pos_i)
+    sch.unroll(chan_m)
+    sch.vectorize(chan_v)
+    local = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(local, outer)
+    sch.decompose_reduction(block, red[0])
+    _, inner = sch.split(sch.get_loops(local)[-1], [None, LANES])
+    sch.vectorize(inner)
+
+
 def pointwise_func(shape: PointwiseShape, config: PointwiseConfig) -> Any:
     """A 1x1 or 3x3 convolution vectorized along output channels, scheduled; the PrimFunc.
 
@@ -643,19 +676,7 @@ def pointwise_func(shape: PointwiseShape, config: PointwiseConfig) -> Any:
     sch = tir.Schedule(te.create_prim_func([*params, out]))
     block = sch.get_sblock("A")
     pos, chan, *red = sch.get_loops(block)
-    pos_o, pos_i = sch.split(pos, [None, config.positions])
-    chan_o, chan_m, chan_v = sch.split(chan, [None, config.vectors, LANES])
-    sch.reorder(chan_o, pos_o, *red, pos_i, chan_m, chan_v)
-    outer = sch.fuse(chan_o, pos_o)
-    sch.parallel(outer)
-    sch.unroll(pos_i)
-    sch.unroll(chan_m)
-    sch.vectorize(chan_v)
-    local = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(local, outer)
-    sch.decompose_reduction(block, red[0])
-    _, inner = sch.split(sch.get_loops(local)[-1], [None, LANES])
-    sch.vectorize(inner)
+    _channel_gemm(sch, block, [], pos, chan, red, config, parallel=True)
     sch.reverse_compute_inline(sch.get_sblock("A2"))
     n, o, _, _ = sch.get_loops(sch.get_sblock("Out"))
     sch.parallel(sch.fuse(n, o))
@@ -718,17 +739,7 @@ def _schedule_winograd_groups(sch: Any, config: WinogradConfig) -> None:
     block = sch.get_sblock("M")
     sch.compute_at(block, g)
     e1, e2, t, o, red = sch.get_loops(block)[-5:]
-    t_o, t_i = sch.split(t, [None, config.positions])
-    o_o, o_m, o_v = sch.split(o, [None, config.vectors, LANES])
-    sch.reorder(e1, e2, o_o, t_o, red, t_i, o_m, o_v)
-    sch.unroll(t_i)
-    sch.unroll(o_m)
-    sch.vectorize(o_v)
-    local = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(local, t_o)
-    sch.decompose_reduction(block, red)
-    _, inner = sch.split(sch.get_loops(local)[-1], [None, LANES])
-    sch.vectorize(inner)
+    _channel_gemm(sch, block, [e1, e2], t, o, [red], config, parallel=False)
     vb = sch.get_sblock("V")
     sch.compute_at(vb, g)
     e1, e2, t, k = sch.get_loops(vb)[-4:]
@@ -850,19 +861,7 @@ def winograd_func(shape: PointwiseShape, config: WinogradConfig) -> Any:
         # The GEMMs.
         block = sch.get_sblock("M")
         e1, e2, t, o, red = sch.get_loops(block)
-        t_o, t_i = sch.split(t, [None, config.positions])
-        o_o, o_m, o_v = sch.split(o, [None, config.vectors, LANES])
-        sch.reorder(e1, e2, o_o, t_o, red, t_i, o_m, o_v)
-        outer = sch.fuse(e1, e2, o_o, t_o)
-        sch.parallel(outer)
-        sch.unroll(t_i)
-        sch.unroll(o_m)
-        sch.vectorize(o_v)
-        local = sch.cache_write(block, 0, "local")
-        sch.reverse_compute_at(local, outer)
-        sch.decompose_reduction(block, red)
-        _, inner = vector_split(sch.get_loops(local)[-1])
-        sch.vectorize(inner)
+        _channel_gemm(sch, block, [e1, e2], t, o, [red], config, parallel=True)
         # Output transform: tiles in parallel, 16 output channels at a time through Z1.
         zb = sch.get_sblock("Z")
         t, i, j, o = sch.get_loops(zb)

@@ -261,8 +261,8 @@ def test_pointwise_convolutions_on_small_maps_match_onnxruntime(
 
 
 class _Stem(nn.Module):
-    """Stride-2 first layers: 7x7 3->8 + ReLU, a max pool, 3x3 8->16 + ReLU6, 3x3 16->16
-    (too many input channels for the kernel); then logits."""
+    """Stride-2 first layers: 7x7 3->8 + ReLU, a max pool, 3x3 8->16 + ReLU6, then 3x3
+    16->16 (too many input channels for that kernel: the direct one); then logits."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -284,6 +284,7 @@ class _Stem(nn.Module):
 def test_strided_first_convolutions_match_onnxruntime(signing_key: Path, tmp_path: Path) -> None:
     path = _export(_Stem(), (1, 3, 224, 224), tmp_path / "stem.onnx")
     assert _fused(path) == [
+        "3x3 16->16 stride 2 at 28x28",
         "7x7 3->8 stride 2 at 224x224 + relu (strips of 56 rows)",
         "3x3 8->16 stride 2 at 56x56 + relu6 (strips of 14 rows)",
         "max pool 3x3/2 pad 1, 8 at 112x112",
