@@ -732,31 +732,10 @@ def _by_row(matrix: np.ndarray, index: Any, term: Any) -> Any:
     return expr
 
 
-def _schedule_winograd_groups(sch: Any, config: WinogradConfig) -> None:
-    """Groups of ``config.group`` tiles in parallel, each through every stage (V, M, Z) in
-    buffers of its own that stay in L2."""
-    zb = sch.get_sblock("Z")
-    t, i, j, o = sch.get_loops(zb)
-    g, t_in = sch.split(t, [None, config.group])
-    o_o, o_v = sch.split(o, [None, LANES])
-    sch.reorder(g, t_in, o_o, i, j, o_v)
-    sch.parallel(g)
-    sch.unroll(i)
-    sch.unroll(j)
-    sch.vectorize(o_v)
-    z1b = sch.get_sblock("Z1")
-    sch.compute_at(z1b, o_o)
-    _, i, e2, o = sch.get_loops(z1b)[-4:]
-    sch.unroll(i)
-    sch.unroll(e2)
-    sch.vectorize(o)
-    block = sch.get_sblock("M")
-    sch.compute_at(block, g)
-    e1, e2, t, o, red = sch.get_loops(block)[-5:]
-    _channel_gemm(sch, block, [e1, e2], t, o, [red], config, parallel=False)
-    vb = sch.get_sblock("V")
-    sch.compute_at(vb, g)
-    e1, e2, t, k = sch.get_loops(vb)[-4:]
+def _winograd_input_transform(sch: Any, loops: list[Any]) -> Any:
+    """Schedule V (its loops e1, e2, tiles, channels) 16 channels at a time through T1, the
+    transform matrix's rows unrolled; returns V's tile loop."""
+    e1, e2, t, k = loops
     k_o, k_v = sch.split(k, [None, LANES])
     sch.reorder(t, k_o, e1, e2, k_v)
     sch.unroll(e1)
@@ -768,8 +747,51 @@ def _schedule_winograd_groups(sch: Any, config: WinogradConfig) -> None:
     sch.unroll(e1)
     sch.unroll(j)
     sch.vectorize(k)
-    xtb = sch.get_sblock("Xt")
-    sch.parallel(sch.get_loops(xtb)[0])
+    sch.parallel(sch.get_loops(sch.get_sblock("Xt"))[0])
+    return t
+
+
+def _winograd_output_transform(sch: Any, tile_loops: list[Any]) -> None:
+    """Schedule Z (after its tile loop, split into ``tile_loops``) 16 output channels at a
+    time through Z1, the transform matrix's rows unrolled."""
+    _, i, j, o = sch.get_loops(sch.get_sblock("Z"))[-4:]
+    o_o, o_v = sch.split(o, [None, LANES])
+    sch.reorder(*tile_loops, o_o, i, j, o_v)
+    sch.unroll(i)
+    sch.unroll(j)
+    sch.vectorize(o_v)
+    z1b = sch.get_sblock("Z1")
+    sch.compute_at(z1b, o_o)
+    _, i, e2, o = sch.get_loops(z1b)[-4:]
+    sch.unroll(i)
+    sch.unroll(e2)
+    sch.vectorize(o)
+
+
+def _schedule_winograd(sch: Any, config: WinogradConfig) -> None:
+    """``config.group`` tiles per group: the groups in parallel, each through every stage
+    (V, M, Z) in buffers of its own that stay in L2. 0: stage after stage over all tiles,
+    each in parallel (tiles for the transforms, GEMM blocks for M)."""
+    if config.group:
+        t = sch.get_loops(sch.get_sblock("Z"))[0]
+        g, t_in = sch.split(t, [None, config.group])
+        sch.parallel(g)
+        _winograd_output_transform(sch, [g, t_in])
+        block = sch.get_sblock("M")
+        sch.compute_at(block, g)
+        e1, e2, t, o, red = sch.get_loops(block)[-5:]
+        _channel_gemm(sch, block, [e1, e2], t, o, [red], config, parallel=False)
+        vb = sch.get_sblock("V")
+        sch.compute_at(vb, g)
+        _winograd_input_transform(sch, sch.get_loops(vb)[-4:])
+        return
+    sch.parallel(_winograd_input_transform(sch, sch.get_loops(sch.get_sblock("V"))))
+    block = sch.get_sblock("M")
+    e1, e2, t, o, red = sch.get_loops(block)
+    _channel_gemm(sch, block, [e1, e2], t, o, [red], config, parallel=True)
+    t = sch.get_loops(sch.get_sblock("Z"))[0]
+    sch.parallel(t)
+    _winograd_output_transform(sch, [t])
 
 
 def winograd_func(shape: PointwiseShape, config: WinogradConfig) -> Any:
@@ -782,8 +804,8 @@ def winograd_func(shape: PointwiseShape, config: WinogradConfig) -> Any:
     vectorizes along channels: Xt, a zero-padded channels-last copy of X; V = B^T d B per
     tile and input channel (two one-dimensional passes, T1 then V); M, (m+2)^2 GEMMs of
     tiles x C by C x Co, register-blocked like ``pointwise_func``; Z = A^T M A per tile and
-    output channel (Z1
-    then Z); Out adds the bias (and residual), applies the activation and writes NCHW.
+    output channel (Z1 then Z); Out adds the bias (and residual), applies the activation
+    and writes NCHW. Scheduled by ``_schedule_winograd``.
     """
     import tvm.s_tir as tir
     from tvm import te, tirx
@@ -847,50 +869,7 @@ def winograd_func(shape: PointwiseShape, config: WinogradConfig) -> Any:
         params.append(res)
     out = te.compute((1, co, h, w), output, name="Out")
     sch = tir.Schedule(te.create_prim_func([*params, out]))
-
-    def vector_split(loop: Any) -> tuple[Any, Any]:
-        outer, inner = sch.split(loop, [None, LANES])
-        return outer, inner
-
-    if config.group:
-        _schedule_winograd_groups(sch, config)
-    else:
-        # Input transform: tiles in parallel, 16 channels at a time through T1.
-        vb = sch.get_sblock("V")
-        e1, e2, t, k = sch.get_loops(vb)
-        k_o, k_v = vector_split(k)
-        sch.reorder(t, k_o, e1, e2, k_v)
-        sch.parallel(t)
-        sch.unroll(e1)
-        sch.unroll(e2)
-        sch.vectorize(k_v)
-        t1b = sch.get_sblock("T1")
-        sch.compute_at(t1b, k_o)
-        _, e1, j, k = sch.get_loops(t1b)[-4:]
-        sch.unroll(e1)
-        sch.unroll(j)
-        sch.vectorize(k)
-        xtb = sch.get_sblock("Xt")
-        sch.parallel(sch.get_loops(xtb)[0])
-        # The GEMMs.
-        block = sch.get_sblock("M")
-        e1, e2, t, o, red = sch.get_loops(block)
-        _channel_gemm(sch, block, [e1, e2], t, o, [red], config, parallel=True)
-        # Output transform: tiles in parallel, 16 output channels at a time through Z1.
-        zb = sch.get_sblock("Z")
-        t, i, j, o = sch.get_loops(zb)
-        o_o, o_v = vector_split(o)
-        sch.reorder(t, o_o, i, j, o_v)
-        sch.parallel(t)
-        sch.unroll(i)
-        sch.unroll(j)
-        sch.vectorize(o_v)
-        z1b = sch.get_sblock("Z1")
-        sch.compute_at(z1b, o_o)
-        _, i, e2, o = sch.get_loops(z1b)[-4:]
-        sch.unroll(i)
-        sch.unroll(e2)
-        sch.vectorize(o)
+    _schedule_winograd(sch, config)
     _transposing_write(sch, co)
     func = sch.mod["main"].without_attr("global_symbol")
     return func.with_attrs({"tirx.is_scheduled": True, "op_pattern": 8})
