@@ -23,12 +23,12 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
+from bench.fused_block import alternate_with_ort, host_mcpu
 from compiler.fusion_plan import (
     PointwiseShape,
     WinogradConfig,
@@ -149,7 +149,7 @@ def run_shape(
         providers=["CPUExecutionProvider"],
     )
     expected = session.run(None, {"x": x})[0]
-    target = tvm.target.Target({"kind": "llvm", "mcpu": _host_mcpu(), "num-cores": threads})
+    target = tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu(), "num-cores": threads})
     dev = tvm.cpu()
     out = tvm.runtime.tensor(np.zeros(expected.shape, "float32"), dev)
     macs = c * co * shape.out_height * shape.out_width * kernel * kernel
@@ -164,17 +164,7 @@ def run_shape(
         got = out.numpy()
         rel_err = float(np.abs(got - expected).max() / max(float(np.abs(expected).max()), 1e-30))
         timer = lib.mod.time_evaluator("main", dev, number=repeat, repeat=2)
-        tvm_us, ort_us = [], []
-        for _ in range(rounds):
-            tvm_us.append(float(timer(*args).results[-1]) * 1e6)
-            for _ in range(repeat // 2):  # ORT's warm-up after TVM's threads spun
-                session.run(None, {"x": x})
-            ts = []
-            for _ in range(repeat):
-                start = time.perf_counter()
-                session.run(None, {"x": x})
-                ts.append(time.perf_counter() - start)
-            ort_us.append(statistics.median(ts) * 1e6)
+        tvm_us, ort_us = alternate_with_ort(timer, args, session, {"x": x}, rounds, repeat)
         ratios = [t / o for t, o in zip(tvm_us, ort_us, strict=True)]
         row = {
             "shape": values,
@@ -193,12 +183,6 @@ def run_shape(
         )
         results.append(row)
     return results
-
-
-def _host_mcpu() -> str:
-    from tvm.target import codegen
-
-    return str(codegen.llvm_get_system_cpu())
 
 
 def main(argv: list[str] | None = None) -> int:

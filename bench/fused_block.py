@@ -179,7 +179,7 @@ def run_shape(
         providers=["CPUExecutionProvider"],
     )
     expected = session.run(None, {"x": x})[0]
-    target = tvm.target.Target({"kind": "llvm", "mcpu": _host_mcpu(), "num-cores": threads})
+    target = tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu(), "num-cores": threads})
     dev = tvm.cpu()
     args = [tvm.runtime.tensor(a, dev) for a in (x, *weights)]
     out = tvm.runtime.tensor(np.zeros((1, co, ho, ho), "float32"), dev)
@@ -213,17 +213,7 @@ def run_shape(
         # Two blocks per round, the first discarded: each runtime's worker threads spin for
         # a while after its last call and would steal the other's first calls' CPU time.
         timer = lib.mod.time_evaluator("main", dev, number=repeat, repeat=2)
-        tvm_us, ort_us = [], []
-        for _ in range(rounds):
-            tvm_us.append(float(timer(*call_args).results[-1]) * 1e6)
-            for _ in range(repeat // 2):
-                session.run(None, {"x": x})
-            ts = []
-            for _ in range(repeat):
-                start = time.perf_counter()
-                session.run(None, {"x": x})
-                ts.append(time.perf_counter() - start)
-            ort_us.append(statistics.median(ts) * 1e6)
+        tvm_us, ort_us = alternate_with_ort(timer, call_args, session, {"x": x}, rounds, repeat)
         ratios = [t / o for t, o in zip(tvm_us, ort_us, strict=True)]
         row = {
             "shape": shape,
@@ -248,7 +238,27 @@ def run_shape(
     return results
 
 
-def _host_mcpu() -> str:
+def alternate_with_ort(
+    timer: Any, args: list[Any], session: Any, feed: dict[str, Any], rounds: int, repeat: int
+) -> tuple[list[float], list[float]]:
+    """``rounds`` rounds of the TVM ``timer`` (its last of 2 blocks of ``repeat`` calls)
+    then ``repeat`` ORT calls (after ``repeat // 2`` untimed ones: TVM's worker threads
+    spin for a while after its last call); the per-round medians in us, (TVM, ORT)."""
+    tvm_us, ort_us = [], []
+    for _ in range(rounds):
+        tvm_us.append(float(timer(*args).results[-1]) * 1e6)
+        for _ in range(repeat // 2):
+            session.run(None, feed)
+        ts = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            session.run(None, feed)
+            ts.append(time.perf_counter() - start)
+        ort_us.append(statistics.median(ts) * 1e6)
+    return tvm_us, ort_us
+
+
+def host_mcpu() -> str:
     from tvm.target import codegen
 
     return str(codegen.llvm_get_system_cpu())
