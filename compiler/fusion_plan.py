@@ -447,6 +447,77 @@ def plan_strided_conv(
     return BlockConfig(max(even or fitting), 1, 1, channels, vectors=vectors)
 
 
+# A first convolution whose output only an expansion-1 block reads (MobileNetV2's 3x3 3->32
+# at 224, then features.1's depthwise and projection at 112x112): as two kernels the
+# convolution writes 1.6 MB that the block reads back, and it ran 1.6x slower in the network
+# (cold output lines) than alone. As one kernel the convolution is the block's expand stage.
+@dataclass(frozen=True)
+class StemBlockShape:
+    """``conv`` (stride 2) feeding ``block`` (stride 1, no expand stage, no residual)."""
+
+    conv: StridedConvShape
+    block: BlockShape
+
+    @property
+    def expanded_view(self) -> BlockShape:
+        """The block as the fused kernel computes it: the convolution as its expand stage."""
+        b = self.block
+        return BlockShape(b.in_channels, b.expanded, b.out_channels, b.height, b.width)
+
+    def describe(self) -> str:
+        return f"{self.conv.describe()}, then {self.block.describe()}"
+
+
+def stem_plane_positions(shape: StemBlockShape, rows: int) -> tuple[int, int, int, int]:
+    """Pitch, depthwise/project positions, expand positions and positions per input plane
+    of a strip of ``rows``: the expand stage's positions (``strip_dims``) plus the reach of
+    the convolution's taps into the planes (``strided_conv_dims``)."""
+    pitch, fd, fe = strip_dims(shape.block.width, rows)
+    reach = shape.conv.kernel // 2
+    return pitch, fd, fe, fe + reach * (pitch + 1)
+
+
+def plan_stem_block(
+    shape: StemBlockShape, *, budget_bytes: int = STRIP_BUDGET_BYTES
+) -> BlockConfig | None:
+    """The fused kernel's configuration for ``shape`` (as ``plan_block``'s for the block
+    with the convolution as its expand stage), None where it is not used: a convolution
+    ``plan_strided_conv`` would not take, a block with an expand stage, a residual or
+    stride 2, or sizes that do not chain."""
+    conv, block = shape.conv, shape.block
+    if plan_strided_conv(conv, budget_bytes=budget_bytes) is None:
+        return None
+    if block.expand or block.stride != 1 or block.residual or block.out_width < MIN_WIDTH:
+        return None
+    if (block.in_channels, block.height, block.width) != (
+        conv.out_channels,
+        conv.out_height,
+        conv.out_width,
+    ):
+        return None
+    c, m, co = conv.in_channels, block.expanded, block.out_channels
+
+    def strip_bytes(rows: int) -> int:
+        pitch, fd, fe, fx = stem_plane_positions(shape, rows)
+        return 4 * (4 * c * -(-fx // pitch) * pitch + m * fe + m * fd + co * fd)
+
+    height = block.height
+    fitting = [
+        r
+        for r in range(MIN_ROWS, height // 2 + 1)
+        if height % r == 0 and strip_bytes(r) <= budget_bytes
+    ]
+    if not fitting:
+        return None
+    even = [r for r in fitting if (height // r) % 2 == 0]
+    return BlockConfig(
+        rows=max(even or fitting),
+        expand_channels=_channel_block(m, 4),
+        depthwise_channels=_channel_block(m, 2),
+        project_channels=_channel_block(co, 4),
+    )
+
+
 # Winograd convolutions (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks",
 # 2016): an m x m output tile of a 3x3 convolution from the (m + 2) x (m + 2) input tile
 # around it takes (m + 2)^2 multiplies per channel pair instead of 9 m^2, after a transform

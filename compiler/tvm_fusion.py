@@ -25,6 +25,7 @@ from compiler.fusion_plan import (
     MaxPoolShape,
     PointwiseConfig,
     PointwiseShape,
+    StemBlockShape,
     StridedConvShape,
     WinogradConfig,
     block_mask,
@@ -32,8 +33,10 @@ from compiler.fusion_plan import (
     plan_block,
     plan_max_pool,
     plan_pointwise,
+    plan_stem_block,
     plan_strided_conv,
     plan_winograd,
+    stem_plane_positions,
     strided_conv_dims,
     strided_strip_dims,
     strip_dims,
@@ -119,14 +122,84 @@ def block_func(shape: BlockShape, rows: int) -> Any:
             return xp[s, k, f // pitch, f % pitch]
 
     wd = weights[-5] if shape.expand else weights[0]
+    d = _depthwise(wd, expanded, (strips, m, fd), pitch)
+    config = BlockConfig(rows, 1, 1, 1)  # only the rows matter to the stages after D
+    return _project_and_write(shape, config, pitch, fd, x, weights, d)
+
+
+def _depthwise(wd: Any, expanded: Any, dims: tuple[int, int, int], pitch: int) -> Any:
+    """Stage "D" of a stride-1 block: the 3x3 taps as shifted runs of ``expanded``."""
+    from tvm import te
+
     kh, kw = te.reduce_axis((0, 3), name="kh"), te.reduce_axis((0, 3), name="kw")
-    d = te.compute(
-        (strips, m, fd),
+    return te.compute(
+        dims,
         lambda s, k, g: te.sum(wd[k, kh, kw] * expanded(s, k, g + kh * pitch + kw), axis=[kh, kw]),
         name="D",
     )
-    config = BlockConfig(rows, 1, 1, 1)  # only the rows matter to the stages after D
-    return _project_and_write(shape, config, pitch, fd, x, weights, d)
+
+
+def stem_block_func(shape: StemBlockShape, config: BlockConfig) -> Any:
+    """``block_func`` of a first convolution and the expansion-1 block after it
+    (``fusion_plan.StemBlockShape``): the convolution is the expand stage.
+
+    Per strip it computes the convolution's output at the block's padded positions
+    (``strip_dims``) from four planes of the input (even/odd rows by even/odd columns, as
+    ``strided_conv_func``: every tap a contiguous run), masked to zero outside the image
+    like an expand stage. Arguments: X (1, C, H, W), Wc (M, C, k, k), bc (M,), Wd (M, 3, 3),
+    bd (M,), Wp (Co, M), bp (Co,), the edge mask (strips, fe); output (1, Co, H/2, W/2).
+    """
+    from tvm import te, tirx
+
+    conv, view = shape.conv, shape.expanded_view
+    c, m, co, k = conv.in_channels, view.expanded, view.out_channels, conv.kernel
+    h, w, rows, reach = conv.height, conv.width, config.rows, conv.kernel // 2
+    strips = view.height // rows
+    pitch, fd, fe, fx = stem_plane_positions(shape, rows)
+    x = te.placeholder((1, c, h, w), name="X")
+    weights = [
+        te.placeholder((m, c, k, k), name="We"),
+        te.placeholder((m,), name="be"),
+        te.placeholder((m, 3, 3), name="Wd"),
+        te.placeholder((m,), name="bd"),
+        te.placeholder((co, m), name="Wp"),
+        te.placeholder((co,), name="bp"),
+        te.placeholder((strips, fe), name="mask"),
+    ]
+    we, be, wd, mask = weights[0], weights[1], weights[2], weights[6]
+    zero = tirx.const(0.0, "float32")
+
+    def plane_input(s: Any, plane: Any, ch: Any, row: Any, col: Any) -> Any:
+        # Expand position (row, col) is the convolution's output (s * rows - 1 + row,
+        # col - 1): input row 2 (s * rows - 1 + row) + kh - reach, kh = 2 (kh // 2) + parity.
+        i = 2 * (s * rows - 1 + row) + plane // 2 - reach
+        j = 2 * (col - 1) + plane % 2 - reach
+        return tirx.if_then_else(
+            te.all(i >= 0, i < h, j >= 0, j < w),
+            x[0, ch, tirx.max(tirx.min(i, h - 1), 0), tirx.max(tirx.min(j, w - 1), 0)],
+            zero,
+        )
+
+    xp = te.compute((strips, 4, c, -(-fx // pitch), pitch), plane_input, name="Xp")
+    rc = te.reduce_axis((0, c), name="c")
+    kh, kw = te.reduce_axis((0, k), name="ch"), te.reduce_axis((0, k), name="cw")
+
+    def tap(s: Any, ch: Any, f: Any) -> Any:
+        g = f + kh // 2 * pitch + kw // 2
+        return xp[s, kh % 2 * 2 + kw % 2, ch, g // pitch, g % pitch]
+
+    e = te.compute(
+        (strips, m, fe),
+        lambda s, o, f: te.sum(we[o, rc, kh, kw] * tap(s, rc, f), axis=[rc, kh, kw]),
+        name="E",
+    )
+    ep = te.compute(
+        (strips, m, fe),
+        lambda s, o, f: _activation(conv.activation, e[s, o, f] + be[o]) * mask[s, f],
+        name="Ep",
+    )
+    d = _depthwise(wd, lambda s, o, f: ep[s, o, f], (strips, m, fd), pitch)
+    return _project_and_write(view, config, pitch, fd, x, weights, d)
 
 
 def strided_block_func(shape: BlockShape, config: BlockConfig) -> Any:
@@ -280,17 +353,21 @@ def schedule(func: Any, config: BlockConfig, *, strided: bool = False, expand: b
     return sch
 
 
-def scheduled_block(shape: BlockShape, config: BlockConfig) -> Any:
+def scheduled_block(shape: BlockShape | StemBlockShape, config: BlockConfig) -> Any:
     """The scheduled PrimFunc, marked so that MetaSchedule and ``FuseOps`` leave it alone.
 
     ``op_pattern`` 8 is kOpaque: fusing a following elementwise op into it would make a
     new, unscheduled function of it.
     """
-    if shape.stride == 2:
+    if isinstance(shape, StemBlockShape):
+        te_func = stem_block_func(shape, config)
+    elif shape.stride == 2:
         te_func = strided_block_func(shape, config)
     else:
         te_func = block_func(shape, config.rows)
-    func = schedule(te_func, config, strided=shape.stride == 2, expand=shape.expand).mod["main"]
+    strided = isinstance(shape, BlockShape) and shape.stride == 2
+    expand = not isinstance(shape, BlockShape) or shape.expand
+    func = schedule(te_func, config, strided=strided, expand=expand).mod["main"]
     # Its symbol comes from the name the module gives it (te names every function "main").
     func = func.without_attr("global_symbol")
     return func.with_attrs({"tirx.is_scheduled": True, "op_pattern": 8})
@@ -551,7 +628,29 @@ def fuse_inverted_residuals(mod: Any) -> tuple[Any, list[str]]:
     """
     plans = {}
     fused = []
+    _, uses = _bindings(mod["main"])
+    convs = {m.end: m for m in _find_strided_convs(mod["main"])}
     for match in _find_blocks(mod["main"]):
+        conv = convs.get(match.x) if uses.get(match.x, 0) == 1 else None
+        stem = StemBlockShape(conv.shape, match.shape) if conv is not None else None
+        stem_config = plan_stem_block(stem) if stem is not None else None
+        if conv is not None and stem is not None and stem_config is not None:
+            # The first convolution becomes the block's expand stage; its own bindings,
+            # used by the block alone, go with the block's.
+            plans[match.end] = _Replacement(
+                scheduled_block(stem, stem_config),
+                "fused_stem_block",
+                [
+                    conv.x,
+                    conv.weight,
+                    conv.bias,
+                    *match.weights,
+                    block_mask(stem.expanded_view, stem_config),
+                ],
+                (1, stem.block.out_channels, stem.block.out_height, stem.block.out_width),
+            )
+            fused.append(f"{stem.describe()} (strips of {stem_config.rows} rows)")
+            continue
         config = plan_block(match.shape)
         if config is None:
             continue

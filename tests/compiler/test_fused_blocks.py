@@ -261,8 +261,9 @@ def test_pointwise_convolutions_on_small_maps_match_onnxruntime(
 
 
 class _Stem(nn.Module):
-    """Stride-2 first layers: 7x7 3->8 + ReLU, a max pool, 3x3 8->16 + ReLU6, then 3x3
-    16->16 (too many input channels for that kernel: the direct one); then logits."""
+    """Stride-2 first layers: 7x7 3->8 + ReLU, a max pool, 3x3 8->16 + ReLU6 and an
+    expansion-1 block after it (one kernel: MobileNetV2's features.0 and .1), then 3x3 24->16
+    (too many input channels for the first-convolution kernel: the direct one); logits."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -272,7 +273,8 @@ class _Stem(nn.Module):
             nn.MaxPool2d(3, stride=2, padding=1),  # ResNet's: the padding is never the max
             nn.Conv2d(8, 16, 3, stride=2, padding=1),
             nn.ReLU6(),
-            nn.Conv2d(16, 16, 3, stride=2, padding=1),
+            InvertedResidual(16, 24, 1, 1),
+            nn.Conv2d(24, 16, 3, stride=2, padding=1),
         )
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
 
@@ -284,9 +286,10 @@ class _Stem(nn.Module):
 def test_strided_first_convolutions_match_onnxruntime(signing_key: Path, tmp_path: Path) -> None:
     path = _export(_Stem(), (1, 3, 224, 224), tmp_path / "stem.onnx")
     assert _fused(path) == [
-        "3x3 16->16 stride 2 at 28x28",
+        "3x3 8->16 stride 2 at 56x56 + relu6, then 16->16->24 at 28x28, no expansion"
+        " (strips of 14 rows)",
+        "3x3 24->16 stride 2 at 28x28",
         "7x7 3->8 stride 2 at 224x224 + relu (strips of 56 rows)",
-        "3x3 8->16 stride 2 at 56x56 + relu6 (strips of 14 rows)",
         "max pool 3x3/2 pad 1, 8 at 112x112",
     ]
     _assert_matches_onnxruntime(_compile(path, tmp_path / "out", signing_key))

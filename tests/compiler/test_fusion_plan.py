@@ -17,6 +17,7 @@ from compiler.fusion_plan import (
     MaxPoolShape,
     PointwiseConfig,
     PointwiseShape,
+    StemBlockShape,
     StridedConvShape,
     WinogradConfig,
     block_mask,
@@ -26,8 +27,10 @@ from compiler.fusion_plan import (
     plan_block,
     plan_max_pool,
     plan_pointwise,
+    plan_stem_block,
     plan_strided_conv,
     plan_winograd,
+    stem_plane_positions,
     strided_conv_dims,
     strided_edge_mask,
     strided_strip_dims,
@@ -309,6 +312,40 @@ def test_plan_strided_conv(shape: StridedConvShape, expected: BlockConfig | None
     assert plan_strided_conv(shape) == expected
     if expected is not None:
         assert shape.describe().startswith(f"{shape.kernel}x{shape.kernel} 3->")
+
+
+_MOBILENET_STEM = StridedConvShape(3, 32, 224, 224, 3, "relu6")
+_FEATURES_1 = BlockShape(32, 32, 16, 112, 112, expand=False)
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [
+        # MobileNetV2's features.0 and .1: 4 strips of 28 rows (1.37 MB each)
+        (StemBlockShape(_MOBILENET_STEM, _FEATURES_1), BlockConfig(28, 4, 2, 4)),
+        # a block with an expand stage, a residual, stride 2, or sizes that do not chain
+        (StemBlockShape(_MOBILENET_STEM, replace(_FEATURES_1, expand=True)), None),
+        (StemBlockShape(_MOBILENET_STEM, replace(_FEATURES_1, out_channels=32)), None),
+        (StemBlockShape(_MOBILENET_STEM, replace(_FEATURES_1, stride=2)), None),
+        (StemBlockShape(_MOBILENET_STEM, replace(_FEATURES_1, width=56)), None),
+        (StemBlockShape(_MOBILENET_STEM, BlockShape(16, 16, 16, 112, 112, expand=False)), None),
+        # a convolution the first-convolution kernel would not take (16 input channels)
+        (StemBlockShape(replace(_MOBILENET_STEM, in_channels=16), _FEATURES_1), None),
+    ],
+)
+def test_plan_stem_block(shape: StemBlockShape, expected: BlockConfig | None) -> None:
+    assert plan_stem_block(shape) == expected
+
+
+def test_stem_planes_reach_the_last_tap_of_the_last_expand_position() -> None:
+    shape = StemBlockShape(replace(_MOBILENET_STEM, kernel=5), _FEATURES_1)
+    pitch, fd, fe, fx = stem_plane_positions(shape, 28)
+    assert (pitch, fd, fe) == strip_dims(112, 28)
+    assert fx == fe - 1 + 2 * pitch + 2 + 1  # plane row + 2, column + 2
+    assert shape.expanded_view == BlockShape(32, 32, 16, 112, 112)
+    assert shape.describe() == (
+        "5x5 3->32 stride 2 at 224x224 + relu6, then 32->32->16 at 112x112, no expansion"
+    )
 
 
 @pytest.mark.parametrize("tile", [2, 4])
