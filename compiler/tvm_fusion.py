@@ -146,7 +146,7 @@ def stem_block_func(shape: StemBlockShape, config: BlockConfig) -> Any:
     Per strip it computes the convolution's output at the block's padded positions
     (``strip_dims``) from four planes of the input (even/odd rows by even/odd columns, as
     ``strided_conv_func``: every tap a contiguous run), masked to zero outside the image
-    like an expand stage. Arguments: X (1, C, H, W), Wc (M, C, k, k), bc (M,), Wd (M, 3, 3),
+    like an expand stage. Arguments: X (1, C, H, W), We (M, C, k, k), be (M,), Wd (M, 3, 3),
     bd (M,), Wp (Co, M), bp (Co,), the edge mask (strips, fe); output (1, Co, H/2, W/2).
     """
     from tvm import te, tirx
@@ -625,6 +625,8 @@ def fuse_inverted_residuals(mod: Any) -> tuple[Any, list[str]]:
 
     Run on the imported module after ``FoldConstant`` (the ReLU6 bounds must be constants)
     and before legalization. Blocks ``fusion_plan.plan_block`` turns down stay as they are.
+    A block without an expand stage whose input only a first convolution computes
+    (``fusion_plan.plan_stem_block``) takes that convolution in as its expand stage.
     """
     plans = {}
     fused = []
