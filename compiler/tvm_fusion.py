@@ -139,6 +139,40 @@ def _depthwise(wd: Any, expanded: Any, dims: tuple[int, int, int], pitch: int) -
     )
 
 
+def _input_planes(
+    x: Any, dims: tuple[int, int, int, int, int], rows: int, reach: int, shift: int = 0
+) -> Any:
+    """Stage "Xp" of a stride-2 kernel: per strip of ``rows`` output rows, four planes of
+    the zero-padded input X (1, C, H, W), even/odd rows by even/odd columns, ``dims`` =
+    (strips, 4, C, plane rows, pitch). Plane (a, b) at (row, col) holds input row
+    2 (s rows + row - shift) + a - reach and column 2 (col - shift) + b - reach, so that tap
+    (kh, kw) of output position (row - shift, col - shift) of strip s is plane (kh % 2,
+    kw % 2) at (row + kh // 2, col + kw // 2) (``_plane_tap``): a contiguous run of it for
+    contiguous positions. ``shift`` 1: the positions are a padded layout's, whose first row
+    and column are the padding (``stem_block_func``)."""
+    from tvm import te, tirx
+
+    h, w = int(x.shape[2]), int(x.shape[3])
+    zero = tirx.const(0.0, "float32")
+
+    def plane_input(s: Any, plane: Any, ch: Any, row: Any, col: Any) -> Any:
+        i = 2 * (s * rows + row - shift) + plane // 2 - reach
+        j = 2 * (col - shift) + plane % 2 - reach
+        return tirx.if_then_else(
+            te.all(i >= 0, i < h, j >= 0, j < w),
+            x[0, ch, tirx.max(tirx.min(i, h - 1), 0), tirx.max(tirx.min(j, w - 1), 0)],
+            zero,
+        )
+
+    return te.compute(dims, plane_input, name="Xp")
+
+
+def _plane_tap(xp: Any, s: Any, ch: Any, f: Any, kh: Any, kw: Any, pitch: int) -> Any:
+    """Tap (kh, kw) of flat output position ``f`` from ``_input_planes``' stage ``xp``."""
+    g = f + kh // 2 * pitch + kw // 2
+    return xp[s, kh % 2 * 2 + kw % 2, ch, g // pitch, g % pitch]
+
+
 def stem_block_func(shape: StemBlockShape, config: BlockConfig) -> Any:
     """``block_func`` of a first convolution and the expansion-1 block after it
     (``fusion_plan.StemBlockShape``): the convolution is the expand stage.
@@ -149,14 +183,14 @@ def stem_block_func(shape: StemBlockShape, config: BlockConfig) -> Any:
     like an expand stage. Arguments: X (1, C, H, W), We (M, C, k, k), be (M,), Wd (M, 3, 3),
     bd (M,), Wp (Co, M), bp (Co,), the edge mask (strips, fe); output (1, Co, H/2, W/2).
     """
-    from tvm import te, tirx
+    from tvm import te
 
     conv, view = shape.conv, shape.expanded_view
     c, m, co, k = conv.in_channels, view.expanded, view.out_channels, conv.kernel
-    h, w, rows, reach = conv.height, conv.width, config.rows, conv.kernel // 2
+    rows, reach = config.rows, conv.kernel // 2
     strips = view.height // rows
     pitch, fd, fe, fx = stem_plane_positions(shape, rows)
-    x = te.placeholder((1, c, h, w), name="X")
+    x = te.placeholder((1, c, conv.height, conv.width), name="X")
     weights = [
         te.placeholder((m, c, k, k), name="We"),
         te.placeholder((m,), name="be"),
@@ -167,30 +201,15 @@ def stem_block_func(shape: StemBlockShape, config: BlockConfig) -> Any:
         te.placeholder((strips, fe), name="mask"),
     ]
     we, be, wd, mask = weights[0], weights[1], weights[2], weights[6]
-    zero = tirx.const(0.0, "float32")
-
-    def plane_input(s: Any, plane: Any, ch: Any, row: Any, col: Any) -> Any:
-        # Expand position (row, col) is the convolution's output (s * rows - 1 + row,
-        # col - 1): input row 2 (s * rows - 1 + row) + kh - reach, kh = 2 (kh // 2) + parity.
-        i = 2 * (s * rows - 1 + row) + plane // 2 - reach
-        j = 2 * (col - 1) + plane % 2 - reach
-        return tirx.if_then_else(
-            te.all(i >= 0, i < h, j >= 0, j < w),
-            x[0, ch, tirx.max(tirx.min(i, h - 1), 0), tirx.max(tirx.min(j, w - 1), 0)],
-            zero,
-        )
-
-    xp = te.compute((strips, 4, c, -(-fx // pitch), pitch), plane_input, name="Xp")
+    # Expand position (row, col) is the convolution's output (s * rows - 1 + row, col - 1).
+    xp = _input_planes(x, (strips, 4, c, -(-fx // pitch), pitch), rows, reach, shift=1)
     rc = te.reduce_axis((0, c), name="c")
     kh, kw = te.reduce_axis((0, k), name="ch"), te.reduce_axis((0, k), name="cw")
-
-    def tap(s: Any, ch: Any, f: Any) -> Any:
-        g = f + kh // 2 * pitch + kw // 2
-        return xp[s, kh % 2 * 2 + kw % 2, ch, g // pitch, g % pitch]
-
     e = te.compute(
         (strips, m, fe),
-        lambda s, o, f: te.sum(we[o, rc, kh, kw] * tap(s, rc, f), axis=[rc, kh, kw]),
+        lambda s, o, f: te.sum(
+            we[o, rc, kh, kw] * _plane_tap(xp, s, rc, f, kh, kw, pitch), axis=[rc, kh, kw]
+        ),
         name="E",
     )
     ep = te.compute(
@@ -209,25 +228,13 @@ def strided_block_func(shape: BlockShape, config: BlockConfig) -> Any:
 
     Arguments as ``block_func``'s, the mask (strips, 4, fe); output (1, Co, H/2, W/2).
     """
-    from tvm import te, tirx
+    from tvm import te
 
-    c, m = shape.in_channels, shape.expanded
-    h, w, rows = shape.height, shape.width, config.rows
+    c, m, rows = shape.in_channels, shape.expanded, config.rows
     strips = shape.out_height // rows
     pitch, fd, fe = strided_strip_dims(shape.out_width, rows, config.vectors)
     x, weights = _inputs(shape, (strips, 4, fe))
-    zero = tirx.const(0.0, "float32")
-
-    def plane_input(s: Any, plane: Any, k: Any, row: Any, col: Any) -> Any:
-        i = s * (2 * rows) - 1 + 2 * row + plane // 2
-        j = 2 * col + plane % 2 - 1
-        return tirx.if_then_else(
-            te.all(i >= 0, i < h, j >= 0, j < w),
-            x[0, k, tirx.max(tirx.min(i, h - 1), 0), tirx.max(tirx.min(j, w - 1), 0)],
-            zero,
-        )
-
-    xp = te.compute((strips, 4, c, -(-fe // pitch), pitch), plane_input, name="Xp")
+    xp = _input_planes(x, (strips, 4, c, -(-fe // pitch), pitch), rows, reach=1)
     if shape.expand:
         we, be, _, _, _, _, mask = weights
         rc = te.reduce_axis((0, c), name="c")
@@ -1125,7 +1132,7 @@ def strided_conv_func(shape: StridedConvShape, config: BlockConfig) -> Any:
     ``scheduled_block``.
     """
     import tvm.s_tir as tir
-    from tvm import te, tirx
+    from tvm import te
 
     c, co, h, w, k = (
         shape.in_channels,
@@ -1139,28 +1146,14 @@ def strided_conv_func(shape: StridedConvShape, config: BlockConfig) -> Any:
     pitch, fd, fe = strided_conv_dims(shape, rows, config.vectors)
     x = te.placeholder((1, c, h, w), name="X")
     weight, bias = te.placeholder((co, c, k, k), name="W"), te.placeholder((co,), name="b")
-    zero = tirx.const(0.0, "float32")
-
-    def plane_input(s: Any, plane: Any, ch: Any, row: Any, col: Any) -> Any:
-        i = s * (2 * rows) - reach + 2 * row + plane // 2
-        j = 2 * col + plane % 2 - reach
-        return tirx.if_then_else(
-            te.all(i >= 0, i < h, j >= 0, j < w),
-            x[0, ch, tirx.max(tirx.min(i, h - 1), 0), tirx.max(tirx.min(j, w - 1), 0)],
-            zero,
-        )
-
-    xp = te.compute((strips, 4, c, -(-fe // pitch), pitch), plane_input, name="Xp")
+    xp = _input_planes(x, (strips, 4, c, -(-fe // pitch), pitch), rows, reach)
     rc = te.reduce_axis((0, c), name="c")
     kh, kw = te.reduce_axis((0, k), name="kh"), te.reduce_axis((0, k), name="kw")
-
-    def tap(s: Any, ch: Any, g: Any) -> Any:
-        f = g + kh // 2 * pitch + kw // 2
-        return xp[s, kh % 2 * 2 + kw % 2, ch, f // pitch, f % pitch]
-
     d = te.compute(
         (strips, co, fd),
-        lambda s, o, g: te.sum(weight[o, rc, kh, kw] * tap(s, rc, g), axis=[rc, kh, kw]),
+        lambda s, o, g: te.sum(
+            weight[o, rc, kh, kw] * _plane_tap(xp, s, rc, g, kh, kw, pitch), axis=[rc, kh, kw]
+        ),
         name="D",
     )
     q = te.compute(
