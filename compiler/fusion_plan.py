@@ -16,7 +16,7 @@ the numbers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -148,6 +148,19 @@ def _channel_block(channels: int, widest: int) -> int:
     return next(b for b in (widest, 4, 2, 1) if b <= widest and channels % b == 0)
 
 
+def _strip_rows(height: int, bytes_of: Callable[[int], int], budget_bytes: int) -> int | None:
+    """Rows per strip: the most that divide ``height`` into at least two strips whose
+    buffers (``bytes_of(rows)``) fit ``budget_bytes``, at least ``MIN_ROWS``, an even number
+    of strips where one fits (they are split evenly over the cores); None if none fits."""
+    fitting = [
+        r
+        for r in range(MIN_ROWS, height // 2 + 1)
+        if height % r == 0 and bytes_of(r) <= budget_bytes
+    ]
+    even = [r for r in fitting if (height // r) % 2 == 0]
+    return max(even or fitting) if fitting else None
+
+
 def plan_block(shape: BlockShape, *, budget_bytes: int = STRIP_BUDGET_BYTES) -> BlockConfig | None:
     """The fused kernel's configuration for ``shape``, or None where it should not be used.
 
@@ -176,18 +189,12 @@ def plan_block(shape: BlockShape, *, budget_bytes: int = STRIP_BUDGET_BYTES) -> 
         return None
     else:
         vectors = VECTORS
-    height = shape.out_height
-    fitting = [
-        r
-        for r in range(MIN_ROWS, height // 2 + 1)
-        if height % r == 0 and strip_bytes(shape, r, vectors) <= budget_bytes
-    ]
-    if not fitting:
+    rows = _strip_rows(shape.out_height, lambda r: strip_bytes(shape, r, vectors), budget_bytes)
+    if rows is None:
         return None
-    even = [r for r in fitting if (height // r) % 2 == 0]
     widen = VECTORS // vectors
     return BlockConfig(
-        rows=max(even or fitting),
+        rows=rows,
         expand_channels=_channel_block(shape.expanded, 4 * widen),
         depthwise_channels=_channel_block(shape.expanded, 2 * widen),
         project_channels=_channel_block(shape.out_channels, 4 * widen),
@@ -434,17 +441,11 @@ def plan_strided_conv(
         pitch, fd, fe = strided_conv_dims(shape, rows, vectors)
         return 4 * (4 * shape.in_channels * -(-fe // pitch) * pitch + shape.out_channels * fd)
 
-    height = shape.out_height
-    fitting = [
-        r
-        for r in range(MIN_ROWS, height // 2 + 1)
-        if height % r == 0 and strip_bytes(r) <= budget_bytes
-    ]
-    if not fitting:
+    rows = _strip_rows(shape.out_height, strip_bytes, budget_bytes)
+    if rows is None:
         return None
-    even = [r for r in fitting if (height // r) % 2 == 0]
     channels = _channel_block(shape.out_channels, 4 * (VECTORS // vectors))
-    return BlockConfig(max(even or fitting), 1, 1, channels, vectors=vectors)
+    return BlockConfig(rows, 1, 1, channels, vectors=vectors)
 
 
 # A first convolution whose output only an expansion-1 block reads (MobileNetV2's 3x3 3->32
@@ -501,17 +502,11 @@ def plan_stem_block(
         pitch, fd, fe, fx = stem_plane_positions(shape, rows)
         return 4 * (4 * c * -(-fx // pitch) * pitch + m * fe + m * fd + co * fd)
 
-    height = block.height
-    fitting = [
-        r
-        for r in range(MIN_ROWS, height // 2 + 1)
-        if height % r == 0 and strip_bytes(r) <= budget_bytes
-    ]
-    if not fitting:
+    rows = _strip_rows(block.height, strip_bytes, budget_bytes)
+    if rows is None:
         return None
-    even = [r for r in fitting if (height // r) % 2 == 0]
     return BlockConfig(
-        rows=max(even or fitting),
+        rows=rows,
         expand_channels=_channel_block(m, 4),
         depthwise_channels=_channel_block(m, 2),
         project_channels=_channel_block(co, 4),
