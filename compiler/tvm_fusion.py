@@ -147,7 +147,7 @@ def _input_planes(
     (strips, 4, C, plane rows, pitch). Plane (a, b) at (row, col) holds input row
     2 (s rows + row - shift) + a - reach and column 2 (col - shift) + b - reach, so that tap
     (kh, kw) of output position (row - shift, col - shift) of strip s is plane (kh % 2,
-    kw % 2) at (row + kh // 2, col + kw // 2) (``_plane_tap``): a contiguous run of it for
+    kw % 2) at (row + kh // 2, col + kw // 2) (``_planes_conv``): a contiguous run of it for
     contiguous positions. ``shift`` 1: the positions are a padded layout's, whose first row
     and column are the padding (``stem_block_func``)."""
     from tvm import te, tirx
@@ -167,10 +167,25 @@ def _input_planes(
     return te.compute(dims, plane_input, name="Xp")
 
 
-def _plane_tap(xp: Any, s: Any, ch: Any, f: Any, kh: Any, kw: Any, pitch: int) -> Any:
-    """Tap (kh, kw) of flat output position ``f`` from ``_input_planes``' stage ``xp``."""
-    g = f + kh // 2 * pitch + kw // 2
-    return xp[s, kh % 2 * 2 + kw % 2, ch, g // pitch, g % pitch]
+def _planes_conv(xp: Any, weight: Any, dims: tuple[int, int, int], pitch: int, name: str) -> Any:
+    """Stage ``name`` (strips, Co, positions): the k x k convolution with ``weight`` (Co, C,
+    k, k) of ``_input_planes``' stage ``xp``, tap (kh, kw) of flat position f read from plane
+    (kh % 2, kw % 2) at f + (kh // 2) pitch + kw // 2."""
+    from tvm import te
+
+    c, k = int(weight.shape[1]), int(weight.shape[2])
+    rc = te.reduce_axis((0, c), name="c")
+    kh, kw = te.reduce_axis((0, k), name="kh"), te.reduce_axis((0, k), name="kw")
+
+    def tap(s: Any, f: Any) -> Any:
+        g = f + kh // 2 * pitch + kw // 2
+        return xp[s, kh % 2 * 2 + kw % 2, rc, g // pitch, g % pitch]
+
+    return te.compute(
+        dims,
+        lambda s, o, f: te.sum(weight[o, rc, kh, kw] * tap(s, f), axis=[rc, kh, kw]),
+        name=name,
+    )
 
 
 def stem_block_func(shape: StemBlockShape, config: BlockConfig) -> Any:
@@ -203,15 +218,7 @@ def stem_block_func(shape: StemBlockShape, config: BlockConfig) -> Any:
     we, be, wd, mask = weights[0], weights[1], weights[2], weights[6]
     # Expand position (row, col) is the convolution's output (s * rows - 1 + row, col - 1).
     xp = _input_planes(x, (strips, 4, c, -(-fx // pitch), pitch), rows, reach, shift=1)
-    rc = te.reduce_axis((0, c), name="c")
-    kh, kw = te.reduce_axis((0, k), name="ch"), te.reduce_axis((0, k), name="cw")
-    e = te.compute(
-        (strips, m, fe),
-        lambda s, o, f: te.sum(
-            we[o, rc, kh, kw] * _plane_tap(xp, s, rc, f, kh, kw, pitch), axis=[rc, kh, kw]
-        ),
-        name="E",
-    )
+    e = _planes_conv(xp, we, (strips, m, fe), pitch, "E")
     ep = te.compute(
         (strips, m, fe),
         lambda s, o, f: _activation(conv.activation, e[s, o, f] + be[o]) * mask[s, f],
@@ -1147,15 +1154,7 @@ def strided_conv_func(shape: StridedConvShape, config: BlockConfig) -> Any:
     x = te.placeholder((1, c, h, w), name="X")
     weight, bias = te.placeholder((co, c, k, k), name="W"), te.placeholder((co,), name="b")
     xp = _input_planes(x, (strips, 4, c, -(-fe // pitch), pitch), rows, reach)
-    rc = te.reduce_axis((0, c), name="c")
-    kh, kw = te.reduce_axis((0, k), name="kh"), te.reduce_axis((0, k), name="kw")
-    d = te.compute(
-        (strips, co, fd),
-        lambda s, o, g: te.sum(
-            weight[o, rc, kh, kw] * _plane_tap(xp, s, rc, g, kh, kw, pitch), axis=[rc, kh, kw]
-        ),
-        name="D",
-    )
+    d = _planes_conv(xp, weight, (strips, co, fd), pitch, "D")
     q = te.compute(
         (strips, co, fd),
         lambda s, o, g: _activation(shape.activation, d[s, o, g] + bias[o]),
