@@ -102,6 +102,7 @@ class ModelResult:
     input_shape: list[int]
     profile: str
     trials_requested: int
+    precision: str = "fp32"  # of the TVM builds; ORT's is fp32
     tuning: dict[str, Any] = field(default_factory=dict)
     untuned_build_s: float | None = None
     tvm_untuned: Measurement = field(default_factory=Measurement)
@@ -235,6 +236,7 @@ class Options:
     max_trials_per_task: int | None = None  # None: the profile's
     retune: bool = False  # tune the --tuning-db's recorded tasks further (staged tuning)
     fuse_blocks: bool | None = None  # None: build_library's default (on for AVX-512 x86-64)
+    precision: str = "fp32"  # "bf16": 1x1 convolutions with bf16 products (compiler/tvm_bf16.py)
 
 
 def _say(message: str) -> None:
@@ -287,6 +289,7 @@ def bench_model(
         input_shape=list(spec.input_shape),
         profile=profile_name,
         trials_requested=trials,
+        precision=opts.precision,
         tvm_default_threads=default_threads,
         multiply_adds=multiply_adds(spec),
     )
@@ -315,6 +318,7 @@ def bench_model(
             trials=0,
             tuning_db=None,
             fuse_blocks=opts.fuse_blocks,
+            precision=opts.precision,
         )
         result.untuned_build_s = round(time.monotonic() - start, 1)
         untuned = execution.run_library(
@@ -335,6 +339,7 @@ def bench_model(
             weight_prepack=opts.weight_prepack,
             retune=opts.retune,
             fuse_blocks=opts.fuse_blocks,
+            precision=opts.precision,
         )
         result.tuning = stats.to_dict()
         _say(
@@ -408,6 +413,7 @@ def bench_model(
             seed=opts.seed,
             latency_repeat=opts.repeat,
             fuse_blocks=opts.fuse_blocks,
+            precision=opts.precision,
         )
         try:
             with tvm_threads(opts.threads):
@@ -443,7 +449,8 @@ def print_table(
 
     default_threads = next((r.tvm_default_threads for r in results if r.tvm_default_threads), "?")
     table = Table(
-        title=f"TVM vs ONNX Runtime, batch 1, median ms, {opts.threads} thread(s) each",
+        title=f"TVM vs ONNX Runtime, batch 1, median ms, {opts.threads} thread(s) each"
+        + (f"; TVM {opts.precision}, ORT fp32" if opts.precision != "fp32" else ""),
         caption="÷ORT columns are the ratios TVM latency / ORT latency measured in this run "
         "(medians; 'min' = fastest runs; 'default thr' = the tuned library without "
         f"TVM_NUM_THREADS, i.e. {default_threads} thread(s)): < 1 means TVM is faster. "
@@ -719,6 +726,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "--no-fuse-blocks for MetaSchedule's kernels only",
     )
     parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="bf16: the TVM builds compute small-map 1x1 convolutions with bf16 products "
+        "(edgeloop compile --precision; AVX-512 BF16 profiles); ORT stays fp32",
+    )
+    parser.add_argument(
         "--retune",
         action="store_true",
         help="with --tuning-db: spend --trials on every task again, recorded ones included "
@@ -794,6 +808,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         max_trials_per_task=args.max_trials_per_task,
         retune=args.retune,
         fuse_blocks=args.fuse_blocks,
+        precision=args.precision,
     )
 
 

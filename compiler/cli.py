@@ -214,6 +214,14 @@ def keys_generate(output_dir: Path | None, force: bool) -> None:
     "Default: on for x86-64 profiles with AVX-512 (their 16-lane blocks spill on AVX2).",
 )
 @click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16"]),
+    default="fp32",
+    show_default=True,
+    help="bf16: 1x1 convolutions on small maps with bf16 products and fp32 sums (x86-64 "
+    "profiles with avx512_bf16; gated by the profile's accuracy_bf16 tolerances).",
+)
+@click.option(
     "--runtime",
     type=str,
     default="auto",
@@ -268,6 +276,7 @@ def compile_command(
     retune: bool,
     weight_prepack: bool | None,
     fuse_blocks: bool | None,
+    precision: str,
     runtime: str,
     input_shapes: tuple[str, ...],
     calibration_data: Path | None,
@@ -294,6 +303,7 @@ def compile_command(
         retune=retune,
         weight_prepack=weight_prepack,
         fuse_blocks=fuse_blocks,
+        precision=precision,
         runtime=runtime,
         input_shapes=parse_input_shapes(input_shapes),
         calibration_data=calibration_data,

@@ -371,6 +371,81 @@ def plan_pointwise(shape: PointwiseShape) -> PointwiseConfig | None:
     return PointwiseConfig(positions=block, vectors=vectors)
 
 
+# bf16 dot products (``--precision bf16``): AVX-512 BF16's vdpbf16ps adds two bf16 products
+# into each fp32 lane, twice the multiply-adds of an fp32 FMA per instruction. Activations and
+# weights are rounded to bf16 (8 significant bits) and accumulated in fp32.
+PRECISIONS = ("fp32", "bf16")
+BF16_FEATURE = "avx512_bf16"
+
+
+def precision_refusal(
+    precision: str, *, isa: str, features: Sequence[str], fused: bool
+) -> str | None:
+    """Why a build for a profile (``isa``, ``features``: its ``cpu_features``) cannot use
+    ``precision``, with ``fused``: whether the hand-scheduled kernels are on; None if it can."""
+    if precision not in PRECISIONS:
+        return f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}"
+    if precision == "fp32":
+        return None
+    if isa != "x86_64" or BF16_FEATURE not in features:
+        return (
+            f"--precision bf16 needs an x86-64 profile whose cpu_features list {BF16_FEATURE} "
+            "(its dot-product instruction); this one is "
+            f"{isa} with {', '.join(features) or 'no features listed'}"
+        )
+    if not fused:
+        return (
+            "--precision bf16 runs in the hand-scheduled 1x1 kernels; it cannot be combined "
+            "with --no-fuse-blocks"
+        )
+    return None
+
+
+def plan_pointwise_bf16(shape: PointwiseShape) -> PointwiseConfig | None:
+    """The bf16 kernel's accumulator block for ``shape``, None where it is not used.
+
+    1x1 stride-1 convolutions on maps of at most ``MAX_POINTWISE_POSITIONS`` whose output
+    channels are whole vectors, positions per block as in ``plan_pointwise``; without its
+    minimum reduction: with half the multiply-add instructions the GEMM outruns
+    MetaSchedule's fp32 kernels for 64 and 96 input channels at 14x14 too.
+    """
+    if shape.kernel != 1 or shape.stride != 1 or shape.in_channels < 1:
+        return None
+    positions = shape.out_height * shape.out_width
+    if not 0 < positions <= MAX_POINTWISE_POSITIONS:
+        return None
+    if shape.out_channels < LANES or shape.out_channels % LANES:
+        return None
+    block = next((b for b in _POSITION_BLOCKS if positions % b == 0), None)
+    if block is None:
+        return None
+    vectors = 2 if (shape.out_channels // LANES) % 2 == 0 else 1
+    return PointwiseConfig(positions=block, vectors=vectors)
+
+
+def bf16_bits(values: npt.NDArray[np.float32]) -> npt.NDArray[np.uint16]:
+    """float32 values rounded to the nearest bf16 (ties to even), as their 16 bits: what the
+    kernel computes for its activations (finite values; NaN payloads are not preserved)."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return rounded.astype(np.uint16)
+
+
+def paired_bf16_weights(weight: npt.NDArray[np.float32], vectors: int) -> npt.NDArray[np.uint16]:
+    """A 1x1 weight (Co, C) as bf16 bits (Co / B, ceil(C / 2), 2 B) for blocks of B =
+    ``vectors`` x 16 output channels: per pair of input channels, each output channel's two
+    weights side by side, the operand layout of vdpbf16ps. An odd C gets a zero channel."""
+    co, c = weight.shape
+    block = vectors * LANES
+    if co % block:
+        raise ValueError(f"{co} output channels are not whole blocks of {block}")
+    pairs = -(-c // 2)
+    padded = np.zeros((co, 2 * pairs), np.float32)
+    padded[:, :c] = weight
+    blocked = padded.reshape(co // block, block, pairs, 2).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(bf16_bits(blocked).reshape(co // block, pairs, 2 * block))
+
+
 # First layers: a k x k convolution of stride 2 over few input channels (MobileNet's 3x3
 # 3->32 at 224, ResNet's 7x7 3->64) reads every other column; MetaSchedule's tuned kernel
 # for MobileNetV2's ran at 30-35 GMAC/s. The planes of the stride-2 blocks make every tap

@@ -44,8 +44,9 @@ from compiler.errors import (
     UsageError,
 )
 from compiler.frontends import SourceModel, load_model
+from compiler.fusion_plan import choose_block_fusion, precision_refusal
 from compiler.manifest import REPORT_FILE, ArtifactManifest, TensorSpec
-from compiler.profiles import HardwareProfile, ProfileRegistry
+from compiler.profiles import AccuracySpec, HardwareProfile, ProfileRegistry
 from compiler.runtime_choice import ThreadPlan, decide_runtime, host_cpu_count, plan_threads
 from compiler.settings import CompilerSettings
 from compiler.signing import KeyPaths, load_private_key
@@ -79,6 +80,8 @@ class CompileRequest:
     retune: bool = False
     # Inverted-residual blocks as fused kernels (compiler/tvm_fusion.py); None: x86-64 CPUs.
     fuse_blocks: bool | None = None
+    # "bf16": 1x1 convolutions with bf16 products on AVX-512 BF16 profiles (compiler/tvm_bf16.py).
+    precision: str = "fp32"
     samples: int | None = None
     signing_key: Path | None = None
     force: bool = False
@@ -243,6 +246,7 @@ def compile_model(
     private_key = load_private_key(key_path)
     trials = profile.tuning.default_trials if req.trials is None else req.trials
 
+    gate = _accuracy_spec(req, profile)
     say(f"loading {req.model.name}")
     model = load_model(req.model, input_shapes=req.input_shapes)
     if profile.npu is not None:
@@ -260,7 +264,7 @@ def compile_model(
         raise UsageError(
             f"--runtime onnxruntime needs an ONNX model; {req.model.name} is {model.format}"
         )
-    sample_count = req.samples or profile.accuracy.samples
+    sample_count = req.samples or gate.samples
     samples = _load_samples(req, model, sample_count)
     say(f"reference outputs of {len(samples)} sample(s) with the {model.format} runtime")
     references = [model.reference(s) for s in samples]
@@ -276,6 +280,7 @@ def compile_model(
     report: dict[str, Any] = {
         "schema_version": 1,
         "profile": profile.name,
+        "precision": req.precision,
         "model": {"file": req.model.name, "format": model.format, "sha256": model.sha256},
         "host": {"machine": platform.machine(), "python": platform.python_version()},
         "verification": {
@@ -330,6 +335,7 @@ def compile_model(
                 weight_prepack=req.weight_prepack,
                 retune=req.retune,
                 fuse_blocks=req.fuse_blocks,
+                precision=req.precision,
             )
             report["tuning"] = tuning.to_dict()
             report["static_checks"] = _static_checks(staging / LIBRARY_FILE, profile)
@@ -349,7 +355,7 @@ def compile_model(
                 else (per_round if onnx_model is not None else req.latency_repeat),
                 num_threads=threads.count,
             )
-            accuracy = _gate(profile, output_names, result.outputs, references)
+            accuracy = _gate(profile, gate, output_names, result.outputs, references)
             report["accuracy"] = {a.name: a.to_dict() for a in accuracy}
             report["verification"]["machine"] = result.machine
             if result.extra.get("gpu"):
@@ -525,8 +531,35 @@ def _static_checks(library: Path, profile: HardwareProfile) -> dict[str, Any]:
     return checks
 
 
+def _accuracy_spec(req: CompileRequest, profile: HardwareProfile) -> AccuracySpec:
+    """The accuracy gate of ``req.precision`` for ``profile``; UsageError where the profile
+    cannot build that precision."""
+    fused = choose_block_fusion(
+        req.fuse_blocks, gpu=profile.has_gpu, isa=profile.isa, features=profile.cpu_features
+    )
+    refusal = precision_refusal(
+        req.precision, isa=profile.isa, features=profile.cpu_features, fused=fused
+    )
+    if refusal is not None:
+        raise UsageError(f"{refusal} (profile {profile.name})")
+    if req.precision == "fp32":
+        return profile.accuracy
+    if req.runtime == "onnxruntime":
+        raise UsageError(
+            f"--precision {req.precision} applies to TVM builds; --runtime onnxruntime ships "
+            "the fp32 ONNX model (use --runtime tvm or auto)"
+        )
+    if profile.accuracy_bf16 is None:
+        raise UsageError(
+            f"--precision bf16: profile {profile.name} sets no accuracy_bf16 tolerances to gate "
+            "a bf16 build with (add an accuracy_bf16 section like its accuracy one)"
+        )
+    return profile.accuracy_bf16
+
+
 def _gate(
     profile: HardwareProfile,
+    spec: AccuracySpec,
     names: list[str],
     actual: list[list[npt.NDArray[Any]]],
     reference: list[list[npt.NDArray[Any]]],
@@ -542,7 +575,7 @@ def _gate(
             results.append(compare_output(name, [a[j] for a in actual], [r[j] for r in reference]))
         except ValueError as err:
             raise AccuracyGateError(str(err)) from err
-    problems = [p for r in results for p in r.violations(profile.accuracy)]
+    problems = [p for r in results for p in r.violations(spec)]
     if problems:
         raise AccuracyGateError(
             f"accuracy gate failed for {profile.name}; no artifact written:\n  "

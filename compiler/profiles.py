@@ -110,6 +110,9 @@ class HardwareProfile(_Strict):
     runtimes: list[RuntimeName] = Field(min_length=1)
     accelerator: AcceleratorSpec | None = None
     accuracy: AccuracySpec = AccuracySpec()
+    # The gate for ``--precision bf16`` builds (bf16 products: ~3 significant digits per
+    # layer); None: the profile builds fp32 only.
+    accuracy_bf16: AccuracySpec | None = None
     tuning: TuningSpec = TuningSpec()
     resources: ResourcesSpec
 

@@ -47,7 +47,7 @@ from typing import Any
 
 from compiler import _fast_inspect
 from compiler.errors import BuildFailedError, CompilerError, UsageError
-from compiler.fusion_plan import choose_block_fusion
+from compiler.fusion_plan import choose_block_fusion, precision_refusal
 from compiler.manifest import canonical_json
 from compiler.profiles import HardwareProfile
 from compiler.runtime_choice import set_tvm_threads
@@ -137,7 +137,7 @@ def _prepare(
 
 
 def _prepare_fused(
-    mod: Any, target: Any, *, weight_prepack: bool, fuse_blocks: bool
+    mod: Any, target: Any, *, weight_prepack: bool, fuse_blocks: bool, precision: str = "fp32"
 ) -> tuple[Any, list[str]]:
     """``_prepare``, also returning the blocks fused (``compiler.tvm_fusion``)."""
     import tvm
@@ -161,7 +161,12 @@ def _prepare_fused(
 
             # The ReLU6 bounds the blocks are recognized by must be constants first.
             mod, fused = fuse_inverted_residuals(relax.transform.FoldConstant()(mod))
-            for rewrite in (fuse_pointwise, fuse_strided_convs, fuse_max_pools):
+            rewrites = (
+                functools.partial(fuse_pointwise, precision=precision),
+                fuse_strided_convs,
+                fuse_max_pools,
+            )
+            for rewrite in rewrites:
                 mod, more = rewrite(mod)
                 fused += more
         mod = tvm.transform.Sequential(
@@ -593,6 +598,7 @@ def build_library(
     weight_prepack: bool | None = None,
     retune: bool = False,
     fuse_blocks: bool | None = None,
+    precision: str = "fp32",
 ) -> TuningStats:
     """Compile ``relax_mod`` for ``profile`` into the shared library ``out_path``.
 
@@ -617,8 +623,13 @@ def build_library(
     tasks without a record only. Tasks whose few distinct schedules are all measured are left
     out. Without it a model whose tasks are all recorded tunes nothing.
 
+    ``precision`` "bf16" computes the 1x1 convolutions that ``fusion_plan.plan_pointwise_bf16``
+    takes with bf16 products (``compiler.tvm_bf16``); the profile must list avx512_bf16 and
+    the hand-scheduled kernels be on (``fusion_plan.precision_refusal``).
+
     Raises:
-        UsageError: tuning asked for a CUDA target and TVM sees no CUDA device here.
+        UsageError: tuning asked for a CUDA target and TVM sees no CUDA device here, or the
+            profile cannot build ``precision``.
         BuildFailedError: TVM compilation, tuning or (cross-)linking failed.
     """
     import tvm
@@ -641,10 +652,17 @@ def build_library(
         fuse = choose_block_fusion(
             fuse_blocks, gpu=gpu, isa=profile.isa, features=profile.cpu_features
         )
+        refusal = precision_refusal(
+            precision, isa=profile.isa, features=profile.cpu_features, fused=fuse
+        )
+        if refusal is not None:
+            raise UsageError(f"{refusal} (profile {profile.name})")
 
         @functools.cache
         def prepared_fused(prepacked: bool) -> tuple[Any, list[str]]:
-            return _prepare_fused(relax_mod, target, weight_prepack=prepacked, fuse_blocks=fuse)
+            return _prepare_fused(
+                relax_mod, target, weight_prepack=prepacked, fuse_blocks=fuse, precision=precision
+            )
 
         def prepared(prepacked: bool) -> Any:  # the records check may prepare it first
             return prepared_fused(prepacked)[0]

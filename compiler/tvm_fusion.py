@@ -30,9 +30,11 @@ from compiler.fusion_plan import (
     WinogradConfig,
     block_mask,
     blocked_weights,
+    paired_bf16_weights,
     plan_block,
     plan_max_pool,
     plan_pointwise,
+    plan_pointwise_bf16,
     plan_stem_block,
     plan_strided_conv,
     plan_winograd,
@@ -614,7 +616,10 @@ def _replace(mod: Any, plans: dict[Any, _Replacement]) -> Any:
                 return
             kernel = self.builder_.add_func(planned.kernel, planned.name)
             args = [
-                relax.const(np.ascontiguousarray(a, dtype="float32"))
+                # float32, or the bf16 kernel's uint16 weight bits as they are
+                relax.const(
+                    np.ascontiguousarray(a, dtype=a.dtype if a.dtype == np.uint16 else "float32")
+                )
                 if isinstance(a, np.ndarray)
                 else self.visit_expr(a)
                 for a in planned.args
@@ -1079,18 +1084,30 @@ def _find_pointwise(func: Any) -> list[_PointwiseMatch]:
     return [m for m in matches if not any(m.end.same_as(v) for v in inner_vars)]
 
 
-def fuse_pointwise(mod: Any) -> tuple[Any, list[str]]:
+def fuse_pointwise(mod: Any, *, precision: str = "fp32") -> tuple[Any, list[str]]:
     """Replace ``main``'s 1x1 convolutions on small maps and 3x3 convolutions of stride 1
     with ``winograd_func`` kernels (``fusion_plan.plan_winograd``) or else ``pointwise_func``
     kernels (``fusion_plan.plan_pointwise``); returns (module, descriptions). Run after
-    ``fuse_inverted_residuals``, on what it left."""
+    ``fuse_inverted_residuals``, on what it left. ``precision`` "bf16": 1x1 stride-1
+    convolutions that ``fusion_plan.plan_pointwise_bf16`` takes get the bf16 kernel
+    (``tvm_bf16.pointwise_bf16_func``) instead; the caller checks the target has it."""
+    from compiler.tvm_bf16 import pointwise_bf16_func
+
     plans = {}
     fused = []
     for match in _find_pointwise(mod["main"]):
         shape = match.shape
+        weight: np.ndarray
         winograd = plan_winograd(shape)
         config = plan_pointwise(shape)
-        if winograd is not None:
+        bf16 = plan_pointwise_bf16(shape) if precision == "bf16" else None
+        if bf16 is not None:
+            func = pointwise_bf16_func(shape, bf16)
+            weight = paired_bf16_weights(
+                match.weight.reshape(shape.out_channels, shape.in_channels), bf16.vectors
+            )
+            fused.append(f"{shape.describe()} (bf16)")
+        elif winograd is not None:
             func = winograd_func(shape, winograd)
             weight = blocked_weights(
                 winograd_weights(match.weight, winograd.tile), winograd.vectors

@@ -1,0 +1,168 @@
+"""bf16 1x1 convolution kernel for AVX-512 BF16 CPUs (``--precision bf16``).
+
+The kernel is ``tvm_fusion.pointwise_func``'s GEMM (positions x vectors of 16 output
+channels of fp32 accumulators, a position broadcast against a vector of weights) with
+vdpbf16ps in place of the fp32 FMA: each instruction adds, per output channel, the products
+of two input channels, so the reduction runs over channel pairs. Activations are rounded to
+bf16 pairs once per call (one uint32 per position and channel pair, ``Xp``), weights at
+build time (``fusion_plan.paired_bf16_weights``).
+
+Why TVMScript and an imported LLVM function rather than TVM's bfloat16 dtype: TVM's TIR
+pipeline legalizes bfloat16 arithmetic to float32 on CPU targets (``BF16ComputeLegalize``)
+and its LLVM code generator stores bfloat16 as i16, while LLVM's vdpbf16ps intrinsic takes
+``<32 x bfloat>``. So the operands stay uint16/uint32 in TIR and a four-line LLVM function,
+linked in through TVM's ``pragma_import_llvm`` and inlined, bitcasts them
+(docs/toolchain.md). LLVM folds the activation broadcast into the instruction's memory
+operand.
+"""
+
+# TVMScript's buffer annotations are TVM IR, not Python types; its decorator is untyped.
+# mypy: disable-error-code="valid-type,untyped-decorator,misc"
+
+from __future__ import annotations
+
+from typing import Any
+
+from compiler.fusion_plan import LANES, PointwiseConfig, PointwiseShape
+
+# Linked into every module that calls it (linkonce_odr: one copy however many kernels do).
+_DPBF16 = r"""
+define linkonce_odr <16 x float> @edgeloop_dpbf16ps(<16 x float> %acc, <32 x i16> %a,
+                                                    <32 x i16> %b) alwaysinline {
+  %1 = bitcast <32 x i16> %a to <32 x bfloat>
+  %2 = bitcast <32 x i16> %b to <32 x bfloat>
+  %3 = tail call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %acc,
+                                                                <32 x bfloat> %1,
+                                                                <32 x bfloat> %2)
+  ret <16 x float> %3
+}
+declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>, <32 x bfloat>)
+"""
+
+
+def _round_bf16(bits: Any) -> Any:
+    """The bf16 nearest to the float32 whose bits are ``bits`` (uint32), ties to even, in the
+    low 16 bits (``fusion_plan.bf16_bits`` computes the same)."""
+    from tvm.script import tirx as T
+
+    return (bits + T.uint32(0x7FFF) + ((bits >> T.uint32(16)) & T.uint32(1))) >> T.uint32(16)
+
+
+def _activate(kind: str | None, value: Any) -> Any:
+    from tvm.script import tirx as T
+
+    if kind == "relu6":
+        return T.max(T.min(value, T.float32(6.0)), T.float32(0.0))
+    if kind == "relu":
+        return T.max(value, T.float32(0.0))
+    return value
+
+
+def pointwise_bf16_func(shape: PointwiseShape, config: PointwiseConfig) -> Any:
+    """A 1x1 stride-1 convolution with bf16 products and fp32 sums, scheduled; the PrimFunc.
+
+    Arguments as ``pointwise_func``'s, but the weight is ``paired_bf16_weights``' (Co / B,
+    ceil(C / 2), 2 B) uint16 for blocks of B = ``config.vectors`` x 16 output channels.
+    Bias, residual and activation are added in fp32 as there: the activation into the
+    GEMM's write-back without a residual, after the residual add with one.
+    """
+    from tvm.script import tirx as T
+
+    c, co, h, w = shape.in_channels, shape.out_channels, shape.height, shape.width
+    if shape.kernel != 1 or shape.stride != 1:
+        raise ValueError(
+            f"the bf16 kernel computes 1x1 stride-1 convolutions, not {shape.describe()}"
+        )
+    positions, vectors = config.positions, config.vectors
+    n_pos = h * w
+    pairs, whole = -(-c // 2), c // 2
+    chans = vectors * LANES
+    blocks, pos_blocks = co // chans, n_pos // positions
+    early = None if shape.residual else shape.activation
+    late = shape.activation if shape.residual else None
+
+    @T.macro
+    def body(X: Any, Wt: Any, bias: Any, R: Any, Out: Any) -> None:  # noqa: N803 (TIR names)
+        # X as (C, H * W): the pack vectorized over positions indexed X[0, k, p // w, p % w]
+        # computed wrong values (TVM 0.27's vectorizer around the reinterpret).
+        Xf = T.decl_buffer((c, n_pos), "float32", data=X.data)
+        Xp = T.alloc_buffer((pairs, n_pos), "uint32")
+        A = T.alloc_buffer((n_pos, co), "float32")
+        for k in T.parallel(whole):
+            for p in T.vectorized(n_pos):
+                Xp[k, p] = _round_bf16(T.reinterpret("uint32", Xf[2 * k, p])) | (
+                    _round_bf16(T.reinterpret("uint32", Xf[2 * k + 1, p])) << T.uint32(16)
+                )
+        for k in range(whole, pairs):  # an odd channel count: the last pair's high half is 0
+            for p in T.vectorized(n_pos):
+                Xp[k, p] = _round_bf16(T.reinterpret("uint32", Xf[2 * k, p]))
+        for job in T.parallel(blocks * pos_blocks):
+            acc = T.alloc_buffer((positions, chans), "float32", scope="local")
+            for i in T.unroll(positions):
+                for v in T.unroll(vectors):
+                    acc[i, T.ramp(v * LANES, 1, LANES)] = T.broadcast(T.float32(0.0), LANES)
+            with T.attr(0, "pragma_import_llvm", _DPBF16):
+                for k in range(pairs):
+                    for i in T.unroll(positions):
+                        for v in T.unroll(vectors):
+                            acc[i, T.ramp(v * LANES, 1, LANES)] = T.call_pure_extern(
+                                "float32x16",
+                                "edgeloop_dpbf16ps",
+                                acc[i, T.ramp(v * LANES, 1, LANES)],
+                                Wt[job // pos_blocks, k, T.ramp(v * 2 * LANES, 1, 2 * LANES)],
+                                T.reinterpret(
+                                    "uint16x32",
+                                    T.broadcast(Xp[k, job % pos_blocks * positions + i], LANES),
+                                ),
+                            )
+            for i in T.unroll(positions):
+                for v in T.unroll(vectors):
+                    for lane in T.vectorized(LANES):
+                        A[
+                            job % pos_blocks * positions + i,
+                            job // pos_blocks * chans + v * LANES + lane,
+                        ] = _activate(
+                            early,
+                            acc[i, v * LANES + lane]
+                            + bias[job // pos_blocks * chans + v * LANES + lane],
+                        )
+        # NCHW write-back, 16 channels of a position (one cache line of A) at a time.
+        for o in T.parallel(co // LANES):
+            for p in range(n_pos):
+                for lane in T.unroll(LANES):
+                    if shape.residual:
+                        Out[0, o * LANES + lane, p // w, p % w] = _activate(
+                            late,
+                            A[p, o * LANES + lane] + R[0, o * LANES + lane, p // w, p % w],
+                        )
+                    else:
+                        Out[0, o * LANES + lane, p // w, p % w] = A[p, o * LANES + lane]
+
+    if shape.residual:
+
+        @T.prim_func(private=True)
+        def with_residual(
+            X: T.Buffer((1, c, h, w), "float32"),
+            Wt: T.Buffer((blocks, pairs, 2 * chans), "uint16"),
+            bias: T.Buffer((co,), "float32"),
+            R: T.Buffer((1, co, h, w), "float32"),
+            Out: T.Buffer((1, co, h, w), "float32"),
+        ) -> None:
+            T.func_attr({"tirx.noalias": True})
+            body(X, Wt, bias, R, Out)
+
+        func = with_residual
+    else:
+
+        @T.prim_func(private=True)
+        def plain(
+            X: T.Buffer((1, c, h, w), "float32"),
+            Wt: T.Buffer((blocks, pairs, 2 * chans), "uint16"),
+            bias: T.Buffer((co,), "float32"),
+            Out: T.Buffer((1, co, h, w), "float32"),
+        ) -> None:
+            T.func_attr({"tirx.noalias": True})
+            body(X, Wt, bias, None, Out)
+
+        func = plain
+    return func.with_attrs({"tirx.is_scheduled": True, "op_pattern": 8})

@@ -1,0 +1,261 @@
+"""The bf16 1x1 kernel: its pure planning and packing, and (on CPUs with AVX-512 BF16) what
+it computes against numpy on the same bf16-rounded operands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from compiler.execution import read_cpu_features
+from compiler.fusion_plan import (
+    PointwiseConfig,
+    PointwiseShape,
+    bf16_bits,
+    paired_bf16_weights,
+    plan_pointwise_bf16,
+    precision_refusal,
+)
+from compiler.pipeline import CompileRequest, compile_model
+from compiler.settings import CompilerSettings
+from edgeloop.cli import cli
+
+ZEN4 = ["avx512f", "avx512bw", "avx512_bf16"]
+
+
+def _host_has_bf16() -> bool:
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        return False
+    return "avx512_bf16" in read_cpu_features(text)
+
+
+needs_bf16 = pytest.mark.skipif(
+    not _host_has_bf16(), reason="this CPU has no AVX-512 BF16 (vdpbf16ps) to run the kernel on"
+)
+
+
+def _from_bits(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("value", "bits"),
+    [
+        (1.0, 0x3F80),
+        (-2.0, 0xC000),
+        (0.0, 0x0000),
+        (1.0 + 2.0**-8, 0x3F80),  # a tie: to the even neighbour, 1.0
+        (1.0 + 3 * 2.0**-8, 0x3F82),  # a tie: up to the even one
+        (1.0 + 2.0**-8 + 2.0**-20, 0x3F81),  # above the tie: up
+        (3.0e38, 0x7F62),
+    ],
+)
+def test_bf16_bits_round_to_nearest_even(value: float, bits: int) -> None:
+    assert int(bf16_bits(np.array([value], np.float32))[0]) == bits
+
+
+def test_paired_weights_put_each_channels_pair_side_by_side() -> None:
+    weight = np.arange(32 * 3, dtype=np.float32).reshape(32, 3)  # Co 32, C 3 (odd)
+    packed = paired_bf16_weights(weight, 1)  # blocks of 16 output channels
+    assert packed.shape == (2, 2, 32) and packed.dtype == np.uint16
+    values = _from_bits(packed)
+    # block 1, pair 0: output channels 16..31, input channels 0 and 1 side by side
+    assert values[1, 0, 0:4].tolist() == [48.0, 49.0, 51.0, 52.0]
+    # pair 1 holds input channel 2 and the zero channel an odd C gets
+    assert values[0, 1, 0:4].tolist() == [2.0, 0.0, 5.0, 0.0]
+    with pytest.raises(ValueError, match="48 output channels are not whole blocks of 32"):
+        paired_bf16_weights(np.zeros((48, 4), np.float32), 2)
+
+
+@pytest.mark.parametrize(
+    ("shape", "config"),
+    [
+        (PointwiseShape(64, 384, 14, 14, "relu6"), PointwiseConfig(7, 2)),  # fp32 leaves it
+        (PointwiseShape(960, 160, 7, 7, residual=True), PointwiseConfig(7, 2)),
+        (PointwiseShape(32, 48, 7, 7), PointwiseConfig(7, 1)),  # 3 vectors: one per block
+        (PointwiseShape(32, 40, 7, 7), None),  # not whole vectors
+        (PointwiseShape(32, 64, 28, 28), None),  # a large map: MetaSchedule vectorizes it well
+        (PointwiseShape(32, 64, 7, 7, kernel=3), None),  # 3x3 stays fp32
+        (PointwiseShape(32, 64, 14, 14, stride=2), None),
+        (PointwiseShape(32, 64, 11, 11), None),  # no position block divides 121
+    ],
+)
+def test_plan_pointwise_bf16(shape: PointwiseShape, config: PointwiseConfig | None) -> None:
+    assert plan_pointwise_bf16(shape) == config
+
+
+@pytest.mark.parametrize(
+    ("precision", "isa", "features", "fused", "message"),
+    [
+        ("fp32", "aarch64", [], False, None),
+        ("bf16", "x86_64", ZEN4, True, None),
+        ("fp16", "x86_64", ZEN4, True, "--precision 'fp16': expected one of fp32, bf16"),
+        ("bf16", "x86_64", ["avx512f"], True, "x86-64 profile whose cpu_features list avx512_bf16"),
+        ("bf16", "aarch64", ["asimd", "bf16"], True, "this one is aarch64 with asimd, bf16"),
+        ("bf16", "x86_64", ZEN4, False, "cannot be combined with --no-fuse-blocks"),
+    ],
+)
+def test_precision_refusal(
+    precision: str, isa: str, features: list[str], fused: bool, message: str | None
+) -> None:
+    refusal = precision_refusal(precision, isa=isa, features=features, fused=fused)
+    if message is None:
+        assert refusal is None
+    else:
+        assert refusal is not None and message in refusal
+
+
+@needs_bf16
+@pytest.mark.parametrize(
+    "shape",
+    [
+        PointwiseShape(5, 32, 7, 7, "relu6"),  # an odd reduction, 2 vectors per block
+        PointwiseShape(64, 48, 14, 14, "relu", residual=True),  # 1 vector, activation late
+        PointwiseShape(96, 64, 7, 7),
+    ],
+    ids=lambda s: s.describe(),
+)
+def test_kernel_computes_the_bf16_rounded_convolution(shape: PointwiseShape) -> None:
+    import tvm
+
+    from compiler.tvm_bf16 import pointwise_bf16_func
+
+    config = plan_pointwise_bf16(shape)
+    assert config is not None
+    c, co, h, w = shape.in_channels, shape.out_channels, shape.height, shape.width
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, c, h, w)).astype(np.float32)
+    weight = (rng.standard_normal((co, c)) / np.sqrt(c)).astype(np.float32)
+    bias = rng.standard_normal(co).astype(np.float32)
+    residual = rng.standard_normal((1, co, h, w)).astype(np.float32)
+    func = pointwise_bf16_func(shape, config).with_attr("global_symbol", "main")
+    lib = tvm.compile(tvm.IRModule({"main": func}), {"kind": "llvm", "mcpu": "znver4"})
+    args = [x, paired_bf16_weights(weight, config.vectors), bias]
+    args += [residual] if shape.residual else []
+    out = tvm.runtime.tensor(np.zeros((1, co, h, w), np.float32))
+    lib["main"](*[tvm.runtime.tensor(a) for a in args], out)
+
+    xb = _from_bits(bf16_bits(x)).astype(np.float64)
+    wb = _from_bits(bf16_bits(weight)).astype(np.float64)
+    expected = np.einsum("oc,chw->ohw", wb, xb[0])[None] + bias[None, :, None, None]
+    if shape.residual:
+        expected += residual
+    if shape.activation == "relu6":
+        expected = np.clip(expected, 0, 6)
+    elif shape.activation == "relu":
+        expected = np.maximum(expected, 0)
+    # The products are exact in fp32; only the order of the fp32 sums differs.
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5)
+    if shape.activation is None and not shape.residual:  # and bf16, not fp32, products
+        exact = np.einsum("oc,chw->ohw", weight.astype(np.float64), x[0].astype(np.float64))
+        assert np.abs(exact + bias[:, None, None] - out.numpy()[0]).max() > 1e-3
+
+
+class _SmallMaps(nn.Module):
+    """1x1 convolutions at 14x14 (a reduction of 32, which fp32 builds leave to MetaSchedule)
+    and at 7x7: + ReLU6, + residual, plain; BatchNorm statistics that are not the identity,
+    so that activations (and bf16's rounding of them) matter to the logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand = nn.Sequential(nn.Conv2d(32, 64, 1), nn.BatchNorm2d(64), nn.ReLU6())
+        self.project = nn.Sequential(nn.Conv2d(64, 32, 1), nn.BatchNorm2d(32))
+        self.pool = nn.MaxPool2d(2)
+        self.widen = nn.Conv2d(32, 48, 1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(48, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pool(x + self.project(self.expand(x)))
+        out: torch.Tensor = self.head(self.widen(y))
+        return out
+
+
+@pytest.fixture(scope="module")
+def small_maps_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    net = _SmallMaps().eval()
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    path = tmp_path_factory.mktemp("bf16") / "small_maps.onnx"
+    with torch.no_grad():
+        torch.onnx.export(
+            net, (torch.randn(1, 32, 14, 14),), str(path), dynamo=False, opset_version=17
+        )
+    return path
+
+
+@pytest.mark.slow
+@needs_bf16
+def test_a_bf16_build_computes_its_1x1_convolutions_in_bf16(
+    small_maps_onnx: Path, signing_key: Path, tmp_path: Path
+) -> None:
+    request = CompileRequest(
+        model=small_maps_onnx,
+        profile="amd/epyc-zen4",
+        output=tmp_path / "out",
+        trials=0,
+        runtime="tvm",
+        precision="bf16",
+        signing_key=signing_key,
+    )
+    report = compile_model(request, settings=CompilerSettings()).report
+    assert report["precision"] == "bf16"
+    assert [b for b in report["tuning"]["fused_blocks"] if "bf16" in b] == [
+        "1x1 32->64 at 14x14 + ReLU6 (bf16)",
+        "1x1 64->32 at 14x14 + residual (bf16)",
+        "1x1 32->48 at 7x7 (bf16)",
+    ]
+    (output,) = report["accuracy"].values()
+    # within the profile's bf16 gate (over it: exit 4, no artifact), and not fp32's result
+    assert output["cosine"] > 0.9999 and output["top1_agreement"] == 1.0
+    assert 1e-5 < output["max_rel_error"] < 0.03
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--profile", "generic/x86_64"], "cpu_features list avx512_bf16"),
+        (["--profile", "raspberry-pi/4b-aarch64"], "this one is aarch64"),
+        (["--profile", "intel/x86_64-avx512"], "(profile intel/x86_64-avx512)"),
+        (
+            ["--profile", "amd/epyc-zen4", "--no-fuse-blocks"],
+            "cannot be combined with --no-fuse-blocks",
+        ),
+        (
+            ["--profile", "amd/epyc-zen4", "--runtime", "onnxruntime"],
+            "--runtime onnxruntime ships the fp32 ONNX model",
+        ),
+    ],
+)
+def test_bf16_where_it_cannot_be_built_is_refused(
+    options: list[str], message: str, small_maps_onnx: Path, signing_key: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        cli,
+        ["compile", str(small_maps_onnx), "--precision", "bf16", "--trials", "0", *options]
+        + ["--signing-key", str(signing_key), "-o", str(out)],
+    )
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert not out.exists()
+
+
+def test_an_unknown_precision_is_refused_naming_the_choices(
+    small_maps_onnx: Path, signing_key: Path, tmp_path: Path
+) -> None:
+    result = CliRunner().invoke(
+        cli,
+        ["compile", str(small_maps_onnx), "--profile", "amd/epyc-zen4", "--precision", "fp16"]
+        + ["--signing-key", str(signing_key), "-o", str(tmp_path / "out")],
+    )
+    assert result.exit_code == 2
+    assert "'fp16' is not one of 'fp32', 'bf16'" in result.stderr
