@@ -83,64 +83,90 @@ def pointwise_bf16_func(shape: PointwiseShape, config: PointwiseConfig) -> Any:
 
     @T.macro
     def body(X: Any, Wt: Any, bias: Any, R: Any, Out: Any) -> None:  # noqa: N803 (TIR names)
-        # X as (C, H * W): the pack vectorized over positions indexed X[0, k, p // w, p % w]
-        # computed wrong values (TVM 0.27's vectorizer around the reinterpret).
-        Xf = T.decl_buffer((c, n_pos), "float32", data=X.data)
-        Xp = T.alloc_buffer((pairs, n_pos), "uint32")
-        A = T.alloc_buffer((n_pos, co), "float32")
+        Xp = T.sblock_alloc_buffer((pairs, n_pos), "uint32")
+        A = T.sblock_alloc_buffer((n_pos, co), "float32")
+        # Every store in an opaque block of its own: weight prepacking's passes build a
+        # schedule of each kernel, which wants a block under every loop.
+        # Rows vectorized along their columns: a loop over flat positions reading
+        # X[0, k, p // w, p % w] vectorized to wrong values (TVM 0.27), and a flat
+        # (C, H * W) view (T.decl_buffer) breaks weight prepacking's passes.
         for k in T.parallel(whole):
-            for p in T.vectorized(n_pos):
-                Xp[k, p] = _round_bf16(T.reinterpret("uint32", Xf[2 * k, p])) | (
-                    _round_bf16(T.reinterpret("uint32", Xf[2 * k + 1, p])) << T.uint32(16)
-                )
-        for k in range(whole, pairs):  # an odd channel count: the last pair's high half is 0
-            for p in T.vectorized(n_pos):
-                Xp[k, p] = _round_bf16(T.reinterpret("uint32", Xf[2 * k, p]))
-        for job in T.parallel(blocks * pos_blocks):
-            acc = T.alloc_buffer((positions, chans), "float32", scope="local")
-            for i in T.unroll(positions):
-                for v in T.unroll(vectors):
-                    acc[i, T.ramp(v * LANES, 1, LANES)] = T.broadcast(T.float32(0.0), LANES)
-            with T.attr(0, "pragma_import_llvm", _DPBF16):
-                for k in range(pairs):
-                    for i in T.unroll(positions):
-                        for v in T.unroll(vectors):
-                            acc[i, T.ramp(v * LANES, 1, LANES)] = T.call_pure_extern(
-                                "float32x16",
-                                "edgeloop_dpbf16ps",
-                                acc[i, T.ramp(v * LANES, 1, LANES)],
-                                Wt[job // pos_blocks, k, T.ramp(v * 2 * LANES, 1, 2 * LANES)],
-                                T.reinterpret(
-                                    "uint16x32",
-                                    T.broadcast(Xp[k, job % pos_blocks * positions + i], LANES),
-                                ),
-                            )
-            for i in T.unroll(positions):
-                for v in T.unroll(vectors):
-                    for lane in T.vectorized(LANES):
-                        A[
-                            job % pos_blocks * positions + i,
-                            job // pos_blocks * chans + v * LANES + lane,
-                        ] = _activate(
-                            early,
-                            acc[i, v * LANES + lane]
-                            + bias[job // pos_blocks * chans + v * LANES + lane],
+            for i in range(h):
+                for j in T.vectorized(w):
+                    with T.sblock("pack"):
+                        Xp[k, i * w + j] = _round_bf16(
+                            T.reinterpret("uint32", X[0, 2 * k, i, j])
+                        ) | (
+                            _round_bf16(T.reinterpret("uint32", X[0, 2 * k + 1, i, j]))
+                            << T.uint32(16)
                         )
+        if whole < pairs:  # an odd channel count: the last pair's high half is 0
+            for i in range(h):
+                for j in T.vectorized(w):
+                    with T.sblock("pack_odd"):
+                        Xp[whole, i * w + j] = _round_bf16(
+                            T.reinterpret("uint32", X[0, 2 * whole, i, j])
+                        )
+        for job in T.parallel(blocks * pos_blocks):
+            with T.sblock("gemm"):  # acc is this block's: one per parallel job
+                T.reads(Wt[0:blocks, 0:pairs, 0 : 2 * chans], Xp[0:pairs, 0:n_pos], bias[0:co])
+                T.writes(A[0:n_pos, 0:co])
+                acc = T.sblock_alloc_buffer((positions, chans), "float32", scope="local")
+                for i in T.unroll(positions):
+                    for v in T.unroll(vectors):
+                        with T.sblock("init"):
+                            acc[i, T.ramp(v * LANES, 1, LANES)] = T.broadcast(T.float32(0.0), LANES)
+                with T.attr(0, "pragma_import_llvm", _DPBF16):
+                    for k in range(pairs):
+                        for i in T.unroll(positions):
+                            for v in T.unroll(vectors):
+                                with T.sblock("dot"):
+                                    acc[i, T.ramp(v * LANES, 1, LANES)] = T.call_pure_extern(
+                                        "float32x16",
+                                        "edgeloop_dpbf16ps",
+                                        acc[i, T.ramp(v * LANES, 1, LANES)],
+                                        Wt[
+                                            job // pos_blocks,
+                                            k,
+                                            T.ramp(v * 2 * LANES, 1, 2 * LANES),
+                                        ],
+                                        T.reinterpret(
+                                            "uint16x32",
+                                            T.broadcast(
+                                                Xp[k, job % pos_blocks * positions + i], LANES
+                                            ),
+                                        ),
+                                    )
+                for i in T.unroll(positions):
+                    for v in T.unroll(vectors):
+                        for lane in T.vectorized(LANES):
+                            with T.sblock("bias"):
+                                A[
+                                    job % pos_blocks * positions + i,
+                                    job // pos_blocks * chans + v * LANES + lane,
+                                ] = _activate(
+                                    early,
+                                    acc[i, v * LANES + lane]
+                                    + bias[job // pos_blocks * chans + v * LANES + lane],
+                                )
         # NCHW write-back, 16 channels of a position (one cache line of A) at a time.
         for o in T.parallel(co // LANES):
             for p in range(n_pos):
                 for lane in T.unroll(LANES):
-                    if shape.residual:
-                        Out[0, o * LANES + lane, p // w, p % w] = _activate(
-                            late,
-                            A[p, o * LANES + lane] + R[0, o * LANES + lane, p // w, p % w],
-                        )
-                    else:
-                        Out[0, o * LANES + lane, p // w, p % w] = A[p, o * LANES + lane]
+                    with T.sblock("out"):
+                        if shape.residual:
+                            Out[0, o * LANES + lane, p // w, p % w] = _activate(
+                                late,
+                                A[p, o * LANES + lane] + R[0, o * LANES + lane, p // w, p % w],
+                            )
+                        else:
+                            Out[0, o * LANES + lane, p // w, p % w] = A[p, o * LANES + lane]
 
+    # s_tir: the body goes in a root block, as in te's functions; weight prepacking's layout
+    # rewrite (tvm_builder._fold_prepacked) requires one.
     if shape.residual:
 
-        @T.prim_func(private=True)
+        @T.prim_func(private=True, s_tir=True)
         def with_residual(
             X: T.Buffer((1, c, h, w), "float32"),
             Wt: T.Buffer((blocks, pairs, 2 * chans), "uint16"),
@@ -149,12 +175,13 @@ def pointwise_bf16_func(shape: PointwiseShape, config: PointwiseConfig) -> Any:
             Out: T.Buffer((1, co, h, w), "float32"),
         ) -> None:
             T.func_attr({"tirx.noalias": True})
-            body(X, Wt, bias, R, Out)
+            with T.sblock("root"):
+                body(X, Wt, bias, R, Out)
 
         func = with_residual
     else:
 
-        @T.prim_func(private=True)
+        @T.prim_func(private=True, s_tir=True)
         def plain(
             X: T.Buffer((1, c, h, w), "float32"),
             Wt: T.Buffer((blocks, pairs, 2 * chans), "uint16"),
@@ -162,7 +189,8 @@ def pointwise_bf16_func(shape: PointwiseShape, config: PointwiseConfig) -> Any:
             Out: T.Buffer((1, co, h, w), "float32"),
         ) -> None:
             T.func_attr({"tirx.noalias": True})
-            body(X, Wt, bias, None, Out)
+            with T.sblock("root"):
+                body(X, Wt, bias, None, Out)
 
         func = plain
     return func.with_attrs({"tirx.is_scheduled": True, "op_pattern": 8})

@@ -259,3 +259,18 @@ def test_an_unknown_precision_is_refused_naming_the_choices(
     )
     assert result.exit_code == 2
     assert "'fp16' is not one of 'fp32', 'bf16'" in result.stderr
+
+
+def test_the_kernel_survives_weight_prepackings_layout_pass() -> None:
+    """Tuned builds with --weight-prepack run SplitLayoutRewritePreproc over every kernel; it
+    needs blocks under every loop and block-owned buffers (the kernel is TVMScript)."""
+    import tvm
+    from tvm import relax
+
+    from compiler.tvm_bf16 import pointwise_bf16_func
+
+    for shape in (PointwiseShape(9, 32, 7, 7, "relu6"), PointwiseShape(8, 32, 7, 7, residual=True)):
+        config = plan_pointwise_bf16(shape)
+        assert config is not None
+        func = pointwise_bf16_func(shape, config).with_attr("layout_free_buffers", [1, 2])
+        relax.transform.SplitLayoutRewritePreproc()(tvm.IRModule({tvm.ir.GlobalVar("k"): func}))
