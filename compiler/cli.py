@@ -379,6 +379,18 @@ def print_report(
     table.add_row("model", f"{manifest['model']['name']} v{manifest['model']['version']}")
     table.add_row("profile", f"{manifest['profile']} ({manifest['isa']})")
     table.add_row("runtime", f"{manifest['runtime']}: {manifest['runtime_reason']}")
+    precision = report.get("precision", "fp32")
+    if precision != "fp32":
+        kernels = [
+            b for b in (report.get("tuning") or {}).get("fused_blocks", []) if f"({precision})" in b
+        ]
+        table.add_row(
+            "precision",
+            f"{precision} products in {len(kernels)} 1x1 convolution(s) of the TVM library, "
+            "fp32 elsewhere"
+            if manifest["runtime"] == "tvm"
+            else f"fp32: {manifest['runtime']} shipped, the {precision} TVM build was not",
+        )
     ver = report.get("verification", {})
     table.add_row(
         "verified",

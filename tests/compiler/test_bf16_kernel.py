@@ -217,6 +217,9 @@ def test_a_bf16_build_computes_its_1x1_convolutions_in_bf16(
     # within the profile's bf16 gate (over it: exit 4, no artifact), and not fp32's result
     assert output["cosine"] > 0.9999 and output["top1_agreement"] == 1.0
     assert 1e-5 < output["max_rel_error"] < 0.03
+    shown = CliRunner().invoke(cli, ["artifact", "inspect", str(tmp_path / "out")])
+    assert shown.exit_code == 0, shown.output
+    assert "bf16 products in 3 1x1 convolution(s) of the TVM library" in shown.stdout
 
 
 @pytest.mark.parametrize(
