@@ -382,12 +382,12 @@ def print_report(
     precision = report.get("precision", "fp32")
     if precision != "fp32":
         kernels = [
-            b for b in (report.get("tuning") or {}).get("fused_blocks", []) if f"({precision})" in b
+            b for b in (report.get("tuning") or {}).get("fused_blocks", []) if precision in b
         ]
         table.add_row(
             "precision",
-            f"{precision} products in {len(kernels)} 1x1 convolution(s) of the TVM library, "
-            "fp32 elsewhere"
+            f"{precision} products in {len(kernels)} kernel(s) of the TVM library (1x1 "
+            "convolutions, block projections), fp32 elsewhere"
             if manifest["runtime"] == "tvm"
             else f"fp32: {manifest['runtime']} shipped, the {precision} TVM build was not",
         )

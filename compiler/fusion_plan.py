@@ -446,6 +446,17 @@ def paired_bf16_weights(weight: npt.NDArray[np.float32], vectors: int) -> npt.ND
     return np.ascontiguousarray(bf16_bits(blocked).reshape(co // block, pairs, 2 * block))
 
 
+def bf16_pairs(weight: npt.NDArray[np.float32]) -> npt.NDArray[np.uint32]:
+    """A (Co, M) weight as (Co, M / 2) uint32 pairs of bf16 bits, the even input channel in
+    the low half: the fused blocks' bf16 projection broadcasts one pair per output channel."""
+    co, m = weight.shape
+    if m % 2:
+        raise ValueError(f"{m} input channels do not pair up")
+    low = bf16_bits(weight[:, 0::2]).astype(np.uint32)
+    high = bf16_bits(weight[:, 1::2]).astype(np.uint32)
+    return np.ascontiguousarray(low | (high << 16))
+
+
 # First layers: a k x k convolution of stride 2 over few input channels (MobileNet's 3x3
 # 3->32 at 224, ResNet's 7x7 3->64) reads every other column; MetaSchedule's tuned kernel
 # for MobileNetV2's ran at 30-35 GMAC/s. The planes of the stride-2 blocks make every tap

@@ -194,3 +194,83 @@ def pointwise_bf16_func(shape: PointwiseShape, config: PointwiseConfig) -> Any:
 
         func = plain
     return func.with_attrs({"tirx.is_scheduled": True, "op_pattern": 8})
+
+
+# The fused blocks' GEMMs (``tvm_fusion``, te-scheduled) reach vdpbf16ps through tensorize:
+# 16 positions of one output channel, one pair of input channels. Activations and weights
+# are uint32 pairs there (low half the even channel), so that the activation pairs of 16
+# positions are one contiguous 64-byte run and the packing stage vectorizes along positions.
+PAIR_INTRIN = "edgeloop_dpbf16_pairs16"
+
+
+def pair_low(pair: Any) -> Any:
+    """The float32 value of the bf16 in the low half of a uint32 pair (te/TIR expression)."""
+    from tvm import tirx
+
+    return tirx.reinterpret("float32", pair << tirx.const(16, "uint32"))
+
+
+def pair_high(pair: Any) -> Any:
+    """The float32 value of the bf16 in the high half of a uint32 pair."""
+    from tvm import tirx
+
+    return tirx.reinterpret("float32", pair & tirx.const(0xFFFF0000, "uint32"))
+
+
+def pack_pair(low: Any, high: Any) -> Any:
+    """Two float32 values rounded to bf16 (``_round_bf16``) as one uint32 pair."""
+    from tvm import tirx
+
+    def bits(value: Any) -> Any:
+        return _round_bf16(tirx.reinterpret("uint32", value))
+
+    return bits(low) | (bits(high) << tirx.const(16, "uint32"))
+
+
+def register_pair_intrin() -> str:
+    """Register ``PAIR_INTRIN`` with TVM once per process; returns its name. Description:
+    16 lanes of ``acc += low(w) * low(d) + high(w) * high(d)`` (the form of the blocks'
+    pair GEMMs, matched structurally by tensorize; its ``T.reads`` in the order the blocks
+    read: accumulator, weight, activations); implementation: one vdpbf16ps."""
+    import tvm.s_tir as s_tir
+    from tvm.script import tirx as T
+
+    if s_tir.TensorIntrin.get(PAIR_INTRIN, allow_missing=True) is not None:
+        return PAIR_INTRIN
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        a: T.Buffer((LANES,), "float32", offset_factor=1, scope="local"),
+        w: T.Buffer((1,), "uint32", offset_factor=1),
+        d: T.Buffer((LANES,), "uint32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(a[0:LANES], w[0:1], d[0:LANES])
+            T.writes(a[0:LANES])
+            for i in range(LANES):
+                with T.sblock("update"):
+                    vi = T.axis.remap("S", [i])
+                    a[vi] = a[vi] + (
+                        pair_low(w[0]) * pair_low(d[vi]) + pair_high(w[0]) * pair_high(d[vi])
+                    )
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        a: T.Buffer((LANES,), "float32", offset_factor=1, scope="local"),
+        w: T.Buffer((1,), "uint32", offset_factor=1),
+        d: T.Buffer((LANES,), "uint32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(a[0:LANES], w[0:1], d[0:LANES])
+            T.writes(a[0:LANES])
+            with T.attr(0, "pragma_import_llvm", _DPBF16):
+                a[T.ramp(0, 1, LANES)] = T.call_pure_extern(
+                    "float32x16",
+                    "edgeloop_dpbf16ps",
+                    a[T.ramp(0, 1, LANES)],
+                    T.reinterpret("uint16x32", d[T.ramp(0, 1, LANES)]),
+                    T.reinterpret("uint16x32", T.broadcast(w[0], LANES)),
+                )
+
+    s_tir.TensorIntrin.register(PAIR_INTRIN, desc, impl)
+    return PAIR_INTRIN

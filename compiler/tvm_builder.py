@@ -160,7 +160,9 @@ def _prepare_fused(
             )
 
             # The ReLU6 bounds the blocks are recognized by must be constants first.
-            mod, fused = fuse_inverted_residuals(relax.transform.FoldConstant()(mod))
+            mod, fused = fuse_inverted_residuals(
+                relax.transform.FoldConstant()(mod), precision=precision
+            )
             rewrites = (
                 functools.partial(fuse_pointwise, precision=precision),
                 fuse_strided_convs,

@@ -28,6 +28,7 @@ from compiler.fusion_plan import (
     StemBlockShape,
     StridedConvShape,
     WinogradConfig,
+    bf16_pairs,
     block_mask,
     blocked_weights,
     paired_bf16_weights,
@@ -76,7 +77,7 @@ def _inputs(shape: BlockShape, mask_shape: tuple[int, ...]) -> tuple[Any, list[A
     return x, weights
 
 
-def block_func(shape: BlockShape, rows: int) -> Any:
+def block_func(shape: BlockShape, rows: int, *, bf16: bool = False) -> Any:
     """The block in TE, strip by strip (``rows`` output rows each); see ``fusion_plan``.
 
     Arguments: X (1, C, H, W), We (M, C), be (M,), Wd (M, 3, 3), bd (M,), Wp (Co, M),
@@ -126,7 +127,7 @@ def block_func(shape: BlockShape, rows: int) -> Any:
     wd = weights[-5] if shape.expand else weights[0]
     d = _depthwise(wd, expanded, (strips, m, fd), pitch)
     config = BlockConfig(rows, 1, 1, 1)  # only the rows matter to the stages after D
-    return _project_and_write(shape, config, pitch, fd, x, weights, d)
+    return _project_and_write(shape, config, pitch, fd, x, weights, d, bf16=bf16)
 
 
 def _depthwise(wd: Any, expanded: Any, dims: tuple[int, int, int], pitch: int) -> Any:
@@ -190,7 +191,7 @@ def _planes_conv(xp: Any, weight: Any, dims: tuple[int, int, int], pitch: int, n
     )
 
 
-def stem_block_func(shape: StemBlockShape, config: BlockConfig) -> Any:
+def stem_block_func(shape: StemBlockShape, config: BlockConfig, *, bf16: bool = False) -> Any:
     """``block_func`` of a first convolution and the expansion-1 block after it
     (``fusion_plan.StemBlockShape``): the convolution is the expand stage.
 
@@ -227,10 +228,10 @@ def stem_block_func(shape: StemBlockShape, config: BlockConfig) -> Any:
         name="Ep",
     )
     d = _depthwise(wd, lambda s, o, f: ep[s, o, f], (strips, m, fd), pitch)
-    return _project_and_write(view, config, pitch, fd, x, weights, d)
+    return _project_and_write(view, config, pitch, fd, x, weights, d, bf16=bf16)
 
 
-def strided_block_func(shape: BlockShape, config: BlockConfig) -> Any:
+def strided_block_func(shape: BlockShape, config: BlockConfig, *, bf16: bool = False) -> Any:
     """``block_func`` of a stride-2 block: the expand stage computes four planes of the
     padded image (even/odd rows by even/odd columns, ``fusion_plan.strided_strip_dims``)
     so that every depthwise tap reads a contiguous run of one plane.
@@ -276,7 +277,7 @@ def strided_block_func(shape: BlockShape, config: BlockConfig) -> Any:
         ),
         name="D",
     )
-    return _project_and_write(shape, config, pitch, fd, x, weights, d)
+    return _project_and_write(shape, config, pitch, fd, x, weights, d, bf16=bf16)
 
 
 def _project_and_write(
@@ -287,18 +288,49 @@ def _project_and_write(
     x: Any,
     weights: list[Any],
     d: Any,
+    *,
+    bf16: bool = False,
 ) -> Any:
-    """The stages after the depthwise sum ``d``, shared by all block kinds; the PrimFunc."""
+    """The stages after the depthwise sum ``d``, shared by all block kinds; the PrimFunc.
+
+    ``bf16``: the projection multiplies bf16 pairs (``compiler.tvm_bf16``): "D1" packs the
+    activated depthwise output as uint32 pairs of channels, and the weight argument is
+    ``fusion_plan.bf16_pairs``' (Co, M / 2) uint32 instead of (Co, M) float32.
+    """
     from tvm import te
 
     co, m, rows = shape.out_channels, shape.expanded, config.rows
     strips = shape.out_height // rows
     bd, wp, bp = weights[-4:-1] if shape.expand else weights[1:4]
-    d1 = te.compute((strips, m, fd), lambda s, k, g: _relu6(d[s, k, g] + bd[k]), name="D1")
-    rm = te.reduce_axis((0, m), name="r")
-    p = te.compute(
-        (strips, co, fd), lambda s, o, g: te.sum(wp[o, rm] * d1[s, rm, g], axis=rm), name="P"
-    )
+    if bf16:
+        from compiler.tvm_bf16 import pack_pair, pair_high, pair_low
+
+        weights = list(weights)
+        wp = te.placeholder((co, m // 2), "uint32", name="Wp")
+        weights[len(weights) - 3 if shape.expand else 2] = wp
+        d1 = te.compute(
+            (strips, m // 2, fd),
+            lambda s, r, g: pack_pair(
+                _relu6(d[s, 2 * r, g] + bd[2 * r]), _relu6(d[s, 2 * r + 1, g] + bd[2 * r + 1])
+            ),
+            name="D1",
+        )
+        rp = te.reduce_axis((0, m // 2), name="r")
+        p = te.compute(
+            (strips, co, fd),
+            lambda s, o, g: te.sum(
+                pair_low(wp[o, rp]) * pair_low(d1[s, rp, g])
+                + pair_high(wp[o, rp]) * pair_high(d1[s, rp, g]),
+                axis=rp,
+            ),
+            name="P",
+        )
+    else:
+        d1 = te.compute((strips, m, fd), lambda s, k, g: _relu6(d[s, k, g] + bd[k]), name="D1")
+        rm = te.reduce_axis((0, m), name="r")
+        p = te.compute(
+            (strips, co, fd), lambda s, o, g: te.sum(wp[o, rm] * d1[s, rm, g], axis=rm), name="P"
+        )
     # Whole strips (padding columns too) so that no stage is cut to a ragged region.
     q = te.compute((strips, co, fd), lambda s, o, g: p[s, o, g] + bp[o], name="Q")
 
@@ -334,7 +366,35 @@ def _gemm_stage(
     sch.vectorize(inner)
 
 
-def schedule(func: Any, config: BlockConfig, *, strided: bool = False, expand: bool = True) -> Any:
+def _pair_gemm_stage(sch: Any, name: str, strip: Any, channels: int, vectors: int) -> Any:
+    """``_gemm_stage`` of a bf16 pair GEMM (reduction over channel pairs); returns the loop
+    of each accumulator vector's 16 positions, to tensorize to one vdpbf16ps
+    (``tvm_bf16.PAIR_INTRIN``) once the producers are placed: ``compute_at`` cannot follow
+    a tensorized consumer."""
+    block = sch.get_sblock(name)
+    sch.compute_at(block, strip)
+    chan, pos, red = sch.get_loops(block)[1:]
+    chan_o, chan_i = sch.split(chan, [None, channels])
+    pos_o, pos_m, pos_v = sch.split(pos, [None, vectors, LANES])
+    sch.reorder(chan_o, pos_o, red, chan_i, pos_m, pos_v)
+    sch.unroll(chan_i)
+    sch.unroll(pos_m)
+    acc = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(acc, pos_o)
+    sch.decompose_reduction(block, red)
+    _, inner = sch.split(sch.get_loops(acc)[-1], [None, LANES])
+    sch.vectorize(inner)
+    return pos_v
+
+
+def schedule(
+    func: Any,
+    config: BlockConfig,
+    *,
+    strided: bool = False,
+    expand: bool = True,
+    bf16: bool = False,
+) -> Any:
     """Strips in parallel, each computing every stage for its rows; returns the Schedule.
 
     ``strided``: ``func`` is a ``strided_block_func`` (its expand stage has a plane axis);
@@ -355,10 +415,22 @@ def schedule(func: Any, config: BlockConfig, *, strided: bool = False, expand: b
     sch.vectorize(inner)
     # Consumers first: compute_at gives each producer the region its consumer reads. The
     # bias + ReLU6 (and edge mask) stages go into the write-back of the accumulators.
-    _gemm_stage(sch, "P", strip, config.project_channels, config.vectors)
-    sch.compute_at(sch.get_sblock("D1"), strip)
-    _gemm_stage(sch, "D", strip, config.depthwise_channels, config.vectors)
-    sch.reverse_compute_inline(sch.get_sblock("D1"))
+    pair_loops = []
+    if bf16:
+        pair_loops.append(
+            _pair_gemm_stage(sch, "P", strip, config.project_channels, config.vectors)
+        )
+        # The pairs' packing reads two rows of D: its own stage, vectorized along positions.
+        d1 = sch.get_sblock("D1")
+        sch.compute_at(d1, strip)
+        _, inner = sch.split(sch.get_loops(d1)[-1], [None, LANES])
+        sch.vectorize(inner)
+        _gemm_stage(sch, "D", strip, config.depthwise_channels, config.vectors)
+    else:
+        _gemm_stage(sch, "P", strip, config.project_channels, config.vectors)
+        sch.compute_at(sch.get_sblock("D1"), strip)
+        _gemm_stage(sch, "D", strip, config.depthwise_channels, config.vectors)
+        sch.reverse_compute_inline(sch.get_sblock("D1"))
     if expand:
         sch.compute_at(sch.get_sblock("Ep"), strip)
         _gemm_stage(sch, "E", strip, config.expand_channels, config.vectors, planes=strided)
@@ -366,24 +438,31 @@ def schedule(func: Any, config: BlockConfig, *, strided: bool = False, expand: b
     xp = sch.get_sblock("Xp")
     sch.compute_at(xp, strip)
     sch.vectorize(sch.get_loops(xp)[-1])
+    if pair_loops:
+        from compiler.tvm_bf16 import register_pair_intrin
+
+        for loop in pair_loops:
+            sch.tensorize(loop, register_pair_intrin())
     return sch
 
 
-def scheduled_block(shape: BlockShape | StemBlockShape, config: BlockConfig) -> Any:
+def scheduled_block(
+    shape: BlockShape | StemBlockShape, config: BlockConfig, *, bf16: bool = False
+) -> Any:
     """The scheduled PrimFunc, marked so that MetaSchedule and ``FuseOps`` leave it alone.
 
     ``op_pattern`` 8 is kOpaque: fusing a following elementwise op into it would make a
     new, unscheduled function of it.
     """
     if isinstance(shape, StemBlockShape):
-        te_func = stem_block_func(shape, config)
+        te_func = stem_block_func(shape, config, bf16=bf16)
     elif shape.stride == 2:
-        te_func = strided_block_func(shape, config)
+        te_func = strided_block_func(shape, config, bf16=bf16)
     else:
-        te_func = block_func(shape, config.rows)
+        te_func = block_func(shape, config.rows, bf16=bf16)
     strided = isinstance(shape, BlockShape) and shape.stride == 2
     expand = not isinstance(shape, BlockShape) or shape.expand
-    func = schedule(te_func, config, strided=strided, expand=expand).mod["main"]
+    func = schedule(te_func, config, strided=strided, expand=expand, bf16=bf16).mod["main"]
     # Its symbol comes from the name the module gives it (te names every function "main").
     func = func.without_attr("global_symbol")
     return func.with_attrs({"tirx.is_scheduled": True, "op_pattern": 8})
@@ -616,9 +695,11 @@ def _replace(mod: Any, plans: dict[Any, _Replacement]) -> Any:
                 return
             kernel = self.builder_.add_func(planned.kernel, planned.name)
             args = [
-                # float32, or the bf16 kernel's uint16 weight bits as they are
+                # float32, or the bf16 kernels' weight bits (uint16, uint32 pairs) as they are
                 relax.const(
-                    np.ascontiguousarray(a, dtype=a.dtype if a.dtype == np.uint16 else "float32")
+                    np.ascontiguousarray(
+                        a, dtype=a.dtype if a.dtype in (np.uint16, np.uint32) else "float32"
+                    )
                 )
                 if isinstance(a, np.ndarray)
                 else self.visit_expr(a)
@@ -639,16 +720,24 @@ def _replace(mod: Any, plans: dict[Any, _Replacement]) -> Any:
     return relax.transform.DeadCodeElimination(["main"])(rewriter.builder_.get())
 
 
-def fuse_inverted_residuals(mod: Any) -> tuple[Any, list[str]]:
+def fuse_inverted_residuals(mod: Any, *, precision: str = "fp32") -> tuple[Any, list[str]]:
     """Replace ``main``'s fusable blocks with fused kernels; returns (module, descriptions).
 
     Run on the imported module after ``FoldConstant`` (the ReLU6 bounds must be constants)
     and before legalization. Blocks ``fusion_plan.plan_block`` turns down stay as they are.
     A block without an expand stage whose input only a first convolution computes
     (``fusion_plan.plan_stem_block``) takes that convolution in as its expand stage.
+    ``precision`` "bf16": blocks with an even number of expanded channels project with
+    bf16 products (``_project_and_write``); the caller checks the target has them.
     """
     plans = {}
     fused = []
+
+    def weights_for(block: BlockShape, weights: list[Any]) -> tuple[list[Any], bool, str]:
+        if precision != "bf16" or block.expanded % 2:
+            return weights, False, ""
+        return [*weights[:-2], bf16_pairs(weights[-2]), weights[-1]], True, ", bf16 projection"
+
     _, uses = _bindings(mod["main"])
     convs = {m.end: m for m in _find_strided_convs(mod["main"])}
     for match in _find_blocks(mod["main"]):
@@ -658,32 +747,34 @@ def fuse_inverted_residuals(mod: Any) -> tuple[Any, list[str]]:
         if conv is not None and stem is not None and stem_config is not None:
             # The first convolution becomes the block's expand stage; its own bindings,
             # used by the block alone, go with the block's.
+            weights, bf16, note = weights_for(stem.expanded_view, list(match.weights))
             plans[match.end] = _Replacement(
-                scheduled_block(stem, stem_config),
+                scheduled_block(stem, stem_config, bf16=bf16),
                 "fused_stem_block",
                 [
                     conv.x,
                     conv.weight,
                     conv.bias,
-                    *match.weights,
+                    *weights,
                     block_mask(stem.expanded_view, stem_config),
                 ],
                 (1, stem.block.out_channels, stem.block.out_height, stem.block.out_width),
             )
-            fused.append(f"{stem.describe()} (strips of {stem_config.rows} rows)")
+            fused.append(f"{stem.describe()} (strips of {stem_config.rows} rows{note})")
             continue
         config = plan_block(match.shape)
         if config is None:
             continue
         shape = match.shape
         masks = [block_mask(shape, config)] if shape.expand else []
+        weights, bf16, note = weights_for(shape, list(match.weights))
         plans[match.end] = _Replacement(
-            scheduled_block(shape, config),
+            scheduled_block(shape, config, bf16=bf16),
             "fused_inverted_residual",
-            [match.x, *match.weights, *masks],
+            [match.x, *weights, *masks],
             (1, shape.out_channels, shape.out_height, shape.out_width),
         )
-        fused.append(f"{shape.describe()} (strips of {config.rows} rows)")
+        fused.append(f"{shape.describe()} (strips of {config.rows} rows{note})")
     if not plans:
         return mod, []
     log.info("fused %d inverted-residual block(s): %s", len(fused), "; ".join(fused))

@@ -219,7 +219,7 @@ def test_a_bf16_build_computes_its_1x1_convolutions_in_bf16(
     assert 1e-5 < output["max_rel_error"] < 0.03
     shown = CliRunner().invoke(cli, ["artifact", "inspect", str(tmp_path / "out")])
     assert shown.exit_code == 0, shown.output
-    assert "bf16 products in 3 1x1 convolution(s) of the TVM library" in shown.stdout
+    assert "bf16 products in 3 kernel(s) of the TVM library" in shown.stdout
 
 
 @pytest.mark.parametrize(
@@ -277,3 +277,59 @@ def test_the_kernel_survives_weight_prepackings_layout_pass() -> None:
         assert config is not None
         func = pointwise_bf16_func(shape, config).with_attr("layout_free_buffers", [1, 2])
         relax.transform.SplitLayoutRewritePreproc()(tvm.IRModule({tvm.ir.GlobalVar("k"): func}))
+
+
+@pytest.mark.slow
+@needs_bf16
+def test_fused_blocks_project_with_bf16_products(signing_key: Path, tmp_path: Path) -> None:
+    from tests.compiler.test_fused_blocks import FUSED, _Net
+
+    torch.manual_seed(0)
+    net = _Net().eval()
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    path = tmp_path / "blocks.onnx"
+    with torch.no_grad():
+        torch.onnx.export(net, (torch.randn(1, 3, 56, 56),), str(path), dynamo=False)
+    request = CompileRequest(
+        model=path,
+        profile="amd/epyc-zen4",
+        output=tmp_path / "out",
+        trials=0,
+        runtime="tvm",
+        precision="bf16",
+        signing_key=signing_key,
+    )
+    report = compile_model(request, settings=CompilerSettings()).report
+    assert report["tuning"]["fused_blocks"] == [
+        *(f.replace(" rows)", " rows, bf16 projection)") for f in FUSED),
+        "1x1 32->192 at 14x14 + ReLU6 (bf16)",  # the 14-wide block, left to fuse_pointwise
+        "1x1 192->32 at 14x14 + residual (bf16)",
+    ]
+    (output,) = report["accuracy"].values()
+    assert output["cosine"] > 0.99999 and output["top1_agreement"] == 1.0
+    assert 1e-5 < output["max_rel_error"] < 0.01
+
+
+def test_the_first_convolution_block_projects_in_bf16_too(tmp_path: Path) -> None:
+    """The stem block's wiring (no execution: any x86-64 host builds the kernels)."""
+    import tvm
+
+    from compiler import tvm_builder
+    from compiler.frontends import load_model
+    from compiler.profiles import ProfileRegistry
+    from tests.compiler.test_fused_blocks import _export, _Stem
+
+    settings = CompilerSettings()
+    profile = ProfileRegistry(settings.profile_roots()).get("amd/epyc-zen4")
+    target = tvm.target.Target(tvm_builder.effective_target(profile))
+    relax_mod = load_model(_export(_Stem(), (1, 3, 224, 224), tmp_path / "stem.onnx")).to_relax()
+    _, fused = tvm_builder._prepare_fused(
+        relax_mod, target, weight_prepack=False, fuse_blocks=True, precision="bf16"
+    )
+    assert fused[0] == (
+        "3x3 8->16 stride 2 at 56x56 + relu6, then 16->16->24 at 28x28, no expansion "
+        "(strips of 14 rows, bf16 projection)"
+    )
