@@ -446,6 +446,16 @@ def paired_bf16_weights(weight: npt.NDArray[np.float32], vectors: int) -> npt.ND
     return np.ascontiguousarray(bf16_bits(blocked).reshape(co // block, pairs, 2 * block))
 
 
+def bf16_stages(shape: BlockShape | StemBlockShape) -> tuple[bool, bool]:
+    """(expand, project): the 1x1 stages of a fused block that a bf16 build computes with
+    bf16 products, those whose reduction pairs up (an even channel count). A first
+    convolution's expand stage (``StemBlockShape``, a k x k convolution) stays fp32."""
+    if isinstance(shape, StemBlockShape):
+        return False, shape.expanded_view.expanded % 2 == 0
+    expand = shape.expand and shape.in_channels % 2 == 0
+    return expand, shape.expanded % 2 == 0
+
+
 def bf16_pairs(weight: npt.NDArray[np.float32]) -> npt.NDArray[np.uint32]:
     """A (Co, M) weight as (Co, M / 2) uint32 pairs of bf16 bits, the even input channel in
     the low half: the fused blocks' bf16 projection broadcasts one pair per output channel."""

@@ -29,6 +29,7 @@ from compiler.fusion_plan import (
     StridedConvShape,
     WinogradConfig,
     bf16_pairs,
+    bf16_stages,
     block_mask,
     blocked_weights,
     paired_bf16_weights,
@@ -77,7 +78,9 @@ def _inputs(shape: BlockShape, mask_shape: tuple[int, ...]) -> tuple[Any, list[A
     return x, weights
 
 
-def block_func(shape: BlockShape, rows: int, *, bf16: bool = False) -> Any:
+def block_func(
+    shape: BlockShape, rows: int, *, bf16: bool = False, bf16_expand: bool = False
+) -> Any:
     """The block in TE, strip by strip (``rows`` output rows each); see ``fusion_plan``.
 
     Arguments: X (1, C, H, W), We (M, C), be (M,), Wd (M, 3, 3), bd (M,), Wp (Co, M),
@@ -103,15 +106,30 @@ def block_func(shape: BlockShape, rows: int, *, bf16: bool = False) -> Any:
 
     # The strip's input rows (halo included) at the padded pitch, read by the expand stage
     # as contiguous positions (f // pitch, f % pitch flattens back to f).
-    xp = te.compute((strips, c, -(-fe // pitch), pitch), padded_input, name="Xp")
+    if bf16_expand:
+        from compiler.tvm_bf16 import pack_pair
+
+        xp = te.compute(
+            (strips, c // 2, -(-fe // pitch), pitch),
+            lambda s, r, row, col: pack_pair(
+                padded_input(s, 2 * r, row, col), padded_input(s, 2 * r + 1, row, col)
+            ),
+            name="Xp",
+        )
+    else:
+        xp = te.compute((strips, c, -(-fe // pitch), pitch), padded_input, name="Xp")
     if shape.expand:
         we, be, _, _, _, _, mask = weights
-        rc = te.reduce_axis((0, c), name="c")
-        e = te.compute(
-            (strips, m, fe),
-            lambda s, k, f: te.sum(we[k, rc] * xp[s, rc, f // pitch, f % pitch], axis=rc),
-            name="E",
-        )
+        if bf16_expand:
+            we = weights[0] = te.placeholder((m, c // 2), "uint32", name="We")
+            e = _pair_gemm(we, lambda s, r, f: xp[s, r, f // pitch, f % pitch], (strips, m, fe))
+        else:
+            rc = te.reduce_axis((0, c), name="c")
+            e = te.compute(
+                (strips, m, fe),
+                lambda s, k, f: te.sum(we[k, rc] * xp[s, rc, f // pitch, f % pitch], axis=rc),
+                name="E",
+            )
         ep = te.compute(
             (strips, m, fe), lambda s, k, f: _relu6(e[s, k, f] + be[k]) * mask[s, f], name="Ep"
         )
@@ -130,6 +148,27 @@ def block_func(shape: BlockShape, rows: int, *, bf16: bool = False) -> Any:
     return _project_and_write(shape, config, pitch, fd, x, weights, d, bf16=bf16)
 
 
+def _pair_gemm(weight: Any, source: Any, dims: tuple[int, ...], name: str = "E") -> Any:
+    """Stage ``name`` (*lead, channel, position): the 1x1 convolution with bf16 pairs,
+    ``weight`` (Co, C / 2) uint32 and ``source(*lead, pair, position)`` the activation pairs
+    (``compiler.tvm_bf16``): the form ``tvm_bf16.PAIR_INTRIN`` tensorizes."""
+    from tvm import te
+
+    from compiler.tvm_bf16 import pair_high, pair_low
+
+    r = te.reduce_axis((0, int(weight.shape[1])), name="c")
+
+    def value(*index: Any) -> Any:
+        *lead, o, f = index
+        pair = source(*lead, r, f)
+        return te.sum(
+            pair_low(weight[o, r]) * pair_low(pair) + pair_high(weight[o, r]) * pair_high(pair),
+            axis=r,
+        )
+
+    return te.compute(dims, value, name=name)
+
+
 def _depthwise(wd: Any, expanded: Any, dims: tuple[int, int, int], pitch: int) -> Any:
     """Stage "D" of a stride-1 block: the 3x3 taps as shifted runs of ``expanded``."""
     from tvm import te
@@ -143,7 +182,13 @@ def _depthwise(wd: Any, expanded: Any, dims: tuple[int, int, int], pitch: int) -
 
 
 def _input_planes(
-    x: Any, dims: tuple[int, int, int, int, int], rows: int, reach: int, shift: int = 0
+    x: Any,
+    dims: tuple[int, int, int, int, int],
+    rows: int,
+    reach: int,
+    shift: int = 0,
+    *,
+    pairs: bool = False,
 ) -> Any:
     """Stage "Xp" of a stride-2 kernel: per strip of ``rows`` output rows, four planes of
     the zero-padded input X (1, C, H, W), even/odd rows by even/odd columns, ``dims`` =
@@ -167,6 +212,16 @@ def _input_planes(
             zero,
         )
 
+    if pairs:  # dims[2] is C / 2: channel pairs as uint32 (compiler.tvm_bf16)
+        from compiler.tvm_bf16 import pack_pair
+
+        return te.compute(
+            dims,
+            lambda s, plane, r, row, col: pack_pair(
+                plane_input(s, plane, 2 * r, row, col), plane_input(s, plane, 2 * r + 1, row, col)
+            ),
+            name="Xp",
+        )
     return te.compute(dims, plane_input, name="Xp")
 
 
@@ -231,7 +286,9 @@ def stem_block_func(shape: StemBlockShape, config: BlockConfig, *, bf16: bool = 
     return _project_and_write(view, config, pitch, fd, x, weights, d, bf16=bf16)
 
 
-def strided_block_func(shape: BlockShape, config: BlockConfig, *, bf16: bool = False) -> Any:
+def strided_block_func(
+    shape: BlockShape, config: BlockConfig, *, bf16: bool = False, bf16_expand: bool = False
+) -> Any:
     """``block_func`` of a stride-2 block: the expand stage computes four planes of the
     padded image (even/odd rows by even/odd columns, ``fusion_plan.strided_strip_dims``)
     so that every depthwise tap reads a contiguous run of one plane.
@@ -244,15 +301,22 @@ def strided_block_func(shape: BlockShape, config: BlockConfig, *, bf16: bool = F
     strips = shape.out_height // rows
     pitch, fd, fe = strided_strip_dims(shape.out_width, rows, config.vectors)
     x, weights = _inputs(shape, (strips, 4, fe))
-    xp = _input_planes(x, (strips, 4, c, -(-fe // pitch), pitch), rows, reach=1)
+    planes = (strips, 4, c // 2 if bf16_expand else c, -(-fe // pitch), pitch)
+    xp = _input_planes(x, planes, rows, reach=1, pairs=bf16_expand)
     if shape.expand:
         we, be, _, _, _, _, mask = weights
-        rc = te.reduce_axis((0, c), name="c")
-        e = te.compute(
-            (strips, 4, m, fe),
-            lambda s, q, k, f: te.sum(we[k, rc] * xp[s, q, rc, f // pitch, f % pitch], axis=rc),
-            name="E",
-        )
+        if bf16_expand:
+            we = weights[0] = te.placeholder((m, c // 2), "uint32", name="We")
+            e = _pair_gemm(
+                we, lambda s, q, r, f: xp[s, q, r, f // pitch, f % pitch], (strips, 4, m, fe)
+            )
+        else:
+            rc = te.reduce_axis((0, c), name="c")
+            e = te.compute(
+                (strips, 4, m, fe),
+                lambda s, q, k, f: te.sum(we[k, rc] * xp[s, q, rc, f // pitch, f % pitch], axis=rc),
+                name="E",
+            )
         ep = te.compute(
             (strips, 4, m, fe),
             lambda s, q, k, f: _relu6(e[s, q, k, f] + be[k]) * mask[s, q, f],
@@ -366,14 +430,16 @@ def _gemm_stage(
     sch.vectorize(inner)
 
 
-def _pair_gemm_stage(sch: Any, name: str, strip: Any, channels: int, vectors: int) -> Any:
+def _pair_gemm_stage(
+    sch: Any, name: str, strip: Any, channels: int, vectors: int, *, planes: bool = False
+) -> Any:
     """``_gemm_stage`` of a bf16 pair GEMM (reduction over channel pairs); returns the loop
     of each accumulator vector's 16 positions, to tensorize to one vdpbf16ps
     (``tvm_bf16.PAIR_INTRIN``) once the producers are placed: ``compute_at`` cannot follow
     a tensorized consumer."""
     block = sch.get_sblock(name)
     sch.compute_at(block, strip)
-    chan, pos, red = sch.get_loops(block)[1:]
+    chan, pos, red = sch.get_loops(block)[2 if planes else 1 :]
     chan_o, chan_i = sch.split(chan, [None, channels])
     pos_o, pos_m, pos_v = sch.split(pos, [None, vectors, LANES])
     sch.reorder(chan_o, pos_o, red, chan_i, pos_m, pos_v)
@@ -394,6 +460,7 @@ def schedule(
     strided: bool = False,
     expand: bool = True,
     bf16: bool = False,
+    bf16_expand: bool = False,
 ) -> Any:
     """Strips in parallel, each computing every stage for its rows; returns the Schedule.
 
@@ -433,11 +500,25 @@ def schedule(
         sch.reverse_compute_inline(sch.get_sblock("D1"))
     if expand:
         sch.compute_at(sch.get_sblock("Ep"), strip)
-        _gemm_stage(sch, "E", strip, config.expand_channels, config.vectors, planes=strided)
+        if bf16_expand:
+            pair_loops.append(
+                _pair_gemm_stage(
+                    sch, "E", strip, config.expand_channels, config.vectors, planes=strided
+                )
+            )
+        else:
+            _gemm_stage(sch, "E", strip, config.expand_channels, config.vectors, planes=strided)
         sch.reverse_compute_inline(sch.get_sblock("Ep"))
     xp = sch.get_sblock("Xp")
     sch.compute_at(xp, strip)
     sch.vectorize(sch.get_loops(xp)[-1])
+    if bf16_expand:
+        # The pairs' rows of the padded pitch as one run of positions, so that 16 of them
+        # are one contiguous region for tensorize (f // pitch, f % pitch folds back to f).
+        # After compute_at: its region inference cannot invert the flat index (it computed
+        # 16 of 31 columns per row).
+        pitch = int(sch.get(xp).writes[0].source.shape[-1])
+        sch.transform_layout(xp, ("write", 0), lambda *i: (*i[:-2], i[-2] * pitch + i[-1]))
     if pair_loops:
         from compiler.tvm_bf16 import register_pair_intrin
 
@@ -454,15 +535,18 @@ def scheduled_block(
     ``op_pattern`` 8 is kOpaque: fusing a following elementwise op into it would make a
     new, unscheduled function of it.
     """
+    expand_b, project_b = bf16_stages(shape) if bf16 else (False, False)
     if isinstance(shape, StemBlockShape):
-        te_func = stem_block_func(shape, config, bf16=bf16)
+        te_func = stem_block_func(shape, config, bf16=project_b)
     elif shape.stride == 2:
-        te_func = strided_block_func(shape, config, bf16=bf16)
+        te_func = strided_block_func(shape, config, bf16=project_b, bf16_expand=expand_b)
     else:
-        te_func = block_func(shape, config.rows, bf16=bf16)
+        te_func = block_func(shape, config.rows, bf16=project_b, bf16_expand=expand_b)
     strided = isinstance(shape, BlockShape) and shape.stride == 2
     expand = not isinstance(shape, BlockShape) or shape.expand
-    func = schedule(te_func, config, strided=strided, expand=expand, bf16=bf16).mod["main"]
+    func = schedule(
+        te_func, config, strided=strided, expand=expand, bf16=project_b, bf16_expand=expand_b
+    ).mod["main"]
     # Its symbol comes from the name the module gives it (te names every function "main").
     func = func.without_attr("global_symbol")
     return func.with_attrs({"tirx.is_scheduled": True, "op_pattern": 8})
@@ -733,10 +817,18 @@ def fuse_inverted_residuals(mod: Any, *, precision: str = "fp32") -> tuple[Any, 
     plans = {}
     fused = []
 
-    def weights_for(block: BlockShape, weights: list[Any]) -> tuple[list[Any], bool, str]:
-        if precision != "bf16" or block.expanded % 2:
-            return weights, False, ""
-        return [*weights[:-2], bf16_pairs(weights[-2]), weights[-1]], True, ", bf16 projection"
+    def weights_for(
+        block: BlockShape | StemBlockShape, weights: list[Any]
+    ) -> tuple[list[Any], bool, str]:
+        """The kernel's weights, whether it has bf16 stages, and the description's note."""
+        expand, project = bf16_stages(block) if precision == "bf16" else (False, False)
+        weights = list(weights)
+        if expand:  # We is first; only blocks with an expand stage have one here
+            weights[0] = bf16_pairs(weights[0])
+        if project:  # Wp is second to last
+            weights[-2] = bf16_pairs(weights[-2])
+        stages = " and ".join(n for n, b in (("expansion", expand), ("projection", project)) if b)
+        return weights, expand or project, f", bf16 {stages}" if stages else ""
 
     _, uses = _bindings(mod["main"])
     convs = {m.end: m for m in _find_strided_convs(mod["main"])}
@@ -747,7 +839,7 @@ def fuse_inverted_residuals(mod: Any, *, precision: str = "fp32") -> tuple[Any, 
         if conv is not None and stem is not None and stem_config is not None:
             # The first convolution becomes the block's expand stage; its own bindings,
             # used by the block alone, go with the block's.
-            weights, bf16, note = weights_for(stem.expanded_view, list(match.weights))
+            weights, bf16, note = weights_for(stem, match.weights)
             plans[match.end] = _Replacement(
                 scheduled_block(stem, stem_config, bf16=bf16),
                 "fused_stem_block",
@@ -767,7 +859,7 @@ def fuse_inverted_residuals(mod: Any, *, precision: str = "fp32") -> tuple[Any, 
             continue
         shape = match.shape
         masks = [block_mask(shape, config)] if shape.expand else []
-        weights, bf16, note = weights_for(shape, list(match.weights))
+        weights, bf16, note = weights_for(shape, match.weights)
         plans[match.end] = _Replacement(
             scheduled_block(shape, config, bf16=bf16),
             "fused_inverted_residual",

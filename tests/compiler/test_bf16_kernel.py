@@ -281,7 +281,9 @@ def test_the_kernel_survives_weight_prepackings_layout_pass() -> None:
 
 @pytest.mark.slow
 @needs_bf16
-def test_fused_blocks_project_with_bf16_products(signing_key: Path, tmp_path: Path) -> None:
+def test_fused_blocks_expand_and_project_with_bf16_products(
+    signing_key: Path, tmp_path: Path
+) -> None:
     from tests.compiler.test_fused_blocks import FUSED, _Net
 
     torch.manual_seed(0)
@@ -303,11 +305,15 @@ def test_fused_blocks_project_with_bf16_products(signing_key: Path, tmp_path: Pa
         signing_key=signing_key,
     )
     report = compile_model(request, settings=CompilerSettings()).report
-    assert report["tuning"]["fused_blocks"] == [
-        *(f.replace(" rows)", " rows, bf16 projection)") for f in FUSED),
-        "1x1 32->192 at 14x14 + ReLU6 (bf16)",  # the 14-wide block, left to fuse_pointwise
-        "1x1 192->32 at 14x14 + residual (bf16)",
-    ]
+    assert (
+        report["tuning"]["fused_blocks"]
+        == [
+            FUSED[0].replace(" rows)", " rows, bf16 projection)"),  # expansion 1: no expand stage
+            *(f.replace(" rows)", " rows, bf16 expansion and projection)") for f in FUSED[1:]),
+            "1x1 32->192 at 14x14 + ReLU6 (bf16)",  # the 14-wide block, left to fuse_pointwise
+            "1x1 192->32 at 14x14 + residual (bf16)",
+        ]
+    )
     (output,) = report["accuracy"].values()
     assert output["cosine"] > 0.99999 and output["top1_agreement"] == 1.0
     assert 1e-5 < output["max_rel_error"] < 0.01
