@@ -13,9 +13,14 @@ from torch import nn
 
 from compiler.execution import read_cpu_features
 from compiler.fusion_plan import (
+    BlockShape,
     PointwiseConfig,
     PointwiseShape,
+    StemBlockShape,
+    StridedConvShape,
     bf16_bits,
+    bf16_pairs,
+    bf16_stages,
     paired_bf16_weights,
     plan_pointwise_bf16,
     precision_refusal,
@@ -71,6 +76,34 @@ def test_paired_weights_put_each_channels_pair_side_by_side() -> None:
     assert values[0, 1, 0:4].tolist() == [2.0, 0.0, 5.0, 0.0]
     with pytest.raises(ValueError, match="48 output channels are not whole blocks of 32"):
         paired_bf16_weights(np.zeros((48, 4), np.float32), 2)
+
+
+def test_bf16_pairs_hold_the_even_channel_in_the_low_half() -> None:
+    weight = np.array([[1.0, -2.0, 0.5, 3.0]], np.float32)
+    assert bf16_pairs(weight).tolist() == [[0xC0003F80, 0x40403F00]]
+    with pytest.raises(ValueError, match="3 input channels do not pair up"):
+        bf16_pairs(np.zeros((2, 3), np.float32))
+
+
+@pytest.mark.parametrize(
+    ("shape", "stages"),
+    [
+        (BlockShape(24, 144, 24, 56, 56), (True, True)),
+        (BlockShape(16, 96, 24, 112, 112, 2), (True, True)),
+        (BlockShape(32, 32, 16, 112, 112, expand=False), (False, True)),  # no expand stage
+        (BlockShape(3, 18, 8, 28, 28), (False, True)),  # an odd reduction stays fp32
+        (BlockShape(4, 9, 8, 28, 28), (True, False)),
+        (
+            StemBlockShape(
+                StridedConvShape(3, 32, 224, 224, 3, "relu6"),
+                BlockShape(32, 32, 16, 112, 112, expand=False),
+            ),
+            (False, True),  # the first convolution (the expand stage) stays fp32
+        ),
+    ],
+)
+def test_bf16_stages(shape: BlockShape | StemBlockShape, stages: tuple[bool, bool]) -> None:
+    assert bf16_stages(shape) == stages
 
 
 @pytest.mark.parametrize(
