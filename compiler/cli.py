@@ -218,8 +218,9 @@ def keys_generate(output_dir: Path | None, force: bool) -> None:
     type=click.Choice(["fp32", "bf16"]),
     default="fp32",
     show_default=True,
-    help="bf16: 1x1 convolutions on small maps with bf16 products and fp32 sums (x86-64 "
-    "profiles with avx512_bf16; gated by the profile's accuracy_bf16 tolerances).",
+    help="bf16: 1x1 convolutions on small maps and the fused blocks' expansions and "
+    "projections with bf16 products and fp32 sums (x86-64 profiles with avx512_bf16; gated "
+    "by the profile's accuracy_bf16 tolerances).",
 )
 @click.option(
     "--runtime",
