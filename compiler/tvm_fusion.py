@@ -407,12 +407,23 @@ def _project_and_write(
 
 
 def _gemm_stage(
-    sch: Any, name: str, strip: Any, channels: int, vectors: int, *, planes: bool = False
-) -> None:
+    sch: Any,
+    name: str,
+    strip: Any,
+    channels: int,
+    vectors: int,
+    *,
+    planes: bool = False,
+    pairs: bool = False,
+) -> Any:
     """Stage ``name`` (strip, [plane,] channel, position, reductions...) register-blocked.
 
     ``channels`` x ``vectors`` vectors of positions of accumulators in a local buffer (LLVM
     keeps it in registers once the loops are unrolled), the reduction outside them.
+    Returns the loop of each accumulator vector's 16 positions. ``pairs``: a bf16 pair GEMM
+    (``_pair_gemm``), that loop left for the caller to tensorize to one vdpbf16ps
+    (``tvm_bf16.PAIR_INTRIN``) once the producers are placed: ``compute_at`` cannot follow
+    a tensorized consumer.
     """
     block = sch.get_sblock(name)
     sch.compute_at(block, strip)
@@ -422,32 +433,11 @@ def _gemm_stage(
     sch.reorder(chan_o, pos_o, *red, chan_i, pos_m, pos_v)
     sch.unroll(chan_i)
     sch.unroll(pos_m)
-    sch.vectorize(pos_v)
+    if not pairs:
+        sch.vectorize(pos_v)
     acc = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(acc, pos_o)
     sch.decompose_reduction(block, red[0])
-    _, inner = sch.split(sch.get_loops(acc)[-1], [None, LANES])
-    sch.vectorize(inner)
-
-
-def _pair_gemm_stage(
-    sch: Any, name: str, strip: Any, channels: int, vectors: int, *, planes: bool = False
-) -> Any:
-    """``_gemm_stage`` of a bf16 pair GEMM (reduction over channel pairs); returns the loop
-    of each accumulator vector's 16 positions, to tensorize to one vdpbf16ps
-    (``tvm_bf16.PAIR_INTRIN``) once the producers are placed: ``compute_at`` cannot follow
-    a tensorized consumer."""
-    block = sch.get_sblock(name)
-    sch.compute_at(block, strip)
-    chan, pos, red = sch.get_loops(block)[2 if planes else 1 :]
-    chan_o, chan_i = sch.split(chan, [None, channels])
-    pos_o, pos_m, pos_v = sch.split(pos, [None, vectors, LANES])
-    sch.reorder(chan_o, pos_o, red, chan_i, pos_m, pos_v)
-    sch.unroll(chan_i)
-    sch.unroll(pos_m)
-    acc = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(acc, pos_o)
-    sch.decompose_reduction(block, red)
     _, inner = sch.split(sch.get_loops(acc)[-1], [None, LANES])
     sch.vectorize(inner)
     return pos_v
@@ -485,7 +475,7 @@ def schedule(
     pair_loops = []
     if bf16:
         pair_loops.append(
-            _pair_gemm_stage(sch, "P", strip, config.project_channels, config.vectors)
+            _gemm_stage(sch, "P", strip, config.project_channels, config.vectors, pairs=True)
         )
         # The pairs' packing reads two rows of D: its own stage, vectorized along positions.
         d1 = sch.get_sblock("D1")
@@ -500,14 +490,16 @@ def schedule(
         sch.reverse_compute_inline(sch.get_sblock("D1"))
     if expand:
         sch.compute_at(sch.get_sblock("Ep"), strip)
-        if bf16_expand:
-            pair_loops.append(
-                _pair_gemm_stage(
-                    sch, "E", strip, config.expand_channels, config.vectors, planes=strided
-                )
-            )
-        else:
-            _gemm_stage(sch, "E", strip, config.expand_channels, config.vectors, planes=strided)
+        loop = _gemm_stage(
+            sch,
+            "E",
+            strip,
+            config.expand_channels,
+            config.vectors,
+            planes=strided,
+            pairs=bf16_expand,
+        )
+        pair_loops += [loop] if bf16_expand else []
         sch.reverse_compute_inline(sch.get_sblock("Ep"))
     xp = sch.get_sblock("Xp")
     sch.compute_at(xp, strip)
