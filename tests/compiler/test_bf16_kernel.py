@@ -211,18 +211,10 @@ class _SmallMaps(nn.Module):
 
 @pytest.fixture(scope="module")
 def small_maps_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    net = _SmallMaps().eval()
-    for module in net.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
+    from tests.compiler.test_fused_blocks import export_with_batchnorm_stats
+
     path = tmp_path_factory.mktemp("bf16") / "small_maps.onnx"
-    with torch.no_grad():
-        torch.onnx.export(
-            net, (torch.randn(1, 32, 14, 14),), str(path), dynamo=False, opset_version=17
-        )
-    return path
+    return export_with_batchnorm_stats(_SmallMaps, (1, 32, 14, 14), path)
 
 
 @pytest.mark.parametrize(
@@ -287,17 +279,9 @@ def test_the_kernel_survives_weight_prepackings_layout_pass() -> None:
 def test_fused_blocks_expand_and_project_with_bf16_products(
     signing_key: Path, tmp_path: Path
 ) -> None:
-    from tests.compiler.test_fused_blocks import FUSED, _Net
+    from tests.compiler.test_fused_blocks import FUSED, _Net, export_with_batchnorm_stats
 
-    torch.manual_seed(0)
-    net = _Net().eval()
-    for module in net.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-    path = tmp_path / "blocks.onnx"
-    with torch.no_grad():
-        torch.onnx.export(net, (torch.randn(1, 3, 56, 56),), str(path), dynamo=False)
+    path = export_with_batchnorm_stats(_Net, (1, 3, 56, 56), tmp_path / "blocks.onnx")
     request = CompileRequest(
         model=path,
         profile="amd/epyc-zen4",

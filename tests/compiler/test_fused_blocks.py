@@ -52,20 +52,28 @@ FUSED = [
 ]
 
 
-@pytest.fixture(scope="module")
-def blocks_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def export_with_batchnorm_stats(
+    factory: type[nn.Module], input_shape: tuple[int, ...], path: Path
+) -> Path:
+    """``factory()`` (seeded, eval mode) with BatchNorm statistics that are not the identity,
+    so that activations matter to the outputs, as an ONNX file."""
     torch.manual_seed(0)
-    net = _Net().eval()
-    for module in net.modules():  # BatchNorm statistics that are not the identity
+    net = factory().eval()
+    for module in net.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 2.0)
-    path = tmp_path_factory.mktemp("fused") / "blocks.onnx"
     with torch.no_grad():
         torch.onnx.export(
-            net, (torch.randn(1, 3, 56, 56),), str(path), dynamo=False, opset_version=17
+            net, (torch.randn(*input_shape),), str(path), dynamo=False, opset_version=17
         )
     return path
+
+
+@pytest.fixture(scope="module")
+def blocks_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("fused") / "blocks.onnx"
+    return export_with_batchnorm_stats(_Net, (1, 3, 56, 56), path)
 
 
 def _compile(model: Path, out: Path, key: Path, **options: object) -> dict[str, object]:
