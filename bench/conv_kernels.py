@@ -28,9 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from bench.fused_block import alternate_with_ort, host_mcpu
+from bench.fused_block import alternate_with_ort, host_mcpu, host_unit, unit_option
 from compiler.fusion_plan import (
+    VECTOR_UNITS,
     PointwiseShape,
+    VectorUnit,
     WinogradConfig,
     blocked_weights,
     plan_pointwise,
@@ -87,23 +89,28 @@ def onnx_conv(shape: PointwiseShape, weight: np.ndarray, bias: np.ndarray) -> An
 
 
 def _kernels(
-    shape: PointwiseShape, weight: np.ndarray, *, winograd: bool, group: int | None
+    shape: PointwiseShape,
+    weight: np.ndarray,
+    *,
+    winograd: bool,
+    group: int | None,
+    unit: VectorUnit,
 ) -> list[tuple[str, Any, np.ndarray]]:
     """(label, scheduled PrimFunc, weight argument) for each kernel that takes ``shape``."""
     from compiler.tvm_fusion import pointwise_func, winograd_func
 
     c, co = shape.in_channels, shape.out_channels
     kernels = []
-    direct = plan_pointwise(shape)
+    direct = plan_pointwise(shape, unit=unit)
     if direct is not None:
         taps = np.moveaxis(weight.reshape(co, c, -1), 0, -1)
         blocked = blocked_weights(taps, direct.vectors)
         blocked = blocked.reshape(blocked.shape[0], c, *((3, 3) if shape.kernel == 3 else ()), -1)
         label = f"direct ({direct.positions} positions x {direct.vectors} vectors)"
         kernels.append((label, pointwise_func(shape, direct), blocked))
-    config: WinogradConfig | None = plan_winograd(shape)
+    config: WinogradConfig | None = plan_winograd(shape, unit=unit)
     if config is None and winograd:
-        config = plan_winograd(shape, max_weight_bytes=1 << 62)
+        config = plan_winograd(shape, unit=unit, max_weight_bytes=1 << 62)
     if config is not None:
         if group is not None:
             rows, cols = config.tiles(shape.height, shape.width)
@@ -128,8 +135,10 @@ def run_shape(
     repeat: int,
     winograd: bool = False,
     group: int | None = None,
+    unit: VectorUnit | None = None,
 ) -> list[dict[str, Any]]:
-    """Time and check each kernel that takes the shape against ORT; one row per kernel."""
+    """Time and check each kernel that takes the shape against ORT, planned for ``unit``
+    (default: this CPU's, ``host_unit``); one row per kernel."""
     import onnxruntime as ort
     import tvm
 
@@ -153,7 +162,7 @@ def run_shape(
     dev = tvm.cpu()
     out = tvm.runtime.tensor(np.zeros(expected.shape, "float32"), dev)
     macs = c * co * shape.out_height * shape.out_width * kernel * kernel
-    kernels = _kernels(shape, weight, winograd=winograd, group=group)
+    kernels = _kernels(shape, weight, winograd=winograd, group=group, unit=unit or host_unit())
     if not kernels:
         print(f"  no kernel of the compiler takes {shape.describe()}")
     results = []
@@ -190,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", action="append", help="C,Co,H[,S[,K]] (repeatable)")
     parser.add_argument("--winograd", action="store_true", help="Winograd on any 3x3 stride 1")
     parser.add_argument("--group", type=int, help="Winograd tiles per group (0: stage by stage)")
+    unit_option(parser)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=50)
@@ -213,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                 repeat=args.repeat,
                 winograd=args.winograd,
                 group=args.group,
+                unit=VECTOR_UNITS[args.unit] if args.unit else None,
             )
         except ValueError as err:
             parser.error(str(err))

@@ -15,8 +15,9 @@ Shapes are ``C,M,Co,H[,S]`` (input, expanded and output channels, square input s
 depthwise stride, 1 unless given); M ``-`` for a block without an expand stage (expansion
 1, MobileNetV2's first block: ``32,-,16,112``). Configurations are ``plan``
 (``fusion_plan.plan_block``) or ``R,cre,crd,crp``: output rows per strip and the channels
-of each accumulator block of the expand, depthwise and project stages (each as many vectors
-of 16 positions as the plan uses: 4 at stride 1). Results: docs/benchmarks.md, "Fused
+of each accumulator block of the expand, depthwise and project stages, and optionally V, the
+vectors of 16 positions of each (default 4; at stride 2 at most what the plane's pitch
+allows, ``fusion_plan.strided_vectors``). Results: docs/benchmarks.md, "Fused
 inverted-residual blocks".
 """
 
@@ -33,8 +34,10 @@ from typing import Any
 import numpy as np
 
 from compiler.fusion_plan import (
+    VECTOR_UNITS,
     BlockConfig,
     BlockShape,
+    VectorUnit,
     block_mask,
     plan_block,
     strided_vectors,
@@ -133,9 +136,12 @@ def parse_shape(text: str) -> list[int]:
 
 
 def parse_config(text: str) -> BlockConfig | None:
-    """``plan`` (None: the compiler's choice) or ``R,cre,crd,crp``."""
+    """``plan`` (None: the compiler's choice) or ``R,cre,crd,crp[,V]``."""
     if text == "plan":
         return None
+    if text.count(",") == 4:
+        rows, expand, depthwise, project, vectors = parse_ints(text, 5, "--config")
+        return BlockConfig(rows, expand, depthwise, project, vectors)
     rows, expand, depthwise, project = parse_ints(text, 4, "--config")
     return BlockConfig(rows, expand, depthwise, project)
 
@@ -147,8 +153,10 @@ def run_shape(
     threads: int,
     rounds: int,
     repeat: int,
+    unit: VectorUnit | None = None,
 ) -> list[dict[str, Any]]:
-    """Time and check the kernel for each config (None: ``plan_block``'s) on ``shape``."""
+    """Time and check the kernel for each config (None: ``plan_block``'s for ``unit``, by
+    default this CPU's, ``host_unit``) on ``shape``."""
     import onnxruntime as ort
     import tvm
 
@@ -185,16 +193,17 @@ def run_shape(
     out = tvm.runtime.tensor(np.zeros((1, co, ho, ho), "float32"), dev)
     results = []
     for requested in configs:
-        config = requested or plan_block(block)
+        config = requested or plan_block(block, unit=unit or host_unit())
         label = "plan" if requested is None else ""
         if config is None:
             print(f"  plan: the compiler does not fuse {block.describe()}")
             continue
         if requested is not None and stride == 2:
-            config = replace(config, vectors=strided_vectors(block.out_width))
+            vectors = min(config.vectors, strided_vectors(block.out_width))
+            config = replace(config, vectors=vectors)
         label += (" " if label else "") + (
             f"R={config.rows} cre={config.expand_channels} crd={config.depthwise_channels} "
-            f"crp={config.project_channels}"
+            f"crp={config.project_channels} V={config.vectors}"
         )
         if (
             ho % config.rows
@@ -222,6 +231,7 @@ def run_shape(
                 config.expand_channels,
                 config.depthwise_channels,
                 config.project_channels,
+                config.vectors,
             ],
             "tvm_us": statistics.median(tvm_us),
             "ort_us": statistics.median(ort_us),
@@ -258,6 +268,23 @@ def alternate_with_ort(
     return tvm_us, ort_us
 
 
+def host_unit() -> VectorUnit:
+    """This CPU's vector unit as the compiler sizes its kernels for it (AVX2's if none)."""
+    from compiler.execution import detect_host
+    from compiler.fusion_plan import AVX2, vector_unit
+
+    host = detect_host()
+    return vector_unit(host.isa, sorted(host.cpu_features)) or AVX2
+
+
+def unit_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--unit",
+        choices=sorted(VECTOR_UNITS),
+        help="vector unit the planned configurations are sized for (default: this CPU's)",
+    )
+
+
 def host_mcpu() -> str:
     from tvm.target import codegen
 
@@ -267,7 +294,8 @@ def host_mcpu() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", action="append", help="C,M,Co,H[,S] (repeatable)")
-    parser.add_argument("--config", action="append", help="plan or R,cre,crd,crp (repeatable)")
+    parser.add_argument("--config", action="append", help="plan or R,cre,crd,crp[,V] (repeatable)")
+    unit_option(parser)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=100)
@@ -282,7 +310,14 @@ def main(argv: list[str] | None = None) -> int:
         c, m, co, h, stride = shape
         block = BlockShape(c, m or c, co, h, h, stride, expand=m != 0)
         print(f"{block.describe()}, {args.threads} threads:", flush=True)
-        run_shape(shape, configs, threads=args.threads, rounds=args.rounds, repeat=args.repeat)
+        run_shape(
+            shape,
+            configs,
+            threads=args.threads,
+            rounds=args.rounds,
+            repeat=args.repeat,
+            unit=VECTOR_UNITS[args.unit] if args.unit else None,
+        )
     return 0
 
 

@@ -27,6 +27,65 @@ VECTORS = 4  # vectors of positions per accumulator block
 # Per-strip activations (input rows, expanded, depthwise, projected) must fit in L2 next to
 # the weights: 2 MiB per core on the AVX-512 boxes measured.
 STRIP_BUDGET_BYTES = 1536 * 1024
+
+
+@dataclass(frozen=True)
+class VectorUnit:
+    """The fp32 vector registers the hand-scheduled kernels size their accumulator blocks
+    for. The kernels compute in vectors of ``LANES`` fp32 lanes, which LLVM splits into
+    ``LANES // lanes`` registers on a narrower unit, so each field counts such 16-lane
+    vectors: ``accumulators`` in a 1x1 stage's block (the rest of the ``registers`` hold
+    its operands), ``block_vectors`` of positions per block of a fused block's stages at
+    stride 1 (at most, at stride 2), ``channel_vectors`` of output channels (at most) per
+    block of the kernels vectorized along channels; ``pointwise_min_reduction``: input
+    channels a 1x1 convolution on a map larger than 7x7 needs for the pointwise kernel to
+    take it over MetaSchedule's. Measured in docs/benchmarks.md: with AVX-512's blocks
+    AVX2's 16 registers spill (a 28x28 block took 2.2x as long as with AVX2's)."""
+
+    name: str
+    lanes: int
+    registers: int
+    accumulators: int
+    block_vectors: int
+    channel_vectors: int
+    pointwise_min_reduction: int
+
+
+AVX512 = VectorUnit(
+    "avx512",
+    lanes=16,
+    registers=32,
+    accumulators=16,
+    block_vectors=4,
+    channel_vectors=2,
+    pointwise_min_reduction=256,
+)
+AVX2 = VectorUnit(
+    "avx2",
+    lanes=8,
+    registers=16,
+    accumulators=6,
+    block_vectors=1,
+    channel_vectors=1,
+    pointwise_min_reduction=0,
+)
+VECTOR_UNITS = {unit.name: unit for unit in (AVX512, AVX2)}
+
+
+def vector_unit(isa: str, features: Sequence[str]) -> VectorUnit | None:
+    """The vector unit of an x86-64 CPU with ``features`` (a profile's ``cpu_features``):
+    AVX-512 with avx512f, AVX2 with avx2 and fma; None for others (ARM: the kernels run
+    there by request only, sized as for AVX2, NEON's 32 registers of 4 lanes holding
+    fewer 16-lane vectors still)."""
+    if isa != "x86_64":
+        return None
+    if "avx512f" in features:
+        return AVX512
+    if "avx2" in features and "fma" in features:
+        return AVX2
+    return None
+
+
 # Narrower stride-1 images waste too much on the padded pitch (a 14-wide row takes 31
 # positions; stride 2 has its own rule, see plan_block).
 MIN_WIDTH = 28
@@ -145,7 +204,9 @@ def strip_bytes(shape: BlockShape, rows: int, vectors: int = VECTORS) -> int:
 
 
 def _channel_block(channels: int, widest: int) -> int:
-    return next(b for b in (widest, 4, 2, 1) if b <= widest and channels % b == 0)
+    """Channels per accumulator block: ``widest`` if it divides ``channels``, else the
+    largest of 4, 3, 2, 1 below it that does."""
+    return next(b for b in (widest, 4, 3, 2, 1) if b <= widest and channels % b == 0)
 
 
 def _strip_rows(height: int, bytes_of: Callable[[int], int], budget_bytes: int) -> int | None:
@@ -161,15 +222,18 @@ def _strip_rows(height: int, bytes_of: Callable[[int], int], budget_bytes: int) 
     return max(even or fitting) if fitting else None
 
 
-def plan_block(shape: BlockShape, *, budget_bytes: int = STRIP_BUDGET_BYTES) -> BlockConfig | None:
+def plan_block(
+    shape: BlockShape, *, unit: VectorUnit = AVX512, budget_bytes: int = STRIP_BUDGET_BYTES
+) -> BlockConfig | None:
     """The fused kernel's configuration for ``shape``, or None where it should not be used.
 
     Strips: the most rows whose buffers fit ``budget_bytes``, at least ``MIN_ROWS`` rows and
     two strips (two cores), an even number of them where one fits (they are split evenly
     over the cores).
-    Accumulators: 4 channels x 4 vectors for the 1x1 stages (16 of the 32 vector registers),
-    2 x 4 for the depthwise one, whose taps need registers of their own; a stride-2 block
-    with fewer vectors per block (``strided_vectors``) gets as many more channels.
+    Accumulators (``unit``): 4 channels x 4 vectors for the 1x1 stages on AVX-512 (16 of the
+    32 vector registers), 2 x 4 for the depthwise one, whose taps need registers of their
+    own; a stride-2 block with fewer vectors per block (``strided_vectors``) gets as many
+    more channels. AVX2: 3 channels x 2 vectors (12 of 16 registers) and 1 x 2.
     Stride 2 needs an even input (the output is then exactly half of it) and a plane pitch
     at most a quarter wider than the plane (``strided_vectors``: 14 wide and more); stride
     1 an output at least ``MIN_WIDTH`` wide.
@@ -181,25 +245,30 @@ def plan_block(shape: BlockShape, *, budget_bytes: int = STRIP_BUDGET_BYTES) -> 
     if shape.stride == 2:
         if shape.height % 2 or shape.width % 2:
             return None
-        vectors = strided_vectors(shape.out_width)
+        vectors = min(strided_vectors(shape.out_width), unit.block_vectors)
         pitch, _, _ = strided_strip_dims(shape.out_width, 1, vectors)
         if 4 * pitch > 5 * (shape.out_width + 1):
             return None  # 7 wide: a pitch of 15 for 8 columns
     elif shape.out_width < MIN_WIDTH:
         return None
     else:
-        vectors = VECTORS
+        vectors = unit.block_vectors
     rows = _strip_rows(shape.out_height, lambda r: strip_bytes(shape, r, vectors), budget_bytes)
     if rows is None:
         return None
-    widen = VECTORS // vectors
     return BlockConfig(
         rows=rows,
-        expand_channels=_channel_block(shape.expanded, 4 * widen),
-        depthwise_channels=_channel_block(shape.expanded, 2 * widen),
-        project_channels=_channel_block(shape.out_channels, 4 * widen),
+        expand_channels=_channel_block(shape.expanded, unit.accumulators // vectors),
+        depthwise_channels=_channel_block(shape.expanded, _depthwise_block(unit, vectors)),
+        project_channels=_channel_block(shape.out_channels, unit.accumulators // vectors),
         vectors=vectors,
     )
+
+
+def _depthwise_block(unit: VectorUnit, vectors: int) -> int:
+    """Widest channel block of a depthwise stage: half a 1x1 stage's accumulators, the taps'
+    operands need the other registers."""
+    return max(1, unit.accumulators // 2 // vectors)
 
 
 def edge_mask(height: int, width: int, rows: int) -> npt.NDArray[np.float32]:
@@ -250,17 +319,16 @@ def choose_block_fusion(
     hand-scheduled kernels (``--fuse-blocks``).
 
     ``requested`` True / False is the user's choice; None (the default) turns it on for
-    x86-64 CPU targets with AVX-512 (``features``: the profile's ``cpu_features``), where it
-    was measured (docs/benchmarks.md). The kernels hold 16-lane accumulator blocks: with
-    AVX2's 16 registers of 8 lanes they spill (a 7x7 pointwise convolution took 2.6-4.7x
-    as long on an ``x86-64-v3`` target as on ``znver4``), so AVX2 and ARM targets run them
-    by request only. GPU targets never (CPU kernels; the caller refuses an explicit request).
+    x86-64 CPU targets with a ``vector_unit`` the kernels are sized for (AVX-512, AVX2 with
+    FMA; ``features``: the profile's ``cpu_features``), where it was measured
+    (docs/benchmarks.md); ARM targets run them by request only (unmeasured there). GPU
+    targets never (CPU kernels; the caller refuses an explicit request).
     """
     if gpu:
         return False
     if requested is not None:
         return requested
-    return isa == "x86_64" and "avx512f" in features
+    return vector_unit(isa, features) is not None
 
 
 # Pointwise (1x1) convolutions on small feature maps: MetaSchedule vectorizes NCHW
@@ -268,10 +336,11 @@ def choose_block_fusion(
 # for MobileNetV2's 7x7 layers ran at 16-48 GMAC/s where the same GEMM vectorized along
 # output channels runs at 80-100 (docs/benchmarks.md, eleventh session).
 MAX_POINTWISE_POSITIONS = 14 * 14
-# Above 7x7 the kernel pays off only with a long reduction: its transposing write-back costs
-# per output, the GEMM per output and input channel. At 14x14, 64->384 and 96->576 measured
-# 1.2-1.25x MetaSchedule's tuned kernels, 384->96 and 576->96 0.6-0.73x, 384->64 even.
-MIN_POINTWISE_REDUCTION_ABOVE_7X7 = 256
+# Above 7x7 the kernel pays off only with a long reduction on AVX-512 (``VectorUnit``'s
+# pointwise_min_reduction): its transposing write-back costs per output, the GEMM per output
+# and input channel. At 14x14, 64->384 and 96->576 measured 1.2-1.25x MetaSchedule's tuned
+# kernels, 384->96 and 576->96 0.6-0.73x, 384->64 even. On AVX2, MetaSchedule's kernels for
+# 64->384 and 96->576 took 1.2-1.4x the pointwise kernel's time.
 # 3x3 convolutions with a reduction of 9 x 16 or more (a network's first layer, 3 channels,
 # is left to MetaSchedule or the stride-2 kernel below).
 MIN_CONV3X3_IN_CHANNELS = 16
@@ -334,14 +403,14 @@ def blocked_weights(weight: npt.NDArray[np.float32], vectors: int) -> npt.NDArra
     return np.ascontiguousarray(np.moveaxis(blocked, -2, 0))
 
 
-def plan_pointwise(shape: PointwiseShape) -> PointwiseConfig | None:
+def plan_pointwise(shape: PointwiseShape, *, unit: VectorUnit = AVX512) -> PointwiseConfig | None:
     """The kernel's accumulator block for ``shape``, None where it is not used.
 
     1x1: used on maps of at most ``MAX_POINTWISE_POSITIONS`` (larger ones vectorize well
     along positions, and MetaSchedule's kernels do) whose output channels are whole
     vectors; the positions per block divide the map (7 at 7x7 and 14x14), 2 vectors where
     the channels allow (7 x 2 = 14 accumulators measured best; 3 was slower). Maps larger
-    than 7x7 need ``MIN_POINTWISE_REDUCTION_ABOVE_7X7`` input channels.
+    than 7x7 need ``unit.pointwise_min_reduction`` input channels.
 
     3x3: any map whose width a position block divides (so that a block stays in one row of
     the zero-padded input) with at least ``MIN_CONV3X3_IN_CHANNELS`` input channels: ResNet's
@@ -349,13 +418,14 @@ def plan_pointwise(shape: PointwiseShape) -> PointwiseConfig | None:
     Stride 2 (3x3, and 1x1 as ResNet's downsampling shortcuts), any output width a
     position block divides: the positions are broadcast one at a time, so every other
     column costs nothing; MetaSchedule's tuned kernels for them ran at 45-80 GMAC/s.
+    AVX2 (``unit``): 1 vector of channels per block, 7 x 2 registers.
     """
     positions = shape.out_height * shape.out_width
     if positions < 1 or shape.in_channels < 1 or shape.kernel not in (1, 3):
         return None
     if shape.stride not in (1, 2) or shape.out_channels < LANES or shape.out_channels % LANES:
         return None
-    vectors = 2 if (shape.out_channels // LANES) % 2 == 0 else 1
+    vectors = _channel_vectors(shape.out_channels, unit)
     if shape.kernel == 3 or shape.stride == 2:
         if shape.kernel == 3 and shape.in_channels < MIN_CONV3X3_IN_CHANNELS:
             return None
@@ -363,12 +433,18 @@ def plan_pointwise(shape: PointwiseShape) -> PointwiseConfig | None:
         return None if block is None else PointwiseConfig(positions=block, vectors=vectors)
     if positions > MAX_POINTWISE_POSITIONS:
         return None
-    if positions > 49 and shape.in_channels < MIN_POINTWISE_REDUCTION_ABOVE_7X7:
+    if positions > 49 and shape.in_channels < unit.pointwise_min_reduction:
         return None
     block = next((b for b in _POSITION_BLOCKS if positions % b == 0), None)
     if block is None:
         return None
     return PointwiseConfig(positions=block, vectors=vectors)
+
+
+def _channel_vectors(channels: int, unit: VectorUnit) -> int:
+    """Vectors of 16 output channels per accumulator block: 2 where the channels are an even
+    number of vectors and the unit holds them, else 1."""
+    return 2 if (channels // LANES) % 2 == 0 and unit.channel_vectors >= 2 else 1
 
 
 # bf16 dot products (``--precision bf16``): AVX-512 BF16's vdpbf16ps adds two bf16 products
@@ -516,7 +592,7 @@ def strided_conv_dims(shape: StridedConvShape, rows: int, vectors: int) -> tuple
 
 
 def plan_strided_conv(
-    shape: StridedConvShape, *, budget_bytes: int = STRIP_BUDGET_BYTES
+    shape: StridedConvShape, *, unit: VectorUnit = AVX512, budget_bytes: int = STRIP_BUDGET_BYTES
 ) -> BlockConfig | None:
     """Strips and accumulator blocks for ``shape`` (``BlockConfig``'s depthwise field
     unused), None where the kernel is not used: more than ``MAX_STRIDED_CONV_IN_CHANNELS``
@@ -526,7 +602,7 @@ def plan_strided_conv(
     if not 1 <= shape.in_channels <= MAX_STRIDED_CONV_IN_CHANNELS or shape.out_channels < 1:
         return None
     reach = shape.kernel // 2
-    for vectors in (VECTORS, 2, 1):
+    for vectors in (v for v in (VECTORS, 2, 1) if v <= unit.block_vectors):
         pitch, _, _ = strided_conv_dims(shape, 1, vectors)
         if 4 * pitch <= 5 * (shape.out_width + reach):
             break
@@ -540,7 +616,7 @@ def plan_strided_conv(
     rows = _strip_rows(shape.out_height, strip_bytes, budget_bytes)
     if rows is None:
         return None
-    channels = _channel_block(shape.out_channels, 4 * (VECTORS // vectors))
+    channels = _channel_block(shape.out_channels, unit.accumulators // vectors)
     return BlockConfig(rows, 1, 1, channels, vectors=vectors)
 
 
@@ -575,14 +651,14 @@ def stem_plane_positions(shape: StemBlockShape, rows: int) -> tuple[int, int, in
 
 
 def plan_stem_block(
-    shape: StemBlockShape, *, budget_bytes: int = STRIP_BUDGET_BYTES
+    shape: StemBlockShape, *, unit: VectorUnit = AVX512, budget_bytes: int = STRIP_BUDGET_BYTES
 ) -> BlockConfig | None:
     """The fused kernel's configuration for ``shape`` (as ``plan_block``'s for the block
     with the convolution as its expand stage), None where it is not used: a convolution
     ``plan_strided_conv`` would not take, a block with an expand stage, a residual or
     stride 2, or sizes that do not chain."""
     conv, block = shape.conv, shape.block
-    if plan_strided_conv(conv, budget_bytes=budget_bytes) is None:
+    if plan_strided_conv(conv, unit=unit, budget_bytes=budget_bytes) is None:
         return None
     if block.expand or block.stride != 1 or block.residual or block.out_width < MIN_WIDTH:
         return None
@@ -601,11 +677,13 @@ def plan_stem_block(
     rows = _strip_rows(block.height, strip_bytes, budget_bytes)
     if rows is None:
         return None
+    vectors = unit.block_vectors
     return BlockConfig(
         rows=rows,
-        expand_channels=_channel_block(m, 4),
-        depthwise_channels=_channel_block(m, 2),
-        project_channels=_channel_block(co, 4),
+        expand_channels=_channel_block(m, unit.accumulators // vectors),
+        depthwise_channels=_channel_block(m, _depthwise_block(unit, vectors)),
+        project_channels=_channel_block(co, unit.accumulators // vectors),
+        vectors=vectors,
     )
 
 
@@ -695,7 +773,10 @@ MIN_WINOGRAD_IN_CHANNELS = 32
 
 
 def plan_winograd(
-    shape: PointwiseShape, *, max_weight_bytes: int = WINOGRAD_MAX_WEIGHT_BYTES
+    shape: PointwiseShape,
+    *,
+    unit: VectorUnit = AVX512,
+    max_weight_bytes: int = WINOGRAD_MAX_WEIGHT_BYTES,
 ) -> WinogradConfig | None:
     """F(4x4, 3x3) for a 3x3 stride-1 convolution where it pays, None where the direct
     kernel (``plan_pointwise``) stays: few input channels, transformed weights over
@@ -712,7 +793,7 @@ def plan_winograd(
     block = next((b for b in _POSITION_BLOCKS if (rows * cols) % b == 0), None)
     if block is None:
         return None
-    vectors = 2 if (shape.out_channels // LANES) % 2 == 0 else 1
+    vectors = _channel_vectors(shape.out_channels, unit)
     # Groups of about a row of tiles, each through every stage in L2: on the box's slow
     # mode (a neighbour in L3?) stage-by-stage passes over the whole map took 1.8x as long
     # at 56x56 (1,002 against 557 us) and 1.3x at 28x28; the same at 14x14. Fewer than two

@@ -47,7 +47,14 @@ from typing import Any
 
 from compiler import _fast_inspect
 from compiler.errors import BuildFailedError, CompilerError, UsageError
-from compiler.fusion_plan import choose_block_fusion, precision_refusal
+from compiler.fusion_plan import (
+    AVX2,
+    AVX512,
+    VectorUnit,
+    choose_block_fusion,
+    precision_refusal,
+    vector_unit,
+)
 from compiler.manifest import canonical_json
 from compiler.profiles import HardwareProfile
 from compiler.runtime_choice import set_tvm_threads
@@ -137,9 +144,16 @@ def _prepare(
 
 
 def _prepare_fused(
-    mod: Any, target: Any, *, weight_prepack: bool, fuse_blocks: bool, precision: str = "fp32"
+    mod: Any,
+    target: Any,
+    *,
+    weight_prepack: bool,
+    fuse_blocks: bool,
+    precision: str = "fp32",
+    unit: VectorUnit = AVX512,
 ) -> tuple[Any, list[str]]:
-    """``_prepare``, also returning the blocks fused (``compiler.tvm_fusion``)."""
+    """``_prepare``, also returning the blocks fused (``compiler.tvm_fusion``), their
+    accumulator blocks sized for ``unit``."""
     import tvm
     from tvm import relax
 
@@ -161,11 +175,11 @@ def _prepare_fused(
 
             # The ReLU6 bounds the blocks are recognized by must be constants first.
             mod, fused = fuse_inverted_residuals(
-                relax.transform.FoldConstant()(mod), precision=precision
+                relax.transform.FoldConstant()(mod), precision=precision, unit=unit
             )
             rewrites = (
-                functools.partial(fuse_pointwise, precision=precision),
-                fuse_strided_convs,
+                functools.partial(fuse_pointwise, precision=precision, unit=unit),
+                functools.partial(fuse_strided_convs, unit=unit),
                 fuse_max_pools,
             )
             for rewrite in rewrites:
@@ -663,7 +677,13 @@ def build_library(
         @functools.cache
         def prepared_fused(prepacked: bool) -> tuple[Any, list[str]]:
             return _prepare_fused(
-                relax_mod, target, weight_prepack=prepacked, fuse_blocks=fuse, precision=precision
+                relax_mod,
+                target,
+                weight_prepack=prepacked,
+                fuse_blocks=fuse,
+                precision=precision,
+                # ARM (by request): NEON's 32 registers of 4 lanes hold AVX2's blocks
+                unit=vector_unit(profile.isa, profile.cpu_features) or AVX2,
             )
 
         def prepared(prepacked: bool) -> Any:  # the records check may prepare it first

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from compiler.fusion_plan import (
+    AVX512,
     LANES,
     BlockConfig,
     BlockShape,
@@ -27,6 +28,7 @@ from compiler.fusion_plan import (
     PointwiseShape,
     StemBlockShape,
     StridedConvShape,
+    VectorUnit,
     WinogradConfig,
     bf16_pairs,
     bf16_stages,
@@ -796,7 +798,9 @@ def _replace(mod: Any, plans: dict[Any, _Replacement]) -> Any:
     return relax.transform.DeadCodeElimination(["main"])(rewriter.builder_.get())
 
 
-def fuse_inverted_residuals(mod: Any, *, precision: str = "fp32") -> tuple[Any, list[str]]:
+def fuse_inverted_residuals(
+    mod: Any, *, precision: str = "fp32", unit: VectorUnit = AVX512
+) -> tuple[Any, list[str]]:
     """Replace ``main``'s fusable blocks with fused kernels; returns (module, descriptions).
 
     Run on the imported module after ``FoldConstant`` (the ReLU6 bounds must be constants)
@@ -805,6 +809,7 @@ def fuse_inverted_residuals(mod: Any, *, precision: str = "fp32") -> tuple[Any, 
     (``fusion_plan.plan_stem_block``) takes that convolution in as its expand stage.
     ``precision`` "bf16": blocks with an even number of expanded channels project with
     bf16 products (``_project_and_write``); the caller checks the target has them.
+    ``unit``: the vector registers the accumulator blocks are sized for.
     """
     plans = {}
     fused = []
@@ -827,7 +832,7 @@ def fuse_inverted_residuals(mod: Any, *, precision: str = "fp32") -> tuple[Any, 
     for match in _find_blocks(mod["main"]):
         conv = convs.get(match.x) if uses.get(match.x, 0) == 1 else None
         stem = StemBlockShape(conv.shape, match.shape) if conv is not None else None
-        stem_config = plan_stem_block(stem) if stem is not None else None
+        stem_config = plan_stem_block(stem, unit=unit) if stem is not None else None
         if conv is not None and stem is not None and stem_config is not None:
             # The first convolution becomes the block's expand stage; its own bindings,
             # used by the block alone, go with the block's.
@@ -846,7 +851,7 @@ def fuse_inverted_residuals(mod: Any, *, precision: str = "fp32") -> tuple[Any, 
             )
             fused.append(f"{stem.describe()} (strips of {stem_config.rows} rows{note})")
             continue
-        config = plan_block(match.shape)
+        config = plan_block(match.shape, unit=unit)
         if config is None:
             continue
         shape = match.shape
@@ -1259,7 +1264,9 @@ def _find_pointwise(func: Any) -> list[_PointwiseMatch]:
     return [m for m in matches if not any(m.end.same_as(v) for v in inner_vars)]
 
 
-def fuse_pointwise(mod: Any, *, precision: str = "fp32") -> tuple[Any, list[str]]:
+def fuse_pointwise(
+    mod: Any, *, precision: str = "fp32", unit: VectorUnit = AVX512
+) -> tuple[Any, list[str]]:
     """Replace ``main``'s 1x1 convolutions on small maps and 3x3 convolutions of stride 1
     with ``winograd_func`` kernels (``fusion_plan.plan_winograd``) or else ``pointwise_func``
     kernels (``fusion_plan.plan_pointwise``); returns (module, descriptions). Run after
@@ -1273,8 +1280,8 @@ def fuse_pointwise(mod: Any, *, precision: str = "fp32") -> tuple[Any, list[str]
     for match in _find_pointwise(mod["main"]):
         shape = match.shape
         weight: np.ndarray
-        winograd = plan_winograd(shape)
-        config = plan_pointwise(shape)
+        winograd = plan_winograd(shape, unit=unit)
+        config = plan_pointwise(shape, unit=unit)
         bf16 = plan_pointwise_bf16(shape) if precision == "bf16" else None
         if bf16 is not None:
             func = pointwise_bf16_func(shape, bf16)
@@ -1418,13 +1425,13 @@ def _find_strided_convs(func: Any) -> list[_StridedConvMatch]:
     return [m for m in matches if not any(m.end.same_as(v) for v in inner_vars)]
 
 
-def fuse_strided_convs(mod: Any) -> tuple[Any, list[str]]:
+def fuse_strided_convs(mod: Any, *, unit: VectorUnit = AVX512) -> tuple[Any, list[str]]:
     """Replace ``main``'s stride-2 convolutions over few channels (``plan_strided_conv``)
     with ``strided_conv_func`` kernels; returns (module, descriptions)."""
     plans = {}
     fused = []
     for match in _find_strided_convs(mod["main"]):
-        config = plan_strided_conv(match.shape)
+        config = plan_strided_conv(match.shape, unit=unit)
         if config is None:
             continue
         shape = match.shape

@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 
 from compiler.fusion_plan import (
+    AVX2,
+    AVX512,
     LANES,
     MIN_WIDTH,
     STRIP_BUDGET_BYTES,
+    VECTOR_UNITS,
     VECTORS,
     BlockConfig,
     BlockShape,
@@ -19,6 +22,7 @@ from compiler.fusion_plan import (
     PointwiseShape,
     StemBlockShape,
     StridedConvShape,
+    VectorUnit,
     WinogradConfig,
     block_mask,
     blocked_weights,
@@ -37,6 +41,7 @@ from compiler.fusion_plan import (
     strided_vectors,
     strip_bytes,
     strip_dims,
+    vector_unit,
     winograd_matrices,
     winograd_weights,
 )
@@ -135,8 +140,9 @@ def test_strip_dims_refuses_empty_strips() -> None:
         # MobileNetV2's stride-1 blocks at 56 and 28: 4 and 2 strips of 14 rows
         (BlockShape(24, 144, 24, 56, 56), BlockConfig(14, 4, 2, 4)),
         (BlockShape(32, 192, 32, 28, 28), BlockConfig(14, 4, 2, 4)),
-        # channel counts without a factor 4 or 2 get narrower accumulator blocks
-        (BlockShape(24, 150, 3, 56, 56), BlockConfig(14, 2, 2, 1)),
+        # channel counts without a factor 4 get narrower accumulator blocks: 3, 2 or 1
+        (BlockShape(24, 150, 3, 56, 56), BlockConfig(14, 3, 2, 3)),
+        (BlockShape(24, 146, 3, 56, 56), BlockConfig(14, 2, 2, 3)),
         (BlockShape(16, 95, 16, 28, 28), BlockConfig(14, 1, 1, 4)),
         # too narrow: the padded pitch would waste more than it saves
         (BlockShape(64, 384, 64, 14, 14), None),
@@ -158,6 +164,70 @@ def test_strip_dims_refuses_empty_strips() -> None:
 )
 def test_plan_block(shape: BlockShape, expected: BlockConfig | None) -> None:
     assert plan_block(shape) == expected
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [
+        # AVX2's 16 registers of 8 lanes: 1 vector of 16 positions (2 registers) x 6
+        # channels for the 1x1 stages, 3 for the depthwise one, whatever the stride
+        (BlockShape(24, 144, 24, 56, 56), BlockConfig(14, 6, 3, 6, vectors=1)),
+        # 32 outputs: 4 channels per block
+        (BlockShape(32, 192, 32, 28, 28), BlockConfig(14, 6, 3, 4, vectors=1)),
+        (BlockShape(16, 96, 24, 112, 112, 2), BlockConfig(7, 6, 3, 6, vectors=1)),
+        (BlockShape(24, 144, 32, 56, 56, 2), BlockConfig(7, 6, 3, 4, vectors=1)),
+        (BlockShape(32, 192, 64, 28, 28, 2), BlockConfig(7, 6, 3, 4, vectors=1)),
+        (BlockShape(96, 576, 160, 14, 14, 2), None),
+    ],
+)
+def test_plan_block_for_avx2(shape: BlockShape, expected: BlockConfig | None) -> None:
+    config = plan_block(shape, unit=AVX2)
+    assert config == expected
+    if config is not None:  # the stages' positions are whole blocks of its vectors
+        block = config.vectors * LANES
+        if shape.stride == 1:
+            _, fd, fe = strip_dims(shape.width, config.rows)
+        else:
+            _, fd, fe = strided_strip_dims(shape.out_width, config.rows, config.vectors)
+        assert fd % block == 0 and fe % block == 0
+
+
+def test_channel_vectorized_kernels_for_avx2_hold_one_vector_of_channels() -> None:
+    relu6 = "relu6"
+    assert plan_pointwise(PointwiseShape(160, 960, 7, 7, relu6), unit=AVX2) == PointwiseConfig(7, 1)
+    assert plan_pointwise(PointwiseShape(576, 96, 14, 14), unit=AVX2) == PointwiseConfig(7, 1)
+    # short reductions at 14x14 too: MetaSchedule's AVX2 kernels for them are slower
+    expansion = PointwiseShape(64, 384, 14, 14, relu6)
+    assert plan_pointwise(expansion, unit=AVX2) == PointwiseConfig(7, 1)
+    assert plan_pointwise(expansion) is None
+    conv3x3 = PointwiseShape(64, 64, 56, 56, "relu", kernel=3)
+    assert plan_pointwise(conv3x3, unit=AVX2) == PointwiseConfig(7, 1)
+    assert plan_winograd(conv3x3, unit=AVX2) == WinogradConfig(4, 7, 1, group=14)
+    first = StridedConvShape(3, 32, 224, 224, 3, relu6)
+    assert plan_strided_conv(first, unit=AVX2) == BlockConfig(56, 1, 1, 4, vectors=1)
+    stem = StemBlockShape(first, BlockShape(32, 32, 16, 112, 112, expand=False))
+    assert plan_stem_block(stem, unit=AVX2) == BlockConfig(28, 4, 2, 4, vectors=1)
+
+
+@pytest.mark.parametrize(
+    ("isa", "features", "expected"),
+    [
+        ("x86_64", ("avx512f", "avx2", "fma"), AVX512),
+        ("x86_64", ("avx2", "fma", "bmi2"), AVX2),
+        ("x86_64", ("avx2",), None),  # the kernels' multiply-adds are FMAs
+        ("x86_64", ("sse4_2",), None),
+        ("aarch64", ("neon", "avx512f"), None),
+    ],
+)
+def test_vector_unit(isa: str, features: tuple[str, ...], expected: VectorUnit | None) -> None:
+    assert vector_unit(isa, features) == expected
+
+
+def test_avx2_accumulators_leave_registers_for_the_operands() -> None:
+    for unit in VECTOR_UNITS.values():
+        registers_per_vector = LANES // unit.lanes
+        assert unit.accumulators * registers_per_vector <= unit.registers - 4
+        assert unit.accumulators % unit.block_vectors == 0
 
 
 def test_plan_prefers_an_even_number_of_strips_within_the_budget() -> None:
@@ -204,7 +274,8 @@ AVX512 = ("avx512f", "avx512bw", "fma")
     ("requested", "gpu", "isa", "features", "expected"),
     [
         (None, False, "x86_64", AVX512, True),  # the default where it was measured
-        (None, False, "x86_64", ("avx2", "fma"), False),  # AVX2: 16-lane blocks spill; by request
+        (None, False, "x86_64", ("avx2", "fma"), True),  # AVX2: blocks sized for 16 registers
+        (None, False, "x86_64", ("sse4_2",), False),  # no unit the kernels are sized for
         (True, False, "x86_64", ("avx2", "fma"), True),
         (None, False, "aarch64", ("neon",), False),  # untimed on ARM: by request only
         (True, False, "aarch64", ("neon",), True),
