@@ -211,7 +211,8 @@ def keys_generate(output_dir: Path | None, force: bool) -> None:
     "stride 1 or 2, 1x1) as one hand-scheduled kernel each, and 3x3 (Winograd where it "
     "pays), first-layer, stride-2 and small-map 1x1 convolutions and max pools as "
     "hand-scheduled kernels, untuned. "
-    "Default: on for x86-64 profiles with AVX-512 (their 16-lane blocks spill on AVX2).",
+    "Default: on for x86-64 profiles with AVX-512 or AVX2 + FMA (accumulator blocks sized "
+    "for each), by request on ARM.",
 )
 @click.option(
     "--precision",
