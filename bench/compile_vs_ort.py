@@ -235,7 +235,7 @@ class Options:
     weight_prepack: bool | None = None  # None: build_library's default (on when tuning)
     max_trials_per_task: int | None = None  # None: the profile's
     retune: bool = False  # tune the --tuning-db's recorded tasks further (staged tuning)
-    fuse_blocks: bool | None = None  # None: build_library's default (on for AVX-512 x86-64)
+    fuse_blocks: bool | None = None  # None: build_library's default (on for AVX-512, AVX2 x86-64)
     precision: str = "fp32"  # "bf16": 1x1 convolutions with bf16 products (compiler/tvm_bf16.py)
 
 
@@ -722,7 +722,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         default=None,
         help="inverted-residual blocks and 3x3, first-layer and small-map 1x1 convolutions "
         "as hand-scheduled "
-        "kernels in both TVM builds (build_library's default on AVX-512 x86-64); "
+        "kernels in both TVM builds (build_library's default on AVX-512 and AVX2 x86-64); "
         "--no-fuse-blocks for MetaSchedule's kernels only",
     )
     parser.add_argument(
