@@ -39,8 +39,11 @@ class VectorUnit:
     stride 1 (at most, at stride 2), ``channel_vectors`` of output channels (at most) per
     block of the kernels vectorized along channels; ``pointwise_min_reduction``: input
     channels a 1x1 convolution on a map larger than 7x7 needs for the pointwise kernel to
-    take it over MetaSchedule's. Measured in docs/benchmarks.md: with AVX-512's blocks
-    AVX2's 16 registers spill (a 28x28 block took 2.2x as long as with AVX2's)."""
+    take it over MetaSchedule's; ``conv_positions``: positions per block of the 3x3 and
+    stride-2 direct kernels and of the Winograd GEMM, the first that divides the output
+    width (tile count). Measured in docs/benchmarks.md: with AVX-512's blocks AVX2's 16
+    registers spill (a 28x28 block took 2.2x as long as with AVX2's; a 3x3 convolution
+    at 7 positions x 2 registers 41-43 GMAC/s, at 4 positions 67-79)."""
 
     name: str
     lanes: int
@@ -49,6 +52,7 @@ class VectorUnit:
     block_vectors: int
     channel_vectors: int
     pointwise_min_reduction: int
+    conv_positions: tuple[int, ...]
 
 
 AVX512 = VectorUnit(
@@ -59,6 +63,7 @@ AVX512 = VectorUnit(
     block_vectors=4,
     channel_vectors=2,
     pointwise_min_reduction=256,
+    conv_positions=(7, 8, 6, 5, 4),
 )
 AVX2 = VectorUnit(
     "avx2",
@@ -68,6 +73,7 @@ AVX2 = VectorUnit(
     block_vectors=1,
     channel_vectors=1,
     pointwise_min_reduction=0,
+    conv_positions=(4, 7, 8, 6, 5),
 )
 VECTOR_UNITS = {unit.name: unit for unit in (AVX512, AVX2)}
 
@@ -429,7 +435,7 @@ def plan_pointwise(shape: PointwiseShape, *, unit: VectorUnit = AVX512) -> Point
     if shape.kernel == 3 or shape.stride == 2:
         if shape.kernel == 3 and shape.in_channels < MIN_CONV3X3_IN_CHANNELS:
             return None
-        block = next((b for b in _POSITION_BLOCKS if shape.out_width % b == 0), None)
+        block = next((b for b in unit.conv_positions if shape.out_width % b == 0), None)
         return None if block is None else PointwiseConfig(positions=block, vectors=vectors)
     if positions > MAX_POINTWISE_POSITIONS:
         return None
@@ -790,7 +796,7 @@ def plan_winograd(
     if (tile + 2) ** 2 * shape.in_channels * shape.out_channels * 4 > max_weight_bytes:
         return None
     rows, cols = -(-shape.height // tile), -(-shape.width // tile)
-    block = next((b for b in _POSITION_BLOCKS if (rows * cols) % b == 0), None)
+    block = next((b for b in unit.conv_positions if (rows * cols) % b == 0), None)
     if block is None:
         return None
     vectors = _channel_vectors(shape.out_channels, unit)

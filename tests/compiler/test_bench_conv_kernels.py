@@ -32,13 +32,15 @@ def test_parse_shape_defaults_to_stride_1_and_3x3() -> None:
     assert parse_shape("64,128,56,2,1") == [64, 128, 56, 2, 1]
 
 
+@pytest.mark.parametrize(("unit", "block"), [("avx512", 8), ("avx2", 4)])
 def test_a_group_that_does_not_divide_the_tiles_is_refused(
-    capsys: pytest.CaptureFixture[str],
+    unit: str, block: int, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    argv = ["--shape", "32,32,16", "--group", "12", "--unit", unit, "--rounds", "1"]
     with pytest.raises(SystemExit) as info:
-        main(["--shape", "32,32,16", "--group", "12", "--rounds", "1", "--repeat", "1"])
+        main([*argv, "--repeat", "1"])
     assert info.value.code == 2
-    assert "--group 12: 3x3 32->32 at 16x16 + ReLU has 16 tiles in blocks of 8" in (
+    assert f"--group 12: 3x3 32->32 at 16x16 + ReLU has 16 tiles in blocks of {block};" in (
         capsys.readouterr().err
     )
 

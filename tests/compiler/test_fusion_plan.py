@@ -200,9 +200,17 @@ def test_channel_vectorized_kernels_for_avx2_hold_one_vector_of_channels() -> No
     expansion = PointwiseShape(64, 384, 14, 14, relu6)
     assert plan_pointwise(expansion, unit=AVX2) == PointwiseConfig(7, 1)
     assert plan_pointwise(expansion) is None
+    # 3x3 and stride 2: 4 positions where the width allows (7 x 2 registers spilled)
     conv3x3 = PointwiseShape(64, 64, 56, 56, "relu", kernel=3)
-    assert plan_pointwise(conv3x3, unit=AVX2) == PointwiseConfig(7, 1)
-    assert plan_winograd(conv3x3, unit=AVX2) == WinogradConfig(4, 7, 1, group=14)
+    assert plan_pointwise(conv3x3, unit=AVX2) == PointwiseConfig(4, 1)
+    assert plan_winograd(conv3x3, unit=AVX2) == WinogradConfig(4, 4, 1, group=28)
+    shortcut = PointwiseShape(256, 512, 14, 14, "relu", stride=2)
+    assert plan_pointwise(shortcut, unit=AVX2) == PointwiseConfig(7, 1)  # 7 wide
+    conv7x7 = PointwiseShape(512, 512, 7, 7, kernel=3)
+    assert plan_pointwise(conv7x7, unit=AVX2) == PointwiseConfig(7, 1)
+    assert plan_winograd(PointwiseShape(128, 128, 28, 28, kernel=3), unit=AVX2) == (
+        WinogradConfig(4, 7, 1, group=7)  # 7 x 7 tiles
+    )
     first = StridedConvShape(3, 32, 224, 224, 3, relu6)
     assert plan_strided_conv(first, unit=AVX2) == BlockConfig(56, 1, 1, 4, vectors=1)
     stem = StemBlockShape(first, BlockShape(32, 32, 16, 112, 112, expand=False))
