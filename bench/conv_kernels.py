@@ -29,13 +29,19 @@ from typing import Any
 import numpy as np
 
 from bench.fused_block import alternate_with_ort, host_mcpu, host_unit, unit_option
+from compiler.execution import detect_host
 from compiler.fusion_plan import (
     VECTOR_UNITS,
     PointwiseShape,
     VectorUnit,
     WinogradConfig,
+    amx_weights,
     blocked_weights,
+    has_amx,
+    paired_bf16_weights,
     plan_pointwise,
+    plan_pointwise_amx,
+    plan_pointwise_bf16,
     plan_winograd,
     winograd_weights,
 )
@@ -95,12 +101,29 @@ def _kernels(
     winograd: bool,
     group: int | None,
     unit: VectorUnit,
+    bf16: frozenset[str] = frozenset(),
 ) -> list[tuple[str, Any, np.ndarray]]:
-    """(label, scheduled PrimFunc, weight argument) for each kernel that takes ``shape``."""
+    """(label, scheduled PrimFunc, weight argument) for each kernel that takes ``shape``;
+    ``bf16``: the host's features, for the bf16 kernels it can run ("avx512_bf16": the
+    vdpbf16ps kernel, "amx_bf16": the AMX one)."""
     from compiler.tvm_fusion import pointwise_func, winograd_func
 
     c, co = shape.in_channels, shape.out_channels
     kernels = []
+    flat = weight.reshape(co, c * shape.kernel * shape.kernel)
+    pairs = plan_pointwise_bf16(shape) if "avx512_bf16" in bf16 else None
+    if pairs is not None:
+        from compiler.tvm_bf16 import pointwise_bf16_func
+
+        label = f"bf16 vdpbf16ps ({pairs.positions} positions x {pairs.vectors} vectors)"
+        weights = paired_bf16_weights(flat, pairs.vectors)
+        kernels.append((label, pointwise_bf16_func(shape, pairs), weights))
+    amx = plan_pointwise_amx(shape) if has_amx("x86_64", sorted(bf16)) else None
+    if amx is not None:
+        from compiler.tvm_amx import pointwise_amx_func
+
+        label = f"bf16 AMX ({amx.rows} rows per job)"
+        kernels.append((label, pointwise_amx_func(shape), amx_weights(flat, amx)))
     direct = plan_pointwise(shape, unit=unit)
     if direct is not None:
         taps = np.moveaxis(weight.reshape(co, c, -1), 0, -1)
@@ -136,9 +159,11 @@ def run_shape(
     winograd: bool = False,
     group: int | None = None,
     unit: VectorUnit | None = None,
+    bf16: bool = False,
 ) -> list[dict[str, Any]]:
     """Time and check each kernel that takes the shape against ORT, planned for ``unit``
-    (default: this CPU's, ``host_unit``); one row per kernel."""
+    (default: this CPU's, ``host_unit``), with ``bf16`` also the bf16 kernels this CPU can
+    run; one row per kernel."""
     import onnxruntime as ort
     import tvm
 
@@ -162,7 +187,10 @@ def run_shape(
     dev = tvm.cpu()
     out = tvm.runtime.tensor(np.zeros(expected.shape, "float32"), dev)
     macs = c * co * shape.out_height * shape.out_width * kernel * kernel
-    kernels = _kernels(shape, weight, winograd=winograd, group=group, unit=unit or host_unit())
+    features = detect_host().cpu_features if bf16 else frozenset()
+    kernels = _kernels(
+        shape, weight, winograd=winograd, group=group, unit=unit or host_unit(), bf16=features
+    )
     if not kernels:
         print(f"  no kernel of the compiler takes {shape.describe()}")
     results = []
@@ -200,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--winograd", action="store_true", help="Winograd on any 3x3 stride 1")
     parser.add_argument("--group", type=int, help="Winograd tiles per group (0: stage by stage)")
     unit_option(parser)
+    parser.add_argument(
+        "--bf16", action="store_true", help="also the bf16 kernels (vdpbf16ps, AMX) this CPU runs"
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=50)
@@ -224,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                 winograd=args.winograd,
                 group=args.group,
                 unit=VECTOR_UNITS[args.unit] if args.unit else None,
+                bf16=args.bf16,
             )
         except ValueError as err:
             parser.error(str(err))

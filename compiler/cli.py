@@ -220,8 +220,9 @@ def keys_generate(output_dir: Path | None, force: bool) -> None:
     default="fp32",
     show_default=True,
     help="bf16: 1x1 convolutions on small maps and the fused blocks' expansions and "
-    "projections with bf16 products and fp32 sums (x86-64 profiles with avx512_bf16; gated "
-    "by the profile's accuracy_bf16 tolerances).",
+    "projections with bf16 products and fp32 sums (x86-64 profiles with avx512_bf16; the 1x1 "
+    "convolutions on AMX tiles where the profile lists amx_tile and amx_bf16; gated by the "
+    "profile's accuracy_bf16 tolerances).",
 )
 @click.option(
     "--runtime",

@@ -27,6 +27,9 @@ VECTORS = 4  # vectors of positions per accumulator block
 # Per-strip activations (input rows, expanded, depthwise, projected) must fit in L2 next to
 # the weights: 2 MiB per core on the AVX-512 boxes measured.
 STRIP_BUDGET_BYTES = 1536 * 1024
+# Positions per block of the 1x1 kernels (the first that divides the output width), and of
+# AVX-512's 3x3 / stride-2 direct kernels and Winograd GEMM (``VectorUnit.conv_positions``).
+POSITION_BLOCKS = (7, 8, 6, 5, 4)
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,7 @@ AVX512 = VectorUnit(
     block_vectors=4,
     channel_vectors=2,
     pointwise_min_reduction=256,
-    conv_positions=(7, 8, 6, 5, 4),
+    conv_positions=POSITION_BLOCKS,
 )
 AVX2 = VectorUnit(
     "avx2",
@@ -350,7 +353,6 @@ MAX_POINTWISE_POSITIONS = 14 * 14
 # 3x3 convolutions with a reduction of 9 x 16 or more (a network's first layer, 3 channels,
 # is left to MetaSchedule or the stride-2 kernel below).
 MIN_CONV3X3_IN_CHANNELS = 16
-_POSITION_BLOCKS = (7, 8, 6, 5, 4)
 
 
 @dataclass(frozen=True)
@@ -441,7 +443,7 @@ def plan_pointwise(shape: PointwiseShape, *, unit: VectorUnit = AVX512) -> Point
         return None
     if positions > 49 and shape.in_channels < unit.pointwise_min_reduction:
         return None
-    block = next((b for b in _POSITION_BLOCKS if positions % b == 0), None)
+    block = next((b for b in POSITION_BLOCKS if positions % b == 0), None)
     if block is None:
         return None
     return PointwiseConfig(positions=block, vectors=vectors)
@@ -498,7 +500,7 @@ def plan_pointwise_bf16(shape: PointwiseShape) -> PointwiseConfig | None:
         return None
     if shape.out_channels < LANES or shape.out_channels % LANES:
         return None
-    block = next((b for b in _POSITION_BLOCKS if positions % b == 0), None)
+    block = next((b for b in POSITION_BLOCKS if positions % b == 0), None)
     if block is None:
         return None
     vectors = 2 if (shape.out_channels // LANES) % 2 == 0 else 1
@@ -547,6 +549,66 @@ def bf16_pairs(weight: npt.NDArray[np.float32]) -> npt.NDArray[np.uint32]:
     low = bf16_bits(weight[:, 0::2]).astype(np.uint32)
     high = bf16_bits(weight[:, 1::2]).astype(np.uint32)
     return np.ascontiguousarray(low | (high << 16))
+
+
+# Intel AMX (``compiler.tvm_amx``): a bf16 build for a profile listing these features computes
+# 1x1 convolutions on tiles: 32 output channels by two image rows of at most 16 positions
+# per block of four 16x16 fp32 tiles, 32 input channels per step (zero-padded up to a whole
+# step). Jobs: where the input is the larger side, groups of rows (2, 4, ...: at least
+# ``AMX_MIN_JOBS`` jobs where the map allows) by blocks of 32 channels, group-major, so that
+# with 2 threads each core multiplies the rows it packed itself (tile loads of activation
+# rows another core had just written made a 576->96 convolution at 14x14 slower on 2 threads
+# than on 1: 88 against 54 us); where the output is, blocks of 32 channels with all rows, so
+# that no output row is written by two cores (96->576: 43 us against 72-92 by row groups).
+AMX_FEATURES = ("amx_tile", "amx_bf16")
+AMX_TILE = 32
+AMX_MAX_WIDTH = 16
+AMX_MIN_JOBS = 8
+
+
+@dataclass(frozen=True)
+class AmxPlan:
+    """The AMX kernel's input channels padded to whole steps of ``AMX_TILE``, and image rows
+    per job (even, but for a last odd row)."""
+
+    in_channels: int
+    rows: int
+
+
+def has_amx(isa: str, features: Sequence[str]) -> bool:
+    """Whether a profile (``isa``, ``cpu_features``) has AMX's bf16 tiles."""
+    return isa == "x86_64" and all(feature in features for feature in AMX_FEATURES)
+
+
+def plan_pointwise_amx(shape: PointwiseShape) -> AmxPlan | None:
+    """The AMX kernel's plan for ``shape``, None where it is not used: 1x1 stride-1
+    convolutions on maps of at most ``MAX_POINTWISE_POSITIONS`` (larger ones run in the fused
+    blocks) and ``AMX_MAX_WIDTH`` columns (a tile's row), whole blocks of 32 output channels
+    (the tiles are stored into the NCHW output directly, so the channels are not padded)."""
+    c, co, h, w = shape.in_channels, shape.out_channels, shape.height, shape.width
+    if shape.kernel != 1 or shape.stride != 1 or c < 1 or co < AMX_TILE or co % AMX_TILE:
+        return None
+    if not 0 < h * w <= MAX_POINTWISE_POSITIONS or w > AMX_MAX_WIDTH:
+        return None
+    c_pad = -(-c // AMX_TILE) * AMX_TILE
+    if c_pad < co:  # more output than input: jobs by channel blocks, all rows each
+        return AmxPlan(c_pad, h + h % 2)
+    blocks, groups = co // AMX_TILE, 2
+    while blocks * groups < AMX_MIN_JOBS and 2 * groups <= -(-h // 2):
+        groups *= 2
+    rows = -(-h // groups)
+    return AmxPlan(c_pad, rows + rows % 2)
+
+
+def amx_weights(weight: npt.NDArray[np.float32], plan: AmxPlan) -> npt.NDArray[np.uint16]:
+    """A 1x1 weight (Co, C) as bf16 bits, its input channels zero-padded to the plan's: the
+    row-major matrix whose 16x32 blocks are the kernel's first tile operand."""
+    co, c = weight.shape
+    if c > plan.in_channels:
+        raise ValueError(f"{c} input channels do not fit the plan's {plan.in_channels}")
+    padded = np.zeros((co, plan.in_channels), np.float32)
+    padded[:, :c] = weight
+    return bf16_bits(padded)
 
 
 # First layers: a k x k convolution of stride 2 over few input channels (MobileNet's 3x3

@@ -40,7 +40,7 @@ declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloa
 """
 
 
-def _round_bf16(bits: Any) -> Any:
+def round_bf16(bits: Any) -> Any:
     """The bf16 nearest to the float32 whose bits are ``bits`` (uint32), ties to even, in the
     low 16 bits (``fusion_plan.bf16_bits`` computes the same)."""
     from tvm.script import tirx as T
@@ -48,7 +48,7 @@ def _round_bf16(bits: Any) -> Any:
     return (bits + T.uint32(0x7FFF) + ((bits >> T.uint32(16)) & T.uint32(1))) >> T.uint32(16)
 
 
-def _activate(kind: str | None, value: Any) -> Any:
+def activate(kind: str | None, value: Any) -> Any:
     from tvm.script import tirx as T
 
     if kind == "relu6":
@@ -94,17 +94,17 @@ def pointwise_bf16_func(shape: PointwiseShape, config: PointwiseConfig) -> Any:
             for i in range(h):
                 for j in T.vectorized(w):
                     with T.sblock("pack"):
-                        Xp[k, i * w + j] = _round_bf16(
+                        Xp[k, i * w + j] = round_bf16(
                             T.reinterpret("uint32", X[0, 2 * k, i, j])
                         ) | (
-                            _round_bf16(T.reinterpret("uint32", X[0, 2 * k + 1, i, j]))
+                            round_bf16(T.reinterpret("uint32", X[0, 2 * k + 1, i, j]))
                             << T.uint32(16)
                         )
         if whole < pairs:  # an odd channel count: the last pair's high half is 0
             for i in range(h):
                 for j in T.vectorized(w):
                     with T.sblock("pack_odd"):
-                        Xp[whole, i * w + j] = _round_bf16(
+                        Xp[whole, i * w + j] = round_bf16(
                             T.reinterpret("uint32", X[0, 2 * whole, i, j])
                         )
         for job in T.parallel(blocks * pos_blocks):
@@ -144,7 +144,7 @@ def pointwise_bf16_func(shape: PointwiseShape, config: PointwiseConfig) -> Any:
                                 A[
                                     job % pos_blocks * positions + i,
                                     job // pos_blocks * chans + v * LANES + lane,
-                                ] = _activate(
+                                ] = activate(
                                     early,
                                     acc[i, v * LANES + lane]
                                     + bias[job // pos_blocks * chans + v * LANES + lane],
@@ -155,7 +155,7 @@ def pointwise_bf16_func(shape: PointwiseShape, config: PointwiseConfig) -> Any:
                 for lane in T.unroll(LANES):
                     with T.sblock("out"):
                         if shape.residual:
-                            Out[0, o * LANES + lane, p // w, p % w] = _activate(
+                            Out[0, o * LANES + lane, p // w, p % w] = activate(
                                 late,
                                 A[p, o * LANES + lane] + R[0, o * LANES + lane, p // w, p % w],
                             )
@@ -218,11 +218,11 @@ def pair_high(pair: Any) -> Any:
 
 
 def pack_pair(low: Any, high: Any) -> Any:
-    """Two float32 values rounded to bf16 (``_round_bf16``) as one uint32 pair."""
+    """Two float32 values rounded to bf16 (``round_bf16``) as one uint32 pair."""
     from tvm import tirx
 
     def bits(value: Any) -> Any:
-        return _round_bf16(tirx.reinterpret("uint32", value))
+        return round_bf16(tirx.reinterpret("uint32", value))
 
     return bits(low) | (bits(high) << tirx.const(16, "uint32"))
 

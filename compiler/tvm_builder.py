@@ -52,6 +52,7 @@ from compiler.fusion_plan import (
     AVX512,
     VectorUnit,
     choose_block_fusion,
+    has_amx,
     precision_refusal,
     vector_unit,
 )
@@ -151,9 +152,11 @@ def _prepare_fused(
     fuse_blocks: bool,
     precision: str = "fp32",
     unit: VectorUnit = AVX512,
+    amx: bool = False,
 ) -> tuple[Any, list[str]]:
     """``_prepare``, also returning the blocks fused (``compiler.tvm_fusion``), their
-    accumulator blocks sized for ``unit``."""
+    accumulator blocks sized for ``unit``; ``amx``: a bf16 build's 1x1 kernels may run on
+    AMX tiles (``fusion_plan.has_amx``)."""
     import tvm
     from tvm import relax
 
@@ -178,7 +181,7 @@ def _prepare_fused(
                 relax.transform.FoldConstant()(mod), precision=precision, unit=unit
             )
             rewrites = (
-                functools.partial(fuse_pointwise, precision=precision, unit=unit),
+                functools.partial(fuse_pointwise, precision=precision, unit=unit, amx=amx),
                 functools.partial(fuse_strided_convs, unit=unit),
                 fuse_max_pools,
             )
@@ -684,6 +687,7 @@ def build_library(
                 precision=precision,
                 # ARM (by request): NEON's 32 registers of 4 lanes hold AVX2's blocks
                 unit=vector_unit(profile.isa, profile.cpu_features) or AVX2,
+                amx=has_amx(profile.isa, profile.cpu_features),
             )
 
         def prepared(prepacked: bool) -> Any:  # the records check may prepare it first

@@ -30,6 +30,7 @@ from compiler.fusion_plan import (
     StridedConvShape,
     VectorUnit,
     WinogradConfig,
+    amx_weights,
     bf16_pairs,
     bf16_stages,
     block_mask,
@@ -38,6 +39,7 @@ from compiler.fusion_plan import (
     plan_block,
     plan_max_pool,
     plan_pointwise,
+    plan_pointwise_amx,
     plan_pointwise_bf16,
     plan_stem_block,
     plan_strided_conv,
@@ -1265,14 +1267,17 @@ def _find_pointwise(func: Any) -> list[_PointwiseMatch]:
 
 
 def fuse_pointwise(
-    mod: Any, *, precision: str = "fp32", unit: VectorUnit = AVX512
+    mod: Any, *, precision: str = "fp32", unit: VectorUnit = AVX512, amx: bool = False
 ) -> tuple[Any, list[str]]:
     """Replace ``main``'s 1x1 convolutions on small maps and 3x3 convolutions of stride 1
     with ``winograd_func`` kernels (``fusion_plan.plan_winograd``) or else ``pointwise_func``
     kernels (``fusion_plan.plan_pointwise``); returns (module, descriptions). Run after
     ``fuse_inverted_residuals``, on what it left. ``precision`` "bf16": 1x1 stride-1
     convolutions that ``fusion_plan.plan_pointwise_bf16`` takes get the bf16 kernel
-    (``tvm_bf16.pointwise_bf16_func``) instead; the caller checks the target has it."""
+    (``tvm_bf16.pointwise_bf16_func``) instead, and with ``amx`` those that
+    ``fusion_plan.plan_pointwise_amx`` takes the AMX kernel (``tvm_amx.pointwise_amx_func``);
+    the caller checks the target has them."""
+    from compiler.tvm_amx import pointwise_amx_func
     from compiler.tvm_bf16 import pointwise_bf16_func
 
     plans = {}
@@ -1283,7 +1288,14 @@ def fuse_pointwise(
         winograd = plan_winograd(shape, unit=unit)
         config = plan_pointwise(shape, unit=unit)
         bf16 = plan_pointwise_bf16(shape) if precision == "bf16" else None
-        if bf16 is not None:
+        on_tiles = plan_pointwise_amx(shape) if precision == "bf16" and amx else None
+        if on_tiles is not None:
+            func = pointwise_amx_func(shape)
+            weight = amx_weights(
+                match.weight.reshape(shape.out_channels, shape.in_channels), on_tiles
+            )
+            fused.append(f"{shape.describe()} (bf16, AMX)")
+        elif bf16 is not None:
             func = pointwise_bf16_func(shape, bf16)
             weight = paired_bf16_weights(
                 match.weight.reshape(shape.out_channels, shape.in_channels), bf16.vectors

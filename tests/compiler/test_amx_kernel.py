@@ -1,0 +1,218 @@
+"""The AMX 1x1 kernel: its pure plan and weight packing, what it computes against numpy on
+the same bf16-rounded operands (on CPUs with AMX), and its wiring into a bf16 build."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compiler.execution import read_cpu_features
+from compiler.fusion_plan import (
+    AmxPlan,
+    PointwiseShape,
+    amx_weights,
+    bf16_bits,
+    has_amx,
+    plan_pointwise_amx,
+)
+from compiler.settings import CompilerSettings
+
+SPR = ["avx512f", "avx512_bf16", "amx_tile", "amx_bf16"]
+
+
+def _host_has_amx() -> bool:
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        return False
+    return has_amx("x86_64", sorted(read_cpu_features(text)))
+
+
+needs_amx = pytest.mark.skipif(
+    not _host_has_amx(), reason="this CPU has no AMX bf16 tiles to run the kernel on"
+)
+
+
+def _from_bits(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("isa", "features", "expected"),
+    [
+        ("x86_64", SPR, True),
+        ("x86_64", ["avx512f", "avx512_bf16", "amx_tile"], False),  # tiles without bf16
+        ("x86_64", ["avx512f", "avx512_bf16"], False),  # Zen 4
+        ("aarch64", ["amx_tile", "amx_bf16"], False),
+    ],
+)
+def test_has_amx(isa: str, features: list[str], expected: bool) -> None:
+    assert has_amx(isa, features) is expected
+
+
+@pytest.mark.parametrize(
+    ("shape", "plan"),
+    [
+        # more output than input: 18 blocks of 32 channels, one job each with all 14 rows
+        (PointwiseShape(96, 576, 14, 14, "relu6"), AmxPlan(96, 14)),
+        (PointwiseShape(320, 1280, 7, 7, "relu6"), AmxPlan(320, 8)),  # odd height: 8 rows
+        # more input: rows in 2, 4, ... groups until there are 8 jobs (2 blocks x 4 groups)
+        (PointwiseShape(384, 64, 14, 14), AmxPlan(384, 4)),
+        (PointwiseShape(960, 160, 7, 7, residual=True), AmxPlan(960, 4)),  # 5 x 2 jobs
+        (PointwiseShape(5, 32, 7, 7), AmxPlan(32, 2)),  # input channels padded to a step
+        (PointwiseShape(64, 48, 7, 7), None),  # not whole blocks of 32 output channels
+        (PointwiseShape(64, 64, 28, 28), None),  # wider than a tile's 16 columns
+        (PointwiseShape(64, 64, 8, 32), None),
+        (PointwiseShape(64, 64, 7, 7, kernel=3), None),
+        (PointwiseShape(64, 64, 14, 14, stride=2), None),
+    ],
+    ids=lambda v: v.describe() if isinstance(v, PointwiseShape) else str(v),
+)
+def test_plan_pointwise_amx(shape: PointwiseShape, plan: AmxPlan | None) -> None:
+    assert plan_pointwise_amx(shape) == plan
+
+
+def test_amx_weights_are_the_bf16_matrix_padded_along_input_channels() -> None:
+    weight = np.arange(32 * 5, dtype=np.float32).reshape(32, 5)
+    packed = amx_weights(weight, AmxPlan(32, 2))
+    assert packed.shape == (32, 32) and packed.dtype == np.uint16
+    assert _from_bits(packed[1, :6]).tolist() == [5.0, 6.0, 7.0, 8.0, 9.0, 0.0]
+    assert not packed[:, 5:].any()
+    with pytest.raises(ValueError, match="40 input channels do not fit the plan's 32"):
+        amx_weights(np.zeros((32, 40), np.float32), AmxPlan(32, 2))
+
+
+def test_a_shape_the_plan_refuses_is_refused_by_the_kernel() -> None:
+    from compiler.tvm_amx import pointwise_amx_func
+
+    with pytest.raises(ValueError, match="does not compute 1x1 64->48 at 7x7"):
+        pointwise_amx_func(PointwiseShape(64, 48, 7, 7))
+
+
+@needs_amx
+@pytest.mark.parametrize(
+    "shape",
+    [
+        PointwiseShape(5, 32, 7, 7, "relu6"),  # odd reduction padded to 32; odd height
+        PointwiseShape(64, 64, 14, 14, "relu", residual=True),  # rows split into 4 groups
+        PointwiseShape(96, 96, 14, 14),  # 3 steps of 32
+        PointwiseShape(200, 128, 5, 9, residual=True),  # non-square, odd, padded
+    ],
+    ids=lambda s: s.describe(),
+)
+def test_kernel_computes_the_bf16_rounded_convolution(shape: PointwiseShape) -> None:
+    import tvm
+
+    from compiler.tvm_amx import pointwise_amx_func
+
+    plan = plan_pointwise_amx(shape)
+    assert plan is not None
+    c, co, h, w = shape.in_channels, shape.out_channels, shape.height, shape.width
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, c, h, w)).astype(np.float32)
+    weight = (rng.standard_normal((co, c)) / np.sqrt(c)).astype(np.float32)
+    bias = rng.standard_normal(co).astype(np.float32)
+    residual = rng.standard_normal((1, co, h, w)).astype(np.float32)
+    func = pointwise_amx_func(shape).with_attr("global_symbol", "main")
+    lib = tvm.compile(tvm.IRModule({"main": func}), {"kind": "llvm", "mcpu": "sapphirerapids"})
+    args = [x, amx_weights(weight, plan), bias] + ([residual] if shape.residual else [])
+    out = tvm.runtime.tensor(np.full((1, co, h, w), np.nan, np.float32))
+    lib["main"](*[tvm.runtime.tensor(a) for a in args], out)
+
+    xb = _from_bits(bf16_bits(x)).astype(np.float64)
+    wb = _from_bits(bf16_bits(weight)).astype(np.float64)
+    expected = np.einsum("oc,chw->ohw", wb, xb[0])[None] + bias[None, :, None, None]
+    if shape.residual:
+        expected += residual
+    if shape.activation == "relu6":
+        expected = np.clip(expected, 0, 6)
+    elif shape.activation == "relu":
+        expected = np.maximum(expected, 0)
+    # The products are exact in fp32; only the order of the fp32 sums differs.
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5)
+    if shape.activation is None and not shape.residual:  # and bf16, not fp32, products
+        exact = np.einsum("oc,chw->ohw", weight.astype(np.float64), x[0].astype(np.float64))
+        assert np.abs(exact + bias[:, None, None] - out.numpy()[0]).max() > 1e-3
+
+
+def test_the_kernel_survives_weight_prepackings_layout_pass() -> None:
+    """Tuned builds with weight prepacking run SplitLayoutRewritePreproc over every kernel."""
+    import tvm
+    from tvm import relax
+
+    from compiler.tvm_amx import pointwise_amx_func
+
+    for shape in (PointwiseShape(9, 32, 7, 7, "relu6"), PointwiseShape(8, 32, 7, 7, residual=True)):
+        func = pointwise_amx_func(shape).with_attr("layout_free_buffers", [1, 2])
+        relax.transform.SplitLayoutRewritePreproc()(tvm.IRModule({tvm.ir.GlobalVar("k"): func}))
+
+
+def test_a_bf16_build_for_an_amx_profile_puts_the_small_maps_on_tiles(tmp_path: Path) -> None:
+    """The wiring (no execution: any x86-64 host builds the kernels): the 14x14 and 7x7 1x1
+    convolutions of whole blocks of 32 output channels get the AMX kernel, the 48-channel
+    one the vdpbf16ps kernel; an fp32 build and a profile without AMX get neither."""
+    import tvm
+
+    from compiler import tvm_builder
+    from compiler.frontends import load_model
+    from compiler.profiles import ProfileRegistry
+    from tests.compiler.test_bf16_kernel import _SmallMaps
+    from tests.compiler.test_fused_blocks import export_with_batchnorm_stats
+
+    path = export_with_batchnorm_stats(_SmallMaps, (1, 32, 14, 14), tmp_path / "small.onnx")
+    settings = CompilerSettings()
+    registry = ProfileRegistry(settings.profile_roots())
+
+    def fused(profile_name: str, precision: str) -> list[str]:
+        profile = registry.get(profile_name)
+        target = tvm.target.Target(tvm_builder.effective_target(profile))
+        relax_mod = load_model(path).to_relax()
+        return tvm_builder._prepare_fused(
+            relax_mod,
+            target,
+            weight_prepack=False,
+            fuse_blocks=True,
+            precision=precision,
+            amx=has_amx(profile.isa, profile.cpu_features),
+        )[1]
+
+    assert fused("intel/xeon-sapphire-rapids", "bf16") == [
+        "1x1 32->64 at 14x14 + ReLU6 (bf16, AMX)",
+        "1x1 64->32 at 14x14 + residual (bf16, AMX)",
+        "1x1 32->48 at 7x7 (bf16)",
+        "max pool 2x2/2 pad 0, 32 at 14x14",
+    ]
+    assert not any("AMX" in k for k in fused("intel/xeon-sapphire-rapids", "fp32"))
+    assert not any("AMX" in k for k in fused("amd/epyc-zen4", "bf16"))
+
+
+@pytest.mark.slow
+@needs_amx
+def test_a_bf16_build_on_amx_passes_the_gate(signing_key: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from compiler.pipeline import CompileRequest, compile_model
+    from edgeloop.cli import cli
+    from tests.compiler.test_bf16_kernel import _SmallMaps
+    from tests.compiler.test_fused_blocks import export_with_batchnorm_stats
+
+    path = export_with_batchnorm_stats(_SmallMaps, (1, 32, 14, 14), tmp_path / "small.onnx")
+    request = CompileRequest(
+        model=path,
+        profile="intel/xeon-sapphire-rapids",
+        output=tmp_path / "out",
+        trials=0,
+        runtime="tvm",
+        precision="bf16",
+        signing_key=signing_key,
+    )
+    report = compile_model(request, settings=CompilerSettings()).report
+    assert sum("AMX" in k for k in report["tuning"]["fused_blocks"]) == 2
+    (output,) = report["accuracy"].values()
+    assert output["cosine"] > 0.9999 and output["top1_agreement"] == 1.0
+    assert 1e-5 < output["max_rel_error"] < 0.02  # bf16's rounding, within the gate
+    shown = CliRunner().invoke(cli, ["artifact", "inspect", str(tmp_path / "out")])
+    assert shown.exit_code == 0, shown.output
+    assert "bf16 products in 3 kernel(s) of the TVM library" in shown.stdout
