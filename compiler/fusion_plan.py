@@ -460,13 +460,35 @@ def _channel_vectors(channels: int, unit: VectorUnit) -> int:
 # weights are rounded to bf16 (8 significant bits) and accumulated in fp32.
 PRECISIONS = ("fp32", "bf16")
 BF16_FEATURE = "avx512_bf16"
+# CPUs (LLVM's names, a profile's mcpu) whose vdpbf16ps adds its 32 products at the rate of
+# an FMA's 16: AMD Zen 4 and later. Intel's runs at a quarter of its FMA rate (Emerald Rapids:
+# 1.25 instructions per ns against 4.8, i.e. 40 against 76 GMAC/s per core; mobilenet_v2's
+# fused blocks took 1.23x their fp32 time with it), so there bf16 builds keep the vector
+# kernels fp32 and multiply on AMX tiles.
+FAST_DPBF16_CPUS = ("znver4", "znver5")
+
+
+@dataclass(frozen=True)
+class Bf16Kernels:
+    """The bf16 kernels a profile's bf16 build uses: ``dot``, vdpbf16ps (the 1x1 kernel on
+    small maps, the fused blocks' 1x1 stages); ``amx``, AMX tiles (1x1 on small maps)."""
+
+    dot: bool
+    amx: bool
+
+
+def bf16_kernels(isa: str, features: Sequence[str], mcpu: str | None) -> Bf16Kernels:
+    """Which bf16 kernels pay on a profile (``isa``, ``cpu_features``, its target's mcpu)."""
+    dot = isa == "x86_64" and BF16_FEATURE in features and mcpu in FAST_DPBF16_CPUS
+    return Bf16Kernels(dot=dot, amx=has_amx(isa, features))
 
 
 def precision_refusal(
-    precision: str, *, isa: str, features: Sequence[str], fused: bool
+    precision: str, *, isa: str, features: Sequence[str], mcpu: str | None, fused: bool
 ) -> str | None:
-    """Why a build for a profile (``isa``, ``features``: its ``cpu_features``) cannot use
-    ``precision``, with ``fused``: whether the hand-scheduled kernels are on; None if it can."""
+    """Why a build for a profile (``isa``, ``features``: its ``cpu_features``, ``mcpu``: its
+    target's CPU) cannot use ``precision``, with ``fused``: whether the hand-scheduled kernels
+    are on; None if it can."""
     if precision not in PRECISIONS:
         return f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}"
     if precision == "fp32":
@@ -481,6 +503,13 @@ def precision_refusal(
         return (
             "--precision bf16 runs in the hand-scheduled 1x1 kernels; it cannot be combined "
             "with --no-fuse-blocks"
+        )
+    kernels = bf16_kernels(isa, features, mcpu)
+    if not (kernels.dot or kernels.amx):
+        return (
+            f"--precision bf16 would compute nothing in bf16 for CPU {mcpu or 'unnamed'}: its "
+            f"vdpbf16ps is slower than fp32 FMAs (fast on {', '.join(FAST_DPBF16_CPUS)}) and "
+            f"the profile lists no AMX tiles ({', '.join(AMX_FEATURES)})"
         )
     return None
 
@@ -601,14 +630,20 @@ def plan_pointwise_amx(shape: PointwiseShape) -> AmxPlan | None:
 
 
 def amx_weights(weight: npt.NDArray[np.float32], plan: AmxPlan) -> npt.NDArray[np.uint16]:
-    """A 1x1 weight (Co, C) as bf16 bits, its input channels zero-padded to the plan's: the
-    row-major matrix whose 16x32 blocks are the kernel's first tile operand."""
+    """A 1x1 weight (Co, C) as bf16 bits in blocks of ``AMX_TILE`` x ``AMX_TILE`` (Co / 32,
+    C' / 32, 32, 32), input channels zero-padded to the plan's C': per block of 32 output
+    channels and step of 32 input channels one contiguous 2 KiB block, the kernel's two
+    16x32 weight tiles, so that a job's weights stream in order (read in rows of the (Co,
+    C') matrix, the tile loads of 960->320 at 7x7 took 118 us a call in mobilenet_v2)."""
     co, c = weight.shape
     if c > plan.in_channels:
         raise ValueError(f"{c} input channels do not fit the plan's {plan.in_channels}")
+    if co % AMX_TILE:
+        raise ValueError(f"{co} output channels are not whole blocks of {AMX_TILE}")
     padded = np.zeros((co, plan.in_channels), np.float32)
     padded[:, :c] = weight
-    return bf16_bits(padded)
+    blocked = padded.reshape(co // AMX_TILE, AMX_TILE, plan.in_channels // AMX_TILE, AMX_TILE)
+    return np.ascontiguousarray(bf16_bits(blocked.transpose(0, 2, 1, 3)))
 
 
 # First layers: a k x k convolution of stride 2 over few input channels (MobileNet's 3x3

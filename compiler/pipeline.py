@@ -538,7 +538,11 @@ def _accuracy_spec(req: CompileRequest, profile: HardwareProfile) -> AccuracySpe
         req.fuse_blocks, gpu=profile.has_gpu, isa=profile.isa, features=profile.cpu_features
     )
     refusal = precision_refusal(
-        req.precision, isa=profile.isa, features=profile.cpu_features, fused=fused
+        req.precision,
+        isa=profile.isa,
+        features=profile.cpu_features,
+        mcpu=profile.tvm.get("mcpu"),
+        fused=fused,
     )
     if refusal is not None:
         raise UsageError(f"{refusal} (profile {profile.name})")

@@ -30,13 +30,14 @@ from typing import Any
 from compiler.fusion_plan import AMX_TILE, PointwiseShape, plan_pointwise_amx
 from compiler.tvm_bf16 import activate, pack_pair, round_bf16
 
-# The micro-kernel: for 32 output channels (weights ``w``: their rows, pitch ``ldw`` bytes)
-# and image rows [row0, row_end) of ``height`` rows of ``width`` <= 16 positions, per pair of
-# rows a 2x2 block of fp32 tiles (tmm0-3: 16 channels x one row each) summed over ``steps``
-# of 32 input channels (weight tiles tmm4, 5; activation tiles tmm6, 7: 16 channel pairs x
-# one row, from ``x``, pitch ``ld`` bytes), stored into the NCHW output ``out`` (pitch
-# ``ld``: one channel's map) row by row; the last pair of an odd height computes its row
-# twice. Tiles are ``width`` columns wide, so no store crosses a row.
+# The micro-kernel: for 32 output channels (weights ``w``: per step of 32 input channels one
+# contiguous 32x32 bf16 block, ``fusion_plan.amx_weights``, so that the weights stream in
+# order) and image rows [row0, row_end) of ``height`` rows of ``width`` <= 16 positions, per
+# pair of rows a 2x2 block of fp32 tiles (tmm0-3: 16 channels x one row each) summed over
+# ``steps`` (weight tiles tmm4, 5; activation tiles tmm6, 7: 16 channel pairs x one row, from
+# ``x``, the group's pairs at pitch ``ldx`` bytes), stored into the NCHW output ``out``
+# (pitch ``ld``: one channel's map) row by row; the last pair of an odd height computes its
+# row twice. Tiles are ``width`` columns wide, so no store crosses a row.
 # syscall 158 = arch_prctl, 0x1023 = ARCH_REQ_XCOMP_PERM, 18 = XFEATURE_XTILEDATA.
 _AMX = r"""
 @edgeloop_amx_granted = linkonce_odr global i32 0
@@ -61,8 +62,8 @@ no:
   ret i32 1
 }
 
-define linkonce_odr void @edgeloop_amx_rows(ptr %out, ptr %w, ptr %x, i64 %ld, i64 %ldw,
-                                           i64 %ldx, i64 %steps, i64 %width, i64 %row0,
+define linkonce_odr void @edgeloop_amx_rows(ptr %out, ptr %w, ptr %x, i64 %ld, i64 %ldx,
+                                           i64 %steps, i64 %width, i64 %row0,
                                            i64 %row_end, i64 %height) #0 {
 entry:
   %cfg = alloca [64 x i8], align 64
@@ -82,7 +83,6 @@ entry:
   %rows = getelementptr i8, ptr %cfg, i64 48
   store <8 x i8> <i8 16, i8 16, i8 16, i8 16, i8 16, i8 16, i8 16, i8 16>, ptr %rows
   call void @llvm.x86.ldtilecfg(ptr %cfg)
-  %w16 = mul i64 %ldw, 16
   %c16 = mul i64 %ld, 16
   %x16 = mul i64 %ldx, 16
   %last = sub i64 %height, 1
@@ -106,15 +106,15 @@ pair:
   br label %step
 step:
   %k = phi i64 [ 0, %pair ], [ %k1, %step ]
-  %wk = mul i64 %k, 64
+  %wk = mul i64 %k, 2048
   %a0 = getelementptr i8, ptr %w, i64 %wk
-  %a1 = getelementptr i8, ptr %a0, i64 %w16
+  %a1 = getelementptr i8, ptr %a0, i64 1024
   %xk = mul i64 %k, %x16
   %xb = getelementptr i8, ptr %x, i64 %xk
   %b0 = getelementptr i8, ptr %xb, i64 %xoff0
   %b1 = getelementptr i8, ptr %xb, i64 %xoff1
-  call void @llvm.x86.tileloadd64(i8 4, ptr %a0, i64 %ldw)
-  call void @llvm.x86.tileloadd64(i8 5, ptr %a1, i64 %ldw)
+  call void @llvm.x86.tileloadd64(i8 4, ptr %a0, i64 64)
+  call void @llvm.x86.tileloadd64(i8 5, ptr %a1, i64 64)
   call void @llvm.x86.tileloadd64(i8 6, ptr %b0, i64 %ldx)
   call void @llvm.x86.tileloadd64(i8 7, ptr %b1, i64 %ldx)
   call void @llvm.x86.tdpbf16ps(i8 0, i8 4, i8 6)
@@ -234,7 +234,6 @@ def pointwise_amx_func(shape: PointwiseShape) -> Any:
                             Wt.access_ptr("r", offset=job % blocks * AMX_TILE * c_pad),
                             Xp.access_ptr("r", offset=job // blocks * pairs_pad * pitch),
                             T.int64(n_pos * 4),
-                            T.int64(c_pad * 2),
                             T.int64(pitch * 4),
                             T.int64(c_pad // AMX_TILE),
                             T.int64(w),
@@ -294,7 +293,7 @@ def pointwise_amx_func(shape: PointwiseShape) -> Any:
         @T.prim_func(private=True, s_tir=True)
         def with_residual(
             X: T.Buffer((1, c, h, w), "float32"),
-            Wt: T.Buffer((co, c_pad), "uint16"),
+            Wt: T.Buffer((blocks, c_pad // AMX_TILE, AMX_TILE, AMX_TILE), "uint16"),
             bias: T.Buffer((co,), "float32"),
             R: T.Buffer((1, co, h, w), "float32"),
             Out: T.Buffer((1, co, h, w), "float32"),
@@ -309,7 +308,7 @@ def pointwise_amx_func(shape: PointwiseShape) -> Any:
         @T.prim_func(private=True, s_tir=True)
         def plain(
             X: T.Buffer((1, c, h, w), "float32"),
-            Wt: T.Buffer((co, c_pad), "uint16"),
+            Wt: T.Buffer((blocks, c_pad // AMX_TILE, AMX_TILE, AMX_TILE), "uint16"),
             bias: T.Buffer((co,), "float32"),
             Out: T.Buffer((1, co, h, w), "float32"),
         ) -> None:

@@ -51,8 +51,8 @@ from compiler.fusion_plan import (
     AVX2,
     AVX512,
     VectorUnit,
+    bf16_kernels,
     choose_block_fusion,
-    has_amx,
     precision_refusal,
     vector_unit,
 )
@@ -153,10 +153,11 @@ def _prepare_fused(
     precision: str = "fp32",
     unit: VectorUnit = AVX512,
     amx: bool = False,
+    dot: bool = True,
 ) -> tuple[Any, list[str]]:
     """``_prepare``, also returning the blocks fused (``compiler.tvm_fusion``), their
-    accumulator blocks sized for ``unit``; ``amx``: a bf16 build's 1x1 kernels may run on
-    AMX tiles (``fusion_plan.has_amx``)."""
+    accumulator blocks sized for ``unit``. A bf16 build's kernels (``fusion_plan.bf16_kernels``):
+    ``amx``, 1x1 convolutions on AMX tiles; ``dot``, vdpbf16ps in 1x1 kernels and blocks."""
     import tvm
     from tvm import relax
 
@@ -178,10 +179,12 @@ def _prepare_fused(
 
             # The ReLU6 bounds the blocks are recognized by must be constants first.
             mod, fused = fuse_inverted_residuals(
-                relax.transform.FoldConstant()(mod), precision=precision, unit=unit
+                relax.transform.FoldConstant()(mod),
+                precision=precision if dot else "fp32",
+                unit=unit,
             )
             rewrites = (
-                functools.partial(fuse_pointwise, precision=precision, unit=unit, amx=amx),
+                functools.partial(fuse_pointwise, precision=precision, unit=unit, amx=amx, dot=dot),
                 functools.partial(fuse_strided_convs, unit=unit),
                 fuse_max_pools,
             )
@@ -672,8 +675,13 @@ def build_library(
             fuse_blocks, gpu=gpu, isa=profile.isa, features=profile.cpu_features
         )
         refusal = precision_refusal(
-            precision, isa=profile.isa, features=profile.cpu_features, fused=fuse
+            precision,
+            isa=profile.isa,
+            features=profile.cpu_features,
+            mcpu=profile.tvm.get("mcpu"),
+            fused=fuse,
         )
+        kernels = bf16_kernels(profile.isa, profile.cpu_features, profile.tvm.get("mcpu"))
         if refusal is not None:
             raise UsageError(f"{refusal} (profile {profile.name})")
 
@@ -687,7 +695,8 @@ def build_library(
                 precision=precision,
                 # ARM (by request): NEON's 32 registers of 4 lanes hold AVX2's blocks
                 unit=vector_unit(profile.isa, profile.cpu_features) or AVX2,
-                amx=has_amx(profile.isa, profile.cpu_features),
+                amx=kernels.amx,
+                dot=kernels.dot,
             )
 
         def prepared(prepacked: bool) -> Any:  # the records check may prepare it first

@@ -1267,16 +1267,21 @@ def _find_pointwise(func: Any) -> list[_PointwiseMatch]:
 
 
 def fuse_pointwise(
-    mod: Any, *, precision: str = "fp32", unit: VectorUnit = AVX512, amx: bool = False
+    mod: Any,
+    *,
+    precision: str = "fp32",
+    unit: VectorUnit = AVX512,
+    amx: bool = False,
+    dot: bool = True,
 ) -> tuple[Any, list[str]]:
     """Replace ``main``'s 1x1 convolutions on small maps and 3x3 convolutions of stride 1
     with ``winograd_func`` kernels (``fusion_plan.plan_winograd``) or else ``pointwise_func``
     kernels (``fusion_plan.plan_pointwise``); returns (module, descriptions). Run after
     ``fuse_inverted_residuals``, on what it left. ``precision`` "bf16": 1x1 stride-1
-    convolutions that ``fusion_plan.plan_pointwise_bf16`` takes get the bf16 kernel
-    (``tvm_bf16.pointwise_bf16_func``) instead, and with ``amx`` those that
-    ``fusion_plan.plan_pointwise_amx`` takes the AMX kernel (``tvm_amx.pointwise_amx_func``);
-    the caller checks the target has them."""
+    convolutions that ``fusion_plan.plan_pointwise_amx`` takes get the AMX kernel
+    (``tvm_amx.pointwise_amx_func``) with ``amx``, and else those that
+    ``fusion_plan.plan_pointwise_bf16`` takes the vdpbf16ps kernel
+    (``tvm_bf16.pointwise_bf16_func``) with ``dot``; the caller checks the target has them."""
     from compiler.tvm_amx import pointwise_amx_func
     from compiler.tvm_bf16 import pointwise_bf16_func
 
@@ -1287,7 +1292,7 @@ def fuse_pointwise(
         weight: np.ndarray
         winograd = plan_winograd(shape, unit=unit)
         config = plan_pointwise(shape, unit=unit)
-        bf16 = plan_pointwise_bf16(shape) if precision == "bf16" else None
+        bf16 = plan_pointwise_bf16(shape) if precision == "bf16" and dot else None
         on_tiles = plan_pointwise_amx(shape) if precision == "bf16" and amx else None
         if on_tiles is not None:
             func = pointwise_amx_func(shape)

@@ -60,3 +60,23 @@ def test_kernels_match_onnxruntime(shape: list[int], group: int | None, kernels:
     assert len(rows) == kernels
     for row in rows:
         assert row["rel_err"] < 1e-4 and row["ratio"] > 0
+
+
+def test_bf16_adds_the_kernels_this_cpu_runs() -> None:
+    """``--bf16``: the vdpbf16ps kernel where the host has AVX-512 BF16, the AMX one where it
+    has AMX tiles; both compute ORT's fp32 result to bf16's rounding (none on other CPUs)."""
+    from compiler.execution import detect_host
+    from compiler.fusion_plan import has_amx
+
+    features = detect_host().cpu_features
+    rows = run_shape([64, 64, 7, 1, 1], threads=1, rounds=1, repeat=2, bf16=True)
+    labels = [row["kernel"] for row in rows]
+    assert any(label.startswith("bf16 vdpbf16ps") for label in labels) is (
+        "avx512_bf16" in features
+    )
+    assert any(label.startswith("bf16 AMX") for label in labels) is has_amx(
+        "x86_64", sorted(features)
+    )
+    for row in rows:
+        bound = 1e-2 if row["kernel"].startswith("bf16") else 1e-4
+        assert row["rel_err"] < bound and row["ratio"] > 0
