@@ -122,7 +122,7 @@ def _kernels(
     if amx is not None:
         from compiler.tvm_amx import pointwise_amx_func
 
-        label = f"bf16 AMX ({amx.rows} rows per job)"
+        label = f"bf16 AMX (runs of {amx.columns}, {amx.positions} positions per job)"
         kernels.append((label, pointwise_amx_func(shape), amx_weights(flat, amx)))
     direct = plan_pointwise(shape, unit=unit)
     if direct is not None:

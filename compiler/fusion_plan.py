@@ -581,27 +581,31 @@ def bf16_pairs(weight: npt.NDArray[np.float32]) -> npt.NDArray[np.uint32]:
 
 
 # Intel AMX (``compiler.tvm_amx``): a bf16 build for a profile listing these features computes
-# 1x1 convolutions on tiles: 32 output channels by two image rows of at most 16 positions
-# per block of four 16x16 fp32 tiles, 32 input channels per step (zero-padded up to a whole
-# step). Jobs: where the input is the larger side, groups of rows (2, 4, ...: at least
-# ``AMX_MIN_JOBS`` jobs where the map allows) by blocks of 32 channels, group-major, so that
-# with 2 threads each core multiplies the rows it packed itself (tile loads of activation
-# rows another core had just written made a 576->96 convolution at 14x14 slower on 2 threads
-# than on 1: 88 against 54 us); where the output is, blocks of 32 channels with all rows, so
+# 1x1 convolutions on tiles: 32 output channels by two runs of at most 16 positions per block
+# of four 16x16 fp32 tiles, 32 input channels per step (zero-padded up to a whole step). A
+# run is an image row on maps wider than ``AMX_FLAT_WIDTH``, else 16 positions of the
+# flattened map (a 7-wide row would fill 7 of a tile's 16 columns). Jobs: where the input is
+# the larger side, groups of rows (2, 4, ...: at least ``AMX_MIN_JOBS`` jobs where the map
+# allows) by blocks of 32 channels, group-major, so that with 2 threads each core multiplies
+# the rows it packed itself (tile loads of activation rows another core had just written
+# made a 576->96 convolution at 14x14 slower on 2 threads than on 1: 88 against 54 us);
+# where the output is, and on flattened maps, blocks of 32 channels with all positions, so
 # that no output row is written by two cores (96->576: 43 us against 72-92 by row groups).
 AMX_FEATURES = ("amx_tile", "amx_bf16")
 AMX_TILE = 32
 AMX_MAX_WIDTH = 16
+AMX_FLAT_WIDTH = 8
 AMX_MIN_JOBS = 8
 
 
 @dataclass(frozen=True)
 class AmxPlan:
-    """The AMX kernel's input channels padded to whole steps of ``AMX_TILE``, and image rows
-    per job (even, but for a last odd row)."""
+    """The AMX kernel's input channels padded to whole steps of ``AMX_TILE``, the positions
+    of a run (a tile's columns) and of a job's group (whole rows, a multiple of the run's)."""
 
     in_channels: int
-    rows: int
+    columns: int
+    positions: int
 
 
 def has_amx(isa: str, features: Sequence[str]) -> bool:
@@ -620,13 +624,14 @@ def plan_pointwise_amx(shape: PointwiseShape) -> AmxPlan | None:
     if not 0 < h * w <= MAX_POINTWISE_POSITIONS or w > AMX_MAX_WIDTH:
         return None
     c_pad = -(-c // AMX_TILE) * AMX_TILE
+    if w <= AMX_FLAT_WIDTH:
+        return AmxPlan(c_pad, LANES, h * w)
     if c_pad < co:  # more output than input: jobs by channel blocks, all rows each
-        return AmxPlan(c_pad, h + h % 2)
+        return AmxPlan(c_pad, w, h * w)
     blocks, groups = co // AMX_TILE, 2
     while blocks * groups < AMX_MIN_JOBS and 2 * groups <= -(-h // 2):
         groups *= 2
-    rows = -(-h // groups)
-    return AmxPlan(c_pad, rows + rows % 2)
+    return AmxPlan(c_pad, w, -(-h // groups) * w)
 
 
 def amx_weights(weight: npt.NDArray[np.float32], plan: AmxPlan) -> npt.NDArray[np.uint16]:

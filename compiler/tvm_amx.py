@@ -28,16 +28,22 @@ from __future__ import annotations
 from typing import Any
 
 from compiler.fusion_plan import AMX_TILE, PointwiseShape, plan_pointwise_amx
-from compiler.tvm_bf16 import activate, pack_pair, round_bf16
+from compiler.tvm_bf16 import pack_pair, round_bf16
 
-# The micro-kernel: for 32 output channels (weights ``w``: per step of 32 input channels one
-# contiguous 32x32 bf16 block, ``fusion_plan.amx_weights``, so that the weights stream in
-# order) and image rows [row0, row_end) of ``height`` rows of ``width`` <= 16 positions, per
-# pair of rows a 2x2 block of fp32 tiles (tmm0-3: 16 channels x one row each) summed over
-# ``steps`` (weight tiles tmm4, 5; activation tiles tmm6, 7: 16 channel pairs x one row, from
-# ``x``, the group's pairs at pitch ``ldx`` bytes), stored into the NCHW output ``out``
-# (pitch ``ld``: one channel's map) row by row; the last pair of an odd height computes its
-# row twice. Tiles are ``width`` columns wide, so no store crosses a row.
+# The micro-kernel, per job: 32 output channels (weights ``w``: per step of 32 input channels
+# one contiguous 32x32 bf16 block, ``fusion_plan.amx_weights``, so that they stream in order)
+# by ``tiles`` consecutive runs of ``cols`` positions (the last one ``last`` wide): per pair
+# of runs a 2x2 block of fp32 tiles (tmm0-3: 16 channels x one run each) summed over
+# ``steps`` (weight tiles tmm4, 5; activation tiles tmm6, 7: 16 channel pairs x one run, from
+# ``x``, pitch ``ldx`` bytes per pair), stored into the NCHW output ``out`` (pitch ``ld``:
+# one channel's map; a run never crosses the end of a channel's map), then, once every run
+# is stored (the stores have landed by then: finishing each pair right after its stores was
+# 15 % slower on 96->576 at 14x14), bias, residual (``res``, null for none) and activation
+# (``act``: 0 none, 1 ReLU, 2 ReLU6) over what was stored, while it is in L1 or L2. An odd
+# count computes its last run twice.
+# A run is an image row where the map is wider than 8 (a tile's 16 columns hold one), 16
+# positions of the flattened map where it is narrower (7x7: 3 runs and 1 position instead
+# of 7 rows); the tile configuration changes with the runs' widths.
 # syscall 158 = arch_prctl, 0x1023 = ARCH_REQ_XCOMP_PERM, 18 = XFEATURE_XTILEDATA.
 _AMX = r"""
 @edgeloop_amx_granted = linkonce_odr global i32 0
@@ -62,61 +68,116 @@ no:
   ret i32 1
 }
 
-define linkonce_odr void @edgeloop_amx_rows(ptr %out, ptr %w, ptr %x, i64 %ld, i64 %ldx,
-                                           i64 %steps, i64 %width, i64 %row0,
-                                           i64 %row_end, i64 %height) #0 {
+define linkonce_odr void @edgeloop_amx_finish(ptr %out, ptr %res, ptr %bias, i64 %ld,
+                                             i64 %off, i64 %width, i64 %act) #1 {
+entry:
+  %hasres = icmp ne ptr %res, null
+  %wi = trunc i64 %width to i32
+  %ws = insertelement <16 x i32> poison, i32 %wi, i64 0
+  %wv = shufflevector <16 x i32> %ws, <16 x i32> poison, <16 x i32> zeroinitializer
+  %mask = icmp ult <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7,
+                               i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>,
+                  %wv
+  %isr = icmp eq i64 %act, 1
+  %is6 = icmp eq i64 %act, 2
+  br label %chan
+chan:
+  %ch = phi i64 [ 0, %entry ], [ %ch1, %chan ]
+  %rowoff = mul i64 %ch, %ld
+  %base = add i64 %rowoff, %off
+  %orow = getelementptr i8, ptr %out, i64 %base
+  %rres = getelementptr i8, ptr %res, i64 %base
+  %rrow = select i1 %hasres, ptr %rres, ptr %orow
+  %bp = getelementptr float, ptr %bias, i64 %ch
+  %b = load float, ptr %bp, align 4
+  %bs = insertelement <16 x float> poison, float %b, i64 0
+  %bv = shufflevector <16 x float> %bs, <16 x float> poison, <16 x i32> zeroinitializer
+  %v = call <16 x float> @llvm.masked.load.v16f32.p0(ptr %orow, i32 4, <16 x i1> %mask,
+                                                    <16 x float> zeroinitializer)
+  %vb = fadd <16 x float> %v, %bv
+  %rv = call <16 x float> @llvm.masked.load.v16f32.p0(ptr %rrow, i32 4, <16 x i1> %mask,
+                                                     <16 x float> zeroinitializer)
+  %vr = fadd <16 x float> %vb, %rv
+  %v1 = select i1 %hasres, <16 x float> %vr, <16 x float> %vb
+  %relu = call <16 x float> @llvm.maxnum.v16f32(<16 x float> %v1, <16 x float> zeroinitializer)
+  %six = call <16 x float> @llvm.minnum.v16f32(<16 x float> %relu, <16 x float> splat (float 6.0))
+  %v2 = select i1 %isr, <16 x float> %relu, <16 x float> %v1
+  %v3 = select i1 %is6, <16 x float> %six, <16 x float> %v2
+  call void @llvm.masked.store.v16f32.p0(<16 x float> %v3, ptr %orow, i32 4, <16 x i1> %mask)
+  %ch1 = add i64 %ch, 1
+  %chans = icmp ult i64 %ch1, 32
+  br i1 %chans, label %chan, label %done
+done:
+  ret void
+}
+
+define linkonce_odr void @edgeloop_amx_tiles(ptr %out, ptr %res, ptr %bias, ptr %w, ptr %x,
+                                            i64 %ld, i64 %ldx, i64 %steps, i64 %cols,
+                                            i64 %tiles, i64 %last, i64 %act) #0 {
 entry:
   %cfg = alloca [64 x i8], align 64
   call void @llvm.memset.p0.i64(ptr %cfg, i8 0, i64 64, i1 false)
   store i8 1, ptr %cfg
-  %rowb = mul i64 %width, 4
-  %rowb16 = trunc i64 %rowb to i16
-  %narrow = insertelement <8 x i16> <i16 0, i16 0, i16 0, i16 0, i16 64, i16 64, i16 0, i16 0>,
-                          i16 %rowb16, i64 0
-  %n1 = insertelement <8 x i16> %narrow, i16 %rowb16, i64 1
-  %n2 = insertelement <8 x i16> %n1, i16 %rowb16, i64 2
-  %n3 = insertelement <8 x i16> %n2, i16 %rowb16, i64 3
-  %n6 = insertelement <8 x i16> %n3, i16 %rowb16, i64 6
-  %n7 = insertelement <8 x i16> %n6, i16 %rowb16, i64 7
-  %colsb = getelementptr i8, ptr %cfg, i64 16
-  store <8 x i16> %n7, ptr %colsb
   %rows = getelementptr i8, ptr %cfg, i64 48
   store <8 x i8> <i8 16, i8 16, i8 16, i8 16, i8 16, i8 16, i8 16, i8 16>, ptr %rows
-  call void @llvm.x86.ldtilecfg(ptr %cfg)
+  %colsb = getelementptr i8, ptr %cfg, i64 16
   %c16 = mul i64 %ld, 16
   %x16 = mul i64 %ldx, 16
-  %last = sub i64 %height, 1
-  %any = icmp slt i64 %row0, %row_end
-  br i1 %any, label %pair, label %exit
+  %lastt = sub i64 %tiles, 1
+  br label %pair
 pair:
-  %r = phi i64 [ %row0, %entry ], [ %rnext, %stored ]
-  %rr = add i64 %r, 1
-  %ris = icmp slt i64 %rr, %last
-  %r1 = select i1 %ris, i64 %rr, i64 %last
-  %off0 = mul i64 %r, %rowb
-  %off1 = mul i64 %r1, %rowb
-  %xr0 = sub i64 %r, %row0
-  %xr1 = sub i64 %r1, %row0
-  %xoff0 = mul i64 %xr0, %rowb
-  %xoff1 = mul i64 %xr1, %rowb
+  %t = phi i64 [ 0, %entry ], [ %tnext, %finish ]
+  %pw0 = phi i64 [ 0, %entry ], [ %w0, %finish ]
+  %pw1 = phi i64 [ 0, %entry ], [ %w1, %finish ]
+  %ta = add i64 %t, 1
+  %two = icmp ult i64 %ta, %tiles
+  %t1 = select i1 %two, i64 %ta, i64 %t
+  %l0 = icmp eq i64 %t, %lastt
+  %l1 = icmp eq i64 %t1, %lastt
+  %w0 = select i1 %l0, i64 %last, i64 %cols
+  %w1 = select i1 %l1, i64 %last, i64 %cols
+  %s0 = icmp eq i64 %w0, %pw0
+  %s1 = icmp eq i64 %w1, %pw1
+  %same = and i1 %s0, %s1
+  br i1 %same, label %zero, label %configure
+configure:
+  %b0w = mul i64 %w0, 4
+  %b1w = mul i64 %w1, 4
+  %b0 = trunc i64 %b0w to i16
+  %b1 = trunc i64 %b1w to i16
+  %v0 = insertelement <8 x i16> <i16 0, i16 0, i16 0, i16 0, i16 64, i16 64, i16 0, i16 0>,
+                      i16 %b0, i64 0
+  %v1 = insertelement <8 x i16> %v0, i16 %b1, i64 1
+  %v2 = insertelement <8 x i16> %v1, i16 %b0, i64 2
+  %v3 = insertelement <8 x i16> %v2, i16 %b1, i64 3
+  %v6 = insertelement <8 x i16> %v3, i16 %b0, i64 6
+  %v7 = insertelement <8 x i16> %v6, i16 %b1, i64 7
+  store <8 x i16> %v7, ptr %colsb
+  call void @llvm.x86.ldtilecfg(ptr %cfg)
+  br label %zero
+zero:
+  %off0p = mul i64 %t, %cols
+  %off0 = mul i64 %off0p, 4
+  %off1p = mul i64 %t1, %cols
+  %off1 = mul i64 %off1p, 4
   call void @llvm.x86.tilezero(i8 0)
   call void @llvm.x86.tilezero(i8 1)
   call void @llvm.x86.tilezero(i8 2)
   call void @llvm.x86.tilezero(i8 3)
   br label %step
 step:
-  %k = phi i64 [ 0, %pair ], [ %k1, %step ]
+  %k = phi i64 [ 0, %zero ], [ %k1, %step ]
   %wk = mul i64 %k, 2048
   %a0 = getelementptr i8, ptr %w, i64 %wk
   %a1 = getelementptr i8, ptr %a0, i64 1024
   %xk = mul i64 %k, %x16
   %xb = getelementptr i8, ptr %x, i64 %xk
-  %b0 = getelementptr i8, ptr %xb, i64 %xoff0
-  %b1 = getelementptr i8, ptr %xb, i64 %xoff1
+  %bp0 = getelementptr i8, ptr %xb, i64 %off0
+  %bp1 = getelementptr i8, ptr %xb, i64 %off1
   call void @llvm.x86.tileloadd64(i8 4, ptr %a0, i64 64)
   call void @llvm.x86.tileloadd64(i8 5, ptr %a1, i64 64)
-  call void @llvm.x86.tileloadd64(i8 6, ptr %b0, i64 %ldx)
-  call void @llvm.x86.tileloadd64(i8 7, ptr %b1, i64 %ldx)
+  call void @llvm.x86.tileloadd64(i8 6, ptr %bp0, i64 %ldx)
+  call void @llvm.x86.tileloadd64(i8 7, ptr %bp1, i64 %ldx)
   call void @llvm.x86.tdpbf16ps(i8 0, i8 4, i8 6)
   call void @llvm.x86.tdpbf16ps(i8 1, i8 4, i8 7)
   call void @llvm.x86.tdpbf16ps(i8 2, i8 5, i8 6)
@@ -125,24 +186,41 @@ step:
   %more = icmp ult i64 %k1, %steps
   br i1 %more, label %step, label %store
 store:
-  %c0 = getelementptr i8, ptr %out, i64 %off0
-  %c1 = getelementptr i8, ptr %out, i64 %off1
-  %c2 = getelementptr i8, ptr %c0, i64 %c16
-  %c3 = getelementptr i8, ptr %c1, i64 %c16
-  call void @llvm.x86.tilestored64(i8 0, ptr %c0, i64 %ld)
-  call void @llvm.x86.tilestored64(i8 1, ptr %c1, i64 %ld)
-  call void @llvm.x86.tilestored64(i8 2, ptr %c2, i64 %ld)
-  call void @llvm.x86.tilestored64(i8 3, ptr %c3, i64 %ld)
-  br label %stored
-stored:
-  %rnext = add i64 %r, 2
-  %again = icmp slt i64 %rnext, %row_end
-  br i1 %again, label %pair, label %exit
-exit:
+  %o0 = getelementptr i8, ptr %out, i64 %off0
+  %o1 = getelementptr i8, ptr %out, i64 %off1
+  %o2 = getelementptr i8, ptr %o0, i64 %c16
+  %o3 = getelementptr i8, ptr %o1, i64 %c16
+  call void @llvm.x86.tilestored64(i8 0, ptr %o0, i64 %ld)
+  call void @llvm.x86.tilestored64(i8 1, ptr %o1, i64 %ld)
+  call void @llvm.x86.tilestored64(i8 2, ptr %o2, i64 %ld)
+  call void @llvm.x86.tilestored64(i8 3, ptr %o3, i64 %ld)
+  br label %finish
+finish:
+  %tnext = add i64 %t, 2
+  %again = icmp ult i64 %tnext, %tiles
+  br i1 %again, label %pair, label %release
+release:
   call void @llvm.x86.tilerelease()
+  br label %run
+run:
+  %r = phi i64 [ 0, %release ], [ %r1, %run ]
+  %rl = icmp eq i64 %r, %lastt
+  %rw = select i1 %rl, i64 %last, i64 %cols
+  %roffp = mul i64 %r, %cols
+  %roff = mul i64 %roffp, 4
+  call void @edgeloop_amx_finish(ptr %out, ptr %res, ptr %bias, i64 %ld, i64 %roff,
+                                 i64 %rw, i64 %act)
+  %r1 = add i64 %r, 1
+  %runs = icmp ult i64 %r1, %tiles
+  br i1 %runs, label %run, label %exit
+exit:
   ret void
 }
 
+declare <16 x float> @llvm.maxnum.v16f32(<16 x float>, <16 x float>)
+declare <16 x float> @llvm.minnum.v16f32(<16 x float>, <16 x float>)
+declare <16 x float> @llvm.masked.load.v16f32.p0(ptr, i32, <16 x i1>, <16 x float>)
+declare void @llvm.masked.store.v16f32.p0(<16 x float>, ptr, i32, <16 x i1>)
 declare void @llvm.memset.p0.i64(ptr, i8, i64, i1)
 declare void @llvm.x86.ldtilecfg(ptr)
 declare void @llvm.x86.tilezero(i8 immarg)
@@ -152,14 +230,15 @@ declare void @llvm.x86.tilestored64(i8 immarg, ptr, i64)
 declare void @llvm.x86.tilerelease()
 
 attributes #0 = { nounwind "target-features"="+amx-tile,+amx-bf16" }
+attributes #1 = { nounwind "target-features"="+avx512f" }
 """
 
 
 def pointwise_amx_func(shape: PointwiseShape) -> Any:
     """A 1x1 stride-1 convolution with bf16 products and fp32 sums on AMX tiles, scheduled;
-    the PrimFunc. Arguments X (1, C, H, W) float32, W ``fusion_plan.amx_weights``' (Co, C')
-    uint16, b (Co,) float32 [, R (1, Co, H, W) float32]; output (1, Co, H, W) float32, the
-    activation after bias and residual. Raises ValueError for a shape
+    the PrimFunc. Arguments X (1, C, H, W) float32, W ``fusion_plan.amx_weights``' (Co / 32,
+    C' / 32, 32, 32) uint16, b (Co,) float32 [, R (1, Co, H, W) float32]; output (1, Co, H,
+    W) float32, the activation after bias and residual. Raises ValueError for a shape
     ``fusion_plan.plan_pointwise_amx`` does not take."""
     from tvm.script import tirx as T
 
@@ -168,15 +247,16 @@ def pointwise_amx_func(shape: PointwiseShape) -> Any:
         raise ValueError(f"the AMX kernel does not compute {shape.describe()}")
     c, co, h, w = shape.in_channels, shape.out_channels, shape.height, shape.width
     n_pos, whole, pairs = h * w, c // 2, -(-c // 2)
-    c_pad, rows = plan.in_channels, plan.rows
+    c_pad, cols, span = plan.in_channels, plan.columns, plan.positions
     pairs_pad = c_pad // 2
-    groups = -(-h // rows)
-    # A group's activation pairs: rows x w positions per pair, padded to whole cache lines so
-    # that no line is written by two cores.
-    pitch = -(-rows * w // 16) * 16
+    groups = -(-n_pos // span)
+    rows = span // w  # image rows per group (groups of whole rows: see AmxPlan)
+    # A group's activation pairs: its positions per pair, padded to whole cache lines so that
+    # no line is written by two cores.
+    pitch = -(-span // 16) * 16
     blocks = co // AMX_TILE
     jobs = blocks * groups
-    activation = shape.activation
+    act = {None: 0, "relu": 1, "relu6": 2}[shape.activation]
 
     @T.macro
     def body(X: Any, Wt: Any, bias: Any, R: Any, Out: Any) -> None:  # noqa: N803 (TIR names)
@@ -189,10 +269,10 @@ def pointwise_amx_func(shape: PointwiseShape) -> Any:
             )
             # Every store in an opaque block of its own (weight prepacking's passes build a
             # schedule of each kernel); rows vectorized along their columns, as in
-            # tvm_bf16.pointwise_bf16_func.
-            # Packed by the groups of rows the GEMM's jobs take (group-major), so that each
-            # core multiplies the rows it packed (fusion_plan.plan_pointwise_amx); with one
-            # group by channel pairs, each a whole number of cache lines.
+            # tvm_bf16.pointwise_bf16_func. Packed by the groups of rows the GEMM's jobs
+            # take (group-major), so that each core multiplies the rows it packed
+            # (fusion_plan.plan_pointwise_amx); with one group by channel pairs, each a
+            # whole number of cache lines.
             if groups > 1:
                 for g in T.parallel(groups):
                     for k in range(whole):
@@ -226,66 +306,43 @@ def pointwise_amx_func(shape: PointwiseShape) -> Any:
                             Xp[g, pairs + k, p] = T.uint32(0)
             for job in T.parallel(jobs):
                 with T.sblock("gemm"):
+                    # The residual, where there is one, is read through its pointer too.
+                    T.reads(
+                        Wt[0:blocks, 0 : c_pad // AMX_TILE, 0:AMX_TILE, 0:AMX_TILE],
+                        Xp[0:groups, 0:pairs_pad, 0:pitch],
+                        bias[0:co],
+                    )
+                    T.writes(Out[0, 0:co, 0:h, 0:w])
                     T.evaluate(
                         T.call_extern(
                             "void",
-                            "edgeloop_amx_rows",
-                            Out.access_ptr("w", offset=job % blocks * AMX_TILE * n_pos),
+                            "edgeloop_amx_tiles",
+                            Out.access_ptr(
+                                "rw", offset=job % blocks * AMX_TILE * n_pos + job // blocks * span
+                            ),
+                            R.access_ptr(
+                                "r", offset=job % blocks * AMX_TILE * n_pos + job // blocks * span
+                            )
+                            if shape.residual
+                            else T.reinterpret("handle", T.uint64(0)),
+                            bias.access_ptr("r", offset=job % blocks * AMX_TILE),
                             Wt.access_ptr("r", offset=job % blocks * AMX_TILE * c_pad),
                             Xp.access_ptr("r", offset=job // blocks * pairs_pad * pitch),
                             T.int64(n_pos * 4),
                             T.int64(pitch * 4),
                             T.int64(c_pad // AMX_TILE),
-                            T.int64(w),
-                            T.int64(job // blocks * rows),
-                            T.int64(T.min(h, job // blocks * rows + rows)),
-                            T.int64(h),
+                            T.int64(cols),
+                            T.int64((T.min(span, n_pos - job // blocks * span) + cols - 1) // cols),
+                            T.int64(
+                                T.min(span, n_pos - job // blocks * span)
+                                - (T.min(span, n_pos - job // blocks * span) + cols - 1)
+                                // cols
+                                * cols
+                                + cols
+                            ),
+                            T.int64(act),
                         )
                     )
-                    # Bias, residual and activation over the rows just stored (in L1).
-                    for o in range(AMX_TILE):
-                        for i in range(rows):
-                            if job // blocks * rows + i < h:
-                                for j in T.vectorized(w):
-                                    with T.sblock("out"):
-                                        if shape.residual:
-                                            Out[
-                                                0,
-                                                job % blocks * AMX_TILE + o,
-                                                job // blocks * rows + i,
-                                                j,
-                                            ] = activate(
-                                                activation,
-                                                Out[
-                                                    0,
-                                                    job % blocks * AMX_TILE + o,
-                                                    job // blocks * rows + i,
-                                                    j,
-                                                ]
-                                                + bias[job % blocks * AMX_TILE + o]
-                                                + R[
-                                                    0,
-                                                    job % blocks * AMX_TILE + o,
-                                                    job // blocks * rows + i,
-                                                    j,
-                                                ],
-                                            )
-                                        else:
-                                            Out[
-                                                0,
-                                                job % blocks * AMX_TILE + o,
-                                                job // blocks * rows + i,
-                                                j,
-                                            ] = activate(
-                                                activation,
-                                                Out[
-                                                    0,
-                                                    job % blocks * AMX_TILE + o,
-                                                    job // blocks * rows + i,
-                                                    j,
-                                                ]
-                                                + bias[job % blocks * AMX_TILE + o],
-                                            )
 
     # s_tir: the body goes in a root block (weight prepacking's layout rewrite requires one).
     if shape.residual:

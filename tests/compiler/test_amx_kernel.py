@@ -57,12 +57,15 @@ def test_has_amx(isa: str, features: list[str], expected: bool) -> None:
     ("shape", "plan"),
     [
         # more output than input: 18 blocks of 32 channels, one job each with all 14 rows
-        (PointwiseShape(96, 576, 14, 14, "relu6"), AmxPlan(96, 14)),
-        (PointwiseShape(320, 1280, 7, 7, "relu6"), AmxPlan(320, 8)),  # odd height: 8 rows
+        (PointwiseShape(96, 576, 14, 14, "relu6"), AmxPlan(96, 14, 196)),
         # more input: rows in 2, 4, ... groups until there are 8 jobs (2 blocks x 4 groups)
-        (PointwiseShape(384, 64, 14, 14), AmxPlan(384, 4)),
-        (PointwiseShape(960, 160, 7, 7, residual=True), AmxPlan(960, 4)),  # 5 x 2 jobs
-        (PointwiseShape(5, 32, 7, 7), AmxPlan(32, 2)),  # input channels padded to a step
+        (PointwiseShape(384, 64, 14, 14), AmxPlan(384, 14, 56)),
+        (PointwiseShape(576, 96, 14, 14), AmxPlan(576, 14, 56)),  # 3 x 4 (2 x 3 < 8)
+        (PointwiseShape(192, 128, 10, 12), AmxPlan(192, 12, 60)),  # 4 x 2 groups of 5 rows
+        # 8 or fewer columns: runs of 16 positions of the flattened map, one group
+        (PointwiseShape(320, 1280, 7, 7, "relu6"), AmxPlan(320, 16, 49)),
+        (PointwiseShape(960, 160, 7, 7, residual=True), AmxPlan(960, 16, 49)),
+        (PointwiseShape(5, 32, 7, 7), AmxPlan(32, 16, 49)),  # input padded to a step
         (PointwiseShape(64, 48, 7, 7), None),  # not whole blocks of 32 output channels
         (PointwiseShape(64, 64, 28, 28), None),  # wider than a tile's 16 columns
         (PointwiseShape(64, 64, 8, 32), None),
@@ -77,7 +80,7 @@ def test_plan_pointwise_amx(shape: PointwiseShape, plan: AmxPlan | None) -> None
 
 def test_amx_weights_are_bf16_blocks_of_32_by_32_padded_along_input_channels() -> None:
     weight = np.arange(64 * 40, dtype=np.float32).reshape(64, 40)  # Co 64, C 40
-    packed = amx_weights(weight, AmxPlan(64, 2))
+    packed = amx_weights(weight, AmxPlan(64, 16, 49))
     assert packed.shape == (2, 2, 32, 32) and packed.dtype == np.uint16
     values = _from_bits(packed)
     # block 1 (output channels 32..63), step 0 (input channels 0..31), row 0: channel 32
@@ -86,9 +89,9 @@ def test_amx_weights_are_bf16_blocks_of_32_by_32_padded_along_input_channels() -
     assert values[0, 1, 1, :8].tolist() == _from_bits(bf16_bits(weight[1, 32:40])).tolist()
     assert not packed[:, 1, :, 8:].any()
     with pytest.raises(ValueError, match="70 input channels do not fit the plan's 64"):
-        amx_weights(np.zeros((32, 70), np.float32), AmxPlan(64, 2))
+        amx_weights(np.zeros((32, 70), np.float32), AmxPlan(64, 16, 49))
     with pytest.raises(ValueError, match="48 output channels are not whole blocks of 32"):
-        amx_weights(np.zeros((48, 32), np.float32), AmxPlan(32, 2))
+        amx_weights(np.zeros((48, 32), np.float32), AmxPlan(32, 16, 49))
 
 
 def test_a_shape_the_plan_refuses_is_refused_by_the_kernel() -> None:
@@ -102,10 +105,13 @@ def test_a_shape_the_plan_refuses_is_refused_by_the_kernel() -> None:
 @pytest.mark.parametrize(
     "shape",
     [
-        PointwiseShape(5, 32, 7, 7, "relu6"),  # odd reduction padded to 32; odd height
+        PointwiseShape(5, 32, 7, 7, "relu6"),  # odd reduction padded to 32; flattened runs
         PointwiseShape(64, 64, 14, 14, "relu", residual=True),  # rows split into 4 groups
         PointwiseShape(96, 96, 14, 14),  # 3 steps of 32
         PointwiseShape(200, 128, 5, 9, residual=True),  # non-square, odd, padded
+        PointwiseShape(192, 128, 10, 12, "relu6"),  # groups of 5 rows: an odd run count
+        PointwiseShape(64, 96, 11, 11, "relu", residual=True),  # more output: 11 row runs
+        PointwiseShape(64, 64, 3, 3),  # one run of 9
     ],
     ids=lambda s: s.describe(),
 )
