@@ -625,7 +625,7 @@ def plan_pointwise_amx(shape: PointwiseShape) -> AmxPlan | None:
         return None
     c_pad = -(-c // AMX_TILE) * AMX_TILE
     if w <= AMX_FLAT_WIDTH:
-        return AmxPlan(c_pad, LANES, h * w)
+        return AmxPlan(c_pad, AMX_MAX_WIDTH, h * w)
     if c_pad < co:  # more output than input: jobs by channel blocks, all rows each
         return AmxPlan(c_pad, w, h * w)
     blocks, groups = co // AMX_TILE, 2
