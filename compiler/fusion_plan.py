@@ -466,6 +466,13 @@ BF16_FEATURE = "avx512_bf16"
 # fused blocks took 1.23x their fp32 time with it), so there bf16 builds keep the vector
 # kernels fp32 and multiply on AMX tiles.
 FAST_DPBF16_CPUS = ("znver4", "znver5")
+# What a CPU needs for the AMX kernel (``tvm_amx``): bf16 tiles.
+AMX_FEATURES = ("amx_tile", "amx_bf16")
+
+
+def has_amx(isa: str, features: Sequence[str]) -> bool:
+    """Whether a profile (``isa``, ``cpu_features``) has AMX's bf16 tiles."""
+    return isa == "x86_64" and all(feature in features for feature in AMX_FEATURES)
 
 
 @dataclass(frozen=True)
@@ -591,7 +598,6 @@ def bf16_pairs(weight: npt.NDArray[np.float32]) -> npt.NDArray[np.uint32]:
 # made a 576->96 convolution at 14x14 slower on 2 threads than on 1: 88 against 54 us);
 # where the output is, and on flattened maps, blocks of 32 channels with all positions, so
 # that no output row is written by two cores (96->576: 43 us against 72-92 by row groups).
-AMX_FEATURES = ("amx_tile", "amx_bf16")
 AMX_TILE = 32
 AMX_MAX_WIDTH = 16
 AMX_FLAT_WIDTH = 8
@@ -606,11 +612,6 @@ class AmxPlan:
     in_channels: int
     columns: int
     positions: int
-
-
-def has_amx(isa: str, features: Sequence[str]) -> bool:
-    """Whether a profile (``isa``, ``cpu_features``) has AMX's bf16 tiles."""
-    return isa == "x86_64" and all(feature in features for feature in AMX_FEATURES)
 
 
 def plan_pointwise_amx(shape: PointwiseShape) -> AmxPlan | None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 from compiler.fusion_plan import AMX_TILE, PointwiseShape, plan_pointwise_amx
-from compiler.tvm_bf16 import pack_pair, round_bf16
+from compiler.tvm_bf16 import pack_pair, pointwise_prim_func, round_bf16
 
 # The micro-kernel, per job: 32 output channels (weights ``w``: per step of 32 input channels
 # one contiguous 32x32 bf16 block, ``fusion_plan.amx_weights``, so that they stream in order)
@@ -344,34 +344,4 @@ def pointwise_amx_func(shape: PointwiseShape) -> Any:
                         )
                     )
 
-    # s_tir: the body goes in a root block (weight prepacking's layout rewrite requires one).
-    if shape.residual:
-
-        @T.prim_func(private=True, s_tir=True)
-        def with_residual(
-            X: T.Buffer((1, c, h, w), "float32"),
-            Wt: T.Buffer((blocks, c_pad // AMX_TILE, AMX_TILE, AMX_TILE), "uint16"),
-            bias: T.Buffer((co,), "float32"),
-            R: T.Buffer((1, co, h, w), "float32"),
-            Out: T.Buffer((1, co, h, w), "float32"),
-        ) -> None:
-            T.func_attr({"tirx.noalias": True})
-            with T.sblock("root"):
-                body(X, Wt, bias, R, Out)
-
-        func = with_residual
-    else:
-
-        @T.prim_func(private=True, s_tir=True)
-        def plain(
-            X: T.Buffer((1, c, h, w), "float32"),
-            Wt: T.Buffer((blocks, c_pad // AMX_TILE, AMX_TILE, AMX_TILE), "uint16"),
-            bias: T.Buffer((co,), "float32"),
-            Out: T.Buffer((1, co, h, w), "float32"),
-        ) -> None:
-            T.func_attr({"tirx.noalias": True})
-            with T.sblock("root"):
-                body(X, Wt, bias, None, Out)
-
-        func = plain
-    return func.with_attrs({"tirx.is_scheduled": True, "op_pattern": 8})
+    return pointwise_prim_func(shape, body, (blocks, c_pad // AMX_TILE, AMX_TILE, AMX_TILE))

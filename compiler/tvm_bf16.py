@@ -162,14 +162,26 @@ def pointwise_bf16_func(shape: PointwiseShape, config: PointwiseConfig) -> Any:
                         else:
                             Out[0, o * LANES + lane, p // w, p % w] = A[p, o * LANES + lane]
 
-    # s_tir: the body goes in a root block, as in te's functions; weight prepacking's layout
-    # rewrite (tvm_builder._fold_prepacked) requires one.
+    return pointwise_prim_func(shape, body, (blocks, pairs, 2 * chans))
+
+
+def pointwise_prim_func(shape: PointwiseShape, body: Any, weights: tuple[int, ...]) -> Any:
+    """The prim_func around a 1x1 kernel's ``body(X, Wt, bias, R, Out)`` macro.
+
+    ``weights`` is the shape of the prepacked uint16 weights; R (the residual) is an argument
+    only where the shape has one (``body`` gets None otherwise). The body goes in a root
+    block, as in te's functions: weight prepacking's layout rewrite
+    (tvm_builder._fold_prepacked) requires one.
+    """
+    from tvm.script import tirx as T
+
+    c, h, w, co = shape.in_channels, shape.height, shape.width, shape.out_channels
     if shape.residual:
 
         @T.prim_func(private=True, s_tir=True)
         def with_residual(
             X: T.Buffer((1, c, h, w), "float32"),
-            Wt: T.Buffer((blocks, pairs, 2 * chans), "uint16"),
+            Wt: T.Buffer(weights, "uint16"),
             bias: T.Buffer((co,), "float32"),
             R: T.Buffer((1, co, h, w), "float32"),
             Out: T.Buffer((1, co, h, w), "float32"),
@@ -184,7 +196,7 @@ def pointwise_bf16_func(shape: PointwiseShape, config: PointwiseConfig) -> Any:
         @T.prim_func(private=True, s_tir=True)
         def plain(
             X: T.Buffer((1, c, h, w), "float32"),
-            Wt: T.Buffer((blocks, pairs, 2 * chans), "uint16"),
+            Wt: T.Buffer(weights, "uint16"),
             bias: T.Buffer((co,), "float32"),
             Out: T.Buffer((1, co, h, w), "float32"),
         ) -> None:

@@ -19,6 +19,7 @@ from compiler.fusion_plan import (
     plan_pointwise_amx,
 )
 from compiler.settings import CompilerSettings
+from tests.compiler.bf16_reference import assert_bf16_convolution, from_bits, operands
 
 SPR = ["avx512f", "avx512_bf16", "amx_tile", "amx_bf16"]
 
@@ -34,10 +35,6 @@ def _host_has_amx() -> bool:
 needs_amx = pytest.mark.skipif(
     not _host_has_amx(), reason="this CPU has no AMX bf16 tiles to run the kernel on"
 )
-
-
-def _from_bits(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 @pytest.mark.parametrize(
@@ -82,11 +79,11 @@ def test_amx_weights_are_bf16_blocks_of_32_by_32_padded_along_input_channels() -
     weight = np.arange(64 * 40, dtype=np.float32).reshape(64, 40)  # Co 64, C 40
     packed = amx_weights(weight, AmxPlan(64, 16, 49))
     assert packed.shape == (2, 2, 32, 32) and packed.dtype == np.uint16
-    values = _from_bits(packed)
+    values = from_bits(packed)
     # block 1 (output channels 32..63), step 0 (input channels 0..31), row 0: channel 32
     assert values[1, 0, 0, :3].tolist() == [1280.0, 1280.0, 1280.0]  # bf16 of 1280, 1281, 1282
     # step 1 holds input channels 32..39, then the zero padding
-    assert values[0, 1, 1, :8].tolist() == _from_bits(bf16_bits(weight[1, 32:40])).tolist()
+    assert values[0, 1, 1, :8].tolist() == from_bits(bf16_bits(weight[1, 32:40])).tolist()
     assert not packed[:, 1, :, 8:].any()
     with pytest.raises(ValueError, match="70 input channels do not fit the plan's 64"):
         amx_weights(np.zeros((32, 70), np.float32), AmxPlan(64, 16, 49))
@@ -122,32 +119,16 @@ def test_kernel_computes_the_bf16_rounded_convolution(shape: PointwiseShape) -> 
 
     plan = plan_pointwise_amx(shape)
     assert plan is not None
-    c, co, h, w = shape.in_channels, shape.out_channels, shape.height, shape.width
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((1, c, h, w)).astype(np.float32)
-    weight = (rng.standard_normal((co, c)) / np.sqrt(c)).astype(np.float32)
-    bias = rng.standard_normal(co).astype(np.float32)
-    residual = rng.standard_normal((1, co, h, w)).astype(np.float32)
+    ops = operands(shape)
+    co, h, w = shape.out_channels, shape.height, shape.width
     func = pointwise_amx_func(shape).with_attr("global_symbol", "main")
     lib = tvm.compile(tvm.IRModule({"main": func}), {"kind": "llvm", "mcpu": "sapphirerapids"})
-    args = [x, amx_weights(weight, plan), bias] + ([residual] if shape.residual else [])
+    args = [ops.x, amx_weights(ops.weight, plan), ops.bias]
+    args += [ops.residual] if shape.residual else []
     out = tvm.runtime.tensor(np.full((1, co, h, w), np.nan, np.float32))
     lib["main"](*[tvm.runtime.tensor(a) for a in args], out)
 
-    xb = _from_bits(bf16_bits(x)).astype(np.float64)
-    wb = _from_bits(bf16_bits(weight)).astype(np.float64)
-    expected = np.einsum("oc,chw->ohw", wb, xb[0])[None] + bias[None, :, None, None]
-    if shape.residual:
-        expected += residual
-    if shape.activation == "relu6":
-        expected = np.clip(expected, 0, 6)
-    elif shape.activation == "relu":
-        expected = np.maximum(expected, 0)
-    # The products are exact in fp32; only the order of the fp32 sums differs.
-    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5)
-    if shape.activation is None and not shape.residual:  # and bf16, not fp32, products
-        exact = np.einsum("oc,chw->ohw", weight.astype(np.float64), x[0].astype(np.float64))
-        assert np.abs(exact + bias[:, None, None] - out.numpy()[0]).max() > 1e-3
+    assert_bf16_convolution(shape, ops, out.numpy())
 
 
 def test_the_kernel_survives_weight_prepackings_layout_pass() -> None:

@@ -28,6 +28,7 @@ from compiler.fusion_plan import (
 from compiler.pipeline import CompileRequest, compile_model
 from compiler.settings import CompilerSettings
 from edgeloop.cli import cli
+from tests.compiler.bf16_reference import assert_bf16_convolution, from_bits, operands
 
 ZEN4 = ["avx512f", "avx512bw", "avx512_bf16"]
 
@@ -60,10 +61,6 @@ needs_zen4 = pytest.mark.skipif(
 )
 
 
-def _from_bits(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
 @pytest.mark.parametrize(
     ("value", "bits"),
     [
@@ -84,7 +81,7 @@ def test_paired_weights_put_each_channels_pair_side_by_side() -> None:
     weight = np.arange(32 * 3, dtype=np.float32).reshape(32, 3)  # Co 32, C 3 (odd)
     packed = paired_bf16_weights(weight, 1)  # blocks of 16 output channels
     assert packed.shape == (2, 2, 32) and packed.dtype == np.uint16
-    values = _from_bits(packed)
+    values = from_bits(packed)
     # block 1, pair 0: output channels 16..31, input channels 0 and 1 side by side
     assert values[1, 0, 0:4].tolist() == [48.0, 49.0, 51.0, 52.0]
     # pair 1 holds input channel 2 and the zero channel an odd C gets
@@ -191,33 +188,16 @@ def test_kernel_computes_the_bf16_rounded_convolution(shape: PointwiseShape) -> 
 
     config = plan_pointwise_bf16(shape)
     assert config is not None
-    c, co, h, w = shape.in_channels, shape.out_channels, shape.height, shape.width
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((1, c, h, w)).astype(np.float32)
-    weight = (rng.standard_normal((co, c)) / np.sqrt(c)).astype(np.float32)
-    bias = rng.standard_normal(co).astype(np.float32)
-    residual = rng.standard_normal((1, co, h, w)).astype(np.float32)
+    ops = operands(shape)
+    co, h, w = shape.out_channels, shape.height, shape.width
     func = pointwise_bf16_func(shape, config).with_attr("global_symbol", "main")
     lib = tvm.compile(tvm.IRModule({"main": func}), {"kind": "llvm", "mcpu": "znver4"})
-    args = [x, paired_bf16_weights(weight, config.vectors), bias]
-    args += [residual] if shape.residual else []
+    args = [ops.x, paired_bf16_weights(ops.weight, config.vectors), ops.bias]
+    args += [ops.residual] if shape.residual else []
     out = tvm.runtime.tensor(np.zeros((1, co, h, w), np.float32))
     lib["main"](*[tvm.runtime.tensor(a) for a in args], out)
 
-    xb = _from_bits(bf16_bits(x)).astype(np.float64)
-    wb = _from_bits(bf16_bits(weight)).astype(np.float64)
-    expected = np.einsum("oc,chw->ohw", wb, xb[0])[None] + bias[None, :, None, None]
-    if shape.residual:
-        expected += residual
-    if shape.activation == "relu6":
-        expected = np.clip(expected, 0, 6)
-    elif shape.activation == "relu":
-        expected = np.maximum(expected, 0)
-    # The products are exact in fp32; only the order of the fp32 sums differs.
-    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5)
-    if shape.activation is None and not shape.residual:  # and bf16, not fp32, products
-        exact = np.einsum("oc,chw->ohw", weight.astype(np.float64), x[0].astype(np.float64))
-        assert np.abs(exact + bias[:, None, None] - out.numpy()[0]).max() > 1e-3
+    assert_bf16_convolution(shape, ops, out.numpy())
 
 
 class _SmallMaps(nn.Module):
