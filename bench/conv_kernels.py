@@ -32,6 +32,7 @@ from bench.fused_block import alternate_with_ort, host_mcpu, host_unit, unit_opt
 from compiler.execution import detect_host
 from compiler.fusion_plan import (
     VECTOR_UNITS,
+    DepthwiseShape,
     PointwiseShape,
     VectorUnit,
     WinogradConfig,
@@ -39,6 +40,7 @@ from compiler.fusion_plan import (
     blocked_weights,
     has_amx,
     paired_bf16_weights,
+    plan_depthwise,
     plan_pointwise,
     plan_pointwise_amx,
     plan_pointwise_bf16,
@@ -66,8 +68,10 @@ def parse_shape(text: str) -> list[int]:
     return [c, co, h, stride, kernel]
 
 
-def onnx_conv(shape: PointwiseShape, weight: np.ndarray, bias: np.ndarray) -> Any:
-    """Conv (padding kernel // 2) + Relu as an ONNX model."""
+def onnx_conv(
+    shape: PointwiseShape, weight: np.ndarray, bias: np.ndarray, *, group: int = 1
+) -> Any:
+    """Conv (padding kernel // 2, ``group`` groups) + Relu as an ONNX model."""
     from onnx import TensorProto, helper, numpy_helper
 
     k, pad = shape.kernel, shape.kernel // 2
@@ -79,6 +83,7 @@ def onnx_conv(shape: PointwiseShape, weight: np.ndarray, bias: np.ndarray) -> An
             kernel_shape=[k, k],
             pads=[pad] * 4,
             strides=[shape.stride] * 2,
+            group=group,
         ),
         helper.make_node("Relu", ["y0"], ["y"]),
     ]
@@ -102,14 +107,24 @@ def _kernels(
     group: int | None,
     unit: VectorUnit,
     bf16: frozenset[str] = frozenset(),
+    depthwise: bool = False,
 ) -> list[tuple[str, Any, np.ndarray]]:
     """(label, scheduled PrimFunc, weight argument) for each kernel that takes ``shape``;
     ``bf16``: the host's features, for the bf16 kernels it can run ("avx512_bf16": the
-    vdpbf16ps kernel, "amx_bf16": the AMX one)."""
+    vdpbf16ps kernel, "amx_bf16": the AMX one); ``depthwise``: ``shape`` as a depthwise
+    convolution (one group per channel), the depthwise kernel."""
+    from compiler.tvm_depthwise import depthwise_func
     from compiler.tvm_fusion import pointwise_func, winograd_func
 
     c, co = shape.in_channels, shape.out_channels
     kernels = []
+    if depthwise:
+        dw_shape = DepthwiseShape(c, shape.height, shape.width, shape.stride, shape.activation)
+        dw = plan_depthwise(dw_shape, unit=unit)
+        if dw is not None:
+            label = f"depthwise ({dw.rows} rows x {dw.columns} columns per block)"
+            kernels.append((label, depthwise_func(dw_shape, dw), weight.reshape(c, 3, 3)))
+        return kernels
     flat = weight.reshape(co, c * shape.kernel * shape.kernel)
     pairs = plan_pointwise_bf16(shape) if "avx512_bf16" in bf16 else None
     if pairs is not None:
@@ -160,17 +175,21 @@ def run_shape(
     group: int | None = None,
     unit: VectorUnit | None = None,
     bf16: bool = False,
+    depthwise: bool = False,
 ) -> list[dict[str, Any]]:
     """Time and check each kernel that takes the shape against ORT, planned for ``unit``
     (default: this CPU's, ``host_unit``), with ``bf16`` also the bf16 kernels this CPU can
-    run; one row per kernel."""
+    run, with ``depthwise`` the shape as a depthwise convolution (C == Co, 3x3); one row
+    per kernel."""
     import onnxruntime as ort
     import tvm
 
     c, co, h, stride, kernel = values
     shape = PointwiseShape(c, co, h, h, activation="relu", kernel=kernel, stride=stride)
+    groups = c if depthwise else 1
     rng = np.random.default_rng(0)
-    weight = (rng.standard_normal((co, c, kernel, kernel)) * (2 / (kernel**2 * c)) ** 0.5).astype(
+    fan_in = kernel**2 * c // groups
+    weight = (rng.standard_normal((co, c // groups, kernel, kernel)) * (2 / fan_in) ** 0.5).astype(
         "float32"
     )
     bias = (rng.standard_normal(co) * 0.1).astype("float32")
@@ -178,7 +197,7 @@ def run_shape(
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(
-        onnx_conv(shape, weight, bias).SerializeToString(),
+        onnx_conv(shape, weight, bias, group=groups).SerializeToString(),
         options,
         providers=["CPUExecutionProvider"],
     )
@@ -186,10 +205,16 @@ def run_shape(
     target = tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu(), "num-cores": threads})
     dev = tvm.cpu()
     out = tvm.runtime.tensor(np.zeros(expected.shape, "float32"), dev)
-    macs = c * co * shape.out_height * shape.out_width * kernel * kernel
+    macs = c * co // groups * shape.out_height * shape.out_width * kernel * kernel
     features = detect_host().cpu_features if bf16 else frozenset()
     kernels = _kernels(
-        shape, weight, winograd=winograd, group=group, unit=unit or host_unit(), bf16=features
+        shape,
+        weight,
+        winograd=winograd,
+        group=group,
+        unit=unit or host_unit(),
+        bf16=features,
+        depthwise=depthwise,
     )
     if not kernels:
         print(f"  no kernel of the compiler takes {shape.describe()}")
@@ -231,6 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--bf16", action="store_true", help="also the bf16 kernels (vdpbf16ps, AMX) this CPU runs"
     )
+    parser.add_argument(
+        "--depthwise",
+        action="store_true",
+        help="the shapes as depthwise convolutions (C == Co, 3x3): the depthwise kernel",
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=50)
@@ -245,6 +275,13 @@ def main(argv: list[str] | None = None) -> int:
     for values in shapes:
         c, co, h, stride, kernel = values
         described = PointwiseShape(c, co, h, h, "relu", kernel=kernel, stride=stride).describe()
+        if args.depthwise:
+            if c != co or kernel != 3:
+                parser.error(
+                    f"--depthwise --shape {','.join(map(str, values))}: a depthwise convolution "
+                    "needs C == Co and a 3x3 kernel"
+                )
+            described = DepthwiseShape(c, h, h, stride, "relu").describe()
         print(f"{described}, {args.threads} threads:", flush=True)
         try:
             run_shape(
@@ -256,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                 group=args.group,
                 unit=VECTOR_UNITS[args.unit] if args.unit else None,
                 bf16=args.bf16,
+                depthwise=args.depthwise,
             )
         except ValueError as err:
             parser.error(str(err))

@@ -35,18 +35,21 @@ POSITION_BLOCKS = (7, 8, 6, 5, 4)
 @dataclass(frozen=True)
 class VectorUnit:
     """The fp32 vector registers the hand-scheduled kernels size their accumulator blocks
-    for. The kernels compute in vectors of ``LANES`` fp32 lanes, which LLVM splits into
-    ``LANES // lanes`` registers on a narrower unit, so each field counts such 16-lane
-    vectors: ``accumulators`` in a 1x1 stage's block (the rest of the ``registers`` hold
-    its operands), ``block_vectors`` of positions per block of a fused block's stages at
-    stride 1 (at most, at stride 2), ``channel_vectors`` of output channels (at most) per
-    block of the kernels vectorized along channels; ``pointwise_min_reduction``: input
-    channels a 1x1 convolution on a map larger than 7x7 needs for the pointwise kernel to
-    take it over MetaSchedule's; ``conv_positions``: positions per block of the 3x3 and
-    stride-2 direct kernels and of the Winograd GEMM, the first that divides the output
-    width (tile count). Measured in docs/benchmarks.md: with AVX-512's blocks AVX2's 16
-    registers spill (a 28x28 block took 2.2x as long as with AVX2's; a 3x3 convolution
-    at 7 positions x 2 registers 41-43 GMAC/s, at 4 positions 67-79)."""
+    for, and which kernels pay on them. The kernels compute in vectors of ``LANES`` fp32
+    lanes, which LLVM splits into ``LANES // lanes`` registers on a narrower unit, so each
+    field counts such 16-lane vectors: ``accumulators`` in a 1x1 stage's block (the rest of
+    the ``registers`` hold its operands), ``block_vectors`` of positions per block of a
+    fused block's stages at stride 1 (at most, at stride 2), ``channel_vectors`` of output
+    channels (at most) per block of the kernels vectorized along channels;
+    ``pointwise_min_reduction``: input channels a 1x1 convolution on a map larger than 7x7
+    needs for the pointwise kernel to take it over MetaSchedule's; ``conv_positions``:
+    positions per block of the 3x3 and stride-2 direct kernels and of the Winograd GEMM,
+    the first that divides the output width (tile count); ``depthwise``: whether the
+    depthwise kernel (``plan_depthwise``) replaces MetaSchedule's depthwise convolutions
+    (measured faster on AVX2; not measured on an AVX-512 box yet). Measured in
+    docs/benchmarks.md: with AVX-512's blocks AVX2's 16 registers spill (a 28x28 block took
+    2.2x as long as with AVX2's; a 3x3 convolution at 7 positions x 2 registers 41-43
+    GMAC/s, at 4 positions 67-79)."""
 
     name: str
     lanes: int
@@ -56,6 +59,7 @@ class VectorUnit:
     channel_vectors: int
     pointwise_min_reduction: int
     conv_positions: tuple[int, ...]
+    depthwise: bool = False
 
 
 AVX512 = VectorUnit(
@@ -77,6 +81,7 @@ AVX2 = VectorUnit(
     channel_vectors=1,
     pointwise_min_reduction=0,
     conv_positions=(4, 7, 8, 6, 5),
+    depthwise=True,
 )
 VECTOR_UNITS = {unit.name: unit for unit in (AVX512, AVX2)}
 
@@ -912,6 +917,91 @@ def plan_winograd(
         (g for g in range(block, tiles // 2 + 1, block) if g >= cols and tiles % g == 0), 0
     )
     return WinogradConfig(tile=tile, positions=block, vectors=vectors, group=group)
+
+
+# Depthwise 3x3 convolutions outside the fused blocks (maps narrower than ``MIN_WIDTH``:
+# MobileNetV2's at 14x14 and 7x7, its stride-2 one from 14x14 to 7x7). MetaSchedule's tuned
+# kernels for them materialize a padded copy of the whole input and vectorize along a width
+# of 14 or 7; ``tvm_fusion.depthwise_func`` pads one channel at a time into a plane whose
+# rows are whole vectors (stride 2: even and odd columns apart, so that every tap is a
+# contiguous run) and keeps a block of output rows in registers.
+MAX_DEPTHWISE_WIDTH = 28
+DEPTHWISE_TAPS = 9  # weights of a 3x3 depthwise convolution, one register each
+
+
+@dataclass(frozen=True)
+class DepthwiseShape:
+    """A 3x3 depthwise convolution (padding 1, stride 1 or 2, batch 1, NCHW float32), bias
+    added, then an optional activation ("relu6" or "relu")."""
+
+    channels: int
+    height: int
+    width: int
+    stride: int = 1
+    activation: str | None = None
+
+    @property
+    def out_height(self) -> int:
+        return (self.height - 1) // self.stride + 1
+
+    @property
+    def out_width(self) -> int:
+        return (self.width - 1) // self.stride + 1
+
+    def describe(self) -> str:
+        text = f"depthwise 3x3 {self.channels}"
+        text += f" stride {self.stride}" if self.stride != 1 else ""
+        text += f" at {self.height}x{self.width}"
+        names = {"relu6": "ReLU6", "relu": "ReLU"}
+        return text + (f" + {names[self.activation]}" if self.activation else "")
+
+
+@dataclass(frozen=True)
+class DepthwiseConfig:
+    """Output columns computed per row (the width in whole registers of the unit), output
+    rows per accumulator block, and the rows computed (the height in whole blocks)."""
+
+    columns: int
+    rows: int
+    padded_rows: int
+
+    @property
+    def plane_rows(self) -> int:
+        """Rows of a channel's zero-padded input plane the blocks read (at stride 1; the
+        kernel scales by the stride)."""
+        return self.padded_rows + 2
+
+    def plane_columns(self, stride: int) -> int:
+        """Columns of each of the plane's ``stride`` column phases: tap ``kw`` of output
+        column j reads phase ``kw % stride`` at ``j + kw // stride``."""
+        return self.columns + 2 // stride
+
+
+def plan_depthwise(shape: DepthwiseShape, *, unit: VectorUnit = AVX512) -> DepthwiseConfig | None:
+    """The depthwise kernel's blocks for ``shape``, None where it is not used (wider maps
+    are in fused blocks or vectorize well along their width). Accumulators: ``rows`` rows of
+    ``columns / unit.lanes`` registers; the 9 weights stay in registers too (the taps are
+    the FMAs' memory operands), so at most ``unit.registers - 9`` (AVX2, 576 channels at
+    14x14 on 1 thread: 4 rows of 2 registers spilled, 125 us a call against 99 for 2 rows;
+    at 7x7, 960 channels, 7 rows of 1 took 50 us, 1 row 67). Of the row counts that fit,
+    the one that computes the fewest (padding) rows, then the one with the fewest blocks
+    (each loads its taps once)."""
+    if min(shape.channels, shape.height, shape.width) < 1 or shape.stride not in (1, 2):
+        return None
+    if shape.width > MAX_DEPTHWISE_WIDTH:
+        return None
+    lanes = unit.lanes
+    columns = -(-shape.out_width // lanes) * lanes
+    per_row = columns // lanes
+    budget = unit.registers - DEPTHWISE_TAPS
+    if per_row > budget:
+        return None
+    ho = shape.out_height
+    best = min(
+        range(1, min(budget // per_row, ho) + 1),
+        key=lambda rows: (-(-ho // rows) * rows, -(-ho // rows)),
+    )
+    return DepthwiseConfig(columns=columns, rows=best, padded_rows=-(-ho // best) * best)
 
 
 @dataclass(frozen=True)

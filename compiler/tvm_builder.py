@@ -171,6 +171,7 @@ def _prepare_fused(
         )(mod)
         if fuse_blocks:
             from compiler.tvm_fusion import (
+                fuse_depthwise,
                 fuse_inverted_residuals,
                 fuse_max_pools,
                 fuse_pointwise,
@@ -186,6 +187,7 @@ def _prepare_fused(
             rewrites = (
                 functools.partial(fuse_pointwise, precision=precision, unit=unit, amx=amx, dot=dot),
                 functools.partial(fuse_strided_convs, unit=unit),
+                functools.partial(fuse_depthwise, unit=unit),
                 fuse_max_pools,
             )
             for rewrite in rewrites:

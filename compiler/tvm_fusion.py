@@ -23,6 +23,7 @@ from compiler.fusion_plan import (
     LANES,
     BlockConfig,
     BlockShape,
+    DepthwiseShape,
     MaxPoolShape,
     PointwiseConfig,
     PointwiseShape,
@@ -37,6 +38,7 @@ from compiler.fusion_plan import (
     blocked_weights,
     paired_bf16_weights,
     plan_block,
+    plan_depthwise,
     plan_max_pool,
     plan_pointwise,
     plan_pointwise_amx,
@@ -1462,6 +1464,72 @@ def fuse_strided_convs(mod: Any, *, unit: VectorUnit = AVX512) -> tuple[Any, lis
     if not plans:
         return mod, []
     log.info("%d strided convolution kernel(s): %s", len(fused), "; ".join(fused))
+    return _replace(mod, plans), fused
+
+
+@dataclass
+class _DepthwiseMatch:
+    x: Any
+    end: Any
+    inner: list[Any]
+    shape: DepthwiseShape
+    weight: np.ndarray  # (C, 3, 3)
+    bias: np.ndarray
+
+
+def _find_depthwise(func: Any) -> list[_DepthwiseMatch]:
+    """Every 3x3 depthwise convolution (stride 1 or 2) + bias [+ ReLU6 | ReLU] of ``func``
+    (what the fused blocks left), matched from its last binding."""
+    values, uses = _bindings(func)
+
+    def single_use_value(var: Any) -> Any | None:
+        return values.get(var) if uses.get(var, 0) == 1 else None
+
+    matches = []
+    for end, value in values.items():
+        activation, biased_var, biased_value, inner = _split_activation(
+            end, value, single_use_value
+        )
+        c = _channels(biased_var)
+        biased = _bias_add(biased_value, c) if c else None
+        conv = _conv(single_use_value(biased[0]), kernel=3, strides=(1, 2)) if biased else None
+        if biased is None or conv is None or conv[2] != c or conv[1].shape[:2] != (c, 1):
+            continue
+        x_shape = _static_shape(conv[0])
+        if x_shape is None or len(x_shape) != 4 or x_shape[:2] != [1, c]:
+            continue
+        shape = DepthwiseShape(c, x_shape[2], x_shape[3], conv[3], activation)
+        weight = conv[1].reshape(c, 3, 3)
+        matches.append(_DepthwiseMatch(conv[0], end, inner, shape, weight, biased[1]))
+    inner_vars = [v for m in matches for v in m.inner]
+    return [m for m in matches if not any(m.end.same_as(v) for v in inner_vars)]
+
+
+def fuse_depthwise(mod: Any, *, unit: VectorUnit = AVX512) -> tuple[Any, list[str]]:
+    """Replace ``main``'s depthwise convolutions that ``plan_depthwise`` takes (run after
+    ``fuse_inverted_residuals``, on what it left) with ``depthwise_func`` kernels, on units
+    where that pays (``VectorUnit.depthwise``); returns (module, descriptions)."""
+    from compiler.tvm_depthwise import depthwise_func
+
+    if not unit.depthwise:
+        return mod, []
+    plans = {}
+    fused = []
+    for match in _find_depthwise(mod["main"]):
+        config = plan_depthwise(match.shape, unit=unit)
+        if config is None:
+            continue
+        shape = match.shape
+        plans[match.end] = _Replacement(
+            depthwise_func(shape, config),
+            "fused_depthwise",
+            [match.x, np.ascontiguousarray(match.weight), match.bias],
+            (1, shape.channels, shape.out_height, shape.out_width),
+        )
+        fused.append(f"{shape.describe()} ({config.rows} rows x {config.columns} columns)")
+    if not plans:
+        return mod, []
+    log.info("%d depthwise convolution kernel(s): %s", len(fused), "; ".join(fused))
     return _replace(mod, plans), fused
 
 

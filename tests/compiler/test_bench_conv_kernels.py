@@ -16,6 +16,11 @@ from bench.conv_kernels import main, parse_shape, run_shape
         (["--shape", "64,64,56,3"], "--shape '64,64,56,3': the stride must be 1 or 2"),
         (["--shape", "64,64,56,1,5"], "and the kernel 1 or 3"),
         (["--group", "-1"], "--group -1: expected 0 or a positive number of tiles"),
+        (
+            ["--depthwise", "--shape", "32,64,14"],
+            "--depthwise --shape 32,64,14,1,3: a depthwise convolution needs C == Co",
+        ),
+        (["--depthwise", "--shape", "32,32,14,1,1"], "needs C == Co and a 3x3 kernel"),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_value(
@@ -80,3 +85,10 @@ def test_bf16_adds_the_kernels_this_cpu_runs() -> None:
     for row in rows:
         bound = 1e-2 if row["kernel"].startswith("bf16") else 1e-4
         assert row["rel_err"] < bound and row["ratio"] > 0
+
+
+@pytest.mark.parametrize("shape", [[48, 48, 14, 1, 3], [40, 40, 13, 2, 3]])
+def test_depthwise_kernel_matches_onnxruntime(shape: list[int]) -> None:
+    rows = run_shape(shape, threads=1, rounds=1, repeat=2, depthwise=True)
+    assert [row["kernel"].split(" (")[0] for row in rows] == ["depthwise"]
+    assert rows[0]["rel_err"] < 1e-5 and rows[0]["ratio"] > 0

@@ -52,8 +52,14 @@ FUSED = [
     "32->192->32 at 28x28, stride 2 (strips of 7 rows)",
 ]
 # AVX2 (generic/x86_64, and ARM by request) also gives the 14-wide block's 1x1 convolutions
-# to the pointwise kernel: MetaSchedule's AVX2 kernels for short reductions are slower.
-FUSED_AVX2 = [*FUSED, "1x1 32->192 at 14x14 + ReLU6", "1x1 192->32 at 14x14 + residual"]
+# to the pointwise kernel (MetaSchedule's AVX2 kernels for short reductions are slower) and
+# its depthwise convolution to the depthwise kernel.
+FUSED_AVX2 = [
+    *FUSED,
+    "1x1 32->192 at 14x14 + ReLU6",
+    "1x1 192->32 at 14x14 + residual",
+    "depthwise 3x3 192 at 14x14 + ReLU6 (2 rows x 16 columns)",
+]
 
 
 def export_with_batchnorm_stats(
