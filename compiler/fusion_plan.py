@@ -984,8 +984,8 @@ def plan_depthwise(shape: DepthwiseShape, *, unit: VectorUnit = AVX512) -> Depth
     the FMAs' memory operands), so at most ``unit.registers - 9`` (AVX2, 576 channels at
     14x14 on 1 thread: 4 rows of 2 registers spilled, 125 us a call against 99 for 2 rows;
     at 7x7, 960 channels, 7 rows of 1 took 50 us, 1 row 67). Of the row counts that fit,
-    the one that computes the fewest (padding) rows, then the one with the fewest blocks
-    (each loads its taps once)."""
+    the largest that divides the output height (each block loads its taps once; the
+    kernel also computes padding rows, which no plan needs then)."""
     if min(shape.channels, shape.height, shape.width) < 1 or shape.stride not in (1, 2):
         return None
     if shape.width > MAX_DEPTHWISE_WIDTH:
@@ -997,11 +997,8 @@ def plan_depthwise(shape: DepthwiseShape, *, unit: VectorUnit = AVX512) -> Depth
     if per_row > budget:
         return None
     ho = shape.out_height
-    best = min(
-        range(1, min(budget // per_row, ho) + 1),
-        key=lambda rows: (-(-ho // rows) * rows, -(-ho // rows)),
-    )
-    return DepthwiseConfig(columns=columns, rows=best, padded_rows=-(-ho // best) * best)
+    rows = max(r for r in range(1, min(budget // per_row, ho) + 1) if ho % r == 0)
+    return DepthwiseConfig(columns=columns, rows=rows, padded_rows=ho)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,9 @@ from typing import Any
 from compiler.fusion_plan import DepthwiseConfig, DepthwiseShape
 from compiler.tvm_bf16 import activate
 
+# Channels per parallel job: each job allocates and zeroes its plane once.
+CHANNELS_PER_JOB = 8
+
 
 def depthwise_func(shape: DepthwiseShape, config: DepthwiseConfig) -> Any:
     """A 3x3 depthwise convolution + bias [+ activation] (``fusion_plan.plan_depthwise``),
@@ -39,7 +42,7 @@ def depthwise_func(shape: DepthwiseShape, config: DepthwiseConfig) -> Any:
     plane_rows = s * (config.padded_rows - 1) + 3
     plane_cols = config.plane_columns(s)
     act = shape.activation
-    group = next(g for g in (8, 4, 2, 1) if c % g == 0)  # channels per job
+    jobs = -(-c // CHANNELS_PER_JOB)
     # Input column j sits at padded column j + 1: phase (j + 1) % s, position (j + 1) // s.
     # Per phase, the first position holding an input column and how many there are.
     firsts = [(1 - ph + s - 1) // s for ph in range(2)]  # smallest q with s * q + ph >= 1
@@ -90,7 +93,7 @@ def depthwise_func(shape: DepthwiseShape, config: DepthwiseConfig) -> Any:
     ) -> None:
         T.func_attr({"tirx.noalias": True})
         with T.sblock("root"):
-            for job in T.parallel(c // group):
+            for job in T.parallel(jobs):
                 with T.sblock("channels"):  # the plane and the sums are this job's
                     T.reads(X[0, 0:c, 0:h, 0:w], Wd[0:c, 0:3, 0:3], bias[0:c])
                     T.writes(Out[0, 0:c, 0:ho, 0:wo])
@@ -102,7 +105,8 @@ def depthwise_func(shape: DepthwiseShape, config: DepthwiseConfig) -> Any:
                         for q in T.vectorized(plane_cols):
                             with T.sblock("zero"):
                                 P[i, ph, q] = T.float32(0.0)
-                    for kk in range(group):
-                        channel(X, Wd, bias, Out, P, acc, job * group + kk)
+                    for kk in range(CHANNELS_PER_JOB):
+                        if job * CHANNELS_PER_JOB + kk < c:
+                            channel(X, Wd, bias, Out, P, acc, job * CHANNELS_PER_JOB + kk)
 
     return depthwise.with_attrs({"tirx.is_scheduled": True, "op_pattern": 8})

@@ -32,7 +32,7 @@ from compiler.fusion_plan import (
         # 9 rows, at most 3 a block: 3 blocks of 3
         (DepthwiseShape(8, 9, 9), AVX2, DepthwiseConfig(16, 3, 9)),
         (DepthwiseShape(8, 11, 11), AVX512, DepthwiseConfig(16, 11, 11)),
-        # 11 rows (a prime above the limit): row by row rather than a padding row
+        # 11 rows (a prime above the limit): row by row
         (DepthwiseShape(8, 11, 11), AVX2, DepthwiseConfig(16, 1, 11)),
         (DepthwiseShape(8, 28, 28), AVX2, DepthwiseConfig(32, 1, 28)),
         (DepthwiseShape(8, 28, 28), AVX512, DepthwiseConfig(32, 7, 28)),
@@ -87,7 +87,8 @@ def _torch_depthwise(
         DepthwiseShape(40, 14, 14, 2, "relu6"),
         DepthwiseShape(13, 11, 9, 2, "relu"),  # odd sizes: the last column and row padded
         DepthwiseShape(5, 5, 3),  # narrower than a register
-        DepthwiseShape(6, 11, 11),  # a padding row in the last block
+        DepthwiseShape(6, 11, 11),  # row by row; fewer channels than a job takes
+        DepthwiseShape(13, 9, 9),  # 3 blocks of 3 rows; a last job of 5 channels
         DepthwiseShape(8, 28, 28, 1, "relu6"),
         DepthwiseShape(7, 15, 21, 2),
     ],
@@ -109,6 +110,39 @@ def test_kernel_matches_torch(shape: DepthwiseShape, unit: VectorUnit) -> None:
     bias = rng.standard_normal(shape.channels).astype(np.float32)
     out_shape = (1, shape.channels, shape.out_height, shape.out_width)
     out = tvm.runtime.tensor(np.full(out_shape, np.nan, np.float32))
+    lib["main"](*[tvm.runtime.tensor(a) for a in (x, weight, bias)], out)
+    np.testing.assert_allclose(
+        out.numpy(), _torch_depthwise(x, weight, bias, shape), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_the_kernel_survives_weight_prepackings_layout_pass() -> None:
+    """Tuned builds with weight prepacking run SplitLayoutRewritePreproc over every kernel."""
+    import tvm
+    from tvm import relax
+
+    from compiler.tvm_depthwise import depthwise_func
+
+    for shape in (DepthwiseShape(16, 14, 14, 1, "relu6"), DepthwiseShape(16, 14, 14, 2)):
+        config = plan_depthwise(shape, unit=AVX2)
+        func = depthwise_func(shape, config).with_attr("layout_free_buffers", [1, 2])
+        relax.transform.SplitLayoutRewritePreproc()(tvm.IRModule({tvm.ir.GlobalVar("k"): func}))
+
+
+def test_a_padding_row_in_the_last_block_is_not_written() -> None:
+    """A configuration may compute more rows than the output has (4 blocks of 4 for 14)."""
+    import tvm
+
+    from compiler.tvm_depthwise import depthwise_func
+
+    shape = DepthwiseShape(9, 14, 14, 1, "relu6")
+    func = depthwise_func(shape, DepthwiseConfig(16, 4, 16)).with_attr("global_symbol", "main")
+    lib = tvm.compile(tvm.IRModule({"main": func}), {"kind": "llvm"})
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 9, 14, 14)).astype(np.float32)
+    weight = rng.standard_normal((9, 3, 3)).astype(np.float32)
+    bias = rng.standard_normal(9).astype(np.float32)
+    out = tvm.runtime.tensor(np.full((1, 9, 14, 14), np.nan, np.float32))
     lib["main"](*[tvm.runtime.tensor(a) for a in (x, weight, bias)], out)
     np.testing.assert_allclose(
         out.numpy(), _torch_depthwise(x, weight, bias, shape), rtol=1e-5, atol=1e-5
