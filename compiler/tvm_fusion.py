@@ -13,8 +13,9 @@ most one convolution in a kernel); docs/toolchain.md and docs/benchmarks.md say 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -1197,6 +1198,77 @@ def _split_activation(
 
 
 @dataclass
+class _ConvChain:
+    """``conv2d(x, weight) + bias [+ residual] [+ ReLU6 | ReLU]`` ending at binding ``end``,
+    the intermediates single-use and listed in ``inner``; ``x`` is (1, C, H, W)."""
+
+    x: Any
+    x_shape: list[int]
+    end: Any
+    inner: list[Any]
+    activation: str | None
+    residual: Any | None
+    weight: np.ndarray
+    bias: np.ndarray
+    groups: int
+    stride: int
+
+
+_ConvOf = Callable[[Any], "tuple[Any, np.ndarray, int, int] | None"]
+
+
+def _conv_chains(func: Any, conv_of: _ConvOf, *, residual: bool = False) -> list[_ConvChain]:
+    """Every convolution + bias add [+ residual add, with ``residual``] [+ activation] of
+    ``func`` whose convolution ``conv_of`` takes (it returns ``_conv``'s tuple), matched
+    from its last binding; the kernels' finders filter these and keep ``_outermost``."""
+    from tvm import relax
+
+    values, uses = _bindings(func)
+
+    def single_use_value(var: Any) -> Any | None:
+        return values.get(var) if uses.get(var, 0) == 1 else None
+
+    def conv_bias(var: Any, value: Any) -> tuple[tuple[Any, np.ndarray, int, int], Any] | None:
+        co = _channels(var)
+        biased = _bias_add(value, co) if co else None
+        conv = conv_of(single_use_value(biased[0])) if biased is not None else None
+        return (conv, biased[1]) if conv is not None and biased is not None else None
+
+    chains = []
+    for end, value in values.items():
+        added = None
+        activation, core_var, core, inner = _split_activation(end, value, single_use_value)
+        if residual and _op_name(core) == "relax.add":
+            for a, b in ((core.args[0], core.args[1]), (core.args[1], core.args[0])):
+                if isinstance(a, relax.Var) and isinstance(b, relax.Var):
+                    b_value = single_use_value(b)
+                    if b_value is not None and conv_bias(b, b_value) is not None:
+                        added, core_var, core = a, b, b_value
+                        inner = [*inner, b]
+                        break
+        found = conv_bias(core_var, core)
+        if found is None:
+            continue
+        (x, weight, groups, stride), bias = found
+        x_shape = _static_shape(x)
+        if x_shape is None or len(x_shape) != 4 or x_shape[0] != 1:
+            continue
+        chains.append(
+            _ConvChain(x, x_shape, end, inner, activation, added, weight, bias, groups, stride)
+        )
+    return chains
+
+
+_Found = TypeVar("_Found", "_PointwiseMatch", "_StridedConvMatch", "_DepthwiseMatch")
+
+
+def _outermost(matches: list[_Found]) -> list[_Found]:
+    """``matches`` less those that a larger match (activation, residual) also covers."""
+    inner_vars = [v for m in matches for v in m.inner]
+    return [m for m in matches if not any(m.end.same_as(v) for v in inner_vars)]
+
+
+@dataclass
 class _PointwiseMatch:
     x: Any
     residual: Any | None
@@ -1210,62 +1282,37 @@ class _PointwiseMatch:
 def _find_pointwise(func: Any) -> list[_PointwiseMatch]:
     """Every 1x1 or 3x3 (stride 1 or 2) convolution + bias add [+ residual add] [+ ReLU6 |
     ReLU] of ``func``, matched from its last binding."""
-    from tvm import relax
 
-    values, uses = _bindings(func)
-
-    def single_use_value(var: Any) -> Any | None:
-        return values.get(var) if uses.get(var, 0) == 1 else None
-
-    def conv_bias(var: Any, value: Any) -> tuple[Any, np.ndarray, np.ndarray, int] | None:
-        co = _channels(var)
-        biased = _bias_add(value, co) if co else None
-        if biased is None:
-            return None
-        conv_value = single_use_value(biased[0])
+    def dense(value: Any) -> tuple[Any, np.ndarray, int, int] | None:
         for kernel in (1, 3):
-            conv = _conv(conv_value, kernel=kernel, strides=(1, 2))
+            conv = _conv(value, kernel=kernel, strides=(1, 2))
             if conv is not None and conv[2] == 1:
-                return conv[0], conv[1], biased[1], conv[3]
+                return conv
         return None
 
     matches = []
-    for end, value in values.items():
-        residual = None
-        activation, core_var, core, inner = _split_activation(end, value, single_use_value)
-        if _op_name(core) == "relax.add":
-            for a, b in ((core.args[0], core.args[1]), (core.args[1], core.args[0])):
-                if isinstance(a, relax.Var) and isinstance(b, relax.Var):
-                    b_value = single_use_value(b)
-                    if b_value is not None and conv_bias(b, b_value) is not None:
-                        residual, core_var, core = a, b, b_value
-                        inner = [*inner, b]
-                        break
-        found = conv_bias(core_var, core)
-        if found is None:
-            continue
-        x, weight, bias, stride = found
-        x_shape = _static_shape(x)
-        if x_shape is None or len(x_shape) != 4 or x_shape[0] != 1:
-            continue
-        _, c, h, w = x_shape
+    for chain in _conv_chains(func, dense, residual=True):
+        _, c, h, w = chain.x_shape
+        weight = chain.weight
         shape = PointwiseShape(
             c,
             int(weight.shape[0]),
             h,
             w,
-            activation=activation,
-            residual=residual is not None,
+            activation=chain.activation,
+            residual=chain.residual is not None,
             kernel=int(weight.shape[2]),
-            stride=stride,
+            stride=chain.stride,
         )
         out_shape = [1, shape.out_channels, shape.out_height, shape.out_width]
-        if residual is not None and _static_shape(residual) != out_shape:
+        if chain.residual is not None and _static_shape(chain.residual) != out_shape:
             continue
-        matches.append(_PointwiseMatch(x, residual, end, inner, shape, weight, bias))
-    # A convolution that a larger match (activation, residual) also covers is left to it.
-    inner_vars = [v for m in matches for v in m.inner]
-    return [m for m in matches if not any(m.end.same_as(v) for v in inner_vars)]
+        matches.append(
+            _PointwiseMatch(
+                chain.x, chain.residual, chain.end, chain.inner, shape, weight, chain.bias
+            )
+        )
+    return _outermost(matches)
 
 
 def fuse_pointwise(
@@ -1414,34 +1461,24 @@ class _StridedConvMatch:
 def _find_strided_convs(func: Any) -> list[_StridedConvMatch]:
     """Every k x k stride-2 convolution + bias [+ ReLU6 | ReLU] of ``func`` with few input
     channels, matched from its last binding."""
-    values, uses = _bindings(func)
 
-    def single_use_value(var: Any) -> Any | None:
-        return values.get(var) if uses.get(var, 0) == 1 else None
+    def strided(value: Any) -> tuple[Any, np.ndarray, int, int] | None:
+        is_conv = value is not None and _op_name(value) == "relax.nn.conv2d"
+        weight = _const(value.args[1]) if is_conv else None
+        if weight is None or weight.ndim != 4:
+            return None
+        conv = _conv(value, kernel=int(weight.shape[2]), strides=(2,))
+        return conv if conv is not None and conv[2] == 1 else None
 
     matches = []
-    for end, value in values.items():
-        activation, biased_var, biased_value, inner = _split_activation(
-            end, value, single_use_value
+    for chain in _conv_chains(func, strided):
+        _, c, h, w = chain.x_shape
+        co, k = int(chain.weight.shape[0]), int(chain.weight.shape[2])
+        shape = StridedConvShape(c, co, h, w, k, chain.activation)
+        matches.append(
+            _StridedConvMatch(chain.x, chain.end, chain.inner, shape, chain.weight, chain.bias)
         )
-        co = _channels(biased_var)
-        biased = _bias_add(biased_value, co) if co else None
-        conv_value = single_use_value(biased[0]) if biased is not None else None
-        is_conv = conv_value is not None and _op_name(conv_value) == "relax.nn.conv2d"
-        weight = _const(conv_value.args[1]) if is_conv and conv_value is not None else None
-        if biased is None or weight is None or weight.ndim != 4:
-            continue
-        conv = _conv(conv_value, kernel=int(weight.shape[2]), strides=(2,))
-        if conv is None or conv[2] != 1:
-            continue
-        x_shape = _static_shape(conv[0])
-        if x_shape is None or len(x_shape) != 4 or x_shape[0] != 1:
-            continue
-        _, c, h, w = x_shape
-        shape = StridedConvShape(c, co, h, w, int(weight.shape[2]), activation)
-        matches.append(_StridedConvMatch(conv[0], end, inner, shape, conv[1], biased[1]))
-    inner_vars = [v for m in matches for v in m.inner]
-    return [m for m in matches if not any(m.end.same_as(v) for v in inner_vars)]
+    return _outermost(matches)
 
 
 def fuse_strided_convs(mod: Any, *, unit: VectorUnit = AVX512) -> tuple[Any, list[str]]:
@@ -1480,29 +1517,24 @@ class _DepthwiseMatch:
 def _find_depthwise(func: Any) -> list[_DepthwiseMatch]:
     """Every 3x3 depthwise convolution (stride 1 or 2) + bias [+ ReLU6 | ReLU] of ``func``
     (what the fused blocks left), matched from its last binding."""
-    values, uses = _bindings(func)
 
-    def single_use_value(var: Any) -> Any | None:
-        return values.get(var) if uses.get(var, 0) == 1 else None
+    def depthwise(value: Any) -> tuple[Any, np.ndarray, int, int] | None:
+        conv = _conv(value, kernel=3, strides=(1, 2))
+        if conv is None or conv[1].shape[:2] != (conv[2], 1):
+            return None
+        return conv
 
     matches = []
-    for end, value in values.items():
-        activation, biased_var, biased_value, inner = _split_activation(
-            end, value, single_use_value
+    for chain in _conv_chains(func, depthwise):
+        c = chain.groups
+        if chain.x_shape[1] != c or chain.bias.shape != (c,):
+            continue
+        shape = DepthwiseShape(
+            c, chain.x_shape[2], chain.x_shape[3], chain.stride, chain.activation
         )
-        c = _channels(biased_var)
-        biased = _bias_add(biased_value, c) if c else None
-        conv = _conv(single_use_value(biased[0]), kernel=3, strides=(1, 2)) if biased else None
-        if biased is None or conv is None or conv[2] != c or conv[1].shape[:2] != (c, 1):
-            continue
-        x_shape = _static_shape(conv[0])
-        if x_shape is None or len(x_shape) != 4 or x_shape[:2] != [1, c]:
-            continue
-        shape = DepthwiseShape(c, x_shape[2], x_shape[3], conv[3], activation)
-        weight = conv[1].reshape(c, 3, 3)
-        matches.append(_DepthwiseMatch(conv[0], end, inner, shape, weight, biased[1]))
-    inner_vars = [v for m in matches for v in m.inner]
-    return [m for m in matches if not any(m.end.same_as(v) for v in inner_vars)]
+        weight = chain.weight.reshape(c, 3, 3)
+        matches.append(_DepthwiseMatch(chain.x, chain.end, chain.inner, shape, weight, chain.bias))
+    return _outermost(matches)
 
 
 def fuse_depthwise(mod: Any, *, unit: VectorUnit = AVX512) -> tuple[Any, list[str]]:
