@@ -595,8 +595,8 @@ def bf16_pairs(weight: npt.NDArray[np.float32]) -> npt.NDArray[np.uint32]:
 # Intel AMX (``compiler.tvm_amx``): a bf16 build for a profile listing these features computes
 # 1x1 convolutions on tiles: 32 output channels by two runs of at most 16 positions per block
 # of four 16x16 fp32 tiles, 32 input channels per step (zero-padded up to a whole step). A
-# run is an image row on maps wider than ``AMX_FLAT_WIDTH``, else 16 positions of the
-# flattened map (a 7-wide row would fill 7 of a tile's 16 columns). Jobs: where the input is
+# run is an image row on maps 9 to 16 wide, else 16 positions of the flattened map (a 7-wide
+# row would fill 7 of a tile's 16 columns, a 28-wide one does not fit). Jobs: where the input is
 # the larger side, groups of rows (2, 4, ...: at least ``AMX_MIN_JOBS`` jobs where the map
 # allows) by blocks of 32 channels, group-major, so that with 2 threads each core multiplies
 # the rows it packed itself (tile loads of activation rows another core had just written
@@ -621,23 +621,24 @@ class AmxPlan:
 
 def plan_pointwise_amx(shape: PointwiseShape) -> AmxPlan | None:
     """The AMX kernel's plan for ``shape``, None where it is not used: 1x1 stride-1
-    convolutions on maps of at most ``MAX_POINTWISE_POSITIONS`` (larger ones run in the fused
-    blocks) and ``AMX_MAX_WIDTH`` columns (a tile's row), whole blocks of 32 output channels
-    (the tiles are stored into the NCHW output directly, so the channels are not padded)."""
+    convolutions with whole blocks of 32 output channels (the tiles are stored into the NCHW
+    output directly, so the channels are not padded), on maps of any size: runs are image
+    rows where a row fills most of a tile's 16 columns (9 to 16 wide), else 16 positions of
+    the flattened map (which a block that ``splits_for_amx`` leaves on maps up to 28x28)."""
     c, co, h, w = shape.in_channels, shape.out_channels, shape.height, shape.width
     if shape.kernel != 1 or shape.stride != 1 or c < 1 or co < AMX_TILE or co % AMX_TILE:
         return None
-    if not 0 < h * w <= MAX_POINTWISE_POSITIONS or w > AMX_MAX_WIDTH:
+    if h < 1 or w < 1:
         return None
     c_pad = -(-c // AMX_TILE) * AMX_TILE
-    if w <= AMX_FLAT_WIDTH:
-        return AmxPlan(c_pad, AMX_MAX_WIDTH, h * w)
-    if c_pad < co:  # more output than input: jobs by channel blocks, all rows each
-        return AmxPlan(c_pad, w, h * w)
+    columns = w if AMX_FLAT_WIDTH < w <= AMX_MAX_WIDTH else AMX_MAX_WIDTH
+    if c_pad < co or w <= AMX_FLAT_WIDTH:
+        # More output than input, or a map of few positions: jobs by channel blocks, all rows
+        return AmxPlan(c_pad, columns, h * w)
     blocks, groups = co // AMX_TILE, 2
     while blocks * groups < AMX_MIN_JOBS and 2 * groups <= -(-h // 2):
         groups *= 2
-    return AmxPlan(c_pad, w, -(-h // groups) * w)
+    return AmxPlan(c_pad, columns, -(-h // groups) * w)
 
 
 def amx_weights(weight: npt.NDArray[np.float32], plan: AmxPlan) -> npt.NDArray[np.uint16]:
@@ -1037,3 +1038,30 @@ def plan_max_pool(shape: MaxPoolShape) -> bool:
     if not 0 <= shape.padding < shape.kernel:
         return False
     return shape.out_height >= 1 and shape.out_width >= 1
+
+
+def splits_for_amx(shape: BlockShape, *, unit: VectorUnit = AVX512) -> bool:
+    """Whether a bf16 build on AMX tiles computes ``shape`` as three kernels instead of the
+    fused one: its two 1x1 stages on tiles (``plan_pointwise_amx`` takes both) and the
+    depthwise stage in the depthwise kernel (``plan_depthwise``). The fused kernel's fp32
+    1x1 stages are most of its time; on tiles they take a fraction of it, which pays for
+    the expanded activations going through memory (MobileNetV2's 28x28 blocks: the network
+    0.93x the fused build's time on an Emerald Rapids Xeon, docs/benchmarks.md)."""
+    if not shape.expand:
+        return False
+    expand = PointwiseShape(
+        shape.in_channels, shape.expanded, shape.height, shape.width, activation="relu6"
+    )
+    project = PointwiseShape(
+        shape.expanded,
+        shape.out_channels,
+        shape.out_height,
+        shape.out_width,
+        residual=shape.residual,
+    )
+    depthwise = DepthwiseShape(shape.expanded, shape.height, shape.width, shape.stride, "relu6")
+    return (
+        plan_pointwise_amx(expand) is not None
+        and plan_pointwise_amx(project) is not None
+        and plan_depthwise(depthwise, unit=unit) is not None
+    )

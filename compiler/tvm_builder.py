@@ -157,7 +157,9 @@ def _prepare_fused(
 ) -> tuple[Any, list[str]]:
     """``_prepare``, also returning the blocks fused (``compiler.tvm_fusion``), their
     accumulator blocks sized for ``unit``. A bf16 build's kernels (``fusion_plan.bf16_kernels``):
-    ``amx``, 1x1 convolutions on AMX tiles; ``dot``, vdpbf16ps in 1x1 kernels and blocks."""
+    ``amx``, 1x1 convolutions on AMX tiles (also those of the blocks
+    ``fusion_plan.splits_for_amx`` takes, whose depthwise stage then gets the depthwise
+    kernel); ``dot``, vdpbf16ps in 1x1 kernels and blocks."""
     import tvm
     from tvm import relax
 
@@ -178,16 +180,18 @@ def _prepare_fused(
                 fuse_strided_convs,
             )
 
+            tiles = amx and precision == "bf16"
             # The ReLU6 bounds the blocks are recognized by must be constants first.
             mod, fused = fuse_inverted_residuals(
                 relax.transform.FoldConstant()(mod),
                 precision=precision if dot else "fp32",
                 unit=unit,
+                amx=tiles,
             )
             rewrites = (
                 functools.partial(fuse_pointwise, precision=precision, unit=unit, amx=amx, dot=dot),
                 functools.partial(fuse_strided_convs, unit=unit),
-                functools.partial(fuse_depthwise, unit=unit),
+                functools.partial(fuse_depthwise, unit=unit, amx=tiles),
                 fuse_max_pools,
             )
             for rewrite in rewrites:

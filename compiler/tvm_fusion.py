@@ -47,6 +47,7 @@ from compiler.fusion_plan import (
     plan_stem_block,
     plan_strided_conv,
     plan_winograd,
+    splits_for_amx,
     stem_plane_positions,
     strided_conv_dims,
     strided_strip_dims,
@@ -804,7 +805,7 @@ def _replace(mod: Any, plans: dict[Any, _Replacement]) -> Any:
 
 
 def fuse_inverted_residuals(
-    mod: Any, *, precision: str = "fp32", unit: VectorUnit = AVX512
+    mod: Any, *, precision: str = "fp32", unit: VectorUnit = AVX512, amx: bool = False
 ) -> tuple[Any, list[str]]:
     """Replace ``main``'s fusable blocks with fused kernels; returns (module, descriptions).
 
@@ -814,7 +815,9 @@ def fuse_inverted_residuals(
     (``fusion_plan.plan_stem_block``) takes that convolution in as its expand stage.
     ``precision`` "bf16": blocks with an even number of expanded channels project with
     bf16 products (``_project_and_write``); the caller checks the target has them.
-    ``unit``: the vector registers the accumulator blocks are sized for.
+    ``unit``: the vector registers the accumulator blocks are sized for. ``amx`` (a bf16
+    build for AMX tiles): blocks ``fusion_plan.splits_for_amx`` takes are left to
+    ``fuse_pointwise`` and ``fuse_depthwise``.
     """
     plans = {}
     fused = []
@@ -857,7 +860,7 @@ def fuse_inverted_residuals(
             fused.append(f"{stem.describe()} (strips of {stem_config.rows} rows{note})")
             continue
         config = plan_block(match.shape, unit=unit)
-        if config is None:
+        if config is None or (amx and splits_for_amx(match.shape, unit=unit)):
             continue
         shape = match.shape
         masks = [block_mask(shape, config)] if shape.expand else []
@@ -1537,13 +1540,17 @@ def _find_depthwise(func: Any) -> list[_DepthwiseMatch]:
     return _outermost(matches)
 
 
-def fuse_depthwise(mod: Any, *, unit: VectorUnit = AVX512) -> tuple[Any, list[str]]:
+def fuse_depthwise(
+    mod: Any, *, unit: VectorUnit = AVX512, amx: bool = False
+) -> tuple[Any, list[str]]:
     """Replace ``main``'s depthwise convolutions that ``plan_depthwise`` takes (run after
     ``fuse_inverted_residuals``, on what it left) with ``depthwise_func`` kernels, on units
-    where that pays (``VectorUnit.depthwise``); returns (module, descriptions)."""
+    where that pays (``VectorUnit.depthwise``) and in bf16 builds for AMX tiles (``amx``:
+    the blocks those split need it; elsewhere it ties with MetaSchedule's there); returns
+    (module, descriptions)."""
     from compiler.tvm_depthwise import depthwise_func
 
-    if not unit.depthwise:
+    if not (unit.depthwise or amx):
         return mod, []
     plans = {}
     fused = []

@@ -3,7 +3,8 @@ and numpy's result on the same bf16-rounded operands."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -50,3 +51,21 @@ def assert_bf16_convolution(shape: PointwiseShape, ops: Operands, out: np.ndarra
     if shape.activation is None and not shape.residual:  # and bf16, not fp32, products
         exact = np.einsum("oc,chw->ohw", ops.weight.astype(np.float64), ops.x[0].astype(np.float64))
         assert np.abs(exact + ops.bias[:, None, None] - out[0]).max() > 1e-3
+
+
+def bf16_report(model: Path, profile: str, out: Path, signing_key: Path) -> dict[str, Any]:
+    """``model`` compiled for ``profile`` in bf16 (untuned, TVM shipped) to ``out``: the
+    report, its accuracy gate run on this host."""
+    from compiler.pipeline import CompileRequest, compile_model
+    from compiler.settings import CompilerSettings
+
+    request = CompileRequest(
+        model=model,
+        profile=profile,
+        output=out,
+        trials=0,
+        runtime="tvm",
+        precision="bf16",
+        signing_key=signing_key,
+    )
+    return compile_model(request, settings=CompilerSettings()).report

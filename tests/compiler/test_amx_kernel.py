@@ -10,16 +10,24 @@ import pytest
 
 from compiler.execution import read_cpu_features
 from compiler.fusion_plan import (
+    AVX2,
     AmxPlan,
+    BlockShape,
     PointwiseShape,
     amx_weights,
     bf16_bits,
     bf16_kernels,
     has_amx,
     plan_pointwise_amx,
+    splits_for_amx,
 )
 from compiler.settings import CompilerSettings
-from tests.compiler.bf16_reference import assert_bf16_convolution, from_bits, operands
+from tests.compiler.bf16_reference import (
+    assert_bf16_convolution,
+    bf16_report,
+    from_bits,
+    operands,
+)
 
 SPR = ["avx512f", "avx512_bf16", "amx_tile", "amx_bf16"]
 
@@ -63,9 +71,14 @@ def test_has_amx(isa: str, features: list[str], expected: bool) -> None:
         (PointwiseShape(320, 1280, 7, 7, "relu6"), AmxPlan(320, 16, 49)),
         (PointwiseShape(960, 160, 7, 7, residual=True), AmxPlan(960, 16, 49)),
         (PointwiseShape(5, 32, 7, 7), AmxPlan(32, 16, 49)),  # input padded to a step
+        # wider than a tile's 16 columns: runs of 16 flattened positions, jobs as above
+        (PointwiseShape(32, 192, 28, 28, "relu6"), AmxPlan(32, 16, 784)),
+        (PointwiseShape(192, 32, 28, 28, residual=True), AmxPlan(192, 16, 112)),  # 8 groups
+        (PointwiseShape(64, 64, 28, 28), AmxPlan(64, 16, 196)),  # 2 blocks x 4 groups
+        (PointwiseShape(64, 64, 8, 32), AmxPlan(64, 16, 64)),
         (PointwiseShape(64, 48, 7, 7), None),  # not whole blocks of 32 output channels
-        (PointwiseShape(64, 64, 28, 28), None),  # wider than a tile's 16 columns
-        (PointwiseShape(64, 64, 8, 32), None),
+        (PointwiseShape(64, 144, 28, 28), None),
+        (PointwiseShape(64, 64, 0, 7), None),
         (PointwiseShape(64, 64, 7, 7, kernel=3), None),
         (PointwiseShape(64, 64, 14, 14, stride=2), None),
     ],
@@ -73,6 +86,25 @@ def test_has_amx(isa: str, features: list[str], expected: bool) -> None:
 )
 def test_plan_pointwise_amx(shape: PointwiseShape, plan: AmxPlan | None) -> None:
     assert plan_pointwise_amx(shape) == plan
+
+
+@pytest.mark.parametrize(
+    ("shape", "split"),
+    [
+        # MobileNetV2's 28x28 blocks: both 1x1 stages whole blocks of 32, the map 28 wide
+        (BlockShape(32, 192, 32, 28, 28), True),
+        (BlockShape(32, 192, 64, 28, 28, stride=2), True),  # projection at 14x14
+        # 144 or 24 channels are not whole blocks of 32: the fused kernel keeps them
+        (BlockShape(24, 144, 32, 28, 28, stride=2), False),
+        (BlockShape(32, 192, 24, 28, 28), False),
+        (BlockShape(16, 96, 32, 56, 56), False),  # wider than the depthwise kernel's 28
+        (BlockShape(32, 32, 32, 28, 28, expand=False), False),  # no expand stage to tile
+    ],
+    ids=lambda v: v.describe() if isinstance(v, BlockShape) else str(v),
+)
+def test_splits_for_amx(shape: BlockShape, split: bool) -> None:
+    assert splits_for_amx(shape) is split
+    assert splits_for_amx(shape, unit=AVX2) is split  # the depthwise plan takes both units
 
 
 def test_amx_weights_are_bf16_blocks_of_32_by_32_padded_along_input_channels() -> None:
@@ -109,6 +141,10 @@ def test_a_shape_the_plan_refuses_is_refused_by_the_kernel() -> None:
         PointwiseShape(192, 128, 10, 12, "relu6"),  # groups of 5 rows: an odd run count
         PointwiseShape(64, 96, 11, 11, "relu", residual=True),  # more output: 11 row runs
         PointwiseShape(64, 64, 3, 3),  # one run of 9
+        # wider than 16: flattened runs of 16 (a split block's 1x1 stages at 28x28)
+        PointwiseShape(32, 192, 28, 28, "relu6"),  # channel blocks, 49 runs
+        PointwiseShape(192, 32, 28, 28, residual=True),  # groups of 4 rows: 7 runs each
+        PointwiseShape(40, 64, 9, 30, "relu"),  # 3 groups of 90 positions, a run of 10 last
     ],
     ids=lambda s: s.describe(),
 )
@@ -143,50 +179,82 @@ def test_the_kernel_survives_weight_prepackings_layout_pass() -> None:
         relax.transform.SplitLayoutRewritePreproc()(tvm.IRModule({tvm.ir.GlobalVar("k"): func}))
 
 
-def test_a_bf16_build_for_an_amx_profile_puts_the_small_maps_on_tiles(tmp_path: Path) -> None:
-    """The wiring (no execution: any x86-64 host builds the kernels): the 14x14 and 7x7 1x1
-    convolutions of whole blocks of 32 output channels get the AMX kernel; the 48-channel one
-    stays fp32 (Intel's vdpbf16ps is slower than its FMAs); an fp32 build gets no AMX, and a
-    Zen 4 bf16 build the vdpbf16ps kernels instead."""
+def _fused(model: Path, profile_name: str, precision: str) -> list[str]:
+    """The kernels a build of ``model`` for ``profile_name`` in ``precision`` gets (the
+    wiring, no execution: any x86-64 host builds the kernels)."""
     import tvm
 
     from compiler import tvm_builder
     from compiler.frontends import load_model
     from compiler.profiles import ProfileRegistry
+
+    profile = ProfileRegistry(CompilerSettings().profile_roots()).get(profile_name)
+    target = tvm.target.Target(tvm_builder.effective_target(profile))
+    kernels = bf16_kernels(profile.isa, profile.cpu_features, profile.tvm.get("mcpu"))
+    return tvm_builder._prepare_fused(
+        load_model(model).to_relax(),
+        target,
+        weight_prepack=False,
+        fuse_blocks=True,
+        precision=precision,
+        amx=kernels.amx,
+        dot=kernels.dot,
+    )[1]
+
+
+def test_a_bf16_build_for_an_amx_profile_puts_the_small_maps_on_tiles(tmp_path: Path) -> None:
+    """The 14x14 and 7x7 1x1 convolutions of whole blocks of 32 output channels get the AMX
+    kernel; the 48-channel one stays fp32 (Intel's vdpbf16ps is slower than its FMAs); an
+    fp32 build gets no AMX, and a Zen 4 bf16 build the vdpbf16ps kernels instead."""
     from tests.compiler.test_bf16_kernel import _SmallMaps
     from tests.compiler.test_fused_blocks import export_with_batchnorm_stats
 
     path = export_with_batchnorm_stats(_SmallMaps, (1, 32, 14, 14), tmp_path / "small.onnx")
-    settings = CompilerSettings()
-    registry = ProfileRegistry(settings.profile_roots())
-
-    def fused(profile_name: str, precision: str) -> list[str]:
-        profile = registry.get(profile_name)
-        target = tvm.target.Target(tvm_builder.effective_target(profile))
-        relax_mod = load_model(path).to_relax()
-        kernels = bf16_kernels(profile.isa, profile.cpu_features, profile.tvm.get("mcpu"))
-        return tvm_builder._prepare_fused(
-            relax_mod,
-            target,
-            weight_prepack=False,
-            fuse_blocks=True,
-            precision=precision,
-            amx=kernels.amx,
-            dot=kernels.dot,
-        )[1]
-
-    assert fused("intel/xeon-sapphire-rapids", "bf16") == [
+    assert _fused(path, "intel/xeon-sapphire-rapids", "bf16") == [
         "1x1 32->64 at 14x14 + ReLU6 (bf16, AMX)",
         "1x1 64->32 at 14x14 + residual (bf16, AMX)",
         "1x1 32->48 at 7x7",
         "max pool 2x2/2 pad 0, 32 at 14x14",
     ]
-    assert not any("AMX" in k for k in fused("intel/xeon-sapphire-rapids", "fp32"))
-    assert fused("amd/epyc-zen4", "bf16")[:3] == [
+    assert not any("AMX" in k for k in _fused(path, "intel/xeon-sapphire-rapids", "fp32"))
+    assert _fused(path, "amd/epyc-zen4", "bf16")[:3] == [
         "1x1 32->64 at 14x14 + ReLU6 (bf16)",
         "1x1 64->32 at 14x14 + residual (bf16)",
         "1x1 32->48 at 7x7 (bf16)",
     ]
+
+
+def test_a_bf16_build_for_an_amx_profile_splits_the_blocks_it_can_tile(tmp_path: Path) -> None:
+    """Blocks whose 1x1 stages are whole blocks of 32 channels on maps up to 28 wide become
+    two AMX kernels and the depthwise kernel (which also takes the 14-wide block's depthwise
+    convolution); the others stay fused and fp32, as in an fp32 build."""
+    from tests.compiler.test_fused_blocks import FUSED, _Net, export_with_batchnorm_stats
+
+    path = export_with_batchnorm_stats(_Net, (1, 3, 56, 56), tmp_path / "net.onnx")
+    assert _fused(path, "intel/xeon-sapphire-rapids", "bf16") == [
+        *FUSED[:4],
+        "1x1 32->192 at 28x28 + ReLU6 (bf16, AMX)",  # FUSED[4], split
+        "1x1 192->32 at 14x14 (bf16, AMX)",
+        "1x1 32->192 at 14x14 + ReLU6 (bf16, AMX)",  # the 14-wide block
+        "1x1 192->32 at 14x14 + residual (bf16, AMX)",
+        "depthwise 3x3 192 stride 2 at 28x28 + ReLU6 (14 rows x 16 columns)",
+        "depthwise 3x3 192 at 14x14 + ReLU6 (14 rows x 16 columns)",
+    ]
+    assert _fused(path, "intel/xeon-sapphire-rapids", "fp32") == FUSED
+
+
+@pytest.mark.slow
+@needs_amx
+def test_a_bf16_build_with_split_blocks_passes_the_gate(signing_key: Path, tmp_path: Path) -> None:
+    from tests.compiler.test_fused_blocks import _Net, export_with_batchnorm_stats
+
+    path = export_with_batchnorm_stats(_Net, (1, 3, 56, 56), tmp_path / "net.onnx")
+    report = bf16_report(path, "intel/xeon-sapphire-rapids", tmp_path / "out", signing_key)
+    kernels = report["tuning"]["fused_blocks"]
+    assert sum("AMX" in k for k in kernels) == 4 and sum("depthwise" in k for k in kernels) == 2
+    (output,) = report["accuracy"].values()
+    assert output["cosine"] > 0.9999 and output["top1_agreement"] == 1.0
+    assert 1e-5 < output["max_rel_error"] < 0.02
 
 
 @pytest.mark.slow
@@ -194,22 +262,12 @@ def test_a_bf16_build_for_an_amx_profile_puts_the_small_maps_on_tiles(tmp_path: 
 def test_a_bf16_build_on_amx_passes_the_gate(signing_key: Path, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from compiler.pipeline import CompileRequest, compile_model
     from edgeloop.cli import cli
     from tests.compiler.test_bf16_kernel import _SmallMaps
     from tests.compiler.test_fused_blocks import export_with_batchnorm_stats
 
     path = export_with_batchnorm_stats(_SmallMaps, (1, 32, 14, 14), tmp_path / "small.onnx")
-    request = CompileRequest(
-        model=path,
-        profile="intel/xeon-sapphire-rapids",
-        output=tmp_path / "out",
-        trials=0,
-        runtime="tvm",
-        precision="bf16",
-        signing_key=signing_key,
-    )
-    report = compile_model(request, settings=CompilerSettings()).report
+    report = bf16_report(path, "intel/xeon-sapphire-rapids", tmp_path / "out", signing_key)
     assert sum("AMX" in k for k in report["tuning"]["fused_blocks"]) == 2
     (output,) = report["accuracy"].values()
     assert output["cosine"] > 0.9999 and output["top1_agreement"] == 1.0

@@ -25,10 +25,14 @@ from compiler.fusion_plan import (
     plan_pointwise_bf16,
     precision_refusal,
 )
-from compiler.pipeline import CompileRequest, compile_model
 from compiler.settings import CompilerSettings
 from edgeloop.cli import cli
-from tests.compiler.bf16_reference import assert_bf16_convolution, from_bits, operands
+from tests.compiler.bf16_reference import (
+    assert_bf16_convolution,
+    bf16_report,
+    from_bits,
+    operands,
+)
 
 ZEN4 = ["avx512f", "avx512bw", "avx512_bf16"]
 
@@ -292,16 +296,7 @@ def test_fused_blocks_expand_and_project_with_bf16_products(
     from tests.compiler.test_fused_blocks import FUSED, _Net, export_with_batchnorm_stats
 
     path = export_with_batchnorm_stats(_Net, (1, 3, 56, 56), tmp_path / "blocks.onnx")
-    request = CompileRequest(
-        model=path,
-        profile="amd/epyc-zen4",
-        output=tmp_path / "out",
-        trials=0,
-        runtime="tvm",
-        precision="bf16",
-        signing_key=signing_key,
-    )
-    report = compile_model(request, settings=CompilerSettings()).report
+    report = bf16_report(path, "amd/epyc-zen4", tmp_path / "out", signing_key)
     assert (
         report["tuning"]["fused_blocks"]
         == [
