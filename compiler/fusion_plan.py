@@ -46,7 +46,10 @@ class VectorUnit:
     positions per block of the 3x3 and stride-2 direct kernels and of the Winograd GEMM,
     the first that divides the output width (tile count); ``depthwise``: whether the
     depthwise kernel (``plan_depthwise``) replaces MetaSchedule's depthwise convolutions
-    (measured faster on AVX2; not measured on an AVX-512 box yet). Measured in
+    (measured faster on AVX2; on AVX-512 it ties with MetaSchedule's at 14x14 and 7x7, and
+    is on in bf16 builds for AMX tiles only, ``tvm_fusion.fuse_depthwise``);
+    ``depthwise_width``: the widest map it takes (on AVX-512 also the 56- and 112-wide maps
+    of the blocks ``splits_for_amx`` splits; not measured on AVX2). Measured in
     docs/benchmarks.md: with AVX-512's blocks AVX2's 16 registers spill (a 28x28 block took
     2.2x as long as with AVX2's; a 3x3 convolution at 7 positions x 2 registers 41-43
     GMAC/s, at 4 positions 67-79)."""
@@ -60,6 +63,7 @@ class VectorUnit:
     pointwise_min_reduction: int
     conv_positions: tuple[int, ...]
     depthwise: bool = False
+    depthwise_width: int = 28
 
 
 AVX512 = VectorUnit(
@@ -71,6 +75,7 @@ AVX512 = VectorUnit(
     channel_vectors=2,
     pointwise_min_reduction=256,
     conv_positions=POSITION_BLOCKS,
+    depthwise_width=112,
 )
 AVX2 = VectorUnit(
     "avx2",
@@ -621,12 +626,13 @@ class AmxPlan:
 
 def plan_pointwise_amx(shape: PointwiseShape) -> AmxPlan | None:
     """The AMX kernel's plan for ``shape``, None where it is not used: 1x1 stride-1
-    convolutions with whole blocks of 32 output channels (the tiles are stored into the NCHW
-    output directly, so the channels are not padded), on maps of any size: runs are image
+    convolutions of at least 16 output channels (blocks of 32; a last block of fewer
+    configures its tiles with fewer rows, as the tiles are stored into the NCHW output
+    directly and its channels are not padded), on maps of any size: runs are image
     rows where a row fills most of a tile's 16 columns (9 to 16 wide), else 16 positions of
     the flattened map (which a block that ``splits_for_amx`` leaves on maps up to 28x28)."""
     c, co, h, w = shape.in_channels, shape.out_channels, shape.height, shape.width
-    if shape.kernel != 1 or shape.stride != 1 or c < 1 or co < AMX_TILE or co % AMX_TILE:
+    if shape.kernel != 1 or shape.stride != 1 or c < 1 or co < AMX_TILE // 2:
         return None
     if h < 1 or w < 1:
         return None
@@ -635,26 +641,26 @@ def plan_pointwise_amx(shape: PointwiseShape) -> AmxPlan | None:
     if c_pad < co or w <= AMX_FLAT_WIDTH:
         # More output than input, or a map of few positions: jobs by channel blocks, all rows
         return AmxPlan(c_pad, columns, h * w)
-    blocks, groups = co // AMX_TILE, 2
+    blocks, groups = -(-co // AMX_TILE), 2
     while blocks * groups < AMX_MIN_JOBS and 2 * groups <= -(-h // 2):
         groups *= 2
     return AmxPlan(c_pad, columns, -(-h // groups) * w)
 
 
 def amx_weights(weight: npt.NDArray[np.float32], plan: AmxPlan) -> npt.NDArray[np.uint16]:
-    """A 1x1 weight (Co, C) as bf16 bits in blocks of ``AMX_TILE`` x ``AMX_TILE`` (Co / 32,
-    C' / 32, 32, 32), input channels zero-padded to the plan's C': per block of 32 output
-    channels and step of 32 input channels one contiguous 2 KiB block, the kernel's two
-    16x32 weight tiles, so that a job's weights stream in order (read in rows of the (Co,
-    C') matrix, the tile loads of 960->320 at 7x7 took 118 us a call in mobilenet_v2)."""
+    """A 1x1 weight (Co, C) as bf16 bits in blocks of ``AMX_TILE`` x ``AMX_TILE`` (Co' / 32,
+    C' / 32, 32, 32), input channels zero-padded to the plan's C', output channels to whole
+    blocks (Co'): per block of 32 output channels and step of 32 input channels one
+    contiguous 2 KiB block, the kernel's two 16x32 weight tiles, so that a job's weights
+    stream in order (read in rows of the (Co, C') matrix, the tile loads of 960->320 at 7x7
+    took 118 us a call in mobilenet_v2)."""
     co, c = weight.shape
     if c > plan.in_channels:
         raise ValueError(f"{c} input channels do not fit the plan's {plan.in_channels}")
-    if co % AMX_TILE:
-        raise ValueError(f"{co} output channels are not whole blocks of {AMX_TILE}")
-    padded = np.zeros((co, plan.in_channels), np.float32)
-    padded[:, :c] = weight
-    blocked = padded.reshape(co // AMX_TILE, AMX_TILE, plan.in_channels // AMX_TILE, AMX_TILE)
+    co_pad = -(-co // AMX_TILE) * AMX_TILE
+    padded = np.zeros((co_pad, plan.in_channels), np.float32)
+    padded[:co, :c] = weight
+    blocked = padded.reshape(co_pad // AMX_TILE, AMX_TILE, plan.in_channels // AMX_TILE, AMX_TILE)
     return np.ascontiguousarray(bf16_bits(blocked.transpose(0, 2, 1, 3)))
 
 
@@ -925,8 +931,8 @@ def plan_winograd(
 # kernels for them materialize a padded copy of the whole input and vectorize along a width
 # of 14 or 7; ``tvm_fusion.depthwise_func`` pads one channel at a time into a plane whose
 # rows are whole vectors (stride 2: even and odd columns apart, so that every tap is a
-# contiguous run) and keeps a block of output rows in registers.
-MAX_DEPTHWISE_WIDTH = 28
+# contiguous run) and keeps a block of output rows in registers. The widest map it takes
+# is the vector unit's ``depthwise_width``.
 DEPTHWISE_TAPS = 9  # weights of a 3x3 depthwise convolution, one register each
 
 
@@ -989,7 +995,7 @@ def plan_depthwise(shape: DepthwiseShape, *, unit: VectorUnit = AVX512) -> Depth
     kernel also computes padding rows, which no plan needs then)."""
     if min(shape.channels, shape.height, shape.width) < 1 or shape.stride not in (1, 2):
         return None
-    if shape.width > MAX_DEPTHWISE_WIDTH:
+    if shape.width > unit.depthwise_width:
         return None
     lanes = unit.lanes
     columns = -(-shape.out_width // lanes) * lanes
@@ -1043,11 +1049,16 @@ def plan_max_pool(shape: MaxPoolShape) -> bool:
 def splits_for_amx(shape: BlockShape, *, unit: VectorUnit = AVX512) -> bool:
     """Whether a bf16 build on AMX tiles computes ``shape`` as three kernels instead of the
     fused one: its two 1x1 stages on tiles (``plan_pointwise_amx`` takes both) and the
-    depthwise stage in the depthwise kernel (``plan_depthwise``). The fused kernel's fp32
-    1x1 stages are most of its time; on tiles they take a fraction of it, which pays for
-    the expanded activations going through memory (MobileNetV2's 28x28 blocks: the network
-    0.93x the fused build's time on an Emerald Rapids Xeon, docs/benchmarks.md)."""
-    if not shape.expand:
+    depthwise stage in the depthwise kernel (``plan_depthwise``), where the expansion's
+    input fills at least 3/4 of its steps of 32 channels. The fused kernel's fp32 1x1
+    stages are most of its time; on tiles they take a fraction of it, which pays for the
+    expanded activations going through memory (MobileNetV2's blocks at 56x56 and 28x28:
+    the network 0.90x the fused build's time on an Emerald Rapids Xeon,
+    docs/benchmarks.md)."""
+    # An expansion from 16 channels fills half of each 32-channel step: MobileNetV2's 16->96
+    # at 112x112 took 410-510 us on tiles, and the block split 1.2x its fused time.
+    steps = -(-shape.in_channels // AMX_TILE) * AMX_TILE
+    if not shape.expand or 4 * shape.in_channels < 3 * steps:
         return False
     expand = PointwiseShape(
         shape.in_channels, shape.expanded, shape.height, shape.width, activation="relu6"

@@ -69,7 +69,8 @@ no:
 }
 
 define linkonce_odr void @edgeloop_amx_finish(ptr %out, ptr %res, ptr %bias, i64 %ld,
-                                             i64 %off, i64 %width, i64 %act) #1 {
+                                             i64 %off, i64 %width, i64 %act,
+                                             i64 %chans) #1 {
 entry:
   %hasres = icmp ne ptr %res, null
   %wi = trunc i64 %width to i32
@@ -105,21 +106,38 @@ chan:
   %v3 = select i1 %is6, <16 x float> %six, <16 x float> %v2
   call void @llvm.masked.store.v16f32.p0(<16 x float> %v3, ptr %orow, i32 4, <16 x i1> %mask)
   %ch1 = add i64 %ch, 1
-  %chans = icmp ult i64 %ch1, 32
-  br i1 %chans, label %chan, label %done
+  %more = icmp ult i64 %ch1, %chans
+  br i1 %more, label %chan, label %done
 done:
   ret void
 }
 
 define linkonce_odr void @edgeloop_amx_tiles(ptr %out, ptr %res, ptr %bias, ptr %w, ptr %x,
                                             i64 %ld, i64 %ldx, i64 %steps, i64 %cols,
-                                            i64 %tiles, i64 %last, i64 %act) #0 {
+                                            i64 %tiles, i64 %last, i64 %act,
+                                            i64 %chans) #0 {
 entry:
   %cfg = alloca [64 x i8], align 64
   call void @llvm.memset.p0.i64(ptr %cfg, i8 0, i64 64, i1 false)
   store i8 1, ptr %cfg
   %rows = getelementptr i8, ptr %cfg, i64 48
-  store <8 x i8> <i8 16, i8 16, i8 16, i8 16, i8 16, i8 16, i8 16, i8 16>, ptr %rows
+  ; rows of the tiles of the first 16 channels (0, 1; weights 4) and of the rest (2, 3; 5):
+  ; min(chans, 16) and clamp(chans - 16, 1, 16) (a block of at most 16 channels still
+  ; multiplies tiles 2 and 3, over zero weights, and does not store them)
+  %lo = call i64 @llvm.umin.i64(i64 %chans, i64 16)
+  %hi0 = sub i64 %chans, 16
+  %hi1 = call i64 @llvm.smax.i64(i64 %hi0, i64 1)
+  %hi = call i64 @llvm.smin.i64(i64 %hi1, i64 16)
+  %lob = trunc i64 %lo to i8
+  %hib = trunc i64 %hi to i8
+  %rw0 = insertelement <8 x i8> <i8 0, i8 0, i8 0, i8 0, i8 0, i8 0, i8 16, i8 16>, i8 %lob, i64 0
+  %rw1 = insertelement <8 x i8> %rw0, i8 %lob, i64 1
+  %rw2 = insertelement <8 x i8> %rw1, i8 %hib, i64 2
+  %rw3 = insertelement <8 x i8> %rw2, i8 %hib, i64 3
+  %rw4 = insertelement <8 x i8> %rw3, i8 %lob, i64 4
+  %rw5 = insertelement <8 x i8> %rw4, i8 %hib, i64 5
+  store <8 x i8> %rw5, ptr %rows
+  %upper = icmp ugt i64 %chans, 16
   %colsb = getelementptr i8, ptr %cfg, i64 16
   %c16 = mul i64 %ld, 16
   %x16 = mul i64 %ldx, 16
@@ -192,6 +210,8 @@ store:
   %o3 = getelementptr i8, ptr %o1, i64 %c16
   call void @llvm.x86.tilestored64(i8 0, ptr %o0, i64 %ld)
   call void @llvm.x86.tilestored64(i8 1, ptr %o1, i64 %ld)
+  br i1 %upper, label %store_upper, label %finish
+store_upper:
   call void @llvm.x86.tilestored64(i8 2, ptr %o2, i64 %ld)
   call void @llvm.x86.tilestored64(i8 3, ptr %o3, i64 %ld)
   br label %finish
@@ -209,7 +229,7 @@ run:
   %roffp = mul i64 %r, %cols
   %roff = mul i64 %roffp, 4
   call void @edgeloop_amx_finish(ptr %out, ptr %res, ptr %bias, i64 %ld, i64 %roff,
-                                 i64 %rw, i64 %act)
+                                 i64 %rw, i64 %act, i64 %chans)
   %r1 = add i64 %r, 1
   %runs = icmp ult i64 %r1, %tiles
   br i1 %runs, label %run, label %exit
@@ -217,6 +237,9 @@ exit:
   ret void
 }
 
+declare i64 @llvm.umin.i64(i64, i64)
+declare i64 @llvm.smax.i64(i64, i64)
+declare i64 @llvm.smin.i64(i64, i64)
 declare <16 x float> @llvm.maxnum.v16f32(<16 x float>, <16 x float>)
 declare <16 x float> @llvm.minnum.v16f32(<16 x float>, <16 x float>)
 declare <16 x float> @llvm.masked.load.v16f32.p0(ptr, i32, <16 x i1>, <16 x float>)
@@ -254,7 +277,7 @@ def pointwise_amx_func(shape: PointwiseShape) -> Any:
     # A group's activation pairs: its positions per pair, padded to whole cache lines so that
     # no line is written by two cores.
     pitch = -(-span // 16) * 16
-    blocks = co // AMX_TILE
+    blocks = -(-co // AMX_TILE)
     jobs = blocks * groups
     act = {None: 0, "relu": 1, "relu6": 2}[shape.activation]
 
@@ -341,6 +364,7 @@ def pointwise_amx_func(shape: PointwiseShape) -> Any:
                                 + cols
                             ),
                             T.int64(act),
+                            T.int64(T.min(AMX_TILE, co - job % blocks * AMX_TILE)),
                         )
                     )
 

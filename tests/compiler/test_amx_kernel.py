@@ -76,8 +76,11 @@ def test_has_amx(isa: str, features: list[str], expected: bool) -> None:
         (PointwiseShape(192, 32, 28, 28, residual=True), AmxPlan(192, 16, 112)),  # 8 groups
         (PointwiseShape(64, 64, 28, 28), AmxPlan(64, 16, 196)),  # 2 blocks x 4 groups
         (PointwiseShape(64, 64, 8, 32), AmxPlan(64, 16, 64)),
-        (PointwiseShape(64, 48, 7, 7), None),  # not whole blocks of 32 output channels
-        (PointwiseShape(64, 144, 28, 28), None),
+        # a last block of fewer than 32 output channels: as many tile rows
+        (PointwiseShape(64, 48, 7, 7), AmxPlan(64, 16, 49)),
+        (PointwiseShape(24, 144, 56, 56), AmxPlan(32, 16, 3136)),
+        (PointwiseShape(144, 24, 56, 56), AmxPlan(160, 16, 392)),  # 1 block x 8 groups
+        (PointwiseShape(64, 8, 7, 7), None),  # fewer than 16
         (PointwiseShape(64, 64, 0, 7), None),
         (PointwiseShape(64, 64, 7, 7, kernel=3), None),
         (PointwiseShape(64, 64, 14, 14, stride=2), None),
@@ -89,22 +92,25 @@ def test_plan_pointwise_amx(shape: PointwiseShape, plan: AmxPlan | None) -> None
 
 
 @pytest.mark.parametrize(
-    ("shape", "split"),
+    ("shape", "split", "split_avx2"),
     [
-        # MobileNetV2's 28x28 blocks: both 1x1 stages whole blocks of 32, the map 28 wide
-        (BlockShape(32, 192, 32, 28, 28), True),
-        (BlockShape(32, 192, 64, 28, 28, stride=2), True),  # projection at 14x14
-        # 144 or 24 channels are not whole blocks of 32: the fused kernel keeps them
-        (BlockShape(24, 144, 32, 28, 28, stride=2), False),
-        (BlockShape(32, 192, 24, 28, 28), False),
-        (BlockShape(16, 96, 32, 56, 56), False),  # wider than the depthwise kernel's 28
-        (BlockShape(32, 32, 32, 28, 28, expand=False), False),  # no expand stage to tile
+        # MobileNetV2's 28x28 blocks, and its 56x56 ones (the depthwise kernel takes maps up
+        # to 112 wide on AVX-512, 28 on AVX2)
+        (BlockShape(32, 192, 32, 28, 28), True, True),
+        (BlockShape(32, 192, 64, 28, 28, stride=2), True, True),  # projection at 14x14
+        (BlockShape(24, 144, 24, 56, 56), True, False),  # a last block of 16, one of 24
+        (BlockShape(24, 144, 32, 56, 56, stride=2), True, False),
+        # an expansion from 16 channels fills half of its 32-channel steps: stays fused
+        (BlockShape(16, 96, 24, 112, 112, stride=2), False, False),
+        (BlockShape(32, 192, 32, 120, 120), False, False),  # wider than 112
+        (BlockShape(32, 192, 8, 28, 28), False, False),  # a projection to fewer than 16
+        (BlockShape(32, 32, 32, 28, 28, expand=False), False, False),  # no expand stage
     ],
     ids=lambda v: v.describe() if isinstance(v, BlockShape) else str(v),
 )
-def test_splits_for_amx(shape: BlockShape, split: bool) -> None:
+def test_splits_for_amx(shape: BlockShape, split: bool, split_avx2: bool) -> None:
     assert splits_for_amx(shape) is split
-    assert splits_for_amx(shape, unit=AVX2) is split  # the depthwise plan takes both units
+    assert splits_for_amx(shape, unit=AVX2) is split_avx2
 
 
 def test_amx_weights_are_bf16_blocks_of_32_by_32_padded_along_input_channels() -> None:
@@ -119,15 +125,17 @@ def test_amx_weights_are_bf16_blocks_of_32_by_32_padded_along_input_channels() -
     assert not packed[:, 1, :, 8:].any()
     with pytest.raises(ValueError, match="70 input channels do not fit the plan's 64"):
         amx_weights(np.zeros((32, 70), np.float32), AmxPlan(64, 16, 49))
-    with pytest.raises(ValueError, match="48 output channels are not whole blocks of 32"):
-        amx_weights(np.zeros((48, 32), np.float32), AmxPlan(32, 16, 49))
+    # output channels padded to whole blocks of 32 with zeros
+    padded = amx_weights(np.ones((48, 32), np.float32), AmxPlan(32, 16, 49))
+    assert padded.shape == (2, 1, 32, 32)
+    assert from_bits(padded[1, 0, :16]).min() == 1.0 and not padded[1, 0, 16:].any()
 
 
 def test_a_shape_the_plan_refuses_is_refused_by_the_kernel() -> None:
     from compiler.tvm_amx import pointwise_amx_func
 
-    with pytest.raises(ValueError, match="does not compute 1x1 64->48 at 7x7"):
-        pointwise_amx_func(PointwiseShape(64, 48, 7, 7))
+    with pytest.raises(ValueError, match="does not compute 1x1 64->8 at 7x7"):
+        pointwise_amx_func(PointwiseShape(64, 8, 7, 7))
 
 
 @needs_amx
@@ -141,6 +149,11 @@ def test_a_shape_the_plan_refuses_is_refused_by_the_kernel() -> None:
         PointwiseShape(192, 128, 10, 12, "relu6"),  # groups of 5 rows: an odd run count
         PointwiseShape(64, 96, 11, 11, "relu", residual=True),  # more output: 11 row runs
         PointwiseShape(64, 64, 3, 3),  # one run of 9
+        # a last block of 16, of 8 (tiles 2 and 3 of 8 rows), of 8 of 40 (not stored)
+        PointwiseShape(24, 144, 28, 28, "relu6"),
+        PointwiseShape(144, 24, 28, 28, residual=True),
+        PointwiseShape(32, 40, 14, 14, "relu"),
+        PointwiseShape(64, 16, 7, 7),
         # wider than 16: flattened runs of 16 (a split block's 1x1 stages at 28x28)
         PointwiseShape(32, 192, 28, 28, "relu6"),  # channel blocks, 49 runs
         PointwiseShape(192, 32, 28, 28, residual=True),  # groups of 4 rows: 7 runs each
@@ -203,9 +216,9 @@ def _fused(model: Path, profile_name: str, precision: str) -> list[str]:
 
 
 def test_a_bf16_build_for_an_amx_profile_puts_the_small_maps_on_tiles(tmp_path: Path) -> None:
-    """The 14x14 and 7x7 1x1 convolutions of whole blocks of 32 output channels get the AMX
-    kernel; the 48-channel one stays fp32 (Intel's vdpbf16ps is slower than its FMAs); an
-    fp32 build gets no AMX, and a Zen 4 bf16 build the vdpbf16ps kernels instead."""
+    """The 14x14 and 7x7 1x1 convolutions get the AMX kernel (vdpbf16ps stays unused:
+    Intel's is slower than its FMAs); an fp32 build gets no AMX, and a Zen 4 bf16 build
+    the vdpbf16ps kernels instead."""
     from tests.compiler.test_bf16_kernel import _SmallMaps
     from tests.compiler.test_fused_blocks import export_with_batchnorm_stats
 
@@ -213,7 +226,7 @@ def test_a_bf16_build_for_an_amx_profile_puts_the_small_maps_on_tiles(tmp_path: 
     assert _fused(path, "intel/xeon-sapphire-rapids", "bf16") == [
         "1x1 32->64 at 14x14 + ReLU6 (bf16, AMX)",
         "1x1 64->32 at 14x14 + residual (bf16, AMX)",
-        "1x1 32->48 at 7x7",
+        "1x1 32->48 at 7x7 (bf16, AMX)",  # a block of 32 and one of 16
         "max pool 2x2/2 pad 0, 32 at 14x14",
     ]
     assert not any("AMX" in k for k in _fused(path, "intel/xeon-sapphire-rapids", "fp32"))
@@ -225,18 +238,24 @@ def test_a_bf16_build_for_an_amx_profile_puts_the_small_maps_on_tiles(tmp_path: 
 
 
 def test_a_bf16_build_for_an_amx_profile_splits_the_blocks_it_can_tile(tmp_path: Path) -> None:
-    """Blocks whose 1x1 stages are whole blocks of 32 channels on maps up to 28 wide become
-    two AMX kernels and the depthwise kernel (which also takes the 14-wide block's depthwise
-    convolution); the others stay fused and fp32, as in an fp32 build."""
+    """Blocks whose 1x1 stages tile (``splits_for_amx``) become two AMX kernels and the
+    depthwise kernel (which also takes the 14-wide block's depthwise convolution); the
+    others stay fused and fp32, as in an fp32 build."""
     from tests.compiler.test_fused_blocks import FUSED, _Net, export_with_batchnorm_stats
 
     path = export_with_batchnorm_stats(_Net, (1, 3, 56, 56), tmp_path / "net.onnx")
     assert _fused(path, "intel/xeon-sapphire-rapids", "bf16") == [
-        *FUSED[:4],
-        "1x1 32->192 at 28x28 + ReLU6 (bf16, AMX)",  # FUSED[4], split
+        *FUSED[:2],  # no expand stage; an expansion from 16 channels
+        "1x1 24->144 at 28x28 + ReLU6 (bf16, AMX)",  # FUSED[2:], split
+        "1x1 144->24 at 28x28 + residual (bf16, AMX)",
+        "1x1 24->144 at 28x28 + ReLU6 (bf16, AMX)",
+        "1x1 144->32 at 28x28 (bf16, AMX)",
+        "1x1 32->192 at 28x28 + ReLU6 (bf16, AMX)",
         "1x1 192->32 at 14x14 (bf16, AMX)",
         "1x1 32->192 at 14x14 + ReLU6 (bf16, AMX)",  # the 14-wide block
         "1x1 192->32 at 14x14 + residual (bf16, AMX)",
+        "depthwise 3x3 144 at 28x28 + ReLU6 (7 rows x 32 columns)",
+        "depthwise 3x3 144 at 28x28 + ReLU6 (7 rows x 32 columns)",
         "depthwise 3x3 192 stride 2 at 28x28 + ReLU6 (14 rows x 16 columns)",
         "depthwise 3x3 192 at 14x14 + ReLU6 (14 rows x 16 columns)",
     ]
@@ -251,7 +270,7 @@ def test_a_bf16_build_with_split_blocks_passes_the_gate(signing_key: Path, tmp_p
     path = export_with_batchnorm_stats(_Net, (1, 3, 56, 56), tmp_path / "net.onnx")
     report = bf16_report(path, "intel/xeon-sapphire-rapids", tmp_path / "out", signing_key)
     kernels = report["tuning"]["fused_blocks"]
-    assert sum("AMX" in k for k in kernels) == 4 and sum("depthwise" in k for k in kernels) == 2
+    assert sum("AMX" in k for k in kernels) == 8 and sum("depthwise" in k for k in kernels) == 4
     (output,) = report["accuracy"].values()
     assert output["cosine"] > 0.9999 and output["top1_agreement"] == 1.0
     assert 1e-5 < output["max_rel_error"] < 0.02
@@ -268,10 +287,10 @@ def test_a_bf16_build_on_amx_passes_the_gate(signing_key: Path, tmp_path: Path) 
 
     path = export_with_batchnorm_stats(_SmallMaps, (1, 32, 14, 14), tmp_path / "small.onnx")
     report = bf16_report(path, "intel/xeon-sapphire-rapids", tmp_path / "out", signing_key)
-    assert sum("AMX" in k for k in report["tuning"]["fused_blocks"]) == 2
+    assert sum("AMX" in k for k in report["tuning"]["fused_blocks"]) == 3
     (output,) = report["accuracy"].values()
     assert output["cosine"] > 0.9999 and output["top1_agreement"] == 1.0
     assert 1e-5 < output["max_rel_error"] < 0.02  # bf16's rounding, within the gate
     shown = CliRunner().invoke(cli, ["artifact", "inspect", str(tmp_path / "out")])
     assert shown.exit_code == 0, shown.output
-    assert "bf16 products in 2 kernel(s) of the TVM library" in shown.stdout
+    assert "bf16 products in 3 kernel(s) of the TVM library" in shown.stdout

@@ -37,6 +37,11 @@ from compiler.fusion_plan import (
         (DepthwiseShape(8, 28, 28), AVX2, DepthwiseConfig(32, 1, 28)),
         (DepthwiseShape(8, 28, 28), AVX512, DepthwiseConfig(32, 7, 28)),
         (DepthwiseShape(8, 29, 29), AVX2, None),  # wider: fused blocks or MetaSchedule
+        # AVX-512 (bf16 AMX builds' split blocks): up to 112 wide, 7 registers a row
+        (DepthwiseShape(144, 56, 56, 1, "relu6"), AVX512, DepthwiseConfig(64, 4, 56)),
+        (DepthwiseShape(96, 112, 112, 2, "relu6"), AVX512, DepthwiseConfig(64, 4, 56)),
+        (DepthwiseShape(32, 112, 112), AVX512, DepthwiseConfig(112, 2, 112)),
+        (DepthwiseShape(8, 113, 113), AVX512, None),
         (DepthwiseShape(8, 14, 14, 3), AVX2, None),
         (DepthwiseShape(0, 14, 14), AVX2, None),
     ],
