@@ -1055,14 +1055,16 @@ def splits_for_amx(shape: BlockShape, *, unit: VectorUnit = AVX512) -> bool:
     expanded activations going through memory (MobileNetV2's blocks at 56x56 and 28x28:
     the network 0.90x the fused build's time on an Emerald Rapids Xeon,
     docs/benchmarks.md)."""
-    # An expansion from 16 channels fills half of each 32-channel step: MobileNetV2's 16->96
-    # at 112x112 took 410-510 us on tiles, and the block split 1.2x its fused time.
-    steps = -(-shape.in_channels // AMX_TILE) * AMX_TILE
-    if not shape.expand or 4 * shape.in_channels < 3 * steps:
+    if not shape.expand:
         return False
-    expand = PointwiseShape(
-        shape.in_channels, shape.expanded, shape.height, shape.width, activation="relu6"
+    expand = plan_pointwise_amx(
+        PointwiseShape(shape.in_channels, shape.expanded, shape.height, shape.width, "relu6")
     )
+    # An expansion from 16 channels fills half of each 32-channel step: MobileNetV2's 16->96
+    # at 112x112 took 364-510 us on tiles, and splitting that block too made the network
+    # 1.05x slower.
+    if expand is None or 4 * shape.in_channels < 3 * expand.in_channels:
+        return False
     project = PointwiseShape(
         shape.expanded,
         shape.out_channels,
@@ -1072,7 +1074,5 @@ def splits_for_amx(shape: BlockShape, *, unit: VectorUnit = AVX512) -> bool:
     )
     depthwise = DepthwiseShape(shape.expanded, shape.height, shape.width, shape.stride, "relu6")
     return (
-        plan_pointwise_amx(expand) is not None
-        and plan_pointwise_amx(project) is not None
-        and plan_depthwise(depthwise, unit=unit) is not None
+        plan_pointwise_amx(project) is not None and plan_depthwise(depthwise, unit=unit) is not None
     )
