@@ -80,15 +80,17 @@ class ModelStore:
     def recover(self) -> list[str]:
         """Remove leftovers of an interrupted install or swap; return what was removed."""
         removed = []
-        for path in self.staging_root.iterdir():
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
-            removed.append(str(path))
+        leftovers = list(self.staging_root.iterdir())
         for model_dir in self.root.iterdir():
-            for leftover in model_dir.glob(".*.tmp*"):
-                leftover.unlink(missing_ok=True) if not leftover.is_dir() else shutil.rmtree(
-                    leftover
-                )
-                removed.append(str(leftover))
+            leftovers.extend(model_dir.glob(".*.tmp*"))
+        for path in leftovers:
+            # A swap killed between its symlink and its os.replace leaves ``.active.tmpPID``,
+            # a link to a version directory: unlink the link, never follow it.
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(str(path))
         return removed
 
     def new_staging_dir(self, label: str) -> Path:

@@ -85,6 +85,10 @@ def test_recover_removes_leftovers(tmp_path: Path, signing_key: Path) -> None:
     half = store.new_staging_dir("half")
     (half / "model.so").write_bytes(b"partial")
     (store.root / "m" / ".active.tmp123").symlink_to("versions/nowhere")
+    # Killed between os.symlink and os.replace: the link points at a real version.
+    (store.root / "m" / ".active.tmp456").symlink_to(f"versions/{v1}")
     removed = store.recover()
-    assert len(removed) == 2
+    assert len(removed) == 3
     assert store.active("m").artifact_id == v1  # type: ignore[union-attr]
+    assert (store.root / "m" / "versions" / v1 / "manifest.json").is_file()
+    assert not list((store.root / "m").glob(".*.tmp*"))
