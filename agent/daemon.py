@@ -341,9 +341,7 @@ class Agent:
                 # (in_flight is cleared then), so QoS 1 would add nothing but a PUBACK, and
                 # after a broker outage paho would replay the queued requests as stale
                 # duplicates that each cost a whole chunk (docs/protocol.md).
-                self.link.publish(
-                    protocol.artifacts_req(self.device_id), request.to_bytes(), qos=0
-                )
+                self.link.publish(protocol.artifacts_req(self.device_id), request.to_bytes(), qos=0)
             transfer = self.active.download.transfer
             if transfer.retries > self.settings.transfer.max_retries:
                 self._end(

@@ -362,7 +362,10 @@ class _TvmModel(LoadedModel):
         super().__init__(signature, runtime="tvm", thread_safe=False)
         prepare_tvm_runtime_env()
         _tvm_thread_env(num_threads)
+        from compiler.runner_main import VmCaller, import_tvm_runtime
+
         try:
+            import_tvm_runtime()
             from tvm import runtime as tvm_runtime
             from tvm.runtime.vm import VirtualMachine
         except ImportError as err:
@@ -374,8 +377,6 @@ class _TvmModel(LoadedModel):
         # The compiler times artifacts through the same caller (compiler/runner_main.py):
         # inputs copied into tensors bound once to a saved closure of "main", outputs copied
         # out through DLPack; CUDA artifacts take the plain conversions.
-        from compiler.runner_main import VmCaller
-
         try:
             if cuda_arch is None:
                 self._device = tvm_runtime.cpu(0)

@@ -8,6 +8,7 @@ as the agent does. References come from ONNX Runtime on the source ONNX file.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -327,11 +328,15 @@ model.self_test()
 np.save({str(tmp_path / "out.npy")!r}, out)
 import tvm.base
 maps = open("/proc/self/maps").read()
+torch_loaded = "torch" in sys.modules
+import torch  # importable again once tvm is loaded
 print(json.dumps({{
     "prepared": runtime_only,
     "runtime_only": tvm.base._RUNTIME_ONLY,
     "compiler_lib": "libtvm_compiler" in maps,
     "relax": "tvm.relax" in sys.modules,
+    "torch_loaded": torch_loaded,
+    "torch_after": torch.__name__,
 }}))
 """
     proc = subprocess.run(
@@ -339,10 +344,36 @@ print(json.dumps({{
     )
     assert proc.returncode == 0, proc.stderr
     facts = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert facts == {"prepared": True, "runtime_only": True, "compiler_lib": False, "relax": False}
+    # Serving an artifact loads neither TVM's compiler nor torch (tvm-ffi would import torch,
+    # 2 s of the agent's start), and torch stays importable for whoever needs it later.
+    assert facts == {
+        "prepared": True,
+        "runtime_only": True,
+        "compiler_lib": False,
+        "relax": False,
+        "torch_loaded": False,
+        "torch_after": "torch",
+    }
     np.testing.assert_allclose(
         np.load(tmp_path / "out.npy"), artifacts.reference("cnn", x), atol=1e-5, rtol=1e-5
     )
+
+
+def test_tvm_runtime_import_keeps_a_torch_imported_before_it(tmp_path: Path) -> None:
+    code = """
+import json, sys
+import torch
+from compiler.runner_main import import_tvm_runtime
+import_tvm_runtime()
+import tvm
+print(json.dumps({"same_torch": sys.modules["torch"] is torch, "tvm": "tvm" in sys.modules}))
+"""
+    env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"same_torch": True, "tvm": True}
 
 
 def test_prepare_tvm_runtime_env_reports_an_already_imported_tvm(
