@@ -95,7 +95,8 @@ def test_device_ids_are_unique_across_the_fleet(
         ({"device_id": "a:b"}, "device id 'a:b' is invalid"),
         (
             {"profile": "rpi4"},
-            "unknown hardware profile 'rpi4'; choose from: amd/epyc-zen2, amd/epyc-zen4, generic",
+            "unknown hardware profile 'rpi4'; choose from: "
+            "amd/epyc-zen2, amd/epyc-zen4, amd/epyc-zen5, generic",
         ),
         ({"tags": {"": "x"}}, "tag key '' must have 1-64 characters"),
         ({"tags": {str(i): "x" for i in range(33)}}, "33 tags given; at most 32"),
