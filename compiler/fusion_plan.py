@@ -46,10 +46,11 @@ class VectorUnit:
     positions per block of the 3x3 and stride-2 direct kernels and of the Winograd GEMM,
     the first that divides the output width (tile count); ``depthwise``: whether the
     depthwise kernel (``plan_depthwise``) replaces MetaSchedule's depthwise convolutions
-    (measured faster on AVX2; on AVX-512 it ties with MetaSchedule's at 14x14 and 7x7, and
-    is on in bf16 builds for AMX tiles only, ``tvm_fusion.fuse_depthwise``);
-    ``depthwise_width``: the widest map it takes (on AVX-512 also the 56- and 112-wide maps
-    of the blocks ``splits_for_amx`` splits; not measured on AVX2). Measured in
+    (``tvm_fusion.fuse_depthwise``; measured faster on AVX2; on AVX-512 mobilenet_v2 took
+    0.93-0.94x the time with it on Zen 5, in fp32 and bf16, and on Emerald Rapids its
+    depthwise layers 0.93x, the network tied); ``depthwise_width``: the widest map it takes
+    (on AVX-512 also the 56- and 112-wide maps of the blocks ``splits_for_amx`` splits; not
+    measured on AVX2). Measured in
     docs/benchmarks.md: with AVX-512's blocks AVX2's 16 registers spill (a 28x28 block took
     2.2x as long as with AVX2's; a 3x3 convolution at 7 positions x 2 registers 41-43
     GMAC/s, at 4 positions 67-79)."""
@@ -75,6 +76,7 @@ AVX512 = VectorUnit(
     channel_vectors=2,
     pointwise_min_reduction=256,
     conv_positions=POSITION_BLOCKS,
+    depthwise=True,
     depthwise_width=112,
 )
 AVX2 = VectorUnit(

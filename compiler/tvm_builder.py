@@ -191,7 +191,7 @@ def _prepare_fused(
             rewrites = (
                 functools.partial(fuse_pointwise, precision=precision, unit=unit, amx=amx, dot=dot),
                 functools.partial(fuse_strided_convs, unit=unit),
-                functools.partial(fuse_depthwise, unit=unit, amx=tiles),
+                functools.partial(fuse_depthwise, unit=unit),
                 fuse_max_pools,
             )
             for rewrite in rewrites:

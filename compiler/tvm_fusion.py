@@ -1540,17 +1540,14 @@ def _find_depthwise(func: Any) -> list[_DepthwiseMatch]:
     return _outermost(matches)
 
 
-def fuse_depthwise(
-    mod: Any, *, unit: VectorUnit = AVX512, amx: bool = False
-) -> tuple[Any, list[str]]:
+def fuse_depthwise(mod: Any, *, unit: VectorUnit = AVX512) -> tuple[Any, list[str]]:
     """Replace ``main``'s depthwise convolutions that ``plan_depthwise`` takes (run after
-    ``fuse_inverted_residuals``, on what it left) with ``depthwise_func`` kernels, on units
-    where that pays (``VectorUnit.depthwise``) and in bf16 builds for AMX tiles (``amx``:
-    the blocks those split need it; elsewhere it ties with MetaSchedule's there); returns
-    (module, descriptions)."""
+    ``fuse_inverted_residuals``, on what it left, also the depthwise stage of the blocks a
+    bf16 build on AMX tiles splits) with ``depthwise_func`` kernels, on units where that
+    pays (``VectorUnit.depthwise``); returns (module, descriptions)."""
     from compiler.tvm_depthwise import depthwise_func
 
-    if not (unit.depthwise or amx):
+    if not unit.depthwise:
         return mod, []
     plans = {}
     fused = []

@@ -241,7 +241,12 @@ def test_a_bf16_build_for_an_amx_profile_splits_the_blocks_it_can_tile(tmp_path:
     """Blocks whose 1x1 stages tile (``splits_for_amx``) become two AMX kernels and the
     depthwise kernel (which also takes the 14-wide block's depthwise convolution); the
     others stay fused and fp32, as in an fp32 build."""
-    from tests.compiler.test_fused_blocks import FUSED, _Net, export_with_batchnorm_stats
+    from tests.compiler.test_fused_blocks import (
+        FUSED,
+        FUSED_AVX512,
+        _Net,
+        export_with_batchnorm_stats,
+    )
 
     path = export_with_batchnorm_stats(_Net, (1, 3, 56, 56), tmp_path / "net.onnx")
     assert _fused(path, "intel/xeon-sapphire-rapids", "bf16") == [
@@ -259,7 +264,7 @@ def test_a_bf16_build_for_an_amx_profile_splits_the_blocks_it_can_tile(tmp_path:
         "depthwise 3x3 192 stride 2 at 28x28 + ReLU6 (14 rows x 16 columns)",
         "depthwise 3x3 192 at 14x14 + ReLU6 (14 rows x 16 columns)",
     ]
-    assert _fused(path, "intel/xeon-sapphire-rapids", "fp32") == FUSED
+    assert _fused(path, "intel/xeon-sapphire-rapids", "fp32") == FUSED_AVX512
 
 
 @pytest.mark.slow

@@ -293,7 +293,12 @@ def test_the_kernel_survives_weight_prepackings_layout_pass() -> None:
 def test_fused_blocks_expand_and_project_with_bf16_products(
     signing_key: Path, tmp_path: Path
 ) -> None:
-    from tests.compiler.test_fused_blocks import FUSED, _Net, export_with_batchnorm_stats
+    from tests.compiler.test_fused_blocks import (
+        FUSED,
+        FUSED_AVX512,
+        _Net,
+        export_with_batchnorm_stats,
+    )
 
     path = export_with_batchnorm_stats(_Net, (1, 3, 56, 56), tmp_path / "blocks.onnx")
     report = bf16_report(path, "amd/epyc-zen4", tmp_path / "out", signing_key)
@@ -304,6 +309,7 @@ def test_fused_blocks_expand_and_project_with_bf16_products(
             *(f.replace(" rows)", " rows, bf16 expansion and projection)") for f in FUSED[1:]),
             "1x1 32->192 at 14x14 + ReLU6 (bf16)",  # the 14-wide block, left to fuse_pointwise
             "1x1 192->32 at 14x14 + residual (bf16)",
+            FUSED_AVX512[-1],  # its depthwise convolution (fp32)
         ]
     )
     assert report["precision"] == "bf16"

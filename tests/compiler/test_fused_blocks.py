@@ -51,6 +51,9 @@ FUSED = [
     "24->144->32 at 28x28 (strips of 14 rows)",
     "32->192->32 at 28x28, stride 2 (strips of 7 rows)",
 ]
+# AVX-512 gives the 14-wide block's depthwise convolution to the depthwise kernel (its 1x1
+# convolutions, of short reductions, stay MetaSchedule's).
+FUSED_AVX512 = [*FUSED, "depthwise 3x3 192 at 14x14 + ReLU6 (14 rows x 16 columns)"]
 # AVX2 (generic/x86_64, and ARM by request) also gives the 14-wide block's 1x1 convolutions
 # to the pointwise kernel (MetaSchedule's AVX2 kernels for short reductions are slower) and
 # its depthwise convolution to the depthwise kernel.
@@ -226,16 +229,20 @@ def test_an_activation_used_elsewhere_is_not_fused_away(tmp_path: Path) -> None:
     assert _fused(_block_model(tmp_path / "y_e1.onnx", ["y", "e1"])) == [
         "48->48->8 at 28x28, no expansion (strips of 14 rows)"
     ]
-    # the depthwise output is an output too: nothing fuses
-    assert _fused(_block_model(tmp_path / "y_d1.onnx", ["y", "d1"])) == []
+    # the depthwise output is an output too: no block fuses; the depthwise convolution
+    # alone gets the depthwise kernel (its ReLU6 output is the model's d1)
+    assert _fused(_block_model(tmp_path / "y_d1.onnx", ["y", "d1"])) == [
+        "depthwise 3x3 48 at 28x28 + ReLU6 (7 rows x 32 columns)"
+    ]
 
 
 def test_stride_2_blocks_are_fused_where_the_output_is_exactly_half(tmp_path: Path) -> None:
     even = _block_model(tmp_path / "even.onnx", ["y"], h=56, stride=2, residual=False)
     assert _fused(even) == ["8->48->8 at 56x56, stride 2 (strips of 14 rows)"]
     # 57 -> 29 rounds up: the kernel's planes halve exactly, so the block is left alone
+    # (its depthwise convolution gets the depthwise kernel, which takes odd maps)
     odd = _block_model(tmp_path / "odd.onnx", ["y"], h=57, stride=2, residual=False)
-    assert _fused(odd) == []
+    assert _fused(odd) == ["depthwise 3x3 48 stride 2 at 57x57 + ReLU6 (1 rows x 32 columns)"]
 
 
 def test_fuse_blocks_on_a_gpu_profile_is_refused(
