@@ -579,13 +579,26 @@ def paired_bf16_weights(weight: npt.NDArray[np.float32], vectors: int) -> npt.ND
 
 
 def bf16_stages(shape: BlockShape | StemBlockShape) -> tuple[bool, bool]:
-    """(expand, project): the 1x1 stages of a fused block that a bf16 build computes with
-    bf16 products, those whose reduction pairs up (an even channel count). A first
-    convolution's expand stage (``StemBlockShape``, a k x k convolution) stays fp32."""
+    """(expand, project): the stages of a fused block that a bf16 build computes with bf16
+    products, the 1x1 stages whose reduction pairs up (an even channel count). A first
+    convolution's expand stage (``StemBlockShape``, a k x k convolution) pairs its input
+    channels, an odd count with a zero channel (``bf16_conv_pairs``)."""
     if isinstance(shape, StemBlockShape):
-        return False, shape.expanded_view.expanded % 2 == 0
+        return True, shape.expanded_view.expanded % 2 == 0
     expand = shape.expand and shape.in_channels % 2 == 0
     return expand, shape.expanded % 2 == 0
+
+
+def bf16_conv_pairs(weight: npt.NDArray[np.float32]) -> npt.NDArray[np.uint32]:
+    """A k x k weight (Co, C, k, k) as (Co, ceil(C / 2), k, k) uint32 pairs of bf16 bits of
+    consecutive input channels, the even one in the low half; an odd C gets a zero channel
+    (a first convolution's 3 input channels: 2 pairs per tap, 18 dot products of 27 taps)."""
+    co, c, kh, kw = weight.shape
+    padded = np.zeros((co, c + c % 2, kh, kw), np.float32)
+    padded[:, :c] = weight
+    low = bf16_bits(padded[:, 0::2]).astype(np.uint32)
+    high = bf16_bits(padded[:, 1::2]).astype(np.uint32)
+    return np.ascontiguousarray(low | (high << 16))
 
 
 def bf16_pairs(weight: npt.NDArray[np.float32]) -> npt.NDArray[np.uint32]:

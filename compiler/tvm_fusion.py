@@ -33,6 +33,7 @@ from compiler.fusion_plan import (
     VectorUnit,
     WinogradConfig,
     amx_weights,
+    bf16_conv_pairs,
     bf16_pairs,
     bf16_stages,
     block_mask,
@@ -208,19 +209,23 @@ def _input_planes(
     and column are the padding (``stem_block_func``)."""
     from tvm import te, tirx
 
-    h, w = int(x.shape[2]), int(x.shape[3])
+    c, h, w = int(x.shape[1]), int(x.shape[2]), int(x.shape[3])
     zero = tirx.const(0.0, "float32")
 
     def plane_input(s: Any, plane: Any, ch: Any, row: Any, col: Any) -> Any:
         i = 2 * (s * rows + row - shift) + plane // 2 - reach
         j = 2 * (col - shift) + plane % 2 - reach
+        inside = [i >= 0, i < h, j >= 0, j < w]
+        if pairs and c % 2:  # the last pair's high half is a zero channel
+            inside.append(ch < c)
+            ch = tirx.min(ch, c - 1)
         return tirx.if_then_else(
-            te.all(i >= 0, i < h, j >= 0, j < w),
+            te.all(*inside),
             x[0, ch, tirx.max(tirx.min(i, h - 1), 0), tirx.max(tirx.min(j, w - 1), 0)],
             zero,
         )
 
-    if pairs:  # dims[2] is C / 2: channel pairs as uint32 (compiler.tvm_bf16)
+    if pairs:  # dims[2] is ceil(C / 2): channel pairs as uint32 (compiler.tvm_bf16)
         from compiler.tvm_bf16 import pack_pair
 
         return te.compute(
@@ -233,11 +238,17 @@ def _input_planes(
     return te.compute(dims, plane_input, name="Xp")
 
 
-def _planes_conv(xp: Any, weight: Any, dims: tuple[int, int, int], pitch: int, name: str) -> Any:
+def _planes_conv(
+    xp: Any, weight: Any, dims: tuple[int, int, int], pitch: int, name: str, *, pairs: bool = False
+) -> Any:
     """Stage ``name`` (strips, Co, positions): the k x k convolution with ``weight`` (Co, C,
     k, k) of ``_input_planes``' stage ``xp``, tap (kh, kw) of flat position f read from plane
-    (kh % 2, kw % 2) at f + (kh // 2) pitch + kw // 2."""
+    (kh % 2, kw % 2) at f + (kh // 2) pitch + kw // 2. ``pairs``: ``xp`` and ``weight`` (Co,
+    ceil(C / 2), k, k) hold uint32 pairs of bf16 channels (``fusion_plan.bf16_conv_pairs``),
+    summed as ``_pair_gemm`` does, in the form ``tvm_bf16.PAIR_INTRIN`` tensorizes."""
     from tvm import te
+
+    from compiler.tvm_bf16 import pair_high, pair_low
 
     c, k = int(weight.shape[1]), int(weight.shape[2])
     rc = te.reduce_axis((0, c), name="c")
@@ -247,14 +258,19 @@ def _planes_conv(xp: Any, weight: Any, dims: tuple[int, int, int], pitch: int, n
         g = f + kh // 2 * pitch + kw // 2
         return xp[s, kh % 2 * 2 + kw % 2, rc, g // pitch, g % pitch]
 
-    return te.compute(
-        dims,
-        lambda s, o, f: te.sum(weight[o, rc, kh, kw] * tap(s, f), axis=[rc, kh, kw]),
-        name=name,
-    )
+    def value(s: Any, o: Any, f: Any) -> Any:
+        w = weight[o, rc, kh, kw]
+        if pairs:
+            d = tap(s, f)
+            return pair_low(w) * pair_low(d) + pair_high(w) * pair_high(d)
+        return w * tap(s, f)
+
+    return te.compute(dims, lambda s, o, f: te.sum(value(s, o, f), axis=[rc, kh, kw]), name=name)
 
 
-def stem_block_func(shape: StemBlockShape, config: BlockConfig, *, bf16: bool = False) -> Any:
+def stem_block_func(
+    shape: StemBlockShape, config: BlockConfig, *, bf16: bool = False, bf16_expand: bool = False
+) -> Any:
     """``block_func`` of a first convolution and the expansion-1 block after it
     (``fusion_plan.StemBlockShape``): the convolution is the expand stage.
 
@@ -263,6 +279,8 @@ def stem_block_func(shape: StemBlockShape, config: BlockConfig, *, bf16: bool = 
     ``strided_conv_func``: every tap a contiguous run), masked to zero outside the image
     like an expand stage. Arguments: X (1, C, H, W), We (M, C, k, k), be (M,), Wd (M, 3, 3),
     bd (M,), Wp (Co, M), bp (Co,), the edge mask (strips, fe); output (1, Co, H/2, W/2).
+    ``bf16_expand``: the planes hold pairs of bf16 channels and We is
+    ``fusion_plan.bf16_conv_pairs``' (M, ceil(C / 2), k, k) uint32.
     """
     from tvm import te
 
@@ -272,8 +290,9 @@ def stem_block_func(shape: StemBlockShape, config: BlockConfig, *, bf16: bool = 
     strips = view.height // rows
     pitch, fd, fe, fx = stem_plane_positions(shape, rows)
     x = te.placeholder((1, c, conv.height, conv.width), name="X")
+    cp = -(-c // 2) if bf16_expand else c  # channels (pairs) of the planes and We
     weights = [
-        te.placeholder((m, c, k, k), name="We"),
+        te.placeholder((m, cp, k, k), "uint32" if bf16_expand else "float32", name="We"),
         te.placeholder((m,), name="be"),
         te.placeholder((m, 3, 3), name="Wd"),
         te.placeholder((m,), name="bd"),
@@ -283,8 +302,9 @@ def stem_block_func(shape: StemBlockShape, config: BlockConfig, *, bf16: bool = 
     ]
     we, be, wd, mask = weights[0], weights[1], weights[2], weights[6]
     # Expand position (row, col) is the convolution's output (s * rows - 1 + row, col - 1).
-    xp = _input_planes(x, (strips, 4, c, -(-fx // pitch), pitch), rows, reach, shift=1)
-    e = _planes_conv(xp, we, (strips, m, fe), pitch, "E")
+    planes = (strips, 4, cp, -(-fx // pitch), pitch)
+    xp = _input_planes(x, planes, rows, reach, shift=1, pairs=bf16_expand)
+    e = _planes_conv(xp, we, (strips, m, fe), pitch, "E", pairs=bf16_expand)
     ep = te.compute(
         (strips, m, fe),
         lambda s, o, f: _activation(conv.activation, e[s, o, f] + be[o]) * mask[s, f],
@@ -537,7 +557,7 @@ def scheduled_block(
     """
     expand_b, project_b = bf16_stages(shape) if bf16 else (False, False)
     if isinstance(shape, StemBlockShape):
-        te_func = stem_block_func(shape, config, bf16=project_b)
+        te_func = stem_block_func(shape, config, bf16=project_b, bf16_expand=expand_b)
     elif shape.stride == 2:
         te_func = strided_block_func(shape, config, bf16=project_b, bf16_expand=expand_b)
     else:
@@ -828,7 +848,7 @@ def fuse_inverted_residuals(
         """The kernel's weights, whether it has bf16 stages, and the description's note."""
         expand, project = bf16_stages(block) if precision == "bf16" else (False, False)
         weights = list(weights)
-        if expand:  # We is first; only blocks with an expand stage have one here
+        if expand and isinstance(block, BlockShape):  # We is first in a block's weights
             weights[0] = bf16_pairs(weights[0])
         if project:  # Wp is second to last
             weights[-2] = bf16_pairs(weights[-2])
@@ -845,12 +865,14 @@ def fuse_inverted_residuals(
             # The first convolution becomes the block's expand stage; its own bindings,
             # used by the block alone, go with the block's.
             weights, bf16, note = weights_for(stem, match.weights)
+            # The convolution's weight, the expand stage's, is not among the block's.
+            expand_b = bf16 and bf16_stages(stem)[0]
             plans[match.end] = _Replacement(
                 scheduled_block(stem, stem_config, bf16=bf16),
                 "fused_stem_block",
                 [
                     conv.x,
-                    conv.weight,
+                    bf16_conv_pairs(conv.weight) if expand_b else conv.weight,
                     conv.bias,
                     *weights,
                     block_mask(stem.expanded_view, stem_config),

@@ -19,6 +19,7 @@ from compiler.fusion_plan import (
     StemBlockShape,
     StridedConvShape,
     bf16_bits,
+    bf16_conv_pairs,
     bf16_pairs,
     bf16_stages,
     paired_bf16_weights,
@@ -94,6 +95,13 @@ def test_paired_weights_put_each_channels_pair_side_by_side() -> None:
         paired_bf16_weights(np.zeros((48, 4), np.float32), 2)
 
 
+def test_bf16_conv_pairs_give_an_odd_channel_count_a_zero_channel() -> None:
+    weight = np.array([1.0, -2.0, 0.5], np.float32).reshape(1, 3, 1, 1)  # Co 1, C 3, 1x1
+    pairs = bf16_conv_pairs(weight)
+    assert pairs.shape == (1, 2, 1, 1) and pairs.dtype == np.uint32
+    assert pairs[0, :, 0, 0].tolist() == [0xC0003F80, 0x00003F00]
+
+
 def test_bf16_pairs_hold_the_even_channel_in_the_low_half() -> None:
     weight = np.array([[1.0, -2.0, 0.5, 3.0]], np.float32)
     assert bf16_pairs(weight).tolist() == [[0xC0003F80, 0x40403F00]]
@@ -114,7 +122,7 @@ def test_bf16_pairs_hold_the_even_channel_in_the_low_half() -> None:
                 StridedConvShape(3, 32, 224, 224, 3, "relu6"),
                 BlockShape(32, 32, 16, 112, 112, expand=False),
             ),
-            (False, True),  # the first convolution (the expand stage) stays fp32
+            (True, True),  # the first convolution (the expand stage): 3 channels, 2 pairs
         ),
     ],
 )
@@ -322,7 +330,7 @@ def test_fused_blocks_expand_and_project_with_bf16_products(
     assert "bf16 products in 7 kernel(s) of the TVM library" in shown.stdout
 
 
-def test_the_first_convolution_block_projects_in_bf16_too(tmp_path: Path) -> None:
+def test_the_first_convolution_block_expands_and_projects_in_bf16_too(tmp_path: Path) -> None:
     """The stem block's wiring (no execution: any x86-64 host builds the kernels)."""
     import tvm
 
@@ -340,5 +348,47 @@ def test_the_first_convolution_block_projects_in_bf16_too(tmp_path: Path) -> Non
     )
     assert fused[0] == (
         "3x3 8->16 stride 2 at 56x56 + relu6, then 16->16->24 at 28x28, no expansion "
-        "(strips of 14 rows, bf16 projection)"
+        "(strips of 14 rows, bf16 expansion and projection)"
     )
+
+
+@needs_bf16
+def test_the_first_convolution_in_bf16_pairs_its_three_channels() -> None:
+    """The stem kernel's bf16 expand stage (a 3x3 stride-2 convolution of 3 channels, paired
+    with a zero channel, tensorized to vdpbf16ps) against torch in fp32: within bf16's
+    rounding, and not fp32's result (the pairs are in use)."""
+    import tvm
+
+    from compiler.fusion_plan import plan_stem_block
+    from compiler.tvm_fusion import block_mask, scheduled_block
+
+    shape = StemBlockShape(
+        StridedConvShape(3, 16, 112, 112, 3, "relu6"),
+        BlockShape(16, 16, 8, 56, 56, expand=False),
+    )
+    config = plan_stem_block(shape)
+    assert config is not None
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 3, 112, 112)).astype(np.float32)
+    we, wd, wp = (
+        rng.standard_normal(s).astype(np.float32) * 0.3
+        for s in [(16, 3, 3, 3), (16, 3, 3), (8, 16)]
+    )
+    be, bd, bp = (rng.standard_normal(n).astype(np.float32) * 0.1 for n in (16, 16, 8))
+    f = torch.nn.functional
+    ref = f.conv2d(
+        torch.from_numpy(x), torch.from_numpy(we), torch.from_numpy(be), stride=2, padding=1
+    )
+    ref = f.conv2d(
+        ref.clamp(0, 6), torch.from_numpy(wd)[:, None], torch.from_numpy(bd), padding=1, groups=16
+    )
+    ref = f.conv2d(ref.clamp(0, 6), torch.from_numpy(wp)[:, :, None, None], torch.from_numpy(bp))
+    func = scheduled_block(shape, config, bf16=True).with_attr("global_symbol", "main")
+    lib = tvm.compile(tvm.IRModule({"main": func}), {"kind": "llvm", "mcpu": "znver4"})
+    mask = block_mask(shape.expanded_view, config)
+    args = [x, bf16_conv_pairs(we), be, wd, bd, bf16_pairs(wp), bp, mask]
+    out = tvm.runtime.tensor(np.zeros((1, 8, 56, 56), np.float32))
+    lib["main"](*(tvm.runtime.tensor(a) for a in args), out)
+    expected = ref.numpy()
+    rel = np.abs(out.numpy() - expected).max() / np.abs(expected).max()
+    assert 1e-5 < rel < 2e-2
