@@ -930,13 +930,19 @@ def _channel_gemm(
     output channels: ``config.positions`` positions x ``config.vectors`` vectors of 16
     channels of accumulators in a local buffer (registers once unrolled), the reduction
     outside them, the positions broadcast; ``parallel``: the loops above the reduction
-    fused into one parallel loop."""
+    fused into one parallel loop, channel blocks outermost unless the config is
+    ``position_major``."""
     pos_o, pos_i = sch.split(pos, [None, config.positions])
     chan_o, chan_m, chan_v = sch.split(chan, [None, config.vectors, LANES])
-    sch.reorder(*lead, chan_o, pos_o, *red, pos_i, chan_m, chan_v)
-    outer = pos_o
+    jobs = (
+        [pos_o, chan_o]
+        if isinstance(config, PointwiseConfig) and config.position_major
+        else [chan_o, pos_o]
+    )
+    sch.reorder(*lead, *jobs, *red, pos_i, chan_m, chan_v)
+    outer = jobs[-1]
     if parallel:
-        outer = sch.fuse(*lead, chan_o, pos_o)
+        outer = sch.fuse(*lead, *jobs)
         sch.parallel(outer)
     sch.unroll(pos_i)
     sch.unroll(chan_m)

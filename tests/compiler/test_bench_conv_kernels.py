@@ -58,6 +58,8 @@ def test_a_group_that_does_not_divide_the_tiles_is_refused(
         ([32, 32, 16, 1, 3], 0, 2),  # Winograd stage by stage
         ([32, 48, 15, 2, 3], None, 1),  # stride 2: direct only
         ([32, 48, 14, 2, 1], None, 1),  # a 1x1 stride-2 shortcut
+        ([256, 32, 14, 1, 1], None, 1),  # 1x1, 196 positions >= 32 channels: position-major
+        ([256, 64, 7, 1, 1], None, 1),  # 1x1, 49 positions < 64 channels: channel-major
     ],
 )
 def test_kernels_match_onnxruntime(shape: list[int], group: int | None, kernels: int) -> None:

@@ -195,7 +195,8 @@ def test_plan_block_for_avx2(shape: BlockShape, expected: BlockConfig | None) ->
 def test_channel_vectorized_kernels_for_avx2_hold_one_vector_of_channels() -> None:
     relu6 = "relu6"
     assert plan_pointwise(PointwiseShape(160, 960, 7, 7, relu6), unit=AVX2) == PointwiseConfig(7, 1)
-    assert plan_pointwise(PointwiseShape(576, 96, 14, 14), unit=AVX2) == PointwiseConfig(7, 1)
+    projection = PointwiseShape(576, 96, 14, 14)
+    assert plan_pointwise(projection, unit=AVX2) == PointwiseConfig(7, 1, position_major=True)
     # short reductions at 14x14 too: MetaSchedule's AVX2 kernels for them are slower
     expansion = PointwiseShape(64, 384, 14, 14, relu6)
     assert plan_pointwise(expansion, unit=AVX2) == PointwiseConfig(7, 1)
@@ -309,9 +310,12 @@ def test_choose_block_fusion(
         (PointwiseShape(320, 1280, 7, 7, activation="relu6"), PointwiseConfig(7, 2)),
         # an odd number of channel vectors: one vector per block
         (PointwiseShape(576, 80, 7, 7), PointwiseConfig(7, 1)),
-        # 14x14: only long reductions (the projections) beat MetaSchedule's kernels
-        (PointwiseShape(576, 96, 14, 14, residual=True), PointwiseConfig(7, 2)),
-        (PointwiseShape(384, 64, 14, 14), PointwiseConfig(7, 2)),
+        # 14x14: only long reductions (the projections) beat MetaSchedule's kernels; more
+        # positions than output channels (the input outweighs the weight): position-major
+        (PointwiseShape(576, 96, 14, 14, residual=True), PointwiseConfig(7, 2, True)),
+        (PointwiseShape(384, 64, 14, 14), PointwiseConfig(7, 2, position_major=True)),
+        (PointwiseShape(320, 48, 7, 7), PointwiseConfig(7, 1, position_major=True)),
+        (PointwiseShape(320, 64, 7, 7), PointwiseConfig(7, 2)),  # 49 positions < 64
         (PointwiseShape(64, 384, 14, 14, activation="relu6"), None),
         # 4x4: 16 positions, blocks of 8
         (PointwiseShape(64, 32, 4, 4), PointwiseConfig(8, 2)),
