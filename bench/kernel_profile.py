@@ -4,25 +4,30 @@ This box changes speed by up to 1.6x between minutes, so two libraries timed in 
 runs cannot be compared; alternating them in one process can. Two modes:
 
     python -m bench.kernel_profile W/.../tuned.so W2/.../tuned.so          # end to end
+    python -m bench.kernel_profile W/.../tuned.so --ort W/.../model.onnx   # and ORT in turn
     python -m bench.kernel_profile --kernels W/.../tuned.so W2/.../tuned.so # per kernel
 
 End to end: rounds of ``--calls`` calls of each library in turn through the Relax VM, the
 median per round, then the median and range over the rounds and each library's ratio to the
-first. Per kernel: the Relax VM's instrument hook times every kernel call (one timer per
-call, so a kernel's time includes ~1 us of VM overhead), printed per library as the total
-per model call, largest first. Inputs are random, of the shape ``--input-shape`` (default
-1x3x224x224). Results: docs/benchmarks.md (thirteenth and fourteenth sessions).
+first; with ``--ort``, ONNX Runtime's session of that model (``--threads`` intra-op
+threads) takes its turn in every round too, and each library's ratio to it (the median of
+the rounds' ratios, and their range) is printed. Per kernel: the Relax VM's instrument
+hook times every kernel call (one timer per call, so a kernel's time includes ~1 us of VM
+overhead), printed per library as the total per model call, largest first. Inputs are
+random, of the shape ``--input-shape`` (default 1x3x224x224). Results: docs/benchmarks.md
+(thirteenth, fourteenth and twentieth sessions).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,21 +40,40 @@ def _load(path: str) -> Any:
     return relax.VirtualMachine(tvm.runtime.load_module(path), tvm.cpu())
 
 
-def alternate(libs: Sequence[str], x: np.ndarray, *, rounds: int, calls: int) -> list[list[float]]:
-    """Per library, the median ms of each round; the libraries take turns every round."""
+def _ort_runner(model: str, x: np.ndarray, threads: int) -> Callable[[], Any]:
+    """One ONNX Runtime call of ``model`` on ``x`` (its first input), ``threads`` intra-op."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: x}
+    return lambda: session.run(None, feed)
+
+
+def alternate(
+    libs: Sequence[str],
+    x: np.ndarray,
+    *,
+    rounds: int,
+    calls: int,
+    extra: Sequence[Callable[[], Any]] = (),
+) -> list[list[float]]:
+    """Per library (then per ``extra`` runner), the median ms of each round; all take turns
+    every round."""
     import tvm
 
     arg = tvm.runtime.tensor(x, tvm.cpu())
-    vms = [_load(p) for p in libs]
-    medians: list[list[float]] = [[] for _ in libs]
+    runners = [functools.partial(_load(p)["main"], arg) for p in libs] + list(extra)
+    medians: list[list[float]] = [[] for _ in runners]
     for _ in range(rounds):
-        for k, vm in enumerate(vms):
-            for _ in range(max(1, calls // 5)):  # warm up: caches, TVM's thread pool
-                vm["main"](arg)
+        for k, run in enumerate(runners):
+            for _ in range(max(1, calls // 5)):  # warm up: caches, thread pools
+                run()
             times = []
             for _ in range(calls):
                 start = time.perf_counter()
-                vm["main"](arg)
+                run()
                 times.append(time.perf_counter() - start)
             medians[k].append(statistics.median(times) * 1e3)
     return medians
@@ -96,6 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("libs", nargs="+", help="compiled libraries (tuned.so of bench runs)")
     parser.add_argument("--kernels", action="store_true", help="per-kernel times instead")
+    parser.add_argument(
+        "--ort", metavar="MODEL.onnx", help="also ONNX Runtime on this model, in every round"
+    )
     parser.add_argument("--input-shape", default="1x3x224x224")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--rounds", type=int, default=6)
@@ -111,6 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"no such library: {', '.join(missing)}")
     if min(args.rounds, args.calls, args.threads, args.top) < 1:
         parser.error("--rounds, --calls, --threads and --top must be at least 1")
+    if args.ort is not None and not os.path.isfile(args.ort):
+        parser.error(f"--ort {args.ort!r}: no such ONNX model")
+    if args.ort is not None and args.kernels:
+        parser.error("--ort compares end to end; it does not combine with --kernels")
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     x = np.random.default_rng(0).standard_normal(shape).astype("float32")
     if args.kernels:
@@ -121,13 +152,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name, us in ranked[: args.top]:
                 print(f"  {us:8.1f} us  {name}")
         return 0
-    medians = alternate(args.libs, x, rounds=args.rounds, calls=args.calls)
+    extra = [] if args.ort is None else [_ort_runner(args.ort, x, args.threads)]
+    medians = alternate(args.libs, x, rounds=args.rounds, calls=args.calls, extra=extra)
     first = statistics.median(medians[0])
-    for lib, rounds in zip(args.libs, medians, strict=True):
+    ort_rounds = medians[-1] if extra else None
+    for lib, rounds in zip(args.libs, medians, strict=False):
         mid = statistics.median(rounds)
+        versus = ""
+        if ort_rounds is not None:
+            ratios = [t / o for t, o in zip(rounds, ort_rounds, strict=True)]
+            versus = (
+                f", {statistics.median(ratios):.2f}x ORT "
+                f"(rounds {min(ratios):.2f}-{max(ratios):.2f})"
+            )
         print(
             f"{mid:.3f} ms ({min(rounds):.3f}-{max(rounds):.3f}, {len(rounds)} rounds), "
-            f"{mid / first:.2f}x the first: {lib}"
+            f"{mid / first:.2f}x the first{versus}: {lib}"
+        )
+    if ort_rounds is not None:
+        mid = statistics.median(ort_rounds)
+        print(
+            f"{mid:.3f} ms ({min(ort_rounds):.3f}-{max(ort_rounds):.3f}, "
+            f"{len(ort_rounds)} rounds): ORT {args.ort}"
         )
     return 0
 
