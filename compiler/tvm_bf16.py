@@ -149,18 +149,22 @@ def pointwise_bf16_func(shape: PointwiseShape, config: PointwiseConfig) -> Any:
                                     acc[i, v * LANES + lane]
                                     + bias[job // pos_blocks * chans + v * LANES + lane],
                                 )
-        # NCHW write-back, 16 channels of a position (one cache line of A) at a time.
+        # NCHW write-back: per image row and block of 16 channels, each channel's row as one
+        # vector store, its values gathered from the row's positions of A (which stay in
+        # L1 across the 16 channels); one scalar store per value took 1.07-1.14x the time
+        # of the whole kernel at 14x14 (tvm_fusion._transposing_write).
         for o in T.parallel(co // LANES):
-            for p in range(n_pos):
+            for i in range(h):
                 for lane in T.unroll(LANES):
-                    with T.sblock("out"):
-                        if shape.residual:
-                            Out[0, o * LANES + lane, p // w, p % w] = activate(
-                                late,
-                                A[p, o * LANES + lane] + R[0, o * LANES + lane, p // w, p % w],
-                            )
-                        else:
-                            Out[0, o * LANES + lane, p // w, p % w] = A[p, o * LANES + lane]
+                    for j in T.vectorized(w):
+                        with T.sblock("out"):
+                            if shape.residual:
+                                Out[0, o * LANES + lane, i, j] = activate(
+                                    late,
+                                    A[i * w + j, o * LANES + lane] + R[0, o * LANES + lane, i, j],
+                                )
+                            else:
+                                Out[0, o * LANES + lane, i, j] = A[i * w + j, o * LANES + lane]
 
     return pointwise_prim_func(shape, body, (blocks, pairs, 2 * chans))
 
