@@ -190,6 +190,8 @@ def test_precision_refusal(
         PointwiseShape(5, 32, 7, 7, "relu6"),  # an odd reduction, 2 vectors per block
         PointwiseShape(64, 48, 14, 14, "relu", residual=True),  # 1 vector, activation late
         PointwiseShape(96, 64, 7, 7),
+        PointwiseShape(32, 48, 14, 14, "relu6"),  # written back by rows of 14
+        PointwiseShape(16, 32, 4, 4),  # a map narrower than a vector
     ],
     ids=lambda s: s.describe(),
 )
