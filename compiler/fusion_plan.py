@@ -608,17 +608,20 @@ def bf16_conv_pairs(weight: npt.NDArray[np.float32]) -> npt.NDArray[np.uint32]:
     co, c, kh, kw = weight.shape
     padded = np.zeros((co, c + c % 2, kh, kw), np.float32)
     padded[:, :c] = weight
-    low = bf16_bits(padded[:, 0::2]).astype(np.uint32)
-    high = bf16_bits(padded[:, 1::2]).astype(np.uint32)
-    return np.ascontiguousarray(low | (high << 16))
+    return _channel_pairs(padded)
 
 
 def bf16_pairs(weight: npt.NDArray[np.float32]) -> npt.NDArray[np.uint32]:
     """A (Co, M) weight as (Co, M / 2) uint32 pairs of bf16 bits, the even input channel in
     the low half: the fused blocks' bf16 projection broadcasts one pair per output channel."""
-    co, m = weight.shape
+    m = weight.shape[1]
     if m % 2:
         raise ValueError(f"{m} input channels do not pair up")
+    return _channel_pairs(weight)
+
+
+def _channel_pairs(weight: npt.NDArray[np.float32]) -> npt.NDArray[np.uint32]:
+    """Input channels (axis 1, an even count) pairwise as uint32 bf16 bits, even low."""
     low = bf16_bits(weight[:, 0::2]).astype(np.uint32)
     high = bf16_bits(weight[:, 1::2]).astype(np.uint32)
     return np.ascontiguousarray(low | (high << 16))

@@ -848,8 +848,9 @@ def fuse_inverted_residuals(
         """The kernel's weights, whether it has bf16 stages, and the description's note."""
         expand, project = bf16_stages(block) if precision == "bf16" else (False, False)
         weights = list(weights)
-        if expand and isinstance(block, BlockShape):  # We is first in a block's weights
-            weights[0] = bf16_pairs(weights[0])
+        if expand:  # We is first: a 1x1 weight, or a first convolution's k x k one
+            stem = isinstance(block, StemBlockShape)
+            weights[0] = (bf16_conv_pairs if stem else bf16_pairs)(weights[0])
         if project:  # Wp is second to last
             weights[-2] = bf16_pairs(weights[-2])
         stages = " and ".join(n for n, b in (("expansion", expand), ("projection", project)) if b)
@@ -864,19 +865,11 @@ def fuse_inverted_residuals(
         if conv is not None and stem is not None and stem_config is not None:
             # The first convolution becomes the block's expand stage; its own bindings,
             # used by the block alone, go with the block's.
-            weights, bf16, note = weights_for(stem, match.weights)
-            # The convolution's weight, the expand stage's, is not among the block's.
-            expand_b = bf16 and bf16_stages(stem)[0]
+            weights, bf16, note = weights_for(stem, [conv.weight, conv.bias, *match.weights])
             plans[match.end] = _Replacement(
                 scheduled_block(stem, stem_config, bf16=bf16),
                 "fused_stem_block",
-                [
-                    conv.x,
-                    bf16_conv_pairs(conv.weight) if expand_b else conv.weight,
-                    conv.bias,
-                    *weights,
-                    block_mask(stem.expanded_view, stem_config),
-                ],
+                [conv.x, *weights, block_mask(stem.expanded_view, stem_config)],
                 (1, stem.block.out_channels, stem.block.out_height, stem.block.out_width),
             )
             fused.append(f"{stem.describe()} (strips of {stem_config.rows} rows{note})")
