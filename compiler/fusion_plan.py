@@ -50,7 +50,9 @@ class VectorUnit:
     0.93-0.94x the time with it on Zen 5, in fp32 and bf16, and on Emerald Rapids its
     depthwise layers 0.93x, the network tied); ``depthwise_width``: the widest map it takes
     (on AVX-512 also the 56- and 112-wide maps of the blocks ``splits_for_amx`` splits; not
-    measured on AVX2). Measured in
+    measured on AVX2); ``depthwise_project``: whether a depthwise convolution and the
+    projection after it run as one kernel (``plan_depthwise_project``; measured on AVX-512
+    only). Measured in
     docs/benchmarks.md: with AVX-512's blocks AVX2's 16 registers spill (a 28x28 block took
     2.2x as long as with AVX2's; a 3x3 convolution at 7 positions x 2 registers 41-43
     GMAC/s, at 4 positions 67-79)."""
@@ -65,6 +67,7 @@ class VectorUnit:
     conv_positions: tuple[int, ...]
     depthwise: bool = False
     depthwise_width: int = 28
+    depthwise_project: bool = False
 
 
 AVX512 = VectorUnit(
@@ -78,6 +81,7 @@ AVX512 = VectorUnit(
     conv_positions=POSITION_BLOCKS,
     depthwise=True,
     depthwise_width=112,
+    depthwise_project=True,
 )
 AVX2 = VectorUnit(
     "avx2",
@@ -1036,6 +1040,58 @@ def plan_depthwise(shape: DepthwiseShape, *, unit: VectorUnit = AVX512) -> Depth
     ho = shape.out_height
     rows = max(r for r in range(1, min(budget // per_row, ho) + 1) if ho % r == 0)
     return DepthwiseConfig(columns=columns, rows=rows, padded_rows=ho)
+
+
+# Output rows per job of the depthwise + projection kernel, at least: every job reads the
+# projection's whole weight (Intel Xeon with AMX, 2 threads, 576 -> 96 at 14x14: jobs of 7
+# rows 127 us against 164 for the depthwise and pointwise kernels one after the other; jobs
+# of 2 rows 1.2x slower than the two kernels, of 1 row at 7x7 1.6x; docs/benchmarks.md).
+DEPTHWISE_PROJECT_MIN_ROWS = 7
+
+
+@dataclass(frozen=True)
+class DepthwiseProjectConfig:
+    """The depthwise + projection kernel's jobs of ``rows`` output rows (one per core), and
+    its projection's accumulator block of ``positions`` x ``vectors`` of 16 channels."""
+
+    rows: int
+    positions: int
+    vectors: int
+
+
+def plan_depthwise_project(
+    depthwise: DepthwiseShape,
+    project: PointwiseShape,
+    *,
+    cores: int,
+    unit: VectorUnit = AVX512,
+) -> DepthwiseProjectConfig | None:
+    """The kernel for a 3x3 depthwise convolution followed by the 1x1 projection that
+    reads only its output (``tvm_depthwise.depthwise_project_func``), None where it is not
+    used. Why: the depthwise output (576 x 14 x 14 floats in MobileNetV2) written by one
+    kernel split over channels and read by the next split over positions crosses between
+    the cores' caches both ways; in one kernel, each job (a band of rows, one per core)
+    computes the depthwise output of its rows into a buffer of its own and projects it.
+    Stride 1, maps at most one vector wide (``unit.lanes``), whose height splits into
+    ``cores`` bands of at least ``DEPTHWISE_PROJECT_MIN_ROWS`` rows: on 2 cores MobileNetV2's
+    14x14 blocks, not its 7x7 ones. Units with ``unit.depthwise_project`` only (measured on
+    AVX-512)."""
+    if not unit.depthwise_project or cores < 1:
+        return None
+    h, w = depthwise.height, depthwise.width
+    if depthwise.stride != 1 or w > unit.lanes or h % cores:
+        return None
+    if (project.kernel, project.stride, project.in_channels) != (1, 1, depthwise.channels):
+        return None
+    if (project.height, project.width) != (h, w) or project.out_channels % LANES:
+        return None
+    rows = h // cores
+    if rows < DEPTHWISE_PROJECT_MIN_ROWS:
+        return None
+    positions = next((b for b in unit.conv_positions if rows * w % b == 0), None)
+    if positions is None:
+        return None
+    return DepthwiseProjectConfig(rows, positions, _channel_vectors(project.out_channels, unit))
 
 
 @dataclass(frozen=True)

@@ -174,6 +174,7 @@ def _prepare_fused(
         if fuse_blocks:
             from compiler.tvm_fusion import (
                 fuse_depthwise,
+                fuse_depthwise_projections,
                 fuse_inverted_residuals,
                 fuse_max_pools,
                 fuse_pointwise,
@@ -188,12 +189,19 @@ def _prepare_fused(
                 unit=unit,
                 amx=tiles,
             )
-            rewrites = (
+            # fp32 only: a bf16 build's projections go to its bf16 kernels.
+            cores = int(target.attrs.get("num-cores", 1))
+            rewrites: list[Callable[[Any], tuple[Any, list[str]]]] = (
+                [functools.partial(fuse_depthwise_projections, unit=unit, cores=cores)]
+                if precision == "fp32"
+                else []
+            )
+            rewrites += [
                 functools.partial(fuse_pointwise, precision=precision, unit=unit, amx=amx, dot=dot),
                 functools.partial(fuse_strided_convs, unit=unit),
                 functools.partial(fuse_depthwise, unit=unit),
                 fuse_max_pools,
-            )
+            ]
             for rewrite in rewrites:
                 mod, more = rewrite(mod)
                 fused += more

@@ -16,7 +16,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from compiler.fusion_plan import DepthwiseConfig, DepthwiseShape
+from compiler.fusion_plan import (
+    LANES,
+    DepthwiseConfig,
+    DepthwiseProjectConfig,
+    DepthwiseShape,
+    PointwiseShape,
+)
 from compiler.tvm_bf16 import activate
 
 # Channels per parallel job: each job allocates and zeroes its plane once.
@@ -110,3 +116,169 @@ def depthwise_func(shape: DepthwiseShape, config: DepthwiseConfig) -> Any:
                             channel(X, Wd, bias, Out, P, acc, job * CHANNELS_PER_JOB + kk)
 
     return depthwise.with_attrs({"tirx.is_scheduled": True, "op_pattern": 8})
+
+
+def depthwise_project_func(
+    depthwise: DepthwiseShape, project: PointwiseShape, config: DepthwiseProjectConfig
+) -> Any:
+    """A 3x3 stride-1 depthwise convolution + bias [+ activation] and the 1x1 projection of
+    its output + bias [+ residual] [+ activation] as one kernel
+    (``fusion_plan.plan_depthwise_project``), scheduled; the PrimFunc. Arguments: X (1, M,
+    H, W), the depthwise weight (M, 3, 3) and bias (M,), the projection's weight in blocks
+    (``fusion_plan.blocked_weights``: (Co / B, M, B), B = ``config.vectors`` x 16) and bias
+    (Co,), the residual (1, Co, H, W) if any; output (1, Co, H, W).
+
+    Each parallel job takes ``config.rows`` output rows: per channel, the zero-padded rows
+    it reads (its rows and one on each side) in a plane of one vector's width, the rows
+    summed in registers (one per row) as in ``depthwise_func``, the result into the job's
+    own (M, rows x W) buffer; then the projection of that buffer as ``tvm_fusion``'s
+    pointwise kernel does it (``config.positions`` positions x vectors of 16 channels of
+    accumulators, positions broadcast), written back to NCHW by rows. The depthwise output
+    never leaves the core that computed it.
+
+    Marked like ``tvm_fusion.scheduled_block``."""
+    from tvm.script import tirx as T
+
+    m, h, w = depthwise.channels, depthwise.height, depthwise.width
+    co = project.out_channels
+    rows, positions, vectors = config.rows, config.positions, config.vectors
+    if (
+        depthwise.stride != 1
+        or w > LANES
+        or h % rows
+        or project.in_channels != m
+        or (rows * w) % positions
+        or co % (vectors * LANES)
+    ):
+        raise ValueError(
+            f"the depthwise + projection kernel does not take {depthwise.describe()} then "
+            f"{project.describe()} in jobs of {rows} rows x {positions} positions"
+        )
+    chans = vectors * LANES
+    blocks, band = co // chans, rows * w
+    tiles = band // positions
+    early = None if project.residual else project.activation  # as in pointwise_func
+    late = project.activation if project.residual else None
+
+    @T.macro
+    def body(X: Any, Wd: Any, bd: Any, Wt: Any, bias: Any, R: Any, Out: Any) -> None:  # noqa: N803
+        for job in T.parallel(h // rows):
+            with T.sblock("band"):  # the plane, the buffers and the sums are this job's
+                T.reads(
+                    X[0, 0:m, 0:h, 0:w],
+                    Wd[0:m, 0:3, 0:3],
+                    bd[0:m],
+                    Wt[0:blocks, 0:m, 0:chans],
+                    bias[0:co],
+                )
+                T.writes(Out[0, 0:co, 0:h, 0:w])
+                P = T.sblock_alloc_buffer((rows + 2, LANES + 2), "float32")
+                D = T.sblock_alloc_buffer((m, band), "float32")
+                A = T.sblock_alloc_buffer((band, co), "float32")
+                dacc = T.sblock_alloc_buffer((rows, LANES), "float32", scope="local")
+                acc = T.sblock_alloc_buffer((positions, chans), "float32", scope="local")
+                # The border is zeroed once per job: each channel's rows overwrite the same
+                # interior (the first and last band have one padding row zero throughout).
+                for i in range(rows + 2):
+                    for q in T.vectorized(LANES + 2):
+                        with T.sblock("zero"):
+                            P[i, q] = T.float32(0.0)
+                for k in range(m):
+                    for i in range(T.max(job * rows - 1, 0), T.min(job * rows + rows + 1, h)):
+                        for q in T.vectorized(w):
+                            with T.sblock("copy"):
+                                P[i - job * rows + 1, q + 1] = X[0, k, i, q]
+                    for r in T.unroll(rows):
+                        for j in T.vectorized(LANES):
+                            with T.sblock("dw_init"):
+                                dacc[r, j] = T.float32(0.0)
+                    for kh in T.unroll(3):
+                        for kw in T.unroll(3):
+                            for r in T.unroll(rows):
+                                for j in T.vectorized(LANES):
+                                    with T.sblock("tap"):
+                                        dacc[r, j] = dacc[r, j] + P[r + kh, j + kw] * Wd[k, kh, kw]
+                    for r in T.unroll(rows):
+                        for j in T.vectorized(w):
+                            with T.sblock("dw_out"):
+                                D[k, r * w + j] = activate(depthwise.activation, dacc[r, j] + bd[k])
+                for t in range(tiles):
+                    for b in range(blocks):
+                        for i in T.unroll(positions):
+                            for v in T.unroll(vectors):
+                                with T.sblock("init"):
+                                    acc[i, T.ramp(v * LANES, 1, LANES)] = T.broadcast(
+                                        T.float32(0.0), LANES
+                                    )
+                        for k in range(m):
+                            for i in T.unroll(positions):
+                                for v in T.unroll(vectors):
+                                    with T.sblock("fma"):
+                                        acc[i, T.ramp(v * LANES, 1, LANES)] = acc[
+                                            i, T.ramp(v * LANES, 1, LANES)
+                                        ] + Wt[b, k, T.ramp(v * LANES, 1, LANES)] * T.broadcast(
+                                            D[k, t * positions + i], LANES
+                                        )
+                        for i in T.unroll(positions):
+                            for v in T.unroll(vectors):
+                                for lane in T.vectorized(LANES):
+                                    with T.sblock("bias"):
+                                        A[t * positions + i, b * chans + v * LANES + lane] = (
+                                            activate(
+                                                early,
+                                                acc[i, v * LANES + lane]
+                                                + bias[b * chans + v * LANES + lane],
+                                            )
+                                        )
+                # NCHW write-back by rows, as the pointwise kernels' (tvm_bf16's comment).
+                for o in range(co // LANES):
+                    for r in range(rows):
+                        for lane in T.unroll(LANES):
+                            for j in T.vectorized(w):
+                                with T.sblock("out"):
+                                    if project.residual:
+                                        Out[0, o * LANES + lane, job * rows + r, j] = activate(
+                                            late,
+                                            A[r * w + j, o * LANES + lane]
+                                            + R[0, o * LANES + lane, job * rows + r, j],
+                                        )
+                                    else:
+                                        Out[0, o * LANES + lane, job * rows + r, j] = A[
+                                            r * w + j, o * LANES + lane
+                                        ]
+
+    weights = (blocks, m, chans)
+    if project.residual:
+
+        @T.prim_func(private=True, s_tir=True)
+        def with_residual(
+            X: T.Buffer((1, m, h, w), "float32"),
+            Wd: T.Buffer((m, 3, 3), "float32"),
+            bd: T.Buffer((m,), "float32"),
+            Wt: T.Buffer(weights, "float32"),
+            bias: T.Buffer((co,), "float32"),
+            R: T.Buffer((1, co, h, w), "float32"),
+            Out: T.Buffer((1, co, h, w), "float32"),
+        ) -> None:
+            T.func_attr({"tirx.noalias": True})
+            with T.sblock("root"):
+                body(X, Wd, bd, Wt, bias, R, Out)
+
+        func = with_residual
+    else:
+
+        @T.prim_func(private=True, s_tir=True)
+        def plain(
+            X: T.Buffer((1, m, h, w), "float32"),
+            Wd: T.Buffer((m, 3, 3), "float32"),
+            bd: T.Buffer((m,), "float32"),
+            Wt: T.Buffer(weights, "float32"),
+            bias: T.Buffer((co,), "float32"),
+            Out: T.Buffer((1, co, h, w), "float32"),
+        ) -> None:
+            T.func_attr({"tirx.noalias": True})
+            with T.sblock("root"):
+                body(X, Wd, bd, Wt, bias, None, Out)
+
+        func = plain
+    return func.with_attrs({"tirx.is_scheduled": True, "op_pattern": 8})

@@ -41,6 +41,7 @@ from compiler.fusion_plan import (
     paired_bf16_weights,
     plan_block,
     plan_depthwise,
+    plan_depthwise_project,
     plan_max_pool,
     plan_pointwise,
     plan_pointwise_amx,
@@ -1599,6 +1600,49 @@ def fuse_depthwise(mod: Any, *, unit: VectorUnit = AVX512) -> tuple[Any, list[st
     if not plans:
         return mod, []
     log.info("%d depthwise convolution kernel(s): %s", len(fused), "; ".join(fused))
+    return _replace(mod, plans), fused
+
+
+def fuse_depthwise_projections(
+    mod: Any, *, unit: VectorUnit = AVX512, cores: int = 1
+) -> tuple[Any, list[str]]:
+    """Replace each 3x3 depthwise convolution (+ bias [+ activation]) of ``main`` whose
+    output only a 1x1 projection (+ bias [+ residual] [+ activation]) reads, where
+    ``plan_depthwise_project`` takes the pair for ``cores`` cores, with one
+    ``depthwise_project_func`` kernel; returns (module, descriptions). Run after
+    ``fuse_inverted_residuals`` and before ``fuse_pointwise`` and ``fuse_depthwise``, which
+    would take the two apart; fp32 builds only (a bf16 build's projections go to its bf16
+    kernels)."""
+    from compiler.tvm_depthwise import depthwise_project_func
+
+    if not unit.depthwise_project:
+        return mod, []
+    func = mod["main"]
+    _, uses = _bindings(func)
+    depthwise = _find_depthwise(func)
+    plans = {}
+    fused = []
+    for match in _find_pointwise(func):
+        dw = next((d for d in depthwise if d.end.same_as(match.x)), None)
+        if dw is None or uses.get(dw.end, 0) != 1:
+            continue
+        config = plan_depthwise_project(dw.shape, match.shape, cores=cores, unit=unit)
+        if config is None:
+            continue
+        shape = match.shape
+        co, m = shape.out_channels, shape.in_channels
+        weight = blocked_weights(match.weight.reshape(co, m).T, config.vectors)
+        args = [dw.x, np.ascontiguousarray(dw.weight), dw.bias, weight, match.bias]
+        plans[match.end] = _Replacement(
+            depthwise_project_func(dw.shape, shape, config),
+            "fused_depthwise_project",
+            [*args, *([match.residual] if match.residual is not None else [])],
+            (1, co, shape.out_height, shape.out_width),
+        )
+        fused.append(f"{dw.shape.describe()}, then {shape.describe()} ({config.rows} rows a job)")
+    if not plans:
+        return mod, []
+    log.info("%d depthwise + projection kernel(s): %s", len(fused), "; ".join(fused))
     return _replace(mod, plans), fused
 
 

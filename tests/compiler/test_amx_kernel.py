@@ -193,8 +193,8 @@ def test_the_kernel_survives_weight_prepackings_layout_pass() -> None:
 
 
 def _fused(model: Path, profile_name: str, precision: str) -> list[str]:
-    """The kernels a build of ``model`` for ``profile_name`` in ``precision`` gets (the
-    wiring, no execution: any x86-64 host builds the kernels)."""
+    """The kernels a build of ``model`` for ``profile_name`` in ``precision`` gets for 2
+    cores (the wiring, no execution: any x86-64 host builds the kernels)."""
     import tvm
 
     from compiler import tvm_builder
@@ -202,7 +202,7 @@ def _fused(model: Path, profile_name: str, precision: str) -> list[str]:
     from compiler.profiles import ProfileRegistry
 
     profile = ProfileRegistry(CompilerSettings().profile_roots()).get(profile_name)
-    target = tvm.target.Target(tvm_builder.effective_target(profile))
+    target = tvm.target.Target(tvm_builder.effective_target(profile) | {"num-cores": 2})
     kernels = bf16_kernels(profile.isa, profile.cpu_features, profile.tvm.get("mcpu"))
     return tvm_builder._prepare_fused(
         load_model(model).to_relax(),

@@ -304,8 +304,8 @@ def test_fused_blocks_expand_and_project_with_bf16_products(
     signing_key: Path, tmp_path: Path
 ) -> None:
     from tests.compiler.test_fused_blocks import (
+        DEPTHWISE_AVX512,
         FUSED,
-        FUSED_AVX512,
         _Net,
         export_with_batchnorm_stats,
     )
@@ -319,7 +319,7 @@ def test_fused_blocks_expand_and_project_with_bf16_products(
             *(f.replace(" rows)", " rows, bf16 expansion and projection)") for f in FUSED[1:]),
             "1x1 32->192 at 14x14 + ReLU6 (bf16)",  # the 14-wide block, left to fuse_pointwise
             "1x1 192->32 at 14x14 + residual (bf16)",
-            FUSED_AVX512[-1],  # its depthwise convolution (fp32)
+            DEPTHWISE_AVX512,  # its depthwise convolution (fp32)
         ]
     )
     assert report["precision"] == "bf16"
