@@ -52,6 +52,8 @@ class VectorUnit:
     (on AVX-512 also the 56- and 112-wide maps of the blocks ``splits_for_amx`` splits; not
     measured on AVX2); ``depthwise_project``: whether a depthwise convolution and the
     projection after it run as one kernel (``plan_depthwise_project``; measured on AVX-512
+    only); ``split_blocks``: whether blocks on small maps run as one kernel with their
+    expanded channels split over the cores (``plan_split_block``; measured on AVX-512
     only). Measured in
     docs/benchmarks.md: with AVX-512's blocks AVX2's 16 registers spill (a 28x28 block took
     2.2x as long as with AVX2's; a 3x3 convolution at 7 positions x 2 registers 41-43
@@ -68,6 +70,7 @@ class VectorUnit:
     depthwise: bool = False
     depthwise_width: int = 28
     depthwise_project: bool = False
+    split_blocks: bool = False
 
 
 AVX512 = VectorUnit(
@@ -82,6 +85,7 @@ AVX512 = VectorUnit(
     depthwise=True,
     depthwise_width=112,
     depthwise_project=True,
+    split_blocks=True,
 )
 AVX2 = VectorUnit(
     "avx2",
@@ -1092,6 +1096,78 @@ def plan_depthwise_project(
     if positions is None:
         return None
     return DepthwiseProjectConfig(rows, positions, _channel_vectors(project.out_channels, unit))
+
+
+# Bytes of one split-block job's buffers (its share of the expanded map, zero-padded, and of
+# the depthwise output), at most: they stay in the core's L2 cache.
+SPLIT_BLOCK_BUDGET_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SplitBlockConfig:
+    """The split-block kernel's jobs: ``groups`` shares of the expanded channels (one per
+    core); accumulator blocks of ``expand_positions`` x ``expand_vectors`` vectors of 16
+    channels for the expansion, ``project_positions`` x ``project_vectors`` for the
+    projection."""
+
+    groups: int
+    expand_positions: int
+    expand_vectors: int
+    project_positions: int
+    project_vectors: int
+
+
+def plan_split_block(
+    shape: BlockShape,
+    *,
+    cores: int,
+    unit: VectorUnit = AVX512,
+    budget_bytes: int = SPLIT_BLOCK_BUDGET_BYTES,
+) -> SplitBlockConfig | None:
+    """The kernel for an inverted-residual block on a small map
+    (``tvm_split_block.split_block_func``), None where it is not used.
+
+    Why: on maps of up to 14x14 the block's three convolutions ran as three kernels, each
+    split over the cores its own way (MetaSchedule's expansion, the depthwise kernel by
+    channels, the pointwise kernel by positions), so the two 6x expanded maps crossed
+    between the cores' caches; each kernel took 1.3-1.6x its time on warm operands. Here
+    each core takes a share of the expanded channels through all three stages: its
+    expansion, depthwise convolution and its part of the projection's sum (all positions,
+    channels-last, in buffers of its own), then one pass adds the parts, the bias and the
+    residual into the NCHW output. Each core reads its share of every weight, and no
+    expanded value leaves it. Intel Xeon with AMX, 2 threads: 160->960->160 at 7x7 104 us
+    against 171 as three kernels, 96->576->96 at 14x14 158 against 264
+    (docs/benchmarks.md).
+
+    Blocks with an expansion, stride 1 or 2, on maps of at most ``MAX_POINTWISE_POSITIONS``
+    (larger ones are the strip kernel's), whose expanded channels split into ``cores``
+    shares of whole vectors and whose output channels are whole vectors; the shares'
+    buffers within ``budget_bytes``. Units with ``unit.split_blocks`` only (measured on
+    AVX-512)."""
+    if not unit.split_blocks or cores < 1 or not shape.expand or shape.stride not in (1, 2):
+        return None
+    h, w, m = shape.height, shape.width, shape.expanded
+    if h * w > MAX_POINTWISE_POSITIONS or min(h, w, shape.in_channels) < 1:
+        return None
+    if shape.stride == 2 and (h % 2 or w % 2):
+        return None
+    share = m // cores
+    if m % cores or share % LANES or shape.out_channels % LANES:
+        return None
+    if 4 * share * ((h + 2) * (w + 2) + shape.out_height * shape.out_width) > budget_bytes:
+        return None
+    expand = next((b for b in unit.conv_positions if h * w % b == 0), None)
+    outputs = shape.out_height * shape.out_width
+    project = next((b for b in unit.conv_positions if outputs % b == 0), None)
+    if expand is None or project is None:
+        return None
+    return SplitBlockConfig(
+        groups=cores,
+        expand_positions=expand,
+        expand_vectors=_channel_vectors(share, unit),
+        project_positions=project,
+        project_vectors=_channel_vectors(shape.out_channels, unit),
+    )
 
 
 @dataclass(frozen=True)

@@ -182,15 +182,17 @@ def _prepare_fused(
             )
 
             tiles = amx and precision == "bf16"
+            cores = int(target.attrs.get("num-cores", 1))
             # The ReLU6 bounds the blocks are recognized by must be constants first.
             mod, fused = fuse_inverted_residuals(
                 relax.transform.FoldConstant()(mod),
                 precision=precision if dot else "fp32",
                 unit=unit,
                 amx=tiles,
+                cores=cores,
+                split=precision == "fp32",
             )
             # fp32 only: a bf16 build's projections go to its bf16 kernels.
-            cores = int(target.attrs.get("num-cores", 1))
             rewrites: list[Callable[[Any], tuple[Any, list[str]]]] = (
                 [functools.partial(fuse_depthwise_projections, unit=unit, cores=cores)]
                 if precision == "fp32"

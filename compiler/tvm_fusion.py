@@ -28,6 +28,7 @@ from compiler.fusion_plan import (
     MaxPoolShape,
     PointwiseConfig,
     PointwiseShape,
+    SplitBlockConfig,
     StemBlockShape,
     StridedConvShape,
     VectorUnit,
@@ -46,6 +47,7 @@ from compiler.fusion_plan import (
     plan_pointwise,
     plan_pointwise_amx,
     plan_pointwise_bf16,
+    plan_split_block,
     plan_stem_block,
     plan_strided_conv,
     plan_winograd,
@@ -826,12 +828,21 @@ def _replace(mod: Any, plans: dict[Any, _Replacement]) -> Any:
 
 
 def fuse_inverted_residuals(
-    mod: Any, *, precision: str = "fp32", unit: VectorUnit = AVX512, amx: bool = False
+    mod: Any,
+    *,
+    precision: str = "fp32",
+    unit: VectorUnit = AVX512,
+    amx: bool = False,
+    cores: int = 1,
+    split: bool = True,
 ) -> tuple[Any, list[str]]:
     """Replace ``main``'s fusable blocks with fused kernels; returns (module, descriptions).
 
     Run on the imported module after ``FoldConstant`` (the ReLU6 bounds must be constants)
-    and before legalization. Blocks ``fusion_plan.plan_block`` turns down stay as they are.
+    and before legalization. Blocks ``fusion_plan.plan_block`` turns down get, with
+    ``split`` (fp32 builds: the kernel is fp32), the split-block kernel where
+    ``fusion_plan.plan_split_block`` takes them for ``cores`` cores (``tvm_split_block``);
+    the rest stay as they are.
     A block without an expand stage whose input only a first convolution computes
     (``fusion_plan.plan_stem_block``) takes that convolution in as its expand stage.
     ``precision`` "bf16": blocks with an even number of expanded channels project with
@@ -876,6 +887,15 @@ def fuse_inverted_residuals(
             fused.append(f"{stem.describe()} (strips of {stem_config.rows} rows{note})")
             continue
         config = plan_block(match.shape, unit=unit)
+        shares = (
+            plan_split_block(match.shape, cores=cores, unit=unit)
+            if config is None and split and precision == "fp32"
+            else None
+        )
+        if shares is not None:
+            plans[match.end] = _split_block(match, shares)
+            fused.append(f"{match.shape.describe()} (expanded channels in {shares.groups} shares)")
+            continue
         if config is None or (amx and splits_for_amx(match.shape, unit=unit)):
             continue
         shape = match.shape
@@ -892,6 +912,28 @@ def fuse_inverted_residuals(
         return mod, []
     log.info("fused %d inverted-residual block(s): %s", len(fused), "; ".join(fused))
     return _replace(mod, plans), fused
+
+
+def _split_block(match: _Match, config: SplitBlockConfig) -> _Replacement:
+    """The split-block kernel's call for ``match``: its weights in the kernel's layouts."""
+    from compiler.tvm_split_block import split_block_func
+
+    shape = match.shape
+    we, be, wd, bd, wp, bp = match.weights  # (M, C), (M,), (M, 3, 3), (M,), (Co, M), (Co,)
+    return _Replacement(
+        split_block_func(shape, config),
+        "fused_split_block",
+        [
+            match.x,
+            blocked_weights(np.ascontiguousarray(we.T), config.expand_vectors),
+            be,
+            np.ascontiguousarray(np.moveaxis(wd, 0, -1)),
+            bd,
+            blocked_weights(np.ascontiguousarray(wp.T), config.project_vectors),
+            bp,
+        ],
+        (1, shape.out_channels, shape.out_height, shape.out_width),
+    )
 
 
 # Widest output rows the pointwise kernel writes back by rows (``_transposing_write``):

@@ -1,0 +1,188 @@
+"""The split-block kernel (an inverted-residual block on a small map as one kernel, its
+expanded channels split over the cores): its pure plan, what it computes against torch,
+and the Relax rewrite that puts it in a model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bench.models import InvertedResidual
+from compiler.fusion_plan import (
+    AVX2,
+    AVX512,
+    BlockShape,
+    SplitBlockConfig,
+    VectorUnit,
+    blocked_weights,
+    plan_split_block,
+)
+
+
+@pytest.mark.parametrize(
+    ("shape", "cores", "unit", "expected"),
+    [
+        # MobileNetV2's blocks at 14x14 and 7x7 on 2 cores
+        (BlockShape(96, 576, 96, 14, 14), 2, AVX512, SplitBlockConfig(2, 7, 2, 7, 2)),
+        (BlockShape(64, 384, 96, 14, 14), 2, AVX512, SplitBlockConfig(2, 7, 2, 7, 2)),
+        (BlockShape(96, 576, 160, 14, 14, 2), 2, AVX512, SplitBlockConfig(2, 7, 2, 7, 2)),
+        (BlockShape(160, 960, 320, 7, 7), 2, AVX512, SplitBlockConfig(2, 7, 2, 7, 2)),
+        (BlockShape(160, 960, 160, 7, 7), 1, AVX512, SplitBlockConfig(1, 7, 2, 7, 2)),
+        # shares of 3 vectors (1 per block); 10 output vectors, an even number (2 per block)
+        (BlockShape(24, 96, 160, 7, 7), 2, AVX512, SplitBlockConfig(2, 7, 1, 7, 2)),
+        (BlockShape(32, 96, 48, 6, 10), 1, AVX512, SplitBlockConfig(1, 6, 2, 6, 1)),
+        # 4 shares of 9 vectors (1 per block); 5 do not split 576; 8 shares of 4.5 vectors
+        (BlockShape(96, 576, 96, 14, 14), 4, AVX512, SplitBlockConfig(4, 7, 1, 7, 2)),
+        (BlockShape(96, 576, 96, 14, 14), 5, AVX512, None),
+        (BlockShape(96, 576, 96, 14, 14), 8, AVX512, None),
+        (BlockShape(96, 576, 96, 14, 14), 0, AVX512, None),
+        (BlockShape(96, 576, 96, 14, 14), 2, AVX2, None),  # measured on AVX-512 only
+        (BlockShape(32, 192, 32, 28, 28), 2, AVX512, None),  # the strip kernel's maps
+        (BlockShape(96, 576, 40, 14, 14), 2, AVX512, None),  # outputs not whole vectors
+        (BlockShape(96, 96, 96, 14, 14, expand=False), 2, AVX512, None),  # no expansion
+        (BlockShape(96, 576, 160, 7, 7, 2), 2, AVX512, None),  # an odd map at stride 2
+        (BlockShape(16, 96, 32, 11, 13), 2, AVX512, None),  # 143 positions: no block size
+        # a share's buffers over the budget: 2 x 2880 channels at 14x14
+        (BlockShape(96, 5760, 96, 14, 14), 2, AVX512, None),
+    ],
+    ids=lambda v: v.describe() if isinstance(v, BlockShape) else None,
+)
+def test_plan_split_block(
+    shape: BlockShape, cores: int, unit: VectorUnit, expected: SplitBlockConfig | None
+) -> None:
+    assert plan_split_block(shape, cores=cores, unit=unit) == expected
+
+
+def _torch_block(x: np.ndarray, weights: list[np.ndarray], shape: BlockShape) -> np.ndarray:
+    f = nn.functional
+    we, be, wd, bd, wp, bp = (torch.from_numpy(w) for w in weights)
+    xt = torch.from_numpy(x)
+    e = f.conv2d(xt, we[:, :, None, None], be).clamp(0, 6)
+    d = f.conv2d(e, wd[:, None], bd, stride=shape.stride, padding=1, groups=shape.expanded)
+    y = f.conv2d(d.clamp(0, 6), wp[:, :, None, None], bp)
+    return (y + xt if shape.residual else y).numpy()
+
+
+@pytest.mark.parametrize(
+    ("shape", "cores"),
+    [
+        (BlockShape(96, 576, 96, 14, 14), 2),  # MobileNetV2's, with the residual
+        (BlockShape(96, 576, 160, 14, 14, 2), 2),  # stride 2
+        (BlockShape(160, 960, 320, 7, 7), 2),
+        (BlockShape(32, 96, 32, 6, 10), 1),  # one share; 6-position blocks
+        (BlockShape(16, 64, 32, 8, 8, 2), 4),  # 4 shares of 1 vector
+        (BlockShape(5, 48, 16, 5, 7), 3),  # 3 shares, 1 vector each way; a short reduction
+    ],
+    ids=lambda v: v.describe() if isinstance(v, BlockShape) else str(v),
+)
+def test_kernel_matches_torch(shape: BlockShape, cores: int) -> None:
+    import tvm
+
+    from compiler.tvm_split_block import split_block_func
+
+    config = plan_split_block(shape, cores=cores)
+    assert config is not None
+    func = split_block_func(shape, config).with_attr("global_symbol", "main")
+    lib = tvm.compile(tvm.IRModule({"main": func}), {"kind": "llvm", "num-cores": 2})
+    c, m, co = shape.in_channels, shape.expanded, shape.out_channels
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, c, shape.height, shape.width)).astype(np.float32)
+    weights = [
+        rng.standard_normal(s).astype(np.float32) * scale
+        for s, scale in (
+            ((m, c), c**-0.5),
+            ((m,), 1.0),
+            ((m, 3, 3), 1.0),
+            ((m,), 1.0),
+            ((co, m), m**-0.5),
+            ((co,), 1.0),
+        )
+    ]
+    we, be, wd, bd, wp, bp = weights
+    args = [
+        x,
+        blocked_weights(np.ascontiguousarray(we.T), config.expand_vectors),
+        be,
+        np.ascontiguousarray(np.moveaxis(wd, 0, -1)),
+        bd,
+        blocked_weights(np.ascontiguousarray(wp.T), config.project_vectors),
+        bp,
+    ]
+    out = tvm.runtime.tensor(
+        np.full((1, co, shape.out_height, shape.out_width), np.nan, np.float32)
+    )
+    lib["main"](*[tvm.runtime.tensor(a) for a in args], out)
+    np.testing.assert_allclose(out.numpy(), _torch_block(x, weights, shape), rtol=1e-4, atol=1e-4)
+
+
+def test_a_misfit_configuration_is_refused() -> None:
+    from compiler.tvm_split_block import split_block_func
+
+    with pytest.raises(ValueError, match="in 5 shares"):
+        split_block_func(BlockShape(96, 576, 96, 14, 14), SplitBlockConfig(5, 7, 2, 7, 2))
+
+
+def test_the_kernel_survives_weight_prepackings_layout_pass() -> None:
+    """Tuned builds with weight prepacking run SplitLayoutRewritePreproc over every kernel."""
+    import tvm
+    from tvm import relax
+
+    from compiler.tvm_split_block import split_block_func
+
+    shape = BlockShape(96, 576, 96, 14, 14)
+    config = plan_split_block(shape, cores=2)
+    assert config is not None
+    func = split_block_func(shape, config).with_attr("layout_free_buffers", [1, 2, 3, 4, 5, 6])
+    relax.transform.SplitLayoutRewritePreproc()(tvm.IRModule({tvm.ir.GlobalVar("k"): func}))
+
+
+class _SmallMaps(nn.Module):
+    """MobileNetV2's blocks below 28x28: at 14x14 with and without a residual, stride 2 to
+    7x7, and at 7x7."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            InvertedResidual(32, 32, 1, 6),
+            InvertedResidual(32, 48, 1, 6),
+            InvertedResidual(48, 64, 2, 6),
+            InvertedResidual(64, 64, 1, 6),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.body(x)
+        return out
+
+
+def test_the_rewrite_takes_the_small_blocks_and_matches_the_unfused_model(
+    tmp_path: Path,
+) -> None:
+    import tvm
+    from tvm import relax
+
+    from compiler.frontends import load_model
+    from compiler.tvm_fusion import fuse_inverted_residuals
+    from tests.compiler.test_fused_blocks import export_with_batchnorm_stats
+
+    path = export_with_batchnorm_stats(_SmallMaps, (1, 32, 14, 14), tmp_path / "small.onnx")
+    mod = relax.transform.FoldConstant()(load_model(path).to_relax())
+    assert fuse_inverted_residuals(mod, unit=AVX2, cores=2)[1] == []
+    assert fuse_inverted_residuals(mod, unit=AVX512, cores=2, split=False)[1] == []
+    fused_mod, fused = fuse_inverted_residuals(mod, unit=AVX512, cores=2)
+    assert fused == [
+        "32->192->32 at 14x14 (expanded channels in 2 shares)",
+        "32->192->48 at 14x14 (expanded channels in 2 shares)",
+        "48->288->64 at 14x14, stride 2 (expanded channels in 2 shares)",
+        "64->384->64 at 7x7 (expanded channels in 2 shares)",
+    ]
+    x = np.random.default_rng(0).standard_normal((1, 32, 14, 14)).astype(np.float32)
+    outputs = []
+    for module in (mod, fused_mod):
+        lib = tvm.compile(module, target=tvm.target.Target({"kind": "llvm", "num-cores": 2}))
+        vm = relax.VirtualMachine(lib, tvm.cpu())
+        outputs.append(vm["main"](tvm.runtime.tensor(x)).numpy())
+    np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-4, atol=1e-4)
