@@ -1136,18 +1136,19 @@ def plan_split_block(
     channels-last, in buffers of its own), then one pass adds the parts, the bias and the
     residual into the NCHW output. Each core reads its share of every weight, and no
     expanded value leaves it. Intel Xeon with AMX, 2 threads: 160->960->160 at 7x7 104 us
-    against 171 as three kernels, 96->576->96 at 14x14 158 against 264
-    (docs/benchmarks.md).
+    against 171 as three kernels, 96->576->96 at 14x14 158 against 264; at 28x28 it also
+    beats the strip kernel (``plan_block``, which recomputes each strip's edge rows):
+    32->192->32 87 against 122 us, stride 2 58 against 87 (docs/benchmarks.md).
 
-    Blocks with an expansion, stride 1 or 2, on maps of at most ``MAX_POINTWISE_POSITIONS``
-    (larger ones are the strip kernel's), whose expanded channels split into ``cores``
-    shares of whole vectors and whose output channels are whole vectors; the shares'
-    buffers within ``budget_bytes``. Units with ``unit.split_blocks`` only (measured on
-    AVX-512)."""
+    Blocks with an expansion, stride 1 or 2, whose expanded channels split into ``cores``
+    shares of whole vectors and whose output channels are whole vectors; a share's
+    buffers (its expanded map with a zero border and its depthwise output) within
+    ``budget_bytes``: MobileNetV2's blocks from 28x28 down, on 2 cores. Units with
+    ``unit.split_blocks`` only (measured on AVX-512)."""
     if not unit.split_blocks or cores < 1 or not shape.expand or shape.stride not in (1, 2):
         return None
     h, w, m = shape.height, shape.width, shape.expanded
-    if h * w > MAX_POINTWISE_POSITIONS or min(h, w, shape.in_channels) < 1:
+    if min(h, w, shape.in_channels) < 1:
         return None
     if shape.stride == 2 and (h % 2 or w % 2):
         return None

@@ -839,10 +839,10 @@ def fuse_inverted_residuals(
     """Replace ``main``'s fusable blocks with fused kernels; returns (module, descriptions).
 
     Run on the imported module after ``FoldConstant`` (the ReLU6 bounds must be constants)
-    and before legalization. Blocks ``fusion_plan.plan_block`` turns down get, with
-    ``split`` (fp32 builds: the kernel is fp32), the split-block kernel where
-    ``fusion_plan.plan_split_block`` takes them for ``cores`` cores (``tvm_split_block``);
-    the rest stay as they are.
+    and before legalization. With ``split`` (fp32 builds: the kernel is fp32), blocks
+    ``fusion_plan.plan_split_block`` takes for ``cores`` cores get the split-block kernel
+    (``tvm_split_block``); the others the strip kernel where ``fusion_plan.plan_block``
+    takes them; the rest stay as they are.
     A block without an expand stage whose input only a first convolution computes
     (``fusion_plan.plan_stem_block``) takes that convolution in as its expand stage.
     ``precision`` "bf16": blocks with an even number of expanded channels project with
@@ -886,16 +886,16 @@ def fuse_inverted_residuals(
             )
             fused.append(f"{stem.describe()} (strips of {stem_config.rows} rows{note})")
             continue
-        config = plan_block(match.shape, unit=unit)
         shares = (
             plan_split_block(match.shape, cores=cores, unit=unit)
-            if config is None and split and precision == "fp32"
+            if split and precision == "fp32"
             else None
         )
         if shares is not None:
             plans[match.end] = _split_block(match, shares)
             fused.append(f"{match.shape.describe()} (expanded channels in {shares.groups} shares)")
             continue
+        config = plan_block(match.shape, unit=unit)
         if config is None or (amx and splits_for_amx(match.shape, unit=unit)):
             continue
         shape = match.shape

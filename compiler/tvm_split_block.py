@@ -1,6 +1,6 @@
-"""Inverted-residual blocks on small maps as one kernel, their expanded channels split over
-the cores (``fusion_plan.plan_split_block``; ``tvm_fusion.fuse_inverted_residuals`` puts it
-in a model where the strip kernel does not take a block).
+"""Inverted-residual blocks on maps of up to 28x28 as one kernel, their expanded channels
+split over the cores (``fusion_plan.plan_split_block``; ``tvm_fusion.fuse_inverted_residuals``
+puts it in a model ahead of the strip kernel).
 
 Written in TVMScript like ``tvm_depthwise``: every stage is vectorized along channels
 (channels-last buffers of the job's own), which te's compute + schedule form would express

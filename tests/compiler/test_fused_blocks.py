@@ -51,11 +51,16 @@ FUSED = [
     "24->144->32 at 28x28 (strips of 14 rows)",
     "32->192->32 at 28x28, stride 2 (strips of 7 rows)",
 ]
-# AVX-512: in fp32 builds for 2 cores the 14-wide block is one kernel, its expanded
-# channels split over the cores; bf16 builds give its depthwise convolution to the
-# depthwise kernel (its expansion, of a short reduction, stays MetaSchedule's).
+# AVX-512: in fp32 builds for 2 cores the blocks whose expanded channels split into 2 shares
+# of whole vectors (192, not 144) with buffers that fit are one kernel each, their expanded
+# channels split over the cores; bf16 builds give the 14-wide block's depthwise convolution
+# to the depthwise kernel (its expansion, of a short reduction, stays MetaSchedule's).
 DEPTHWISE_AVX512 = "depthwise 3x3 192 at 14x14 + ReLU6 (14 rows x 16 columns)"
-FUSED_AVX512 = [*FUSED, "32->192->32 at 14x14 (expanded channels in 2 shares)"]
+FUSED_AVX512 = [
+    *FUSED[:4],
+    "32->192->32 at 28x28, stride 2 (expanded channels in 2 shares)",
+    "32->192->32 at 14x14 (expanded channels in 2 shares)",
+]
 # AVX2 (generic/x86_64, and ARM by request) also gives the 14-wide block's 1x1 convolutions
 # to the pointwise kernel (MetaSchedule's AVX2 kernels for short reductions are slower) and
 # its depthwise convolution to the depthwise kernel.

@@ -41,7 +41,11 @@ from compiler.fusion_plan import (
         (BlockShape(96, 576, 96, 14, 14), 8, AVX512, None),
         (BlockShape(96, 576, 96, 14, 14), 0, AVX512, None),
         (BlockShape(96, 576, 96, 14, 14), 2, AVX2, None),  # measured on AVX-512 only
-        (BlockShape(32, 192, 32, 28, 28), 2, AVX512, None),  # the strip kernel's maps
+        # 28x28: 2 x 96 channels, (30 x 30 + 28 x 28) x 96 x 4 bytes a share
+        (BlockShape(32, 192, 32, 28, 28), 2, AVX512, SplitBlockConfig(2, 7, 2, 7, 2)),
+        (BlockShape(32, 192, 64, 28, 28, 2), 2, AVX512, SplitBlockConfig(2, 7, 2, 7, 2)),
+        (BlockShape(24, 144, 24, 56, 56), 2, AVX512, None),  # shares of 4.5 vectors
+        (BlockShape(16, 96, 24, 112, 112, 2), 2, AVX512, None),  # 2.5 MB a share
         (BlockShape(96, 576, 40, 14, 14), 2, AVX512, None),  # outputs not whole vectors
         (BlockShape(96, 96, 96, 14, 14, expand=False), 2, AVX512, None),  # no expansion
         (BlockShape(96, 576, 160, 7, 7, 2), 2, AVX512, None),  # an odd map at stride 2
@@ -73,6 +77,7 @@ def _torch_block(x: np.ndarray, weights: list[np.ndarray], shape: BlockShape) ->
         (BlockShape(96, 576, 96, 14, 14), 2),  # MobileNetV2's, with the residual
         (BlockShape(96, 576, 160, 14, 14, 2), 2),  # stride 2
         (BlockShape(160, 960, 320, 7, 7), 2),
+        (BlockShape(32, 192, 64, 28, 28, 2), 2),
         (BlockShape(32, 96, 32, 6, 10), 1),  # one share; 6-position blocks
         (BlockShape(16, 64, 32, 8, 8, 2), 4),  # 4 shares of 1 vector
         (BlockShape(5, 48, 16, 5, 7), 3),  # 3 shares, 1 vector each way; a short reduction
