@@ -1171,6 +1171,24 @@ def plan_split_block(
     )
 
 
+def split_block_weights(
+    weights: Sequence[npt.NDArray[np.float32]], config: SplitBlockConfig
+) -> list[npt.NDArray[np.float32]]:
+    """A block's weights and biases (expansion (M, C), (M,); depthwise (M, 3, 3), (M,);
+    projection (Co, M), (Co,)) in the split-block kernel's layouts: the 1x1 weights in
+    blocks of their accumulator blocks' channels (``blocked_weights``), the depthwise one
+    channels-last (3, 3, M)."""
+    we, be, wd, bd, wp, bp = weights
+    return [
+        blocked_weights(np.ascontiguousarray(we.T), config.expand_vectors),
+        be,
+        np.ascontiguousarray(np.moveaxis(wd, 0, -1)),
+        bd,
+        blocked_weights(np.ascontiguousarray(wp.T), config.project_vectors),
+        bp,
+    ]
+
+
 @dataclass(frozen=True)
 class MaxPoolShape:
     """A k x k max pool of stride s and padding p (batch 1, NCHW float32, floor mode, no

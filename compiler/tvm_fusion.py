@@ -51,6 +51,7 @@ from compiler.fusion_plan import (
     plan_stem_block,
     plan_strided_conv,
     plan_winograd,
+    split_block_weights,
     splits_for_amx,
     stem_plane_positions,
     strided_conv_dims,
@@ -919,19 +920,10 @@ def _split_block(match: _Match, config: SplitBlockConfig) -> _Replacement:
     from compiler.tvm_split_block import split_block_func
 
     shape = match.shape
-    we, be, wd, bd, wp, bp = match.weights  # (M, C), (M,), (M, 3, 3), (M,), (Co, M), (Co,)
     return _Replacement(
         split_block_func(shape, config),
         "fused_split_block",
-        [
-            match.x,
-            blocked_weights(np.ascontiguousarray(we.T), config.expand_vectors),
-            be,
-            np.ascontiguousarray(np.moveaxis(wd, 0, -1)),
-            bd,
-            blocked_weights(np.ascontiguousarray(wp.T), config.project_vectors),
-            bp,
-        ],
+        [match.x, *split_block_weights(match.weights, config)],
         (1, shape.out_channels, shape.out_height, shape.out_width),
     )
 

@@ -18,8 +18,8 @@ from compiler.fusion_plan import (
     BlockShape,
     SplitBlockConfig,
     VectorUnit,
-    blocked_weights,
     plan_split_block,
+    split_block_weights,
 )
 
 
@@ -107,16 +107,7 @@ def test_kernel_matches_torch(shape: BlockShape, cores: int) -> None:
             ((co,), 1.0),
         )
     ]
-    we, be, wd, bd, wp, bp = weights
-    args = [
-        x,
-        blocked_weights(np.ascontiguousarray(we.T), config.expand_vectors),
-        be,
-        np.ascontiguousarray(np.moveaxis(wd, 0, -1)),
-        bd,
-        blocked_weights(np.ascontiguousarray(wp.T), config.project_vectors),
-        bp,
-    ]
+    args = [x, *split_block_weights(weights, config)]
     out = tvm.runtime.tensor(
         np.full((1, co, shape.out_height, shape.out_width), np.nan, np.float32)
     )
@@ -166,11 +157,11 @@ class _SmallMaps(nn.Module):
 def test_the_rewrite_takes_the_small_blocks_and_matches_the_unfused_model(
     tmp_path: Path,
 ) -> None:
-    import tvm
     from tvm import relax
 
     from compiler.frontends import load_model
     from compiler.tvm_fusion import fuse_inverted_residuals
+    from tests.compiler.test_depthwise_project_kernel import assert_same_outputs
     from tests.compiler.test_fused_blocks import export_with_batchnorm_stats
 
     path = export_with_batchnorm_stats(_SmallMaps, (1, 32, 14, 14), tmp_path / "small.onnx")
@@ -184,10 +175,4 @@ def test_the_rewrite_takes_the_small_blocks_and_matches_the_unfused_model(
         "48->288->64 at 14x14, stride 2 (expanded channels in 2 shares)",
         "64->384->64 at 7x7 (expanded channels in 2 shares)",
     ]
-    x = np.random.default_rng(0).standard_normal((1, 32, 14, 14)).astype(np.float32)
-    outputs = []
-    for module in (mod, fused_mod):
-        lib = tvm.compile(module, target=tvm.target.Target({"kind": "llvm", "num-cores": 2}))
-        vm = relax.VirtualMachine(lib, tvm.cpu())
-        outputs.append(vm["main"](tvm.runtime.tensor(x)).numpy())
-    np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-4, atol=1e-4)
+    assert_same_outputs(mod, fused_mod, (1, 32, 14, 14))
