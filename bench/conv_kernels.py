@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.fused_block import alternate_with_ort, host_mcpu, host_unit, unit_option
+from bench.fused_block import alternate_with_ort, host_target, host_unit, unit_option
 from compiler.execution import detect_host
 from compiler.fusion_plan import (
     VECTOR_UNITS,
@@ -202,7 +202,7 @@ def run_shape(
         providers=["CPUExecutionProvider"],
     )
     expected = session.run(None, {"x": x})[0]
-    target = tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu(), "num-cores": threads})
+    target = tvm.target.Target(host_target(threads))
     dev = tvm.cpu()
     out = tvm.runtime.tensor(np.zeros(expected.shape, "float32"), dev)
     macs = c * co // groups * shape.out_height * shape.out_width * kernel * kernel

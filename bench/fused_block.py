@@ -187,7 +187,7 @@ def run_shape(
         providers=["CPUExecutionProvider"],
     )
     expected = session.run(None, {"x": x})[0]
-    target = tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu(), "num-cores": threads})
+    target = tvm.target.Target(host_target(threads))
     dev = tvm.cpu()
     args = [tvm.runtime.tensor(a, dev) for a in (x, *weights)]
     out = tvm.runtime.tensor(np.zeros((1, co, ho, ho), "float32"), dev)
@@ -289,6 +289,26 @@ def host_mcpu() -> str:
     from tvm.target import codegen
 
     return str(codegen.llvm_get_system_cpu())
+
+
+# /proc/cpuinfo flags of the instructions the bf16 kernels use, as LLVM spells the features.
+# A VM may mask the CPU model while CPUID still lists its features: an AMX Xeon reported as
+# model 167, which LLVM names rocketlake (no BF16, no AMX), failed "LLVM ERROR: Do not know
+# how to split this operator's operand!" on the bf16 kernels with only the name.
+_LLVM_FEATURES = {"avx512_bf16": "+avx512bf16", "amx_tile": "+amx-tile", "amx_bf16": "+amx-bf16"}
+
+
+def host_target(threads: int) -> dict[str, Any]:
+    """A TVM target dict for this CPU: LLVM's name for it, plus the features of
+    ``_LLVM_FEATURES`` the host lists (``compiler.execution.detect_host``)."""
+    from compiler.execution import detect_host
+
+    features = detect_host().cpu_features
+    target: dict[str, Any] = {"kind": "llvm", "mcpu": host_mcpu(), "num-cores": threads}
+    mattr = [attr for flag, attr in _LLVM_FEATURES.items() if flag in features]
+    if mattr:
+        target["mattr"] = mattr
+    return target
 
 
 def main(argv: list[str] | None = None) -> int:

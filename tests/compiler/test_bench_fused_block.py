@@ -78,3 +78,24 @@ def test_stride_2_fused_block_matches_onnxruntime() -> None:
     rows = run_shape([8, 24, 12, 16, 2], configs, threads=1, rounds=1, repeat=2)
     assert [row["config"][:4] for row in rows] == [[2, 4, 2, 4], [4, 2, 2, 2]]
     assert all(row["max_abs_err"] < 1e-4 for row in rows)
+
+
+def test_the_host_target_names_the_bf16_features_the_cpu_lists(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A VM may mask the CPU model (LLVM then names a CPU without BF16 or AMX) while its
+    flags still list them: the target adds them as LLVM features."""
+    from types import SimpleNamespace
+
+    import compiler.execution as execution
+    from bench.fused_block import host_target
+
+    def host(*flags: str) -> object:
+        return lambda: SimpleNamespace(cpu_features=frozenset(("avx512f", *flags)))
+
+    monkeypatch.setattr(execution, "detect_host", host("amx_bf16", "avx512_bf16", "amx_tile"))
+    target = host_target(2)
+    assert target["mattr"] == ["+avx512bf16", "+amx-tile", "+amx-bf16"]
+    assert target["kind"] == "llvm" and target["num-cores"] == 2 and target["mcpu"]
+    monkeypatch.setattr(execution, "detect_host", host())
+    assert "mattr" not in host_target(1)
