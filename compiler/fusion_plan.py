@@ -54,6 +54,8 @@ class VectorUnit:
     projection after it run as one kernel (``plan_depthwise_project``; measured on AVX-512
     only); ``split_blocks``: whether blocks on small maps run as one kernel with their
     expanded channels split over the cores (``plan_split_block``; measured on AVX-512
+    only); ``pointwise_mean``: whether a 1x1 convolution that only a global average pool
+    reads and the pool run as one kernel (``plan_pointwise_mean``; measured on AVX-512
     only). Measured in
     docs/benchmarks.md: with AVX-512's blocks AVX2's 16 registers spill (a 28x28 block took
     2.2x as long as with AVX2's; a 3x3 convolution at 7 positions x 2 registers 41-43
@@ -71,6 +73,7 @@ class VectorUnit:
     depthwise_width: int = 28
     depthwise_project: bool = False
     split_blocks: bool = False
+    pointwise_mean: bool = False
 
 
 AVX512 = VectorUnit(
@@ -86,6 +89,7 @@ AVX512 = VectorUnit(
     depthwise_width=112,
     depthwise_project=True,
     split_blocks=True,
+    pointwise_mean=True,
 )
 AVX2 = VectorUnit(
     "avx2",
@@ -479,6 +483,29 @@ def plan_pointwise(shape: PointwiseShape, *, unit: VectorUnit = AVX512) -> Point
     return PointwiseConfig(
         positions=block, vectors=vectors, position_major=positions >= shape.out_channels
     )
+
+
+def plan_pointwise_mean(
+    shape: PointwiseShape, *, unit: VectorUnit = AVX512
+) -> PointwiseConfig | None:
+    """The accumulator block of the kernel for a 1x1 convolution whose output only a global
+    average pool reads, and the pool (``tvm_head.pointwise_mean_func``), None where it is
+    not used: 1x1 stride 1 without a residual, output channels whole vectors, a map of at
+    most ``MAX_POINTWISE_POSITIONS`` that a position block divides. The map is never
+    written back to NCHW and read again: MobileNetV2's 320->1280 at 7x7 and its mean took
+    138 us against 175 as two kernels, 162 against 200 after a cache flush (Intel Xeon with
+    AMX, 2 threads). Units with ``unit.pointwise_mean`` only (measured on AVX-512)."""
+    positions = shape.height * shape.width
+    if not unit.pointwise_mean or (shape.kernel, shape.stride) != (1, 1) or shape.residual:
+        return None
+    if not 0 < positions <= MAX_POINTWISE_POSITIONS or shape.in_channels < 1:
+        return None
+    if shape.out_channels < LANES or shape.out_channels % LANES:
+        return None
+    block = next((b for b in POSITION_BLOCKS if positions % b == 0), None)
+    if block is None:
+        return None
+    return PointwiseConfig(positions=block, vectors=_channel_vectors(shape.out_channels, unit))
 
 
 def _channel_vectors(channels: int, unit: VectorUnit) -> int:

@@ -178,6 +178,7 @@ def _prepare_fused(
                 fuse_inverted_residuals,
                 fuse_max_pools,
                 fuse_pointwise,
+                fuse_pointwise_means,
                 fuse_strided_convs,
             )
 
@@ -194,7 +195,10 @@ def _prepare_fused(
             )
             # fp32 only: a bf16 build's projections go to its bf16 kernels.
             rewrites: list[Callable[[Any], tuple[Any, list[str]]]] = (
-                [functools.partial(fuse_depthwise_projections, unit=unit, cores=cores)]
+                [
+                    functools.partial(fuse_pointwise_means, unit=unit),
+                    functools.partial(fuse_depthwise_projections, unit=unit, cores=cores),
+                ]
                 if precision == "fp32"
                 else []
             )

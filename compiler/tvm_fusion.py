@@ -47,6 +47,7 @@ from compiler.fusion_plan import (
     plan_pointwise,
     plan_pointwise_amx,
     plan_pointwise_bf16,
+    plan_pointwise_mean,
     plan_split_block,
     plan_stem_block,
     plan_strided_conv,
@@ -1677,6 +1678,51 @@ def fuse_depthwise_projections(
     if not plans:
         return mod, []
     log.info("%d depthwise + projection kernel(s): %s", len(fused), "; ".join(fused))
+    return _replace(mod, plans), fused
+
+
+def _global_mean_of(value: Any) -> bool:
+    """Whether ``value`` is a mean over a 4-d tensor's two spatial axes."""
+    if _op_name(value) != "relax.mean" or value.attrs.axis is None:
+        return False
+    return sorted(int(a) for a in value.attrs.axis) == [2, 3]
+
+
+def fuse_pointwise_means(mod: Any, *, unit: VectorUnit = AVX512) -> tuple[Any, list[str]]:
+    """Replace each global average pool (``mean`` over H and W) of ``main``
+    whose input only a 1x1 convolution + bias [+ activation] computes, where
+    ``plan_pointwise_mean`` takes it, by one ``pointwise_mean_func`` kernel; returns
+    (module, descriptions). Run before ``fuse_pointwise``, which would take the convolution;
+    fp32 builds only (a bf16 build's 1x1 convolutions go to its bf16 kernels)."""
+    from compiler.tvm_head import pointwise_mean_func
+
+    func = mod["main"]
+    values, uses = _bindings(func)
+    pointwise = _find_pointwise(func)
+    plans = {}
+    fused = []
+    for var, value in values.items():
+        if not _global_mean_of(value):
+            continue
+        match = next((p for p in pointwise if p.end.same_as(value.args[0])), None)
+        if match is None or uses.get(match.end, 0) != 1:
+            continue
+        config = plan_pointwise_mean(match.shape, unit=unit)
+        if config is None:
+            continue
+        shape = match.shape
+        weight = match.weight.reshape(shape.out_channels, shape.in_channels)
+        keepdims = bool(value.attrs.keepdims)
+        plans[var] = _Replacement(
+            pointwise_mean_func(shape, config, keepdims=keepdims),
+            "fused_pointwise_mean",
+            [match.x, blocked_weights(np.ascontiguousarray(weight.T), config.vectors), match.bias],
+            (1, shape.out_channels, 1, 1) if keepdims else (1, shape.out_channels),
+        )
+        fused.append(f"{shape.describe()}, then the mean over the map")
+    if not plans:
+        return mod, []
+    log.info("%d pointwise + mean kernel(s): %s", len(fused), "; ".join(fused))
     return _replace(mod, plans), fused
 
 

@@ -286,12 +286,21 @@ def test_pointwise_convolutions_on_small_maps_match_onnxruntime(
     signing_key: Path, tmp_path: Path
 ) -> None:
     path = _export(_Pointwise(), (1, 32, 7, 7), tmp_path / "pointwise.onnx")
+    # sized for AVX-512 (``_fused``), the last one and the pool after it are one kernel
     assert _fused(path) == [
+        "1x1 32->48 at 7x7, then the mean over the map",
+        "1x1 32->64 at 7x7 + ReLU6",
+        "1x1 64->32 at 7x7 + residual",
+    ]
+    report = _compile(path, tmp_path / "out", signing_key)  # AVX2: three 1x1 kernels
+    tuning = report["tuning"]
+    assert isinstance(tuning, dict)
+    assert tuning["fused_blocks"] == [
         "1x1 32->64 at 7x7 + ReLU6",
         "1x1 64->32 at 7x7 + residual",
         "1x1 32->48 at 7x7",
     ]
-    _assert_matches_onnxruntime(_compile(path, tmp_path / "out", signing_key))
+    _assert_matches_onnxruntime(report)
 
 
 class _Stem(nn.Module):

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from torch import nn
@@ -176,3 +177,68 @@ def test_the_rewrite_takes_the_small_blocks_and_matches_the_unfused_model(
         "64->384->64 at 7x7 (expanded channels in 2 shares)",
     ]
     assert_same_outputs(mod, fused_mod, (1, 32, 14, 14))
+
+
+def _host_runs(profile_name: str) -> bool:
+    from compiler.execution import detect_host, plan_execution
+    from compiler.profiles import ProfileRegistry
+    from compiler.settings import CompilerSettings
+
+    profile = ProfileRegistry(CompilerSettings().profile_roots()).get(profile_name)
+    return plan_execution(profile, detect_host()).mode == "native"
+
+
+class _Tail(nn.Module):
+    """MobileNetV2's last stages in small: blocks at 14x14 and 7x7, the 1x1 head
+    convolution + ReLU6, the global average pool, logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = _SmallMaps()
+        self.head = nn.Sequential(nn.Conv2d(64, 128, 1), nn.BatchNorm2d(128), nn.ReLU6())
+        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.classifier(self.head(self.blocks(x)))
+        return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not _host_runs("intel/x86_64-avx512"),
+    reason="this CPU cannot run intel/x86_64-avx512 artifacts natively",
+)
+def test_an_avx512_build_with_split_blocks_and_the_head_kernel_passes_the_gate(
+    signing_key: Path, tmp_path: Path
+) -> None:
+    """Through ``edgeloop compile``'s pipeline: the kernels in a build for this host's core
+    count, its accuracy gate run natively against ONNX Runtime."""
+    from compiler.pipeline import CompileRequest, compile_model
+    from compiler.settings import CompilerSettings
+    from tests.compiler.test_fused_blocks import export_with_batchnorm_stats
+
+    path = export_with_batchnorm_stats(_Tail, (1, 32, 14, 14), tmp_path / "tail.onnx")
+    request = CompileRequest(
+        model=path,
+        profile="intel/x86_64-avx512",
+        output=tmp_path / "out",
+        trials=0,
+        runtime="tvm",
+        signing_key=signing_key,
+    )
+    report = compile_model(request, settings=CompilerSettings()).report
+    kernels = report["tuning"]["fused_blocks"]
+    assert "1x1 64->128 at 7x7 + ReLU6, then the mean over the map" in kernels
+    cores = psutil.cpu_count(logical=False) or 1  # the profile names none: this host's
+    blocks = [
+        BlockShape(32, 192, 32, 14, 14),
+        BlockShape(32, 192, 48, 14, 14),
+        BlockShape(48, 288, 64, 14, 14, 2),
+        BlockShape(64, 384, 64, 7, 7),
+    ]
+    split = [b for b in blocks if plan_split_block(b, cores=cores) is not None]  # 2 cores: all
+    assert [k for k in kernels if "expanded channels in" in k] == [
+        f"{b.describe()} (expanded channels in {cores} shares)" for b in split
+    ]
+    (output,) = report["accuracy"].values()
+    assert output["max_abs_error"] < 1e-4 and output["cosine"] > 0.99999
