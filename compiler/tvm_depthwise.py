@@ -24,6 +24,7 @@ from compiler.fusion_plan import (
     PointwiseShape,
 )
 from compiler.tvm_bf16 import activate
+from compiler.tvm_tiles import gemm_tile
 
 # Channels per parallel job: each job allocates and zeroes its plane once.
 CHANNELS_PER_JOB = 8
@@ -157,6 +158,7 @@ def depthwise_project_func(
     chans = vectors * LANES
     blocks, band = co // chans, rows * w
     tiles = band // positions
+    tile = gemm_tile(positions, vectors)
     early = None if project.residual else project.activation  # as in pointwise_func
     late = project.activation if project.residual else None
 
@@ -204,21 +206,12 @@ def depthwise_project_func(
                                 D[k, r * w + j] = activate(depthwise.activation, dacc[r, j] + bd[k])
                 for t in range(tiles):
                     for b in range(blocks):
-                        for i in T.unroll(positions):
-                            for v in T.unroll(vectors):
-                                with T.sblock("init"):
-                                    acc[i, T.ramp(v * LANES, 1, LANES)] = T.broadcast(
-                                        T.float32(0.0), LANES
-                                    )
-                        for k in range(m):
-                            for i in T.unroll(positions):
-                                for v in T.unroll(vectors):
-                                    with T.sblock("fma"):
-                                        acc[i, T.ramp(v * LANES, 1, LANES)] = acc[
-                                            i, T.ramp(v * LANES, 1, LANES)
-                                        ] + Wt[b, k, T.ramp(v * LANES, 1, LANES)] * T.broadcast(
-                                            D[k, t * positions + i], LANES
-                                        )
+                        tile(
+                            acc,
+                            m,
+                            lambda k, v: Wt[b, k, T.ramp(v * LANES, 1, LANES)],
+                            lambda k, i: D[k, t * positions + i],
+                        )
                         for i in T.unroll(positions):
                             for v in T.unroll(vectors):
                                 for lane in T.vectorized(LANES):

@@ -17,6 +17,7 @@ from typing import Any
 
 from compiler.fusion_plan import LANES, PointwiseConfig, PointwiseShape
 from compiler.tvm_bf16 import activate
+from compiler.tvm_tiles import gemm_tile
 
 
 def pointwise_mean_func(
@@ -40,6 +41,7 @@ def pointwise_mean_func(
             f"{shape.describe()} is not whole blocks of {positions} positions x {chans} channels"
         )
     tiles = h * w // positions
+    tile = gemm_tile(positions, vectors)
     scale = 1.0 / (h * w)
     out_shape = (1, co, 1, 1) if keepdims else (1, co)
 
@@ -62,27 +64,12 @@ def pointwise_mean_func(
                         with T.sblock("total_init"):
                             total[lane] = T.float32(0.0)
                     for t in range(tiles):
-                        for i in T.unroll(positions):
-                            for v in T.unroll(vectors):
-                                with T.sblock("init"):
-                                    acc[i, T.ramp(v * LANES, 1, LANES)] = T.broadcast(
-                                        T.float32(0.0), LANES
-                                    )
-                        for k in range(c):
-                            for i in T.unroll(positions):
-                                for v in T.unroll(vectors):
-                                    with T.sblock("fma"):
-                                        acc[i, T.ramp(v * LANES, 1, LANES)] = acc[
-                                            i, T.ramp(v * LANES, 1, LANES)
-                                        ] + Wt[b, k, T.ramp(v * LANES, 1, LANES)] * T.broadcast(
-                                            X[
-                                                0,
-                                                k,
-                                                (t * positions + i) // w,
-                                                (t * positions + i) % w,
-                                            ],
-                                            LANES,
-                                        )
+                        tile(
+                            acc,
+                            c,
+                            lambda k, v: Wt[b, k, T.ramp(v * LANES, 1, LANES)],
+                            lambda k, i: X[0, k, (t * positions + i) // w, (t * positions + i) % w],
+                        )
                         for i in T.unroll(positions):
                             for lane in T.vectorized(chans):
                                 with T.sblock("sum"):

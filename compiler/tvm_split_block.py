@@ -16,6 +16,7 @@ from typing import Any
 
 from compiler.fusion_plan import LANES, BlockShape, SplitBlockConfig
 from compiler.tvm_bf16 import activate
+from compiler.tvm_tiles import gemm_tile
 
 
 def split_block_func(shape: BlockShape, config: SplitBlockConfig) -> Any:
@@ -62,6 +63,7 @@ def split_block_func(shape: BlockShape, config: SplitBlockConfig) -> Any:
             f"the split-block kernel does not take {shape.describe()} in {groups} shares, "
             f"accumulators {ep} x {ev} and {pp} x {pv}"
         )
+    expand, project = gemm_tile(ep, ev), gemm_tile(pp, pv)
     pitch = w + 2  # the expanded map's row, zero-padded on both sides
     padded = (h + 2) * pitch
     outputs = ho * wo
@@ -99,23 +101,12 @@ def split_block_func(shape: BlockShape, config: SplitBlockConfig) -> Any:
                             E[(r + 1) * pitch, k * LANES + lane] = T.float32(0.0)
                             E[(r + 1) * pitch + w + 1, k * LANES + lane] = T.float32(0.0)
                 for b, t in T.grid(share // ech, h * w // ep):
-                    for i in T.unroll(ep):
-                        for v in T.unroll(ev):
-                            with T.sblock("expand_init"):
-                                acc[i, T.ramp(v * LANES, 1, LANES)] = T.broadcast(
-                                    T.float32(0.0), LANES
-                                )
-                    for k in range(c):
-                        for i in T.unroll(ep):
-                            for v in T.unroll(ev):
-                                with T.sblock("expand"):
-                                    acc[i, T.ramp(v * LANES, 1, LANES)] = acc[
-                                        i, T.ramp(v * LANES, 1, LANES)
-                                    ] + We[
-                                        g * (share // ech) + b, k, T.ramp(v * LANES, 1, LANES)
-                                    ] * T.broadcast(
-                                        X[0, k, (t * ep + i) // w, (t * ep + i) % w], LANES
-                                    )
+                    expand(
+                        acc,
+                        c,
+                        lambda k, v: We[g * (share // ech) + b, k, T.ramp(v * LANES, 1, LANES)],
+                        lambda k, i: X[0, k, (t * ep + i) // w, (t * ep + i) % w],
+                    )
                     for i in T.unroll(ep):
                         for v in T.unroll(ev):
                             for lane in T.vectorized(LANES):
@@ -150,21 +141,12 @@ def split_block_func(shape: BlockShape, config: SplitBlockConfig) -> Any:
                                 "relu6", dacc[lane] + bd[g * share + k * LANES + lane]
                             )
                 for b, t in T.grid(co // pch, outputs // pp):
-                    for i in T.unroll(pp):
-                        for v in T.unroll(pv):
-                            with T.sblock("project_init"):
-                                acc[i, T.ramp(v * LANES, 1, LANES)] = T.broadcast(
-                                    T.float32(0.0), LANES
-                                )
-                    for k in range(share):
-                        for i in T.unroll(pp):
-                            for v in T.unroll(pv):
-                                with T.sblock("project"):
-                                    acc[i, T.ramp(v * LANES, 1, LANES)] = acc[
-                                        i, T.ramp(v * LANES, 1, LANES)
-                                    ] + Wp[
-                                        b, g * share + k, T.ramp(v * LANES, 1, LANES)
-                                    ] * T.broadcast(D[t * pp + i, k], LANES)
+                    project(
+                        acc,
+                        share,
+                        lambda k, v: Wp[b, g * share + k, T.ramp(v * LANES, 1, LANES)],
+                        lambda k, i: D[t * pp + i, k],
+                    )
                     for i in T.unroll(pp):
                         for v in T.unroll(pv):
                             for lane in T.vectorized(LANES):
