@@ -53,10 +53,10 @@ class VectorUnit:
     measured on AVX2); ``depthwise_project``: whether a depthwise convolution and the
     projection after it run as one kernel (``plan_depthwise_project``; measured on AVX-512
     only); ``split_blocks``: whether blocks on small maps run as one kernel with their
-    expanded channels split over the cores (``plan_split_block``; measured on AVX-512
-    only); ``pointwise_mean``: whether a 1x1 convolution that only a global average pool
-    reads and the pool run as one kernel (``plan_pointwise_mean``; measured on AVX-512
-    only). Measured in
+    expanded channels split over the cores (``plan_split_block``; AVX2's code measured on
+    an AVX-512 CPU, not on an AVX2-only one); ``pointwise_mean``: whether a 1x1
+    convolution that only a global average pool reads and the pool run as one kernel
+    (``plan_pointwise_mean``; likewise). Measured in
     docs/benchmarks.md: with AVX-512's blocks AVX2's 16 registers spill (a 28x28 block took
     2.2x as long as with AVX2's; a 3x3 convolution at 7 positions x 2 registers 41-43
     GMAC/s, at 4 positions 67-79)."""
@@ -101,6 +101,8 @@ AVX2 = VectorUnit(
     pointwise_min_reduction=0,
     conv_positions=(4, 7, 8, 6, 5),
     depthwise=True,
+    split_blocks=True,
+    pointwise_mean=True,
 )
 VECTOR_UNITS = {unit.name: unit for unit in (AVX512, AVX2)}
 
@@ -494,7 +496,7 @@ def plan_pointwise_mean(
     most ``MAX_POINTWISE_POSITIONS`` that a position block divides. The map is never
     written back to NCHW and read again: MobileNetV2's 320->1280 at 7x7 and its mean took
     138 us against 175 as two kernels, 162 against 200 after a cache flush (Intel Xeon with
-    AMX, 2 threads). Units with ``unit.pointwise_mean`` only (measured on AVX-512)."""
+    AMX, 2 threads). Units with ``unit.pointwise_mean`` only (AVX-512, AVX2)."""
     positions = shape.height * shape.width
     if not unit.pointwise_mean or (shape.kernel, shape.stride) != (1, 1) or shape.residual:
         return None
@@ -1171,7 +1173,8 @@ def plan_split_block(
     shares of whole vectors and whose output channels are whole vectors; a share's
     buffers (its expanded map with a zero border and its depthwise output) within
     ``budget_bytes``: MobileNetV2's blocks from 28x28 down, on 2 cores. Units with
-    ``unit.split_blocks`` only (measured on AVX-512)."""
+    ``unit.split_blocks`` only (AVX-512; AVX2, whose code took mobilenet_v2 in 0.87x the
+    time with them on the same Xeon)."""
     if not unit.split_blocks or cores < 1 or not shape.expand or shape.stride not in (1, 2):
         return None
     h, w, m = shape.height, shape.width, shape.expanded

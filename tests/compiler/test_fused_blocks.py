@@ -51,25 +51,23 @@ FUSED = [
     "24->144->32 at 28x28 (strips of 14 rows)",
     "32->192->32 at 28x28, stride 2 (strips of 7 rows)",
 ]
-# AVX-512: in fp32 builds for 2 cores the blocks whose expanded channels split into 2 shares
-# of whole vectors (192, not 144) with buffers that fit are one kernel each, their expanded
-# channels split over the cores; bf16 builds give the 14-wide block's depthwise convolution
-# to the depthwise kernel (its expansion, of a short reduction, stays MetaSchedule's).
+
+
+def split_blocks(cores: int) -> list[str]:
+    """The blocks of ``_Net`` the split-block kernel takes in fp32 builds for ``cores``
+    cores (AVX-512 and AVX2): those whose expanded channels make whole vectors per core
+    (192 on 2 or 4 cores, not 144) and whose shares' buffers fit."""
+    return [
+        f"32->192->32 at 28x28, stride 2 (expanded channels in {cores} shares)",
+        f"32->192->32 at 14x14 (expanded channels in {cores} shares)",
+    ]
+
+
+# fp32 builds for 2 cores, AVX-512 and AVX2 (generic/x86_64) alike.
+FUSED_AVX512 = FUSED_AVX2 = [*FUSED[:4], *split_blocks(2)]
+# bf16 builds on AVX-512 give the 14-wide block's depthwise convolution to the depthwise
+# kernel (its expansion, of a short reduction, stays MetaSchedule's).
 DEPTHWISE_AVX512 = "depthwise 3x3 192 at 14x14 + ReLU6 (14 rows x 16 columns)"
-FUSED_AVX512 = [
-    *FUSED[:4],
-    "32->192->32 at 28x28, stride 2 (expanded channels in 2 shares)",
-    "32->192->32 at 14x14 (expanded channels in 2 shares)",
-]
-# AVX2 (generic/x86_64, and ARM by request) also gives the 14-wide block's 1x1 convolutions
-# to the pointwise kernel (MetaSchedule's AVX2 kernels for short reductions are slower) and
-# its depthwise convolution to the depthwise kernel.
-FUSED_AVX2 = [
-    *FUSED,
-    "1x1 32->192 at 14x14 + ReLU6",
-    "1x1 192->32 at 14x14 + residual",
-    "depthwise 3x3 192 at 14x14 + ReLU6 (2 rows x 16 columns)",
-]
 
 
 def export_with_batchnorm_stats(
@@ -98,7 +96,10 @@ def blocks_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _compile(model: Path, out: Path, key: Path, **options: object) -> dict[str, object]:
     """Compile for generic/x86_64 (AVX2: the kernels sized for its 16 registers, on by
-    default; asked for all the same) on any x86-64 host."""
+    default; asked for all the same) on any x86-64 host, for 2 cores (the profile names
+    none: the split-block kernel's shares would follow this host's)."""
+    from unittest import mock
+
     options.setdefault("fuse_blocks", True)
     request = CompileRequest(
         model=model,
@@ -109,7 +110,8 @@ def _compile(model: Path, out: Path, key: Path, **options: object) -> dict[str, 
         signing_key=key,
         **options,  # type: ignore[arg-type]
     )
-    report: dict[str, object] = compile_model(request, settings=CompilerSettings()).report
+    with mock.patch("psutil.cpu_count", return_value=2):
+        report: dict[str, object] = compile_model(request, settings=CompilerSettings()).report
     return report
 
 
@@ -166,7 +168,7 @@ def test_arm_profiles_fuse_only_when_asked(blocks_onnx: Path, signing_key: Path)
     _, fused = tvm_builder._prepare_fused(
         relax_mod, target, weight_prepack=False, fuse_blocks=True, unit=AVX2
     )
-    assert fused == FUSED_AVX2
+    assert fused == [*FUSED[:4], *split_blocks(4)]  # the profile names 4 cores
 
 
 def _block_model(
@@ -286,20 +288,16 @@ def test_pointwise_convolutions_on_small_maps_match_onnxruntime(
     signing_key: Path, tmp_path: Path
 ) -> None:
     path = _export(_Pointwise(), (1, 32, 7, 7), tmp_path / "pointwise.onnx")
-    # sized for AVX-512 (``_fused``), the last one and the pool after it are one kernel
+    # the last one and the pool after it are one kernel
     assert _fused(path) == [
         "1x1 32->48 at 7x7, then the mean over the map",
         "1x1 32->64 at 7x7 + ReLU6",
         "1x1 64->32 at 7x7 + residual",
     ]
-    report = _compile(path, tmp_path / "out", signing_key)  # AVX2: three 1x1 kernels
+    report = _compile(path, tmp_path / "out", signing_key)  # AVX2: the same kernels
     tuning = report["tuning"]
     assert isinstance(tuning, dict)
-    assert tuning["fused_blocks"] == [
-        "1x1 32->64 at 7x7 + ReLU6",
-        "1x1 64->32 at 7x7 + residual",
-        "1x1 32->48 at 7x7",
-    ]
+    assert tuning["fused_blocks"] == _fused(path)
     _assert_matches_onnxruntime(report)
 
 
