@@ -497,17 +497,24 @@ def plan_pointwise_mean(
     written back to NCHW and read again: MobileNetV2's 320->1280 at 7x7 and its mean took
     138 us against 175 as two kernels, 162 against 200 after a cache flush (Intel Xeon with
     AMX, 2 threads). Units with ``unit.pointwise_mean`` only (AVX-512, AVX2)."""
-    positions = shape.height * shape.width
-    if not unit.pointwise_mean or (shape.kernel, shape.stride) != (1, 1) or shape.residual:
+    block = _small_map_positions(shape)
+    if not unit.pointwise_mean or shape.residual or block is None:
         return None
-    if not 0 < positions <= MAX_POINTWISE_POSITIONS or shape.in_channels < 1:
+    return PointwiseConfig(positions=block, vectors=_channel_vectors(shape.out_channels, unit))
+
+
+def _small_map_positions(shape: PointwiseShape) -> int | None:
+    """Positions per accumulator block of a 1x1 stride-1 convolution on a map of at most
+    ``MAX_POINTWISE_POSITIONS`` whose output channels are whole vectors (the first of
+    ``POSITION_BLOCKS`` that divides the map), None for any other convolution."""
+    if shape.kernel != 1 or shape.stride != 1 or shape.in_channels < 1:
+        return None
+    positions = shape.out_height * shape.out_width
+    if not 0 < positions <= MAX_POINTWISE_POSITIONS:
         return None
     if shape.out_channels < LANES or shape.out_channels % LANES:
         return None
-    block = next((b for b in POSITION_BLOCKS if positions % b == 0), None)
-    if block is None:
-        return None
-    return PointwiseConfig(positions=block, vectors=_channel_vectors(shape.out_channels, unit))
+    return next((b for b in POSITION_BLOCKS if positions % b == 0), None)
 
 
 def _channel_vectors(channels: int, unit: VectorUnit) -> int:
@@ -590,14 +597,7 @@ def plan_pointwise_bf16(shape: PointwiseShape) -> PointwiseConfig | None:
     minimum reduction: with half the multiply-add instructions the GEMM outruns
     MetaSchedule's fp32 kernels for 64 and 96 input channels at 14x14 too.
     """
-    if shape.kernel != 1 or shape.stride != 1 or shape.in_channels < 1:
-        return None
-    positions = shape.out_height * shape.out_width
-    if not 0 < positions <= MAX_POINTWISE_POSITIONS:
-        return None
-    if shape.out_channels < LANES or shape.out_channels % LANES:
-        return None
-    block = next((b for b in POSITION_BLOCKS if positions % b == 0), None)
+    block = _small_map_positions(shape)
     if block is None:
         return None
     vectors = 2 if (shape.out_channels // LANES) % 2 == 0 else 1

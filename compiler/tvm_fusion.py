@@ -829,6 +829,17 @@ def _replace(mod: Any, plans: dict[Any, _Replacement]) -> Any:
     return relax.transform.DeadCodeElimination(["main"])(rewriter.builder_.get())
 
 
+def _replaced(
+    mod: Any, plans: dict[Any, _Replacement], fused: list[str], what: str
+) -> tuple[Any, list[str]]:
+    """A rewrite pass's result: ``mod`` with ``plans`` applied (``_replace``) and the
+    descriptions of the kernels, logged as ``what`` (unchanged where nothing was planned)."""
+    if not plans:
+        return mod, []
+    log.info("%d %s: %s", len(fused), what, "; ".join(fused))
+    return _replace(mod, plans), fused
+
+
 def fuse_inverted_residuals(
     mod: Any,
     *,
@@ -910,10 +921,7 @@ def fuse_inverted_residuals(
             (1, shape.out_channels, shape.out_height, shape.out_width),
         )
         fused.append(f"{shape.describe()} (strips of {config.rows} rows{note})")
-    if not plans:
-        return mod, []
-    log.info("fused %d inverted-residual block(s): %s", len(fused), "; ".join(fused))
-    return _replace(mod, plans), fused
+    return _replaced(mod, plans, fused, "inverted-residual block kernel(s)")
 
 
 def _split_block(match: _Match, config: SplitBlockConfig) -> _Replacement:
@@ -1449,10 +1457,7 @@ def fuse_pointwise(
             [*args, *([match.residual] if match.residual is not None else [])],
             (1, shape.out_channels, shape.out_height, shape.out_width),
         )
-    if not plans:
-        return mod, []
-    log.info("%d pointwise convolution kernel(s): %s", len(fused), "; ".join(fused))
-    return _replace(mod, plans), fused
+    return _replaced(mod, plans, fused, "pointwise convolution kernel(s)")
 
 
 def _activation(kind: str | None, value: Any) -> Any:
@@ -1570,10 +1575,7 @@ def fuse_strided_convs(mod: Any, *, unit: VectorUnit = AVX512) -> tuple[Any, lis
             (1, shape.out_channels, shape.out_height, shape.out_width),
         )
         fused.append(f"{shape.describe()} (strips of {config.rows} rows)")
-    if not plans:
-        return mod, []
-    log.info("%d strided convolution kernel(s): %s", len(fused), "; ".join(fused))
-    return _replace(mod, plans), fused
+    return _replaced(mod, plans, fused, "strided convolution kernel(s)")
 
 
 @dataclass
@@ -1632,10 +1634,7 @@ def fuse_depthwise(mod: Any, *, unit: VectorUnit = AVX512) -> tuple[Any, list[st
             (1, shape.channels, shape.out_height, shape.out_width),
         )
         fused.append(f"{shape.describe()} ({config.rows} rows x {config.columns} columns)")
-    if not plans:
-        return mod, []
-    log.info("%d depthwise convolution kernel(s): %s", len(fused), "; ".join(fused))
-    return _replace(mod, plans), fused
+    return _replaced(mod, plans, fused, "depthwise convolution kernel(s)")
 
 
 def fuse_depthwise_projections(
@@ -1675,10 +1674,7 @@ def fuse_depthwise_projections(
             (1, co, shape.out_height, shape.out_width),
         )
         fused.append(f"{dw.shape.describe()}, then {shape.describe()} ({config.rows} rows a job)")
-    if not plans:
-        return mod, []
-    log.info("%d depthwise + projection kernel(s): %s", len(fused), "; ".join(fused))
-    return _replace(mod, plans), fused
+    return _replaced(mod, plans, fused, "depthwise + projection kernel(s)")
 
 
 def _global_mean_of(value: Any) -> bool:
@@ -1720,10 +1716,7 @@ def fuse_pointwise_means(mod: Any, *, unit: VectorUnit = AVX512) -> tuple[Any, l
             (1, shape.out_channels, 1, 1) if keepdims else (1, shape.out_channels),
         )
         fused.append(f"{shape.describe()}, then the mean over the map")
-    if not plans:
-        return mod, []
-    log.info("%d pointwise + mean kernel(s): %s", len(fused), "; ".join(fused))
-    return _replace(mod, plans), fused
+    return _replaced(mod, plans, fused, "pointwise + mean kernel(s)")
 
 
 def max_pool_func(shape: MaxPoolShape) -> Any:
@@ -1812,7 +1805,4 @@ def fuse_max_pools(mod: Any) -> tuple[Any, list[str]]:
             (1, c, shape.out_height, shape.out_width),
         )
         fused.append(shape.describe())
-    if not plans:
-        return mod, []
-    log.info("%d max-pool kernel(s): %s", len(fused), "; ".join(fused))
-    return _replace(mod, plans), fused
+    return _replaced(mod, plans, fused, "max-pool kernel(s)")
