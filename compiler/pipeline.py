@@ -47,7 +47,13 @@ from compiler.frontends import SourceModel, load_model
 from compiler.fusion_plan import choose_block_fusion, precision_refusal
 from compiler.manifest import REPORT_FILE, ArtifactManifest, TensorSpec
 from compiler.profiles import AccuracySpec, HardwareProfile, ProfileRegistry
-from compiler.runtime_choice import ThreadPlan, decide_runtime, host_cpu_count, plan_threads
+from compiler.runtime_choice import (
+    ThreadPlan,
+    decide_runtime,
+    host_cpu_count,
+    plan_threads,
+    runs_per_block,
+)
 from compiler.settings import CompilerSettings
 from compiler.signing import KeyPaths, load_private_key
 from compiler.tvm_builder import TuningProgress, TuningStats, build_library
@@ -362,7 +368,11 @@ def compile_model(
                 report["verification"]["gpu"] = result.extra["gpu"]
             report["verification"]["runtime"] = result.runtime
             if onnx_model is not None:
-                say(f"timing TVM against ONNX Runtime in {req.latency_rounds} rounds")
+                per_round = runs_per_block(result.latency_ms, minimum=per_round)
+                say(
+                    f"timing TVM against ONNX Runtime in {req.latency_rounds} rounds "
+                    f"of {per_round} runs"
+                )
                 rounds = execution.time_against_ort(
                     staging / LIBRARY_FILE,
                     samples[0],
@@ -372,7 +382,10 @@ def compile_model(
                     threads=threads.count,
                     rounds=req.latency_rounds,
                     runs_per_round=per_round,
-                    first_tvm_block=result.latency_ms,
+                    # The first block stands in for round 0's only if it is as long.
+                    first_tvm_block=result.latency_ms
+                    if len(result.latency_ms) >= per_round
+                    else None,
                 )
             tvm_runs = [t for tvm_ms, _ in rounds for t in tvm_ms] or result.latency_ms
             report["latency"]["tvm"] = {

@@ -19,6 +19,7 @@ the reference, ships.
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 from collections.abc import Sequence
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
     from compiler.profiles import HardwareProfile
 
 DEFAULT_MARGIN = 0.05
+# Each timed block of the runtime comparison lasts about this long (``runs_per_block``).
+BLOCK_SECONDS = 0.4
+MAX_BLOCK_RUNS = 200
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,40 @@ class RuntimeDecision:
             "margin": self.margin,
             "statistic": "median over rounds of median(TVM) / median(ORT)",
         }
+
+
+def runs_per_block(
+    latency_ms: Sequence[float],
+    *,
+    minimum: int,
+    seconds: float = BLOCK_SECONDS,
+    maximum: int = MAX_BLOCK_RUNS,
+) -> int:
+    """Timed runs in each block of the TVM / ONNX Runtime comparison: enough calls at the
+    model's latency (the median of ``latency_ms``, a first block's timings) for
+    ``seconds`` of them, at least ``minimum`` and at most ``maximum`` (or ``minimum``, if
+    larger).
+
+    Why: blocks of a fixed 6 runs left the choice to chance on a 2-vCPU VM. ONNX Runtime's
+    first calls in a fresh process are slow (mobilenet_v2: 10, 8, 7 ms, then 6), and its
+    unpinned threads fall into phases of 1.6x slower calls that last tens of calls (both
+    on one CPU), so 6-run medians of ORT ranged 6.4-10.6 ms against a steady 8 ms for TVM,
+    and `--runtime auto` shipped TVM at 1.15x ORT's in-process time (docs/benchmarks.md,
+    twenty-second session). Longer blocks average over those phases; the child process's
+    start, not the calls, is most of a block's cost.
+
+    Raises:
+        ValueError: no timings, a timing <= 0, or ``minimum`` / ``maximum`` / ``seconds``
+            not positive.
+    """
+    if minimum < 1 or maximum < 1 or seconds <= 0:
+        raise ValueError(
+            f"minimum {minimum}, maximum {maximum} and seconds {seconds} must be positive"
+        )
+    if not latency_ms or min(latency_ms) <= 0:
+        raise ValueError(f"latencies {list(latency_ms)} must be a non-empty list of times > 0 ms")
+    wanted = math.ceil(seconds * 1000 / statistics.median(latency_ms))
+    return max(minimum, min(maximum, wanted))
 
 
 def decide_runtime(

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from compiler.profiles import HardwareProfile, parse_profile
-from compiler.runtime_choice import decide_runtime, plan_threads
+from compiler.runtime_choice import decide_runtime, plan_threads, runs_per_block
 from compiler.tuning_plan import (
     FLOPS_PER_BYTE,
     ProgressTracker,
@@ -123,6 +123,38 @@ def test_decide_runtime_rejects(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         decide_runtime(rounds, margin=margin)
+
+
+@pytest.mark.parametrize(
+    ("latency_ms", "minimum", "expected"),
+    [
+        # mobilenet_v2 at 8 ms: 0.4 s of calls is 50 runs
+        ([8.0, 7.9, 8.3], 6, 50),
+        # the median, not the first or the mean: one slow first call changes nothing
+        ([80.0, 8.0, 8.0], 6, 50),
+        # a 0.05 ms MLP: capped at 200 runs
+        ([0.05] * 6, 6, 200),
+        # a model slower than the block: the minimum
+        ([900.0], 6, 6),
+        # a minimum above the cap wins
+        ([0.05], 300, 300),
+    ],
+)
+def test_runs_per_block(latency_ms: list[float], minimum: int, expected: int) -> None:
+    assert runs_per_block(latency_ms, minimum=minimum) == expected
+
+
+@pytest.mark.parametrize(
+    ("latency_ms", "minimum", "message"),
+    [
+        ([], 6, "latencies \\[\\] must be"),
+        ([8.0, 0.0], 6, "must be a non-empty list of times > 0"),
+        ([8.0], 0, "minimum 0, maximum 200 and seconds 0.4 must be positive"),
+    ],
+)
+def test_runs_per_block_rejects(latency_ms: list[float], minimum: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        runs_per_block(latency_ms, minimum=minimum)
 
 
 # ---------------------------------------------------------------- trial budget
