@@ -296,16 +296,22 @@ def host_mcpu() -> str:
 # model 167, which LLVM names rocketlake (no BF16, no AMX), failed "LLVM ERROR: Do not know
 # how to split this operator's operand!" on the bf16 kernels with only the name.
 _LLVM_FEATURES = {"avx512_bf16": "+avx512bf16", "amx_tile": "+amx-tile", "amx_bf16": "+amx-bf16"}
+# ... and the other way: a VM may hide features of the CPU it names. A Zen 4 VM without
+# AVX-512 (family 25 model 17, which LLVM names znver4) ran the benches' kernels into
+# "Illegal instruction"; each vector ISA level the flags lack is turned off.
+_LLVM_ABSENT = {"avx2": "-avx2", "fma": "-fma", "avx512f": "-avx512f"}
 
 
 def host_target(threads: int) -> dict[str, Any]:
     """A TVM target dict for this CPU: LLVM's name for it, plus the features of
-    ``_LLVM_FEATURES`` the host lists (``compiler.execution.detect_host``)."""
+    ``_LLVM_FEATURES`` the host lists and minus the vector ISA levels of ``_LLVM_ABSENT`` it
+    does not (``compiler.execution.detect_host``)."""
     from compiler.execution import detect_host
 
     features = detect_host().cpu_features
     target: dict[str, Any] = {"kind": "llvm", "mcpu": host_mcpu(), "num-cores": threads}
     mattr = [attr for flag, attr in _LLVM_FEATURES.items() if flag in features]
+    mattr += [attr for flag, attr in _LLVM_ABSENT.items() if flag not in features]
     if mattr:
         target["mattr"] = mattr
     return target

@@ -91,11 +91,29 @@ def test_the_host_target_names_the_bf16_features_the_cpu_lists(
     from bench.fused_block import host_target
 
     def host(*flags: str) -> object:
-        return lambda: SimpleNamespace(cpu_features=frozenset(("avx512f", *flags)))
+        return lambda: SimpleNamespace(cpu_features=frozenset(("avx2", "fma", *flags)))
 
-    monkeypatch.setattr(execution, "detect_host", host("amx_bf16", "avx512_bf16", "amx_tile"))
+    monkeypatch.setattr(
+        execution, "detect_host", host("avx512f", "amx_bf16", "avx512_bf16", "amx_tile")
+    )
     target = host_target(2)
     assert target["mattr"] == ["+avx512bf16", "+amx-tile", "+amx-bf16"]
     assert target["kind"] == "llvm" and target["num-cores"] == 2 and target["mcpu"]
-    monkeypatch.setattr(execution, "detect_host", host())
+    monkeypatch.setattr(execution, "detect_host", host("avx512f"))
     assert "mattr" not in host_target(1)
+
+
+def test_the_host_target_turns_off_the_vector_isas_the_cpu_hides(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Zen 4 VM without AVX-512 is named znver4 by LLVM: AVX-512 code would not run."""
+    from types import SimpleNamespace
+
+    import compiler.execution as execution
+    from bench.fused_block import host_target
+
+    flags = frozenset(("avx", "avx2", "fma"))
+    monkeypatch.setattr(execution, "detect_host", lambda: SimpleNamespace(cpu_features=flags))
+    assert host_target(2)["mattr"] == ["-avx512f"]
+    flags = frozenset(("avx",))
+    assert host_target(2)["mattr"] == ["-avx2", "-fma", "-avx512f"]
