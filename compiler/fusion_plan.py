@@ -416,24 +416,27 @@ class PointwiseShape:
 
 @dataclass(frozen=True)
 class PointwiseConfig:
-    """Positions x vectors of 16 output channels per accumulator block; ``position_major``:
-    the parallel jobs (one block of positions x one block of channels each) in order of
-    positions first, so that each thread takes a range of positions with every channel
-    block, instead of a range of channel blocks with every position."""
+    """Positions x vectors of ``lanes`` output channels per accumulator block;
+    ``position_major``: the parallel jobs (one block of positions x one block of channels
+    each) in order of positions first, so that each thread takes a range of positions with
+    every channel block, instead of a range of channel blocks with every position."""
 
     positions: int
     vectors: int
     position_major: bool = False
+    lanes: int = LANES
 
 
-def blocked_weights(weight: npt.NDArray[np.float32], vectors: int) -> npt.NDArray[np.float32]:
+def blocked_weights(
+    weight: npt.NDArray[np.float32], vectors: int, lanes: int = LANES
+) -> npt.NDArray[np.float32]:
     """A weight with output channels last, (*lead, Co), as (Co / block, *lead, block) for
-    blocks of ``vectors`` x 16 output channels: what one accumulator block of the pointwise,
+    blocks of ``vectors`` x ``lanes`` output channels: what one accumulator block of the pointwise,
     3x3 and Winograd kernels reads is then one contiguous run. With output channels
     innermost across the whole weight, each reduction step jumped Co x 4 bytes, which
     defeated the prefetcher on weights that stream from memory (ResNet's 7x7 layers ran
     1.5x slower in the network than alone)."""
-    block = vectors * LANES
+    block = vectors * lanes
     co = weight.shape[-1]
     if co % block:
         raise ValueError(f"{co} output channels are not whole blocks of {block}")
@@ -496,24 +499,41 @@ def plan_pointwise_mean(
     most ``MAX_POINTWISE_POSITIONS`` that a position block divides. The map is never
     written back to NCHW and read again: MobileNetV2's 320->1280 at 7x7 and its mean took
     138 us against 175 as two kernels, 162 against 200 after a cache flush (Intel Xeon with
-    AMX, 2 threads). Units with ``unit.pointwise_mean`` only (AVX-512, AVX2)."""
+    AMX, 2 threads). Units with ``unit.pointwise_mean`` only (AVX-512, AVX2). On units
+    narrower than 16 lanes the block is ``register_tile``'s in the unit's own vectors, the
+    positions that do not fill one in a smaller last block: 320->1280 at 7x7 on a Zen 4
+    without AVX-512 362 us against 521 in 7 positions x 16 channels (14 registers of
+    accumulators and 2 of sums: spilled)."""
+    if not unit.pointwise_mean or shape.residual:
+        return None
+    if unit.lanes < LANES:
+        if not _small_map(shape, unit.lanes):
+            return None
+        positions, vectors = register_tile(shape.out_channels // unit.lanes, unit)
+        return PointwiseConfig(positions=positions, vectors=vectors, lanes=unit.lanes)
     block = _small_map_positions(shape)
-    if not unit.pointwise_mean or shape.residual or block is None:
+    if block is None:
         return None
     return PointwiseConfig(positions=block, vectors=_channel_vectors(shape.out_channels, unit))
 
 
-def _small_map_positions(shape: PointwiseShape) -> int | None:
-    """Positions per accumulator block of a 1x1 stride-1 convolution on a map of at most
-    ``MAX_POINTWISE_POSITIONS`` whose output channels are whole vectors (the first of
-    ``POSITION_BLOCKS`` that divides the map), None for any other convolution."""
+def _small_map(shape: PointwiseShape, lanes: int) -> bool:
+    """Whether ``shape`` is a 1x1 stride-1 convolution on a map of at most
+    ``MAX_POINTWISE_POSITIONS`` whose output channels are whole vectors of ``lanes``."""
     if shape.kernel != 1 or shape.stride != 1 or shape.in_channels < 1:
-        return None
+        return False
     positions = shape.out_height * shape.out_width
     if not 0 < positions <= MAX_POINTWISE_POSITIONS:
+        return False
+    return shape.out_channels >= lanes and shape.out_channels % lanes == 0
+
+
+def _small_map_positions(shape: PointwiseShape) -> int | None:
+    """Positions per accumulator block of a ``_small_map`` convolution with 16-lane vectors
+    (the first of ``POSITION_BLOCKS`` that divides the map), None for any other one."""
+    if not _small_map(shape, LANES):
         return None
-    if shape.out_channels < LANES or shape.out_channels % LANES:
-        return None
+    positions = shape.out_height * shape.out_width
     return next((b for b in POSITION_BLOCKS if positions % b == 0), None)
 
 
@@ -1128,22 +1148,25 @@ def plan_depthwise_project(
 
 
 # Bytes of one split-block job's buffers (its share of the expanded map, zero-padded, and of
-# the depthwise output), at most: they stay in the core's L2 cache.
-SPLIT_BLOCK_BUDGET_BYTES = 1024 * 1024
+# the depthwise output), at most: mostly in the core's L2 cache. On a Zen 4 without AVX-512
+# (1 MiB of L2) MobileNetV2's 24->144->32 at 56x56, stride 2 (1.19 MB a share) took 0.7x
+# the strip kernel's time; 24->144->24 at 56x56 (1.87 MB) was no faster than it.
+SPLIT_BLOCK_BUDGET_BYTES = 1536 * 1024
 
 
 @dataclass(frozen=True)
 class SplitBlockConfig:
     """The split-block kernel's jobs: ``groups`` shares of the expanded channels (one per
-    core); accumulator blocks of ``expand_positions`` x ``expand_vectors`` vectors of 16
-    channels for the expansion, ``project_positions`` x ``project_vectors`` for the
-    projection."""
+    core); accumulator blocks of ``expand_positions`` x ``expand_vectors`` vectors of
+    ``lanes`` channels for the expansion, ``project_positions`` x ``project_vectors`` for
+    the projection (a last, smaller block takes the positions that do not fill one)."""
 
     groups: int
     expand_positions: int
     expand_vectors: int
     project_positions: int
     project_vectors: int
+    lanes: int = LANES
 
 
 def plan_split_block(
@@ -1174,7 +1197,13 @@ def plan_split_block(
     buffers (its expanded map with a zero border and its depthwise output) within
     ``budget_bytes``: MobileNetV2's blocks from 28x28 down, on 2 cores. Units with
     ``unit.split_blocks`` only (AVX-512; AVX2, whose code took mobilenet_v2 in 0.87x the
-    time with them on the same Xeon)."""
+    time with them on the same Xeon).
+
+    On units narrower than 16 lanes (AVX2) the kernel computes in the unit's own vectors
+    (``register_tile``: 6 positions x 2 vectors of 8 channels, or 4 x 3, 12 x 1), the
+    positions that do not fill a block in one smaller block: on a Zen 4 without AVX-512
+    96->576->96 at 14x14 took 286 us against 330 in 4 positions x 16 channels (2 registers
+    a vector, 8 accumulators), 32->192->32 at 28x28 164 against 204."""
     if not unit.split_blocks or cores < 1 or not shape.expand or shape.stride not in (1, 2):
         return None
     h, w, m = shape.height, shape.width, shape.expanded
@@ -1182,11 +1211,18 @@ def plan_split_block(
         return None
     if shape.stride == 2 and (h % 2 or w % 2):
         return None
-    share = m // cores
-    if m % cores or share % LANES or shape.out_channels % LANES:
+    share, co = m // cores, shape.out_channels
+    lanes = min(unit.lanes, LANES)
+    if m % cores or share % lanes or co % lanes:
         return None
     if 4 * share * ((h + 2) * (w + 2) + shape.out_height * shape.out_width) > budget_bytes:
         return None
+    if lanes < LANES:
+        expand_positions, expand_vectors = register_tile(share // lanes, unit)
+        project_positions, project_vectors = register_tile(co // lanes, unit)
+        return SplitBlockConfig(
+            cores, expand_positions, expand_vectors, project_positions, project_vectors, lanes
+        )
     expand = next((b for b in unit.conv_positions if h * w % b == 0), None)
     outputs = shape.out_height * shape.out_width
     project = next((b for b in unit.conv_positions if outputs % b == 0), None)
@@ -1201,6 +1237,17 @@ def plan_split_block(
     )
 
 
+def register_tile(vectors: int, unit: VectorUnit) -> tuple[int, int]:
+    """Positions x vectors of an accumulator block of output channels that are ``vectors``
+    vectors of the unit's own ``lanes`` (not 16): its accumulator registers (12 on AVX2) as
+    2 vectors x 6 positions, else 3 x 4, else 1 x 12, the first whose vectors divide
+    ``vectors``. Each step then loads one weight register per vector and broadcasts one
+    value per position; 12 FMAs in flight cover AVX2's latency."""
+    registers = unit.accumulators * LANES // unit.lanes
+    per_block = next(v for v in (2, 3, 1) if vectors % v == 0)
+    return max(1, registers // per_block), per_block
+
+
 def split_block_weights(
     weights: Sequence[npt.NDArray[np.float32]], config: SplitBlockConfig
 ) -> list[npt.NDArray[np.float32]]:
@@ -1210,11 +1257,11 @@ def split_block_weights(
     channels-last (3, 3, M)."""
     we, be, wd, bd, wp, bp = weights
     return [
-        blocked_weights(np.ascontiguousarray(we.T), config.expand_vectors),
+        blocked_weights(np.ascontiguousarray(we.T), config.expand_vectors, config.lanes),
         be,
         np.ascontiguousarray(np.moveaxis(wd, 0, -1)),
         bd,
-        blocked_weights(np.ascontiguousarray(wp.T), config.project_vectors),
+        blocked_weights(np.ascontiguousarray(wp.T), config.project_vectors, config.lanes),
         bp,
     ]
 

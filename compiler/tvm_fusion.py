@@ -981,8 +981,9 @@ def _channel_gemm(
     outside them, the positions broadcast; ``parallel``: the loops above the reduction
     fused into one parallel loop, channel blocks outermost unless the config is
     ``position_major``."""
+    lanes = config.lanes if isinstance(config, PointwiseConfig) else LANES
     pos_o, pos_i = sch.split(pos, [None, config.positions])
-    chan_o, chan_m, chan_v = sch.split(chan, [None, config.vectors, LANES])
+    chan_o, chan_m, chan_v = sch.split(chan, [None, config.vectors, lanes])
     jobs = (
         [pos_o, chan_o]
         if isinstance(config, PointwiseConfig) and config.position_major
@@ -999,22 +1000,22 @@ def _channel_gemm(
     local = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(local, outer)
     sch.decompose_reduction(block, red[0])
-    _, inner = sch.split(sch.get_loops(local)[-1], [None, LANES])
+    _, inner = sch.split(sch.get_loops(local)[-1], [None, lanes])
     sch.vectorize(inner)
 
 
 def pointwise_func(shape: PointwiseShape, config: PointwiseConfig) -> Any:
     """A 1x1 or 3x3 convolution vectorized along output channels, scheduled; the PrimFunc.
 
-    Arguments: X (1, C, H, W), the weight in blocks of B = ``config.vectors`` x 16 output
-    channels (``fusion_plan.blocked_weights``: (Co / B, C, B) for 1x1, (Co / B, C, 3, 3, B)
-    for 3x3), the bias (Co,), the residual (1, Co, Ho, Wo) if any; output (1, Co, Ho, Wo),
-    Ho x Wo the input's size at stride 1, half of it at stride 2. Accumulators:
-    ``config.positions`` positions x ``config.vectors`` vectors of 16 channels, the input
-    broadcast from memory (a 3x3 convolution reads a zero-padded copy of X, so that no tap
-    needs a bounds check); the bias (and the activation, without a residual) go into their
-    write-back to a [positions, Co] buffer, which the last stage transposes to NCHW, adding
-    the residual and then the activation.
+    Arguments: X (1, C, H, W), the weight in blocks of B = ``config.vectors`` x
+    ``config.lanes`` output channels (``fusion_plan.blocked_weights``: (Co / B, C, B) for
+    1x1, (Co / B, C, 3, 3, B) for 3x3), the bias (Co,), the residual (1, Co, Ho, Wo) if any;
+    output (1, Co, Ho, Wo), Ho x Wo the input's size at stride 1, half of it at stride 2.
+    Accumulators: ``config.positions`` positions x ``config.vectors`` vectors of
+    ``config.lanes`` channels, the input broadcast from memory (a 3x3 convolution reads a
+    zero-padded copy of X, so that no tap needs a bounds check); the bias (and the
+    activation, without a residual) go into their write-back to a [positions, Co] buffer,
+    which the last stage transposes to NCHW, adding the residual and then the activation.
     Blocks of positions x channel vectors run in parallel. Marked like ``scheduled_block``.
     """
     import tvm.s_tir as tir
@@ -1022,7 +1023,7 @@ def pointwise_func(shape: PointwiseShape, config: PointwiseConfig) -> Any:
 
     c, co, h, w = shape.in_channels, shape.out_channels, shape.height, shape.width
     s, ho, wo = shape.stride, shape.out_height, shape.out_width
-    chans = config.vectors * LANES  # output channels per accumulator block
+    chans = config.vectors * config.lanes  # output channels per accumulator block
     x = te.placeholder((1, c, h, w), name="X")
     bias = te.placeholder((co,), name="b")
     rc = te.reduce_axis((0, c), name="c")
@@ -1444,7 +1445,7 @@ def fuse_pointwise(
         elif config is not None:
             c, co, k = shape.in_channels, shape.out_channels, shape.kernel
             taps = np.moveaxis(match.weight.reshape(co, c, -1), 0, -1)  # (C, k * k, Co)
-            weight = blocked_weights(taps, config.vectors)  # (Co / block, C, k * k, block)
+            weight = blocked_weights(taps, config.vectors, config.lanes)  # (Co / B, C, k * k, B)
             weight = weight.reshape(weight.shape[0], c, *((k, k) if k == 3 else ()), -1)
             func = pointwise_func(shape, config)
             fused.append(shape.describe())
@@ -1712,7 +1713,11 @@ def fuse_pointwise_means(mod: Any, *, unit: VectorUnit = AVX512) -> tuple[Any, l
         plans[var] = _Replacement(
             pointwise_mean_func(shape, config, keepdims=keepdims),
             "fused_pointwise_mean",
-            [match.x, blocked_weights(np.ascontiguousarray(weight.T), config.vectors), match.bias],
+            [
+                match.x,
+                blocked_weights(np.ascontiguousarray(weight.T), config.vectors, config.lanes),
+                match.bias,
+            ],
             (1, shape.out_channels, 1, 1) if keepdims else (1, shape.out_channels),
         )
         fused.append(f"{shape.describe()}, then the mean over the map")

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from compiler.fusion_plan import LANES, PointwiseConfig, PointwiseShape
+from compiler.fusion_plan import PointwiseConfig, PointwiseShape
 from compiler.tvm_bf16 import activate
-from compiler.tvm_tiles import gemm_tile
+from compiler.tvm_tiles import position_tiles
 
 
 def pointwise_mean_func(
@@ -25,25 +25,37 @@ def pointwise_mean_func(
 ) -> Any:
     """The mean over the map of a 1x1 stride-1 convolution + bias [+ activation], scheduled;
     the PrimFunc. Arguments: X (1, C, H, W), the weight in blocks of B = ``config.vectors``
-    x 16 output channels (``fusion_plan.blocked_weights``: (Co / B, C, B)), the bias (Co,);
-    output (1, Co, 1, 1), or (1, Co) without ``keepdims``. Parallel over blocks of B output
-    channels (``position_major`` does not apply). Marked like
+    x ``config.lanes`` output channels (``fusion_plan.blocked_weights``: (Co / B, C, B)),
+    the bias (Co,); output (1, Co, 1, 1), or (1, Co) without ``keepdims``. Parallel over
+    blocks of B output channels (``position_major`` does not apply); the positions that do
+    not fill a block of ``config.positions`` in one smaller block. Marked like
     ``tvm_fusion.scheduled_block``."""
     from tvm.script import tirx as T
 
     c, co, h, w = shape.in_channels, shape.out_channels, shape.height, shape.width
-    positions, vectors = config.positions, config.vectors
-    chans = vectors * LANES
+    positions, vectors, lanes = config.positions, config.vectors, config.lanes
+    chans = vectors * lanes
     if shape.kernel != 1 or shape.stride != 1 or shape.residual:
         raise ValueError(f"the mean kernel takes 1x1 stride-1 convolutions, not {shape.describe()}")
-    if (h * w) % positions or co % chans:
+    if positions < 1 or co % chans:
         raise ValueError(
-            f"{shape.describe()} is not whole blocks of {positions} positions x {chans} channels"
+            f"{shape.describe()} is not whole blocks of {chans} channels "
+            f"({vectors} vectors of {lanes}), or {positions} positions a block is not positive"
         )
-    tiles = h * w // positions
-    tile = gemm_tile(positions, vectors)
+    # Whole blocks of positions, then one block of the rest (none where they divide).
+    tiles, rest, tile, tail = position_tiles(h * w, positions, vectors, lanes)
+    has_tail = rest > 0  # TVMScript: a bool
     scale = 1.0 / (h * w)
     out_shape = (1, co, 1, 1) if keepdims else (1, co)
+
+    @T.macro
+    def add_up(total: Any, acc: Any, bias: Any, b: Any, count: int) -> None:
+        for i in T.unroll(count):
+            for lane in T.vectorized(chans):
+                with T.sblock("sum"):
+                    total[lane] = total[lane] + activate(
+                        shape.activation, acc[i, lane] + bias[b * chans + lane]
+                    )
 
     @T.prim_func(private=True, s_tir=True)
     def head(
@@ -67,15 +79,20 @@ def pointwise_mean_func(
                         tile(
                             acc,
                             c,
-                            lambda k, v: Wt[b, k, T.ramp(v * LANES, 1, LANES)],
+                            lambda k, v: Wt[b, k, T.ramp(v * lanes, 1, lanes)],
                             lambda k, i: X[0, k, (t * positions + i) // w, (t * positions + i) % w],
                         )
-                        for i in T.unroll(positions):
-                            for lane in T.vectorized(chans):
-                                with T.sblock("sum"):
-                                    total[lane] = total[lane] + activate(
-                                        shape.activation, acc[i, lane] + bias[b * chans + lane]
-                                    )
+                        add_up(total, acc, bias, b, positions)
+                    if has_tail:
+                        tail(
+                            acc,
+                            c,
+                            lambda k, v: Wt[b, k, T.ramp(v * lanes, 1, lanes)],
+                            lambda k, i: X[
+                                0, k, (tiles * positions + i) // w, (tiles * positions + i) % w
+                            ],
+                        )
+                        add_up(total, acc, bias, b, rest)
                     for lane in T.vectorized(chans):
                         with T.sblock("mean"):
                             if keepdims:

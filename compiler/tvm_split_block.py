@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from compiler.fusion_plan import LANES, BlockShape, SplitBlockConfig
+from compiler.fusion_plan import BlockShape, SplitBlockConfig
 from compiler.tvm_bf16 import activate
-from compiler.tvm_tiles import gemm_tile
+from compiler.tvm_tiles import position_tiles
 
 
 def split_block_func(shape: BlockShape, config: SplitBlockConfig) -> Any:
@@ -26,17 +26,25 @@ def split_block_func(shape: BlockShape, config: SplitBlockConfig) -> Any:
 
     Arguments: X (1, C, H, W); the expansion's weight in blocks of its accumulator block's
     channels (``fusion_plan.blocked_weights``: (M / Be, C, Be), Be = ``expand_vectors`` x
-    16) and bias (M,); the depthwise weight channels-last (3, 3, M) and bias (M,); the
-    projection's weight in blocks ((Co / Bp, M, Bp)) and bias (Co,); output (1, Co, Ho, Wo).
+    ``lanes``) and bias (M,); the depthwise weight channels-last (3, 3, M) and bias (M,);
+    the projection's weight in blocks ((Co / Bp, M, Bp)) and bias (Co,); output (1, Co,
+    Ho, Wo).
 
     Job g of ``config.groups`` (one per core, in parallel) takes expanded channels
     [g M / G, (g + 1) M / G): their expansion at every position into a channels-last map
     with a zero border (the depthwise convolution's padding), the depthwise convolution
-    into a channels-last buffer (16 channels a vector, the 9 taps' weights the same for
-    every position), and the projection of those channels alone (``positions`` x
-    ``vectors`` of 16 output channels of accumulators, positions broadcast) into its part
-    of the sum. Then, parallel over blocks of 16 output channels, the NCHW output is the
-    bias [+ the input] plus every part, row by row.
+    into a channels-last buffer (``lanes`` channels a vector, the 9 taps' weights the same
+    for every position), and the projection of those channels alone (``positions`` x
+    ``vectors`` of ``lanes`` output channels of accumulators, positions broadcast; the
+    positions left over by whole blocks in one smaller block) into its part of the sum.
+    Then, parallel over vectors of output channels and rows, the NCHW output is the bias
+    [+ the input] plus every part.
+
+    Why not strips of rows, to keep a 56x56 share's buffers in L2: the same kernel with
+    a loop over strips around the three stages (each copying the rows the one before
+    expanded to its top) ran 1.2-1.7x slower than over the whole map on a Zen 4 without
+    AVX-512, at any strip height: LLVM kept values across the strip loop in 5 of the 16
+    registers and spilled the projection's weights inside its accumulator loop.
 
     Marked like ``tvm_fusion.scheduled_block``."""
     from tvm.script import tirx as T
@@ -44,30 +52,64 @@ def split_block_func(shape: BlockShape, config: SplitBlockConfig) -> Any:
     c, m, co = shape.in_channels, shape.expanded, shape.out_channels
     h, w, s = shape.height, shape.width, shape.stride
     ho, wo = shape.out_height, shape.out_width
-    groups = config.groups
+    groups, lanes = config.groups, config.lanes
     share = m // groups
     ep, ev = config.expand_positions, config.expand_vectors
     pp, pv = config.project_positions, config.project_vectors
-    ech, pch = ev * LANES, pv * LANES
+    ech, pch = ev * lanes, pv * lanes
     if (
         not shape.expand
         or m % groups
         or share % ech
-        or share % LANES
+        or share % lanes
         or co % pch
-        or (h * w) % ep
-        or (ho * wo) % pp
+        or min(ep, pp) < 1
         or s not in (1, 2)
+        or (s == 2 and h != 2 * ho)
     ):
         raise ValueError(
             f"the split-block kernel does not take {shape.describe()} in {groups} shares, "
-            f"accumulators {ep} x {ev} and {pp} x {pv}"
+            f"accumulators {ep} x {ev} and {pp} x {pv} vectors of {lanes} lanes"
         )
-    expand, project = gemm_tile(ep, ev), gemm_tile(pp, pv)
-    pitch = w + 2  # the expanded map's row, zero-padded on both sides
-    padded = (h + 2) * pitch
+    pitch = w + 2  # an expanded row, zero-padded on both sides
     outputs = ho * wo
     residual = shape.residual
+
+    expand_whole, expand_rest, expand, expand_tail = position_tiles(h * w, ep, ev, lanes)
+    has_expand_tail = expand_rest > 0  # TVMScript: a bool
+    project_whole, project_rest, project, project_tail = position_tiles(outputs, pp, pv, lanes)
+    has_project_tail = project_rest > 0
+
+    @T.macro
+    def store_expanded(  # noqa: N803 (TIR buffer names)
+        E: Any, acc: Any, be: Any, g: Any, b: Any, first: Any, n: int
+    ) -> None:
+        for i in T.unroll(n):
+            for v in T.unroll(ev):
+                for lane in T.vectorized(lanes):
+                    with T.sblock("expand_out"):
+                        E[
+                            ((first + i) // w + 1) * pitch + (first + i) % w + 1,
+                            b * ech + v * lanes + lane,
+                        ] = activate(
+                            "relu6",
+                            acc[i, v * lanes + lane] + be[g * share + b * ech + v * lanes + lane],
+                        )
+
+    @T.macro
+    def store_part(parts: Any, acc: Any, g: Any, b: Any, first: Any, n: int) -> None:
+        for i in T.unroll(n):
+            for v in T.unroll(pv):
+                for lane in T.vectorized(lanes):
+                    with T.sblock("part"):
+                        parts[g, first + i, b * pch + v * lanes + lane] = acc[i, v * lanes + lane]
+
+    @T.macro
+    def zero_row(E: Any, e_row: Any) -> None:  # noqa: N803 (TIR buffer names)
+        for q, k in T.grid(pitch, share // lanes):
+            for lane in T.vectorized(lanes):
+                with T.sblock("zero_row"):
+                    E[e_row * pitch + q, k * lanes + lane] = T.float32(0.0)
 
     @T.macro
     def body(  # noqa: N803 (TIR buffer names)
@@ -85,93 +127,93 @@ def split_block_func(shape: BlockShape, config: SplitBlockConfig) -> Any:
                     Wp[0 : co // pch, 0:m, 0:pch],
                 )
                 T.writes(parts[g, 0:outputs, 0:co])
-                E = T.sblock_alloc_buffer((padded, share), "float32")
+                E = T.sblock_alloc_buffer(((h + 2) * pitch, share), "float32")
                 D = T.sblock_alloc_buffer((outputs, share), "float32")
                 acc = T.sblock_alloc_buffer((max(ep, pp), max(ech, pch)), "float32", scope="local")
-                dacc = T.sblock_alloc_buffer((LANES,), "float32", scope="local")
-                # The zero border: the first and last padded rows, and each row's ends.
-                for q, k in T.grid(pitch, share // LANES):
-                    for lane in T.vectorized(LANES):
-                        with T.sblock("zero_rows"):
-                            E[q, k * LANES + lane] = T.float32(0.0)
-                            E[(h + 1) * pitch + q, k * LANES + lane] = T.float32(0.0)
-                for r, k in T.grid(h, share // LANES):
-                    for lane in T.vectorized(LANES):
+                dacc = T.sblock_alloc_buffer((lanes,), "float32", scope="local")
+                # The zero border: the padded rows above and below, each row's ends.
+                zero_row(E, 0)
+                zero_row(E, h + 1)
+                for r, k in T.grid(h, share // lanes):
+                    for lane in T.vectorized(lanes):
                         with T.sblock("zero_ends"):
-                            E[(r + 1) * pitch, k * LANES + lane] = T.float32(0.0)
-                            E[(r + 1) * pitch + w + 1, k * LANES + lane] = T.float32(0.0)
-                for b, t in T.grid(share // ech, h * w // ep):
-                    expand(
-                        acc,
-                        c,
-                        lambda k, v: We[g * (share // ech) + b, k, T.ramp(v * LANES, 1, LANES)],
-                        lambda k, i: X[0, k, (t * ep + i) // w, (t * ep + i) % w],
-                    )
-                    for i in T.unroll(ep):
-                        for v in T.unroll(ev):
-                            for lane in T.vectorized(LANES):
-                                with T.sblock("expand_out"):
-                                    E[
-                                        ((t * ep + i) // w + 1) * pitch + (t * ep + i) % w + 1,
-                                        b * ech + v * LANES + lane,
-                                    ] = activate(
-                                        "relu6",
-                                        acc[i, v * LANES + lane]
-                                        + be[g * share + b * ech + v * LANES + lane],
-                                    )
-                for k, p in T.grid(share // LANES, outputs):
-                    for lane in T.vectorized(LANES):
+                            E[(r + 1) * pitch, k * lanes + lane] = T.float32(0.0)
+                            E[(r + 1) * pitch + w + 1, k * lanes + lane] = T.float32(0.0)
+                for b in range(share // ech):
+                    for t in range(expand_whole):
+                        expand(
+                            acc,
+                            c,
+                            lambda k, v: We[g * (share // ech) + b, k, T.ramp(v * lanes, 1, lanes)],
+                            lambda k, i: X[0, k, (t * ep + i) // w, (t * ep + i) % w],
+                        )
+                        store_expanded(E, acc, be, g, b, t * ep, ep)
+                    if has_expand_tail:
+                        expand_tail(
+                            acc,
+                            c,
+                            lambda k, v: We[g * (share // ech) + b, k, T.ramp(v * lanes, 1, lanes)],
+                            lambda k, i: X[
+                                0, k, (expand_whole * ep + i) // w, (expand_whole * ep + i) % w
+                            ],
+                        )
+                        store_expanded(E, acc, be, g, b, expand_whole * ep, expand_rest)
+                for k, p in T.grid(share // lanes, outputs):
+                    for lane in T.vectorized(lanes):
                         with T.sblock("dw_init"):
                             dacc[lane] = T.float32(0.0)
                     for kh in T.unroll(3):
                         for kw in T.unroll(3):
-                            for lane in T.vectorized(LANES):
+                            for lane in T.vectorized(lanes):
                                 with T.sblock("tap"):
                                     dacc[lane] = (
                                         dacc[lane]
                                         + E[
                                             (p // wo * s + kh) * pitch + p % wo * s + kw,
-                                            k * LANES + lane,
+                                            k * lanes + lane,
                                         ]
-                                        * Wd[kh, kw, g * share + k * LANES + lane]
+                                        * Wd[kh, kw, g * share + k * lanes + lane]
                                     )
-                    for lane in T.vectorized(LANES):
+                    for lane in T.vectorized(lanes):
                         with T.sblock("dw_out"):
-                            D[p, k * LANES + lane] = activate(
-                                "relu6", dacc[lane] + bd[g * share + k * LANES + lane]
+                            D[p, k * lanes + lane] = activate(
+                                "relu6", dacc[lane] + bd[g * share + k * lanes + lane]
                             )
-                for b, t in T.grid(co // pch, outputs // pp):
-                    project(
-                        acc,
-                        share,
-                        lambda k, v: Wp[b, g * share + k, T.ramp(v * LANES, 1, LANES)],
-                        lambda k, i: D[t * pp + i, k],
-                    )
-                    for i in T.unroll(pp):
-                        for v in T.unroll(pv):
-                            for lane in T.vectorized(LANES):
-                                with T.sblock("part"):
-                                    parts[g, t * pp + i, b * pch + v * LANES + lane] = acc[
-                                        i, v * LANES + lane
-                                    ]
-        for o in T.parallel(co // LANES):
-            for r in range(ho):
-                for lane in T.unroll(LANES):
-                    for j in T.vectorized(wo):
-                        with T.sblock("out"):
-                            if residual:
-                                Out[0, o * LANES + lane, r, j] = (
-                                    bp[o * LANES + lane] + X[0, o * LANES + lane, r, j]
-                                )
-                            else:
-                                Out[0, o * LANES + lane, r, j] = bp[o * LANES + lane]
-                    for g in range(groups):
-                        for j in T.vectorized(wo):
-                            with T.sblock("sum"):
-                                Out[0, o * LANES + lane, r, j] = (
-                                    Out[0, o * LANES + lane, r, j]
-                                    + parts[g, r * wo + j, o * LANES + lane]
-                                )
+                for b in range(co // pch):
+                    for t in range(project_whole):
+                        project(
+                            acc,
+                            share,
+                            lambda k, v: Wp[b, g * share + k, T.ramp(v * lanes, 1, lanes)],
+                            lambda k, i: D[t * pp + i, k],
+                        )
+                        store_part(parts, acc, g, b, t * pp, pp)
+                    if has_project_tail:
+                        project_tail(
+                            acc,
+                            share,
+                            lambda k, v: Wp[b, g * share + k, T.ramp(v * lanes, 1, lanes)],
+                            lambda k, i: D[project_whole * pp + i, k],
+                        )
+                        store_part(parts, acc, g, b, project_whole * pp, project_rest)
+        for q in T.parallel(co // lanes * ho):
+            for lane in T.unroll(lanes):
+                for jj in T.vectorized(wo):
+                    with T.sblock("out"):
+                        if residual:
+                            Out[0, q // ho * lanes + lane, q % ho, jj] = (
+                                bp[q // ho * lanes + lane]
+                                + X[0, q // ho * lanes + lane, q % ho, jj]
+                            )
+                        else:
+                            Out[0, q // ho * lanes + lane, q % ho, jj] = bp[q // ho * lanes + lane]
+                for g in range(groups):
+                    for jj in T.vectorized(wo):
+                        with T.sblock("sum"):
+                            Out[0, q // ho * lanes + lane, q % ho, jj] = (
+                                Out[0, q // ho * lanes + lane, q % ho, jj]
+                                + parts[g, q % ho * wo + jj, q // ho * lanes + lane]
+                            )
 
     @T.prim_func(private=True, s_tir=True)
     def block(

@@ -30,7 +30,12 @@ NO_MEAN = replace(AVX512, pointwise_mean=False)  # a unit the kernel is not meas
         (PointwiseShape(320, 1280, 7, 7, "relu6"), AVX512, PointwiseConfig(7, 2)),
         (PointwiseShape(64, 96, 14, 14, "relu"), AVX512, PointwiseConfig(7, 2)),
         (PointwiseShape(24, 48, 5, 5), AVX512, PointwiseConfig(5, 1)),  # 3 vectors: 1 a block
-        (PointwiseShape(320, 1280, 7, 7, "relu6"), AVX2, PointwiseConfig(7, 1)),
+        # AVX2: 6 positions x 2 vectors of 8 channels, 4 x 3, 12 x 1; any number of positions
+        (PointwiseShape(320, 1280, 7, 7, "relu6"), AVX2, PointwiseConfig(6, 2, lanes=8)),
+        (PointwiseShape(32, 24, 11, 13), AVX2, PointwiseConfig(4, 3, lanes=8)),
+        (PointwiseShape(32, 40, 7, 7), AVX2, PointwiseConfig(12, 1, lanes=8)),
+        (PointwiseShape(32, 20, 7, 7), AVX2, None),  # 2.5 vectors
+        (PointwiseShape(32, 64, 28, 28), AVX2, None),  # larger than 14x14
         (PointwiseShape(320, 1280, 7, 7, "relu6"), NO_MEAN, None),
         (PointwiseShape(32, 64, 28, 28), AVX512, None),  # larger than 14x14
         (PointwiseShape(32, 40, 7, 7), AVX512, None),  # not whole vectors
@@ -48,20 +53,23 @@ def test_plan_pointwise_mean(
 
 
 @pytest.mark.parametrize(
-    "shape",
+    ("shape", "unit"),
     [
-        PointwiseShape(320, 1280, 7, 7, "relu6"),  # MobileNetV2's head
-        PointwiseShape(64, 96, 14, 14, "relu"),
-        PointwiseShape(24, 48, 5, 5),
+        (PointwiseShape(320, 1280, 7, 7, "relu6"), AVX512),  # MobileNetV2's head
+        (PointwiseShape(64, 96, 14, 14, "relu"), AVX512),
+        (PointwiseShape(24, 48, 5, 5), AVX512),
+        # AVX2's 8-lane vectors: 49 positions, a last block of 1; 143, a last block of 3
+        (PointwiseShape(320, 1280, 7, 7, "relu6"), AVX2),
+        (PointwiseShape(32, 24, 11, 13, "relu"), AVX2),
     ],
-    ids=lambda s: s.describe(),
+    ids=lambda v: v.describe() if isinstance(v, PointwiseShape) else None,
 )
-def test_kernel_matches_torch(shape: PointwiseShape) -> None:
+def test_kernel_matches_torch(shape: PointwiseShape, unit: VectorUnit) -> None:
     import tvm
 
     from compiler.tvm_head import pointwise_mean_func
 
-    config = plan_pointwise_mean(shape)
+    config = plan_pointwise_mean(shape, unit=unit)
     assert config is not None
     func = pointwise_mean_func(shape, config).with_attr("global_symbol", "main")
     lib = tvm.compile(tvm.IRModule({"main": func}), {"kind": "llvm", "num-cores": 2})
@@ -75,7 +83,7 @@ def test_kernel_matches_torch(shape: PointwiseShape) -> None:
     )
     y = {"relu6": y.clamp(0, 6), "relu": y.clamp(min=0), None: y}[shape.activation]
     out = tvm.runtime.tensor(np.full((1, co, 1, 1), np.nan, np.float32))
-    args = [x, blocked_weights(np.ascontiguousarray(weight.T), config.vectors), bias]
+    args = [x, blocked_weights(np.ascontiguousarray(weight.T), config.vectors, config.lanes), bias]
     lib["main"](*[tvm.runtime.tensor(a) for a in args], out)
     expected = y.mean(dim=(2, 3), keepdim=True).numpy()
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5)
@@ -84,8 +92,10 @@ def test_kernel_matches_torch(shape: PointwiseShape) -> None:
 def test_a_misfit_shape_is_refused() -> None:
     from compiler.tvm_head import pointwise_mean_func
 
-    with pytest.raises(ValueError, match="not whole blocks of 7 positions x 32 channels"):
+    with pytest.raises(ValueError, match="not whole blocks of 32 channels"):
         pointwise_mean_func(PointwiseShape(32, 48, 7, 7), PointwiseConfig(7, 2))
+    with pytest.raises(ValueError, match="0 positions a block is not positive"):
+        pointwise_mean_func(PointwiseShape(32, 48, 7, 7), PointwiseConfig(0, 1, lanes=8))
     with pytest.raises(ValueError, match="1x1 stride-1"):
         pointwise_mean_func(PointwiseShape(32, 64, 7, 7, kernel=3), PointwiseConfig(7, 2))
 

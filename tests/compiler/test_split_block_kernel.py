@@ -44,8 +44,14 @@ NO_SPLIT = replace(AVX512, split_blocks=False)  # a unit the kernel is not measu
         (BlockShape(96, 576, 96, 14, 14), 5, AVX512, None),
         (BlockShape(96, 576, 96, 14, 14), 8, AVX512, None),
         (BlockShape(96, 576, 96, 14, 14), 0, AVX512, None),
-        # AVX2: 4 positions x 1 vector of 16 channels (2 registers each way)
-        (BlockShape(96, 576, 96, 14, 14), 2, AVX2, SplitBlockConfig(2, 4, 1, 4, 1)),
+        # AVX2: its own vectors of 8 channels, 6 positions x 2 (12 registers), 4 x 3, 12 x 1
+        (BlockShape(96, 576, 96, 14, 14), 2, AVX2, SplitBlockConfig(2, 6, 2, 6, 2, lanes=8)),
+        (BlockShape(160, 960, 160, 7, 7), 2, AVX2, SplitBlockConfig(2, 6, 2, 6, 2, lanes=8)),
+        (BlockShape(32, 80, 24, 14, 14), 2, AVX2, SplitBlockConfig(2, 12, 1, 4, 3, lanes=8)),
+        # 8-channel vectors take outputs that 16-channel ones do not
+        (BlockShape(96, 576, 40, 14, 14), 2, AVX2, SplitBlockConfig(2, 6, 2, 12, 1, lanes=8)),
+        (BlockShape(24, 144, 24, 56, 56), 2, AVX2, None),  # 1.9 MB a share
+        (BlockShape(24, 144, 32, 56, 56, 2), 2, AVX2, SplitBlockConfig(2, 4, 3, 6, 2, lanes=8)),
         (BlockShape(96, 576, 96, 14, 14), 2, NO_SPLIT, None),
         # 28x28: 2 x 96 channels, (30 x 30 + 28 x 28) x 96 x 4 bytes a share
         (BlockShape(32, 192, 32, 28, 28), 2, AVX512, SplitBlockConfig(2, 7, 2, 7, 2)),
@@ -78,24 +84,29 @@ def _torch_block(x: np.ndarray, weights: list[np.ndarray], shape: BlockShape) ->
 
 
 @pytest.mark.parametrize(
-    ("shape", "cores"),
+    ("shape", "cores", "unit"),
     [
-        (BlockShape(96, 576, 96, 14, 14), 2),  # MobileNetV2's, with the residual
-        (BlockShape(96, 576, 160, 14, 14, 2), 2),  # stride 2
-        (BlockShape(160, 960, 320, 7, 7), 2),
-        (BlockShape(32, 192, 64, 28, 28, 2), 2),
-        (BlockShape(32, 96, 32, 6, 10), 1),  # one share; 6-position blocks
-        (BlockShape(16, 64, 32, 8, 8, 2), 4),  # 4 shares of 1 vector
-        (BlockShape(5, 48, 16, 5, 7), 3),  # 3 shares, 1 vector each way; a short reduction
+        (BlockShape(96, 576, 96, 14, 14), 2, AVX512),  # MobileNetV2's, with the residual
+        (BlockShape(96, 576, 160, 14, 14, 2), 2, AVX512),  # stride 2
+        (BlockShape(160, 960, 320, 7, 7), 2, AVX512),
+        (BlockShape(32, 192, 64, 28, 28, 2), 2, AVX512),
+        (BlockShape(32, 96, 32, 6, 10), 1, AVX512),  # one share; 6-position blocks
+        (BlockShape(16, 64, 32, 8, 8, 2), 4, AVX512),  # 4 shares of 1 vector
+        (BlockShape(5, 48, 16, 5, 7), 3, AVX512),  # 3 shares, 1 vector each way; short sums
+        # AVX2's 8-lane vectors; 49 and 196 positions: a last block of 1 and of 4
+        (BlockShape(160, 960, 160, 7, 7), 2, AVX2),
+        (BlockShape(96, 576, 96, 14, 14), 2, AVX2),
+        (BlockShape(32, 80, 24, 14, 14, 2), 2, AVX2),  # 12 x 1 and 4 x 3 blocks, stride 2
+        (BlockShape(8, 24, 8, 5, 3), 3, AVX2),  # 15 positions: 6 + 6 + 3; 8 outputs
     ],
     ids=lambda v: v.describe() if isinstance(v, BlockShape) else str(v),
 )
-def test_kernel_matches_torch(shape: BlockShape, cores: int) -> None:
+def test_kernel_matches_torch(shape: BlockShape, cores: int, unit: VectorUnit) -> None:
     import tvm
 
     from compiler.tvm_split_block import split_block_func
 
-    config = plan_split_block(shape, cores=cores)
+    config = plan_split_block(shape, cores=cores, unit=unit)
     assert config is not None
     func = split_block_func(shape, config).with_attr("global_symbol", "main")
     lib = tvm.compile(tvm.IRModule({"main": func}), {"kind": "llvm", "num-cores": 2})
