@@ -17,7 +17,7 @@ from typing import Any
 
 from compiler.fusion_plan import PointwiseConfig, PointwiseShape
 from compiler.tvm_bf16 import activate
-from compiler.tvm_tiles import position_tiles
+from compiler.tvm_tiles import position_gemm
 
 
 def pointwise_mean_func(
@@ -42,9 +42,7 @@ def pointwise_mean_func(
             f"{shape.describe()} is not whole blocks of {chans} channels "
             f"({vectors} vectors of {lanes}), or {positions} positions a block is not positive"
         )
-    # Whole blocks of positions, then one block of the rest (none where they divide).
-    tiles, rest, tile, tail = position_tiles(h * w, positions, vectors, lanes)
-    has_tail = rest > 0  # TVMScript: a bool
+    gemm = position_gemm(h * w, positions, vectors, lanes)
     scale = 1.0 / (h * w)
     out_shape = (1, co, 1, 1) if keepdims else (1, co)
 
@@ -75,24 +73,13 @@ def pointwise_mean_func(
                     for lane in T.vectorized(chans):
                         with T.sblock("total_init"):
                             total[lane] = T.float32(0.0)
-                    for t in range(tiles):
-                        tile(
-                            acc,
-                            c,
-                            lambda k, v: Wt[b, k, T.ramp(v * lanes, 1, lanes)],
-                            lambda k, i: X[0, k, (t * positions + i) // w, (t * positions + i) % w],
-                        )
-                        add_up(total, acc, bias, b, positions)
-                    if has_tail:
-                        tail(
-                            acc,
-                            c,
-                            lambda k, v: Wt[b, k, T.ramp(v * lanes, 1, lanes)],
-                            lambda k, i: X[
-                                0, k, (tiles * positions + i) // w, (tiles * positions + i) % w
-                            ],
-                        )
-                        add_up(total, acc, bias, b, rest)
+                    gemm(
+                        acc,
+                        c,
+                        lambda k, v: Wt[b, k, T.ramp(v * lanes, 1, lanes)],
+                        lambda k, q: X[0, k, q // w, q % w],
+                        lambda first, n: add_up(total, acc, bias, b, n),
+                    )
                     for lane in T.vectorized(chans):
                         with T.sblock("mean"):
                             if keepdims:

@@ -16,7 +16,7 @@ from typing import Any
 
 from compiler.fusion_plan import BlockShape, SplitBlockConfig
 from compiler.tvm_bf16 import activate
-from compiler.tvm_tiles import position_tiles
+from compiler.tvm_tiles import position_gemm
 
 
 def split_block_func(shape: BlockShape, config: SplitBlockConfig) -> Any:
@@ -75,10 +75,8 @@ def split_block_func(shape: BlockShape, config: SplitBlockConfig) -> Any:
     outputs = ho * wo
     residual = shape.residual
 
-    expand_whole, expand_rest, expand, expand_tail = position_tiles(h * w, ep, ev, lanes)
-    has_expand_tail = expand_rest > 0  # TVMScript: a bool
-    project_whole, project_rest, project, project_tail = position_tiles(outputs, pp, pv, lanes)
-    has_project_tail = project_rest > 0
+    expand = position_gemm(h * w, ep, ev, lanes)
+    project = position_gemm(outputs, pp, pv, lanes)
 
     @T.macro
     def store_expanded(  # noqa: N803 (TIR buffer names)
@@ -140,24 +138,13 @@ def split_block_func(shape: BlockShape, config: SplitBlockConfig) -> Any:
                             E[(r + 1) * pitch, k * lanes + lane] = T.float32(0.0)
                             E[(r + 1) * pitch + w + 1, k * lanes + lane] = T.float32(0.0)
                 for b in range(share // ech):
-                    for t in range(expand_whole):
-                        expand(
-                            acc,
-                            c,
-                            lambda k, v: We[g * (share // ech) + b, k, T.ramp(v * lanes, 1, lanes)],
-                            lambda k, i: X[0, k, (t * ep + i) // w, (t * ep + i) % w],
-                        )
-                        store_expanded(E, acc, be, g, b, t * ep, ep)
-                    if has_expand_tail:
-                        expand_tail(
-                            acc,
-                            c,
-                            lambda k, v: We[g * (share // ech) + b, k, T.ramp(v * lanes, 1, lanes)],
-                            lambda k, i: X[
-                                0, k, (expand_whole * ep + i) // w, (expand_whole * ep + i) % w
-                            ],
-                        )
-                        store_expanded(E, acc, be, g, b, expand_whole * ep, expand_rest)
+                    expand(
+                        acc,
+                        c,
+                        lambda k, v: We[g * (share // ech) + b, k, T.ramp(v * lanes, 1, lanes)],
+                        lambda k, q: X[0, k, q // w, q % w],
+                        lambda first, n: store_expanded(E, acc, be, g, b, first, n),
+                    )
                 for k, p in T.grid(share // lanes, outputs):
                     for lane in T.vectorized(lanes):
                         with T.sblock("dw_init"):
@@ -180,22 +167,13 @@ def split_block_func(shape: BlockShape, config: SplitBlockConfig) -> Any:
                                 "relu6", dacc[lane] + bd[g * share + k * lanes + lane]
                             )
                 for b in range(co // pch):
-                    for t in range(project_whole):
-                        project(
-                            acc,
-                            share,
-                            lambda k, v: Wp[b, g * share + k, T.ramp(v * lanes, 1, lanes)],
-                            lambda k, i: D[t * pp + i, k],
-                        )
-                        store_part(parts, acc, g, b, t * pp, pp)
-                    if has_project_tail:
-                        project_tail(
-                            acc,
-                            share,
-                            lambda k, v: Wp[b, g * share + k, T.ramp(v * lanes, 1, lanes)],
-                            lambda k, i: D[project_whole * pp + i, k],
-                        )
-                        store_part(parts, acc, g, b, project_whole * pp, project_rest)
+                    project(
+                        acc,
+                        share,
+                        lambda k, v: Wp[b, g * share + k, T.ramp(v * lanes, 1, lanes)],
+                        lambda k, q: D[q, k],
+                        lambda first, n: store_part(parts, acc, g, b, first, n),
+                    )
         for q in T.parallel(co // lanes * ho):
             for lane in T.unroll(lanes):
                 for jj in T.vectorized(wo):

@@ -39,12 +39,27 @@ def gemm_tile(positions: int, vectors: int, lanes: int = LANES) -> Any:
     return tile
 
 
-def position_tiles(
-    count: int, positions: int, vectors: int, lanes: int = LANES
-) -> tuple[int, int, Any, Any]:
-    """``count`` positions in blocks of ``positions``: the number of whole blocks, the
-    positions left over, the whole blocks' ``gemm_tile`` and the last block's (None where
-    none are left over)."""
+def position_gemm(count: int, positions: int, vectors: int, lanes: int = LANES) -> Any:
+    """A TVMScript macro ``gemm(acc, steps, weight, operand, store)`` over ``count``
+    positions in blocks of ``positions``, the ones that do not fill a block in one smaller
+    last block: per block, ``gemm_tile``'s sums into ``acc`` with ``operand(k, p)`` the
+    value of position p (counted from the first of the ``count``) at step k, then
+    ``store(first, n)`` for the block's n positions from position ``first``. ``store`` is
+    a lambda around the caller's write-back macro."""
+    from tvm.script import tirx as T
+
     whole, rest = divmod(count, positions)
+    tile = gemm_tile(positions, vectors, lanes)
     tail = gemm_tile(rest, vectors, lanes) if rest else None
-    return whole, rest, gemm_tile(positions, vectors, lanes), tail
+    has_tail = rest > 0  # TVMScript: a bool
+
+    @T.macro
+    def gemm(acc: Any, steps: Any, weight: Any, operand: Any, store: Any) -> None:
+        for t in range(whole):
+            tile(acc, steps, weight, lambda k, i: operand(k, t * positions + i))
+            store(t * positions, positions)
+        if has_tail:
+            tail(acc, steps, weight, lambda k, i: operand(k, whole * positions + i))
+            store(whole * positions, rest)
+
+    return gemm
