@@ -151,9 +151,9 @@ def runs_per_block(
     larger).
 
     Why: blocks of a fixed 6 runs left the choice to chance on a 2-vCPU VM. ONNX Runtime's
-    first calls in a fresh process are slow (mobilenet_v2: 10, 8, 7 ms, then 6), and its
-    unpinned threads fall into phases of 1.6x slower calls that last tens of calls (both
-    on one CPU), so 6-run medians of ORT ranged 6.4-10.6 ms against a steady 8 ms for TVM,
+    first calls in a fresh process are slow (mobilenet_v2: 10, 8, 7 ms, then 6), and the
+    VM's slow phases, lasting tens of calls or more, slowed it 1.6x (pinning its threads did
+    not help) against ~1.1x for TVM, so 6-run medians of ORT ranged 6.4-10.6 ms against 8 ms,
     and `--runtime auto` shipped TVM at 1.15x ORT's in-process time (docs/benchmarks.md,
     twenty-second session). Longer blocks average over those phases; the child process's
     start, not the calls, is most of a block's cost.
