@@ -1150,8 +1150,18 @@ def plan_depthwise_project(
 # Bytes of one split-block job's buffers (its share of the expanded map, zero-padded, and of
 # the depthwise output), at most: mostly in the core's L2 cache. On a Zen 4 without AVX-512
 # (1 MiB of L2) MobileNetV2's 24->144->32 at 56x56, stride 2 (1.19 MB a share) took 0.7x
-# the strip kernel's time; 24->144->24 at 56x56 (1.87 MB) was no faster than it.
+# the strip kernel's time; 24->144->24 at 56x56 (1.87 MB) was no faster than it. On a Zen 4
+# with AVX-512 (shares in 8-lane vectors, ``HALF_LANES``), in the network: 195 us against
+# 248 for the first, 399 against 362 for the second, and 16->96->24 at 112x112, stride 2
+# (3.1 MB) 571 against 531, although alone, warm, the split kernel took 0.88x and 0.78-0.98x
+# the strip kernel's time for those two.
 SPLIT_BLOCK_BUDGET_BYTES = 1536 * 1024
+# fp32 lanes of the vectors AVX-512 computes a split block in when its shares are not whole
+# 16-lane vectors (AVX-512VL's 256-bit forms, 32 registers of them), and the accumulators of
+# their register blocks then (``register_tile``): on a Zen 4, which executes 512-bit
+# operations as two 256-bit halves, as fast as 16 lanes would be.
+HALF_LANES = 8
+HALF_LANE_ACCUMULATORS = 12
 
 
 @dataclass(frozen=True)
@@ -1195,7 +1205,8 @@ def plan_split_block(
     Blocks with an expansion, stride 1 or 2, whose expanded channels split into ``cores``
     shares of whole vectors and whose output channels are whole vectors; a share's
     buffers (its expanded map with a zero border and its depthwise output) within
-    ``budget_bytes``: MobileNetV2's blocks from 28x28 down, on 2 cores. Units with
+    ``budget_bytes``: MobileNetV2's blocks from 28x28 down, on 2 cores, and the stride-2
+    block at 56x56. Units with
     ``unit.split_blocks`` only (AVX-512; AVX2, whose code took mobilenet_v2 in 0.87x the
     time with them on the same Xeon).
 
@@ -1203,7 +1214,11 @@ def plan_split_block(
     (``register_tile``: 6 positions x 2 vectors of 8 channels, or 4 x 3, 12 x 1), the
     positions that do not fill a block in one smaller block: on a Zen 4 without AVX-512
     96->576->96 at 14x14 took 286 us against 330 in 4 positions x 16 channels (2 registers
-    a vector, 8 accumulators), 32->192->32 at 28x28 164 against 204."""
+    a vector, 8 accumulators), 32->192->32 at 28x28 164 against 204. AVX-512 computes
+    shares that are not whole 16-lane vectors (MobileNetV2's 144 and 96 expanded channels
+    on 2 cores) in 8-lane vectors (``HALF_LANES``): on a Zen 4 24->144->32 at 56x56,
+    stride 2, 174 us against the strip kernel's 235-251 alone, 195 against 248 in the
+    network."""
     if not unit.split_blocks or cores < 1 or not shape.expand or shape.stride not in (1, 2):
         return None
     h, w, m = shape.height, shape.width, shape.expanded
@@ -1213,13 +1228,15 @@ def plan_split_block(
         return None
     share, co = m // cores, shape.out_channels
     lanes = min(unit.lanes, LANES)
+    if lanes == LANES and (share % lanes or co % lanes):
+        lanes = HALF_LANES
     if m % cores or share % lanes or co % lanes:
         return None
     if 4 * share * ((h + 2) * (w + 2) + shape.out_height * shape.out_width) > budget_bytes:
         return None
     if lanes < LANES:
-        expand_positions, expand_vectors = register_tile(share // lanes, unit)
-        project_positions, project_vectors = register_tile(co // lanes, unit)
+        expand_positions, expand_vectors = register_tile(share // lanes, unit, lanes)
+        project_positions, project_vectors = register_tile(co // lanes, unit, lanes)
         return SplitBlockConfig(
             cores, expand_positions, expand_vectors, project_positions, project_vectors, lanes
         )
@@ -1237,14 +1254,23 @@ def plan_split_block(
     )
 
 
-def register_tile(vectors: int, unit: VectorUnit) -> tuple[int, int]:
+def register_tile(vectors: int, unit: VectorUnit, lanes: int | None = None) -> tuple[int, int]:
     """Positions x vectors of an accumulator block of output channels that are ``vectors``
-    vectors of the unit's own ``lanes`` (not 16): its accumulator registers (12 on AVX2) as
-    2 vectors x 6 positions, else 3 x 4, else 1 x 12, the first whose vectors divide
-    ``vectors``. Each step then loads one weight register per vector and broadcasts one
-    value per position; 12 FMAs in flight cover AVX2's latency."""
-    registers = unit.accumulators * LANES // unit.lanes
-    per_block = next(v for v in (2, 3, 1) if vectors % v == 0)
+    vectors of ``lanes`` (None: the unit's own; fewer than 16): its accumulator registers
+    (12 on AVX2) as 2 vectors x 6 positions, else 3 x 4, else 1 x 12, the first whose
+    vectors divide ``vectors``. Each step then loads one weight register per vector and
+    broadcasts one value per position; 12 FMAs in flight cover AVX2's latency.
+
+    AVX-512 in 8-lane vectors (``HALF_LANES``): ``HALF_LANE_ACCUMULATORS`` registers, 3
+    vectors x 4 positions first: on a Zen 4 an expansion to 48 channels a share took 0.9x
+    the time of 2 x 6 (16->96->24 at 112x112, stride 2), and 4 x 3 was faster than 8 x 3
+    or 12 x 1."""
+    lanes = unit.lanes if lanes is None else lanes
+    if unit.lanes > lanes:
+        registers, order = HALF_LANE_ACCUMULATORS, (3, 2, 1)
+    else:
+        registers, order = unit.accumulators * LANES // unit.lanes, (2, 3, 1)
+    per_block = next(v for v in order if vectors % v == 0)
     return max(1, registers // per_block), per_block
 
 

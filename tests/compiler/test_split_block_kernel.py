@@ -40,9 +40,10 @@ NO_SPLIT = replace(AVX512, split_blocks=False)  # a unit the kernel is not measu
         (BlockShape(24, 96, 160, 7, 7), 2, AVX512, SplitBlockConfig(2, 7, 1, 7, 2)),
         (BlockShape(32, 96, 48, 6, 10), 1, AVX512, SplitBlockConfig(1, 6, 2, 6, 1)),
         # 4 shares of 9 vectors (1 per block); 5 do not split 576; 8 shares of 4.5 vectors
+        # go to 8-lane vectors, 4 positions x 3 of them (12 registers)
         (BlockShape(96, 576, 96, 14, 14), 4, AVX512, SplitBlockConfig(4, 7, 1, 7, 2)),
         (BlockShape(96, 576, 96, 14, 14), 5, AVX512, None),
-        (BlockShape(96, 576, 96, 14, 14), 8, AVX512, None),
+        (BlockShape(96, 576, 96, 14, 14), 8, AVX512, SplitBlockConfig(8, 4, 3, 4, 3, lanes=8)),
         (BlockShape(96, 576, 96, 14, 14), 0, AVX512, None),
         # AVX2: its own vectors of 8 channels, 6 positions x 2 (12 registers), 4 x 3, 12 x 1
         (BlockShape(96, 576, 96, 14, 14), 2, AVX2, SplitBlockConfig(2, 6, 2, 6, 2, lanes=8)),
@@ -56,9 +57,12 @@ NO_SPLIT = replace(AVX512, split_blocks=False)  # a unit the kernel is not measu
         # 28x28: 2 x 96 channels, (30 x 30 + 28 x 28) x 96 x 4 bytes a share
         (BlockShape(32, 192, 32, 28, 28), 2, AVX512, SplitBlockConfig(2, 7, 2, 7, 2)),
         (BlockShape(32, 192, 64, 28, 28, 2), 2, AVX512, SplitBlockConfig(2, 7, 2, 7, 2)),
-        (BlockShape(24, 144, 24, 56, 56), 2, AVX512, None),  # shares of 4.5 vectors
-        (BlockShape(16, 96, 24, 112, 112, 2), 2, AVX512, None),  # 2.5 MB a share
-        (BlockShape(96, 576, 40, 14, 14), 2, AVX512, None),  # outputs not whole vectors
+        # AVX-512 in 8-lane vectors where 16-lane ones do not divide shares or outputs
+        (BlockShape(24, 144, 32, 56, 56, 2), 2, AVX512, SplitBlockConfig(2, 4, 3, 6, 2, 8)),
+        (BlockShape(96, 576, 40, 14, 14), 2, AVX512, SplitBlockConfig(2, 4, 3, 12, 1, 8)),
+        (BlockShape(96, 576, 36, 14, 14), 2, AVX512, None),  # outputs not whole vectors
+        (BlockShape(24, 144, 24, 56, 56), 2, AVX512, None),  # 1.9 MB a share
+        (BlockShape(16, 96, 24, 112, 112, 2), 2, AVX512, None),  # 3.1 MB a share
         (BlockShape(96, 96, 96, 14, 14, expand=False), 2, AVX512, None),  # no expansion
         (BlockShape(96, 576, 160, 7, 7, 2), 2, AVX512, None),  # an odd map at stride 2
         (BlockShape(16, 96, 32, 11, 13), 2, AVX512, None),  # 143 positions: no block size
@@ -93,6 +97,9 @@ def _torch_block(x: np.ndarray, weights: list[np.ndarray], shape: BlockShape) ->
         (BlockShape(32, 96, 32, 6, 10), 1, AVX512),  # one share; 6-position blocks
         (BlockShape(16, 64, 32, 8, 8, 2), 4, AVX512),  # 4 shares of 1 vector
         (BlockShape(5, 48, 16, 5, 7), 3, AVX512),  # 3 shares, 1 vector each way; short sums
+        # AVX-512 in 8-lane vectors: 169 positions, a last block of 1; stride 2, 6 x 2 blocks
+        (BlockShape(24, 144, 24, 13, 13), 2, AVX512),
+        (BlockShape(24, 144, 32, 14, 14, 2), 2, AVX512),
         # AVX2's 8-lane vectors; 49 and 196 positions: a last block of 1 and of 4
         (BlockShape(160, 960, 160, 7, 7), 2, AVX2),
         (BlockShape(96, 576, 96, 14, 14), 2, AVX2),
