@@ -157,7 +157,7 @@ def block_func(
             return xp[s, k, f // pitch, f % pitch]
 
     wd = weights[-5] if shape.expand else weights[0]
-    d = _depthwise(wd, expanded, (strips, m, fd), pitch)
+    d = _depthwise(wd, expanded, (strips, m, fd), pitch, fe)
     config = BlockConfig(rows, 1, 1, 1)  # only the rows matter to the stages after D
     return _project_and_write(shape, config, pitch, fd, x, weights, d, bf16=bf16)
 
@@ -183,15 +183,24 @@ def _pair_gemm(weight: Any, source: Any, dims: tuple[int, ...], name: str = "E")
     return te.compute(dims, value, name=name)
 
 
-def _depthwise(wd: Any, expanded: Any, dims: tuple[int, int, int], pitch: int) -> Any:
-    """Stage "D" of a stride-1 block: the 3x3 taps as shifted runs of ``expanded``."""
-    from tvm import te
+def _depthwise(
+    wd: Any, expanded: Any, dims: tuple[int, int, int], pitch: int, positions: int
+) -> Any:
+    """Stage "D" of a stride-1 block: the 3x3 taps as shifted runs of ``expanded``, whose
+    stage computes ``positions`` (``fusion_plan.strip_dims``' fe)."""
+    from tvm import te, tirx
 
     kh, kw = te.reduce_axis((0, 3), name="kh"), te.reduce_axis((0, 3), name="kw")
+
+    def tap(s: Any, k: Any, g: Any) -> Any:
+        # The first branch never runs (g >= 0); its read of the last position makes the
+        # region ``compute_at`` gives the expanded stage whole accumulator blocks.
+        return tirx.if_then_else(
+            g < 0, expanded(s, k, positions - 1), expanded(s, k, g + kh * pitch + kw)
+        )
+
     return te.compute(
-        dims,
-        lambda s, k, g: te.sum(wd[k, kh, kw] * expanded(s, k, g + kh * pitch + kw), axis=[kh, kw]),
-        name="D",
+        dims, lambda s, k, g: te.sum(wd[k, kh, kw] * tap(s, k, g), axis=[kh, kw]), name="D"
     )
 
 
@@ -315,7 +324,7 @@ def stem_block_func(
         lambda s, o, f: _activation(conv.activation, e[s, o, f] + be[o]) * mask[s, f],
         name="Ep",
     )
-    d = _depthwise(wd, lambda s, o, f: ep[s, o, f], (strips, m, fd), pitch)
+    d = _depthwise(wd, lambda s, o, f: ep[s, o, f], (strips, m, fd), pitch, fe)
     return _project_and_write(view, config, pitch, fd, x, weights, d, bf16=bf16)
 
 
@@ -328,7 +337,7 @@ def strided_block_func(
 
     Arguments as ``block_func``'s, the mask (strips, 4, fe); output (1, Co, H/2, W/2).
     """
-    from tvm import te
+    from tvm import te, tirx
 
     c, m, rows = shape.in_channels, shape.expanded, config.rows
     strips = shape.out_height // rows
@@ -366,12 +375,19 @@ def strided_block_func(
 
     wd = weights[-5] if shape.expand else weights[0]
     kh, kw = te.reduce_axis((0, 3), name="kh"), te.reduce_axis((0, 3), name="kw")
+
+    def tap(s: Any, k: Any, g: Any) -> Any:
+        # As in ``_depthwise``: a never-taken read of the last position (g >= 0) keeps the
+        # planes' region whole accumulator blocks.
+        return tirx.if_then_else(
+            g < 0,
+            expanded(s, 3, k, fe - 1),
+            expanded(s, kh % 2 * 2 + kw % 2, k, g + kh // 2 * pitch + kw // 2),
+        )
+
     d = te.compute(
         (strips, m, fd),
-        lambda s, k, g: te.sum(
-            wd[k, kh, kw] * expanded(s, kh % 2 * 2 + kw % 2, k, g + kh // 2 * pitch + kw // 2),
-            axis=[kh, kw],
-        ),
+        lambda s, k, g: te.sum(wd[k, kh, kw] * tap(s, k, g), axis=[kh, kw]),
         name="D",
     )
     return _project_and_write(shape, config, pitch, fd, x, weights, d, bf16=bf16)
