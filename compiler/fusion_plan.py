@@ -224,8 +224,8 @@ def _strided_blocks_fit(out_width: int, vectors: int) -> bool:
 
 
 def strided_vectors(out_width: int) -> int:
-    """Vectors per accumulator block for a stride-2 block: the most that
-    ``_strided_blocks_fit`` (4 at 56 wide, 2 at 28, 1 at 14)."""
+    """Vectors per accumulator block for a stride-2 block: the most for which
+    ``_strided_blocks_fit`` holds (4 at 56 wide, 2 at 28, 1 at 14)."""
     return next((v for v in (VECTORS, 2) if _strided_blocks_fit(out_width, v)), 1)
 
 
