@@ -183,19 +183,28 @@ def _pair_gemm(weight: Any, source: Any, dims: tuple[int, ...], name: str = "E")
     return te.compute(dims, value, name=name)
 
 
+def _also_reading(never: Any, last: Any, value: Any) -> Any:
+    """``value``, with a read of ``last`` behind ``never``, a condition false at every
+    iteration (a loop variable below 0): the region ``compute_at`` derives for the
+    producer then reaches ``last`` too, so it stays whole accumulator blocks (a ragged one
+    puts a predicate in the vector loops, which LLVM scalarizes). The branch is simplified
+    away before codegen."""
+    from tvm import tirx
+
+    return tirx.if_then_else(never, last, value)
+
+
 def _depthwise(
     wd: Any, expanded: Any, dims: tuple[int, int, int], pitch: int, positions: int
 ) -> Any:
     """Stage "D" of a stride-1 block: the 3x3 taps as shifted runs of ``expanded``, whose
     stage computes ``positions`` (``fusion_plan.strip_dims``' fe)."""
-    from tvm import te, tirx
+    from tvm import te
 
     kh, kw = te.reduce_axis((0, 3), name="kh"), te.reduce_axis((0, 3), name="kw")
 
     def tap(s: Any, k: Any, g: Any) -> Any:
-        # The first branch never runs (g >= 0); its read of the last position makes the
-        # region ``compute_at`` gives the expanded stage whole accumulator blocks.
-        return tirx.if_then_else(
+        return _also_reading(
             g < 0, expanded(s, k, positions - 1), expanded(s, k, g + kh * pitch + kw)
         )
 
@@ -337,7 +346,7 @@ def strided_block_func(
 
     Arguments as ``block_func``'s, the mask (strips, 4, fe); output (1, Co, H/2, W/2).
     """
-    from tvm import te, tirx
+    from tvm import te
 
     c, m, rows = shape.in_channels, shape.expanded, config.rows
     strips = shape.out_height // rows
@@ -377,9 +386,7 @@ def strided_block_func(
     kh, kw = te.reduce_axis((0, 3), name="kh"), te.reduce_axis((0, 3), name="kw")
 
     def tap(s: Any, k: Any, g: Any) -> Any:
-        # As in ``_depthwise``: a never-taken read of the last position (g >= 0) keeps the
-        # planes' region whole accumulator blocks.
-        return tirx.if_then_else(
+        return _also_reading(
             g < 0,
             expanded(s, 3, k, fe - 1),
             expanded(s, kh % 2 * 2 + kw % 2, k, g + kh // 2 * pitch + kw // 2),
@@ -410,7 +417,7 @@ def _project_and_write(
     activated depthwise output as uint32 pairs of channels, and the weight argument is
     ``fusion_plan.bf16_pairs``' (Co, M / 2) uint32 instead of (Co, M) float32.
     """
-    from tvm import te, tirx
+    from tvm import te
 
     co, m, rows = shape.out_channels, shape.expanded, config.rows
     strips = shape.out_height // rows
@@ -448,12 +455,9 @@ def _project_and_write(
     q = te.compute((strips, co, fd), lambda s, o, g: p[s, o, g] + bp[o], name="Q")
 
     def output(n: Any, o: Any, i: Any, j: Any) -> Any:
-        # The first branch never runs (j >= 0); its read of the strip's last position
-        # makes the region ``compute_at`` gives Q (and every stage before it) the whole
-        # strip, blocks of whole vectors, as ``schedule`` places them in Out's strip loop.
-        value = tirx.if_then_else(
-            j < 0, q[i // rows, o, fd - 1], q[i // rows, o, i % rows * pitch + j]
-        )
+        # Q, and every stage before it, computed for whole strips at Out's strip loop
+        # (``schedule``).
+        value = _also_reading(j < 0, q[i // rows, o, fd - 1], q[i // rows, o, i % rows * pitch + j])
         return value + x[n, o, i, j] if shape.residual else value
 
     out = te.compute((1, co, shape.out_height, shape.out_width), output, name="Out")
